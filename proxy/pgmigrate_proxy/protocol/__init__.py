@@ -1,0 +1,1 @@
+"""Sans-IO PostgreSQL wire protocol: message types, framing, codecs and session state."""

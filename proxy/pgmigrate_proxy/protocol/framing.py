@@ -1,0 +1,170 @@
+"""Message boundaries in a byte stream: 5-byte header peeks across chunks, size limits, no copies.
+
+The relay forwards whole received chunks; a FrameScanner walks the headers inside each chunk
+to know where every frame starts and ends, validates them, and hands back only the frames the
+caller watches (complete, even when they straddle chunks). Everything else is skipped by
+length, never copied.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+HEADER = struct.Struct("!BI")
+HEADER_SIZE = HEADER.size  # 5: type byte + int32 length (which counts itself)
+INT32 = struct.Struct("!I")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One complete watched message: its type byte, its payload, where it ends in the chunk."""
+
+    type: int
+    payload: bytes
+    end: int
+
+
+class FramingError(Exception):
+    """The peer sent a header that is not a valid message; offset is where it starts."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+def type_table(types: Iterable[int]) -> bytes:
+    """A 256-byte lookup table: table[t] is 1 when type byte t is allowed."""
+    table = bytearray(256)
+    for t in types:
+        table[t] = 1
+    return bytes(table)
+
+
+ANY_TYPE = bytes([1] * 256)
+
+
+class FrameScanner:
+    """Tracks frame boundaries in one direction of a connection, fed chunk by chunk."""
+
+    __slots__ = ("_body", "_header", "_max_size", "_need", "_type", "_valid", "_watched")
+
+    def __init__(
+        self, *, valid: bytes = ANY_TYPE, watched: Iterable[int] = (), max_size: int = 1 << 30
+    ) -> None:
+        self._valid = valid
+        self._watched = type_table(watched)
+        self._max_size = max_size
+        self._header = b""  # an incomplete header carried over from the previous chunk
+        self._need = 0  # body bytes of the current frame not seen yet
+        self._type = 0
+        self._body: bytearray | None = None  # the watched frame being assembled
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes seen so far end exactly at a frame boundary."""
+        return self._need == 0 and not self._header
+
+    def watch(self, types: Iterable[int]) -> None:
+        """Replace the set of watched types (takes effect from the next frame)."""
+        self._watched = type_table(types)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Scan one chunk; return the watched frames completed in it. Raises FramingError."""
+        frames: list[Frame] = []
+        n = len(data)
+        pos = 0
+        if self._header:
+            pos = self._complete_header(data)
+            if self._header:
+                return frames
+        if self._need or self._body is not None:
+            pos = self._continue_body(data, pos, frames)
+        unpack = HEADER.unpack_from
+        valid = self._valid
+        watched = self._watched
+        while pos < n:
+            if n - pos < HEADER_SIZE:
+                self._header = bytes(data[pos:])
+                break
+            mtype, length = unpack(data, pos)
+            if not valid[mtype] or length < 4 or length > self._max_size:
+                raise FramingError(self._describe(mtype, length), pos)
+            end = pos + 1 + length
+            if end <= n:
+                if watched[mtype]:
+                    frames.append(Frame(mtype, bytes(data[pos + HEADER_SIZE : end]), end))
+                pos = end
+                continue
+            self._type = mtype
+            self._need = end - n
+            if watched[mtype]:
+                self._body = bytearray(data[pos + HEADER_SIZE :])
+            break
+        return frames
+
+    def consume_to_boundary(self, data: bytes | bytearray | memoryview) -> int | None:
+        """Take bytes up to the next frame boundary, unchecked and unwatched.
+
+        Returns how many bytes of data end the current frame (0 when already at a
+        boundary), or None when the whole chunk belongs to a frame not finished yet.
+        """
+        pos = 0
+        if self._header:
+            take = min(HEADER_SIZE - len(self._header), len(data))
+            self._header += bytes(data[:take])
+            pos = take
+            if len(self._header) < HEADER_SIZE:
+                return None
+            self._need = HEADER.unpack(self._header)[1] - 4
+            self._header = b""
+        self._body = None
+        if self._need > len(data) - pos:
+            self._need -= len(data) - pos
+            return None
+        pos += self._need
+        self._need = 0
+        return pos
+
+    def _complete_header(self, data: bytes | bytearray | memoryview) -> int:
+        """Top up a header split across chunks; when whole, start its frame. Returns the offset."""
+        take = HEADER_SIZE - len(self._header)
+        self._header += bytes(data[:take])
+        if len(self._header) < HEADER_SIZE:
+            return len(data)
+        mtype, length = HEADER.unpack(self._header)
+        offset = -(HEADER_SIZE - take)  # the frame started in the previous chunk
+        self._header = b""
+        if not self._valid[mtype] or length < 4 or length > self._max_size:
+            raise FramingError(self._describe(mtype, length), max(offset, 0))
+        self._type = mtype
+        self._need = length - 4
+        self._body = bytearray() if self._watched[mtype] else None
+        return take
+
+    def _continue_body(
+        self, data: bytes | bytearray | memoryview, pos: int, frames: list[Frame]
+    ) -> int:
+        """Consume the rest of a frame begun earlier; record it if watched and now complete."""
+        take = min(self._need, len(data) - pos)
+        if self._body is not None:
+            self._body += data[pos : pos + take]
+        self._need -= take
+        pos += take
+        if self._need == 0 and self._body is not None:
+            frames.append(Frame(self._type, bytes(self._body), pos))
+            self._body = None
+        return pos
+
+    def _describe(self, mtype: int, length: int) -> str:
+        if not self._valid[mtype]:
+            return f"invalid message type {chr(mtype)!r}"
+        if length < 4:
+            return f"invalid message length {length}"
+        return f"message of {length} bytes exceeds the limit of {self._max_size} bytes"
+
+
+def frame(mtype: int, payload: bytes = b"") -> bytes:
+    """Build one frame from a type byte and its payload."""
+    return HEADER.pack(mtype, len(payload) + 4) + payload

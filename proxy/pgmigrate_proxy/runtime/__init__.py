@@ -1,0 +1,1 @@
+"""The asyncio shell of the proxy: listener, client sessions, upstream connections, TLS."""

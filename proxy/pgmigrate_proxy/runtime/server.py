@@ -1,0 +1,161 @@
+"""The listening server: accepts clients, owns their sessions and cancel keys, shuts down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import replace
+
+from pgmigrate_proxy import __version__
+from pgmigrate_proxy.config import RELOADABLE, Config
+from pgmigrate_proxy.protocol.messages import CancelRequest
+from pgmigrate_proxy.runtime.context import SessionSettings
+from pgmigrate_proxy.runtime.session import ClientSession
+from pgmigrate_proxy.runtime.tls import client_side_context
+from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
+
+log = logging.getLogger("pgmigrate_proxy.server")
+
+#: After the grace period, how long closing sessions get to flush their last error.
+_CLOSE_SECONDS = 2.0
+
+
+def install_event_loop_policy() -> str:
+    """Use uvloop when it is importable; return the name of the loop in use."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def session_settings(config: Config) -> SessionSettings:
+    """The per-session view of a Config."""
+    mode = config.effective_client_tls_mode()
+    tls = None
+    if mode != "disable" and config.client_tls_cert_file and config.client_tls_key_file:
+        tls = client_side_context(config.client_tls_cert_file, config.client_tls_key_file)
+    return SessionSettings(
+        upstream=UpstreamTarget.from_params(config.upstream_params()),
+        max_message_size=config.max_message_size,
+        startup_timeout=config.startup_timeout,
+        client_tls=tls,
+        require_client_tls=mode == "require",
+        proxy_version=__version__,
+    )
+
+
+class ProxyServer:
+    """Listens for clients and runs a ClientSession for each."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.settings = session_settings(config)
+        self.host = config.listen_host
+        self.port = config.listen_port
+        self._server: asyncio.Server | None = None
+        self._sessions: set[ClientSession] = set()
+        self._keys: dict[bytes, ClientSession] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _accept(self) -> ClientSession:
+        session = ClientSession(self)
+        self._sessions.add(session)
+        self._idle.clear()
+        return session
+
+    # --- the SessionHub side --------------------------------------------------------------------
+
+    def register(self, session: ClientSession) -> bytes:
+        """Give a session its own secret key for CancelRequest."""
+        while True:
+            key = secrets.token_bytes(4)
+            if key not in self._keys:
+                self._keys[key] = session
+                return key
+
+    def session_closed(self, session: ClientSession) -> None:
+        self._sessions.discard(session)
+        if self._keys.get(session.secret_key) is session:
+            del self._keys[session.secret_key]
+        if not self._sessions:
+            self._idle.set()
+
+    def cancel(self, request: CancelRequest) -> None:
+        """Forward a CancelRequest to the session it names; an unknown key is dropped silently."""
+        session = self._keys.get(request.secret_key)
+        handshake = session.handshake if session is not None else None
+        if session is None or handshake is None or handshake.server_key is None:
+            return
+        if handshake.server_key.process_id != request.process_id:
+            return
+        forward = CancelRequest(handshake.server_key.process_id, handshake.server_key.secret_key)
+        task = asyncio.get_running_loop().create_task(
+            self._send_cancel(session.settings.upstream, forward)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _send_cancel(target: UpstreamTarget, request: CancelRequest) -> None:
+        try:
+            await send_cancel(target, request)
+        except UpstreamError as exc:
+            log.warning("cancel request not delivered: %s", exc)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply what can change while running; return the keys that need a restart."""
+        fixed = [
+            key
+            for key in Config.__dataclass_fields__
+            if key not in RELOADABLE and getattr(config, key) != getattr(self.config, key)
+        ]
+        keep = {key: getattr(self.config, key) for key in fixed}
+        self.config = replace(config, **keep)
+        self.settings = session_settings(self.config)
+        return fixed
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, give sessions up to `grace` seconds to end, then close the rest."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        if self._server is not None:
+            self._server.close()
+        if self._sessions:
+            log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                pass
+        for session in list(self._sessions):
+            session.fail("57P01", "terminating connection due to administrator command")
+        try:
+            await asyncio.wait_for(self._idle.wait(), _CLOSE_SECONDS)
+        except asyncio.TimeoutError:
+            for session in list(self._sessions):
+                session.abort()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self._idle.wait()

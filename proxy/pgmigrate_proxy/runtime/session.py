@@ -1,0 +1,419 @@
+"""One client session: startup, TLS, the relayed authentication, then the chunk relay.
+
+The hot path (phase RELAY) forwards every received chunk with one write, after a
+FrameScanner has walked its headers: that validates what the client sends, tracks the
+server's transaction status, and knows where the message boundaries are so that the proxy
+can put an ErrorResponse of its own between two server messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from typing import TYPE_CHECKING, Protocol, cast
+
+from pgmigrate_proxy.protocol.framing import (
+    Frame,
+    FrameScanner,
+    FramingError,
+    frame,
+    type_table,
+)
+from pgmigrate_proxy.protocol.handshake import ChannelBindingMismatch, Handshake, HandshakeOutcome
+from pgmigrate_proxy.protocol.messages import (
+    CancelRequest,
+    DecodeError,
+    GSSENCRequest,
+    NegotiateProtocolVersion,
+    ParameterStatus,
+    SSLRequest,
+    StartupMessage,
+    decode_startup_packet,
+    fatal,
+    startup_packet_length,
+    terminate,
+)
+from pgmigrate_proxy.protocol.types import (
+    FRONTEND_TYPES,
+    PROTOCOL_3_0,
+    PROXY_PARAMETER,
+    SSL_ACCEPT,
+    SSL_REJECT,
+    BackendType,
+    TransactionStatus,
+)
+from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
+
+if TYPE_CHECKING:
+    from pgmigrate_proxy.runtime.context import SessionSettings
+
+log = logging.getLogger("pgmigrate_proxy.session")
+
+_FRONTEND_VALID = type_table(FRONTEND_TYPES)
+_ALL_TYPES = range(256)
+_RELAY_BACKEND_WATCH = (BackendType.READY_FOR_QUERY,)
+#: How long a session closing on an error waits for the server to reach a message boundary.
+_DRAIN_SECONDS = 5.0
+
+
+class Phase(enum.Enum):
+    """Where a session stands."""
+
+    STARTUP = "startup"  # reading SSLRequest / GSSENCRequest / CancelRequest / StartupMessage
+    CONNECTING = "connecting"  # opening the server connection
+    AUTHENTICATING = "authenticating"  # relaying authentication, frame by frame
+    RELAY = "relay"  # forwarding chunks
+    DRAINING = "draining"  # waiting for a server message boundary to send our own error
+    CLOSED = "closed"
+
+
+class SessionHub(Protocol):
+    """What a session needs from the server that owns it."""
+
+    settings: SessionSettings
+
+    def register(self, session: ClientSession) -> bytes: ...
+    def session_closed(self, session: ClientSession) -> None: ...
+    def cancel(self, request: CancelRequest) -> None: ...
+
+
+class ServerSide(UpstreamProtocol):
+    """The server connection of one session: hands everything it reads to the session."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: ClientSession) -> None:
+        super().__init__()
+        self.session = session
+
+    def data_received(self, data: bytes) -> None:
+        if self._byte_waiter is not None:
+            super().data_received(data)
+        else:
+            self.session.backend_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.session.server_lost()
+
+    def pause_writing(self) -> None:
+        self.session.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        self.session.resume_client_reading()
+
+
+class ClientSession(asyncio.Protocol):
+    """The client connection of one session, and the session itself."""
+
+    def __init__(self, hub: SessionHub) -> None:
+        self.hub = hub
+        self.settings = hub.settings
+        self.phase = Phase.STARTUP
+        self.peer = "?"
+        self.client: asyncio.Transport | None = None
+        self.server: asyncio.Transport | None = None
+        self.status = TransactionStatus.IDLE
+        self.secret_key = b""
+        self.handshake: Handshake | None = None
+        self.parameters: dict[str, str] = {}
+        self._inbuf = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending_error = b""
+        self._tls = False
+        self._server_tls = False
+        self._fe = FrameScanner(valid=_FRONTEND_VALID, max_size=self.settings.max_message_size)
+        self._be = FrameScanner(watched=_ALL_TYPES)
+
+    # --- asyncio.Protocol, client side ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.client = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.settings.startup_timeout, self._startup_timed_out)
+        self._task = loop.create_task(self._startup())
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.RELAY:
+            try:
+                self._fe.feed(data)
+            except FramingError as exc:
+                self._forward_prefix(data, exc.offset)
+                self.fail("08P01", str(exc))
+                return
+            assert self.server is not None
+            self.server.write(data)
+        elif self.phase is Phase.AUTHENTICATING:
+            self._auth_frontend(data)
+        elif self.phase in (Phase.STARTUP, Phase.CONNECTING):
+            self._inbuf += data
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client = None
+        if self.server is not None:
+            if self.phase is Phase.RELAY and self._fe.at_boundary:
+                self.server.write(terminate())
+            self.server.close()
+        self._close()
+
+    def pause_writing(self) -> None:
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None:
+            self.server.resume_reading()
+
+    def pause_client_reading(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if self.client is not None and self.phase is not Phase.DRAINING:
+            self.client.resume_reading()
+
+    # --- server side -------------------------------------------------------------------------
+
+    def backend_data(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            return
+        if self.phase is Phase.RELAY:
+            frames = self._be.feed(data)
+            if frames:
+                self.status = TransactionStatus(frames[-1].payload[0])
+            client.write(data)
+        elif self.phase is Phase.AUTHENTICATING:
+            self._auth_backend(data)
+        elif self.phase is Phase.DRAINING:
+            self._drain(data)
+
+    def server_lost(self) -> None:
+        self.server = None
+        if self.client is not None:
+            self.client.close()
+        self._close()
+
+    # --- startup -------------------------------------------------------------------------------
+
+    async def _startup(self) -> None:
+        try:
+            startup = await self._negotiate()
+            if startup is not None:
+                await self._connect(startup)
+        except DecodeError as exc:
+            self.fail("08P01", f"invalid startup packet: {exc}")
+        except UpstreamError as exc:
+            log.warning("session %s: %s", self.peer, exc)
+            self.fail("08006", str(exc))
+        except ConnectionError:
+            self.abort()
+        finally:
+            self._task = None
+
+    async def _negotiate(self) -> StartupMessage | None:
+        """Answer SSLRequest / GSSENCRequest until a StartupMessage (None: a cancel was served)."""
+        while True:
+            packet = decode_startup_packet(await self._read_startup_packet())
+            if isinstance(packet, StartupMessage):
+                return self._check_startup(packet)
+            if isinstance(packet, CancelRequest):
+                self.hub.cancel(packet)
+                self.abort()
+                return None
+            if self._inbuf:  # nothing may follow these before our answer (CVE-2021-23214)
+                raise DecodeError("unexpected data after an encryption request")
+            if isinstance(packet, SSLRequest) and self._can_start_tls():
+                await self._start_tls()
+            else:
+                assert isinstance(packet, (SSLRequest, GSSENCRequest))
+                self._write(SSL_REJECT)
+
+    def _check_startup(self, startup: StartupMessage) -> StartupMessage | None:
+        if self.settings.require_client_tls and not self._tls:
+            self.fail("28000", "pgmigrate-proxy requires TLS: connect with sslmode=require")
+            return None
+        if "user" not in startup.parameters:
+            self.fail("28000", "no PostgreSQL user name specified in startup packet")
+            return None
+        return startup
+
+    def _can_start_tls(self) -> bool:
+        return self.settings.client_tls is not None and not self._tls
+
+    async def _start_tls(self) -> None:
+        assert self.client is not None and self.settings.client_tls is not None
+        self._write(SSL_ACCEPT)
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(self.client, self, self.settings.client_tls, server_side=True)
+        transport = cast(asyncio.Transport, transport)
+        self.client = transport
+        self._tls = True
+
+    async def _read_startup_packet(self) -> bytes:
+        while True:
+            length = startup_packet_length(self._inbuf)
+            if length is not None and len(self._inbuf) >= length:
+                packet = bytes(self._inbuf[:length])
+                del self._inbuf[:length]
+                return packet
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
+    async def _connect(self, startup: StartupMessage) -> None:
+        self.phase = Phase.CONNECTING
+        self.secret_key = self.hub.register(self)
+        side = ServerSide(self)
+        target = self.settings.upstream
+        self.server = await open_upstream(target, side)
+        if self.phase is not Phase.CONNECTING:  # the client went away meanwhile
+            self.server.close()
+            return
+        self._server_tls = self.server.get_extra_info("sslcontext") is not None
+        params = {k: v for k, v in startup.parameters.items() if not k.startswith("_pq_.")}
+        self.parameters = params
+        self.server.write(StartupMessage(PROTOCOL_3_0, params).encode())
+        unknown = tuple(k for k in startup.parameters if k.startswith("_pq_."))
+        if startup.protocol != PROTOCOL_3_0 or unknown:
+            self._write(NegotiateProtocolVersion(0, unknown).encode())
+        self.handshake = Handshake(
+            secret_key=self.secret_key,
+            announce=(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version),),
+            server_tls=self._server_tls,
+        )
+        self.phase = Phase.AUTHENTICATING
+        self._fe.watch(_ALL_TYPES)
+        if self._inbuf:
+            pending, self._inbuf = bytes(self._inbuf), bytearray()
+            self._auth_frontend(pending)
+
+    def _startup_timed_out(self) -> None:
+        self._timer = None
+        if self.phase in (Phase.STARTUP, Phase.CONNECTING, Phase.AUTHENTICATING):
+            log.warning("session %s: startup and authentication timed out", self.peer)
+            self.fail("08006", "timeout expired during startup and authentication")
+
+    # --- authentication: frame by frame through the Handshake ----------------------------------
+
+    def _auth_frontend(self, data: bytes) -> None:
+        assert self.handshake is not None and self.server is not None
+        try:
+            frames = self._fe.feed(data)
+            out = b"".join(self.handshake.frontend(f.type, f.payload) for f in frames)
+        except FramingError as exc:
+            self.fail("08P01", str(exc))
+            return
+        except ChannelBindingMismatch as exc:
+            self.fail("28000", str(exc), hint="connect with channel_binding=disable")
+            return
+        self.server.write(out)
+
+    def _auth_backend(self, data: bytes) -> None:
+        assert self.handshake is not None and self.client is not None
+        try:
+            frames = self._be.feed(data)
+        except FramingError as exc:
+            self.fail("08P01", f"invalid message from PostgreSQL: {exc}")
+            return
+        out = []
+        for i, complete in enumerate(frames):
+            out.append(self.handshake.backend(complete.type, complete.payload))
+            if self.handshake.outcome is HandshakeOutcome.READY:
+                out.extend(_raw(f) for f in frames[i + 1 :])
+                self._enter_relay(complete)
+                break
+        self.client.write(b"".join(out))
+
+    def _enter_relay(self, ready: Frame) -> None:
+        self.phase = Phase.RELAY
+        self.status = TransactionStatus(ready.payload[0])
+        self._fe.watch(())
+        self._be.watch(_RELAY_BACKEND_WATCH)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        log.debug("session %s: ready as user %s", self.peer, self.parameters.get("user"))
+
+    # --- errors and closing -------------------------------------------------------------------
+
+    def fail(self, code: str, message: str, **extra: str) -> None:
+        """Send the client a FATAL error at a message boundary, then close the session."""
+        if self.phase in (Phase.CLOSED, Phase.DRAINING):
+            return
+        if code == "08P01":
+            log.warning("session %s: protocol violation: %s", self.peer, message)
+        error = fatal(code, message, **extra)
+        if self.client is not None:
+            self.client.pause_reading()
+        if self.phase is Phase.RELAY and not self._be.at_boundary and self.server is not None:
+            self.phase = Phase.DRAINING
+            self._pending_error = error
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(_DRAIN_SECONDS, self.abort)
+            return
+        self._write(error)
+        self._finish()
+
+    def _drain(self, data: bytes) -> None:
+        """Pass server bytes up to the next message boundary, then our error, then close."""
+        assert self.client is not None
+        cut = self._be.consume_to_boundary(data)
+        if cut is None:
+            self.client.write(data)
+            return
+        self.client.write(data[:cut] + self._pending_error)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.server is not None:
+            if self._fe.at_boundary and self.phase is not Phase.CONNECTING:
+                self.server.write(terminate())
+            self.server.close()
+        if self.client is not None:
+            self.client.close()
+        self._close()
+
+    def _forward_prefix(self, data: bytes, offset: int) -> None:
+        if offset > 0 and self.server is not None:
+            self.server.write(data[:offset])
+
+    def abort(self) -> None:
+        if self.server is not None:
+            self.server.abort()
+        if self.client is not None:
+            self.client.abort()
+        self._close()
+
+    def _write(self, data: bytes) -> None:
+        if self.client is not None:
+            self.client.write(data)
+
+    def _close(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+        self.hub.session_closed(self)
+
+
+def _raw(complete: Frame) -> bytes:
+    return frame(complete.type, complete.payload)

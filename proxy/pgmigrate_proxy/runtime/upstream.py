@@ -1,0 +1,145 @@
+"""Connections to PostgreSQL: where the upstream is, TCP or Unix socket, TLS negotiation, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from typing import cast
+
+from pgmigrate_proxy.protocol.messages import CancelRequest, SSLRequest
+from pgmigrate_proxy.protocol.types import SSL_ACCEPT, SSL_REJECT
+from pgmigrate_proxy.runtime.tls import UpstreamTLS
+
+
+class UpstreamError(Exception):
+    """The proxy could not open a usable connection to PostgreSQL; the text is safe to show."""
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Where the proxy's server connections go: from the upstream's libpq parameters."""
+
+    host: str
+    port: int
+    tls: UpstreamTLS
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> UpstreamTarget:
+        host = params.get("host") or params.get("hostaddr") or "localhost"
+        host = host.split(",")[0]
+        port = int((params.get("port") or "5432").split(",")[0])
+        timeout = float(params.get("connect_timeout") or 10) or 10.0
+        return cls(host, port, UpstreamTLS.from_params(params), timeout)
+
+    @property
+    def unix_socket(self) -> str | None:
+        """The socket path when host is a directory, as libpq reads it."""
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
+
+    def describe(self) -> str:
+        return self.unix_socket or f"{self.host}:{self.port}"
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """Base protocol for a server connection: answers the one-byte SSLRequest reply."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._byte_waiter: asyncio.Future[bytes] | None = None
+        self._lost: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._byte_waiter
+        if waiter is not None and not waiter.done():
+            self._byte_waiter = None
+            waiter.set_result(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        waiter = self._byte_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamError("PostgreSQL closed the connection"))
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def expect_reply(self) -> asyncio.Future[bytes]:
+        self._byte_waiter = asyncio.get_running_loop().create_future()
+        return self._byte_waiter
+
+    def closed(self) -> asyncio.Future[None]:
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+
+async def open_upstream(target: UpstreamTarget, protocol: UpstreamProtocol) -> asyncio.Transport:
+    """Connect, negotiate TLS as the sslmode says, and return the transport to speak on."""
+    try:
+        transport = await asyncio.wait_for(_connect(target, protocol), target.connect_timeout)
+    except asyncio.TimeoutError:
+        raise UpstreamError(f"timeout connecting to PostgreSQL at {target.describe()}") from None
+    except OSError as exc:
+        raise UpstreamError(
+            f"could not connect to PostgreSQL at {target.describe()}: {exc.strerror or exc}"
+        ) from None
+    protocol.transport = transport
+    return transport
+
+
+async def _connect(target: UpstreamTarget, protocol: UpstreamProtocol) -> asyncio.Transport:
+    loop = asyncio.get_running_loop()
+    if target.unix_socket:
+        transport, _ = await loop.create_unix_connection(lambda: protocol, target.unix_socket)
+    else:
+        transport, _ = await loop.create_connection(lambda: protocol, target.host, target.port)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = cast(asyncio.Transport, transport)
+    if target.tls.request and not target.unix_socket:
+        transport = await _negotiate_tls(target, protocol, transport)
+    return transport
+
+
+async def _negotiate_tls(
+    target: UpstreamTarget, protocol: UpstreamProtocol, transport: asyncio.Transport
+) -> asyncio.Transport:
+    reply = protocol.expect_reply()
+    transport.write(SSLRequest().encode())
+    answer = await reply
+    if answer == SSL_ACCEPT:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport, protocol, target.tls.context(), server_hostname=target.host
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            transport.close()
+            raise UpstreamError(f"TLS handshake with PostgreSQL failed: {exc}") from None
+        tls = cast(asyncio.Transport, tls)
+        return tls
+    if answer == SSL_REJECT and not target.tls.required:
+        return transport
+    transport.close()
+    if answer == SSL_REJECT:
+        raise UpstreamError(f"PostgreSQL does not support TLS (sslmode={target.tls.sslmode})")
+    raise UpstreamError("PostgreSQL answered the SSLRequest with an unexpected message")
+
+
+async def send_cancel(target: UpstreamTarget, request: CancelRequest) -> None:
+    """Deliver a CancelRequest to PostgreSQL and wait for it to close the connection."""
+    protocol = UpstreamProtocol()
+    transport = await open_upstream(target, protocol)
+    closed = protocol.closed()
+    transport.write(request.encode())
+    try:
+        await asyncio.wait_for(closed, target.connect_timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        transport.close()
