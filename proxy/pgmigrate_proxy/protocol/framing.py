@@ -34,12 +34,19 @@ class FramingError(Exception):
         self.offset = offset
 
 
+_TABLES: dict[frozenset[int], bytes] = {}
+
+
 def type_table(types: Iterable[int]) -> bytes:
-    """A 256-byte lookup table: table[t] is 1 when type byte t is allowed."""
-    table = bytearray(256)
-    for t in types:
-        table[t] = 1
-    return bytes(table)
+    """A 256-byte lookup table: table[t] is 1 when type byte t is in types (shared, cached)."""
+    key = frozenset(types)
+    table = _TABLES.get(key)
+    if table is None:
+        raw = bytearray(256)
+        for t in key:
+            raw[t] = 1
+        table = _TABLES[key] = bytes(raw)
+    return table
 
 
 ANY_TYPE = bytes([1] * 256)
@@ -103,6 +110,20 @@ class FrameScanner:
                 self._body = bytearray(data[pos + HEADER_SIZE :])
             break
         return frames
+
+    def release(self) -> bytes:
+        """Stop assembling the unfinished watched frame; return its bytes as received so far.
+
+        Used when the caller switches from forwarding whole frames to forwarding raw
+        chunks: what the scanner held must go out first. Boundaries stay tracked.
+        """
+        if self._header:
+            return self._header
+        if self._body is None:
+            return b""
+        held = HEADER.pack(self._type, len(self._body) + self._need + 4) + bytes(self._body)
+        self._body = None
+        return held
 
     def consume_to_boundary(self, data: bytes | bytearray | memoryview) -> int | None:
         """Take bytes up to the next frame boundary, unchecked and unwatched.

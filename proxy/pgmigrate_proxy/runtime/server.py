@@ -99,12 +99,10 @@ class ProxyServer:
     def cancel(self, request: CancelRequest) -> None:
         """Forward a CancelRequest to the session it names; an unknown key is dropped silently."""
         session = self._keys.get(request.secret_key)
-        handshake = session.handshake if session is not None else None
-        if session is None or handshake is None or handshake.server_key is None:
+        key = session.server_key if session is not None else None
+        if session is None or key is None or key.process_id != request.process_id:
             return
-        if handshake.server_key.process_id != request.process_id:
-            return
-        forward = CancelRequest(handshake.server_key.process_id, handshake.server_key.secret_key)
+        forward = CancelRequest(key.process_id, key.secret_key)
         task = asyncio.get_running_loop().create_task(
             self._send_cancel(session.settings.upstream, forward)
         )

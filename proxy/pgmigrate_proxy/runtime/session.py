@@ -23,6 +23,7 @@ from pgmigrate_proxy.protocol.framing import (
 )
 from pgmigrate_proxy.protocol.handshake import ChannelBindingMismatch, Handshake, HandshakeOutcome
 from pgmigrate_proxy.protocol.messages import (
+    BackendKeyData,
     CancelRequest,
     DecodeError,
     GSSENCRequest,
@@ -108,6 +109,12 @@ class ServerSide(UpstreamProtocol):
 class ClientSession(asyncio.Protocol):
     """The client connection of one session, and the session itself."""
 
+    __slots__ = (
+        "__weakref__", "_be", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
+        "_timer", "_tls", "_waiter", "client", "handshake", "hub", "parameters", "peer",
+        "phase", "secret_key", "server", "server_key", "settings", "status",
+    )  # fmt: skip
+
     def __init__(self, hub: SessionHub) -> None:
         self.hub = hub
         self.settings = hub.settings
@@ -117,7 +124,8 @@ class ClientSession(asyncio.Protocol):
         self.server: asyncio.Transport | None = None
         self.status = TransactionStatus.IDLE
         self.secret_key = b""
-        self.handshake: Handshake | None = None
+        self.handshake: Handshake | None = None  # only until the first ReadyForQuery
+        self.server_key: BackendKeyData | None = None
         self.parameters: dict[str, str] = {}
         self._inbuf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -322,7 +330,8 @@ class ClientSession(asyncio.Protocol):
         self.server.write(out)
 
     def _auth_backend(self, data: bytes) -> None:
-        assert self.handshake is not None and self.client is not None
+        handshake, client = self.handshake, self.client
+        assert handshake is not None and client is not None
         try:
             frames = self._be.feed(data)
         except FramingError as exc:
@@ -330,16 +339,23 @@ class ClientSession(asyncio.Protocol):
             return
         out = []
         for i, complete in enumerate(frames):
-            out.append(self.handshake.backend(complete.type, complete.payload))
-            if self.handshake.outcome is HandshakeOutcome.READY:
+            out.append(handshake.backend(complete.type, complete.payload))
+            if handshake.outcome is HandshakeOutcome.READY:
                 out.extend(_raw(f) for f in frames[i + 1 :])
+                out.append(self._be.release())
                 self._enter_relay(complete)
                 break
-        self.client.write(b"".join(out))
+        client.write(b"".join(out))
 
     def _enter_relay(self, ready: Frame) -> None:
         self.phase = Phase.RELAY
         self.status = TransactionStatus(ready.payload[0])
+        assert self.handshake is not None
+        self.server_key = self.handshake.server_key
+        self.handshake = None
+        held = self._fe.release()  # a client frame begun before the server was ready
+        if held and self.server is not None:
+            self.server.write(held)
         self._fe.watch(())
         self._be.watch(_RELAY_BACKEND_WATCH)
         if self._timer is not None:

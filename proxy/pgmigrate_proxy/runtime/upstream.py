@@ -45,6 +45,8 @@ class UpstreamTarget:
 class UpstreamProtocol(asyncio.Protocol):
     """Base protocol for a server connection: answers the one-byte SSLRequest reply."""
 
+    __slots__ = ("_byte_waiter", "_lost", "transport")
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._byte_waiter: asyncio.Future[bytes] | None = None
