@@ -260,6 +260,7 @@ FIELD_NAMES = {
     "W": "where", "s": "schema_name", "t": "table_name", "c": "column_name",
     "d": "data_type_name", "n": "constraint_name", "F": "file", "L": "line", "R": "routine",
 }  # fmt: skip
+_LETTERS = {name: letter for letter, name in FIELD_NAMES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,12 +282,18 @@ class ErrorResponse:
 
     @classmethod
     def build(
-        cls, severity: str, code: str, message: str, *, notice: bool = False, **extra: str
+        cls,
+        severity: str,
+        code: str,
+        message: str,
+        *,
+        notice: bool = False,
+        extra: Mapping[str, str] | None = None,
     ) -> ErrorResponse:
+        """Build from field names (FIELD_NAMES values: detail=, hint=, ...) beyond the first four."""
         fields = {"S": severity, "V": severity, "C": code, "M": message}
-        by_name = {name: letter for letter, name in FIELD_NAMES.items()}
-        for name, value in extra.items():
-            fields[by_name[name]] = value
+        for name, value in (extra or {}).items():
+            fields[_LETTERS[name]] = value
         return cls(fields, notice)
 
     @property
@@ -330,7 +337,7 @@ def terminate() -> bytes:
 
 def fatal(code: str, message: str, **extra: str) -> bytes:
     """A FATAL ErrorResponse frame, as the proxy sends before closing a connection."""
-    return ErrorResponse.build("FATAL", code, message, **extra).encode()
+    return ErrorResponse.build("FATAL", code, message, extra=extra).encode()
 
 
 __all__ = [

@@ -1,8 +1,9 @@
-"""The listening server: accepts clients, owns their sessions and cancel keys, shuts down cleanly."""
+"""The listening server: accepts clients, owns their sessions and cancel keys, shuts down."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from dataclasses import replace
@@ -137,10 +138,8 @@ class ProxyServer:
             self._server.close()
         if self._sessions:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)
-            except asyncio.TimeoutError:
-                pass
         for session in list(self._sessions):
             session.fail("57P01", "terminating connection due to administrator command")
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import secrets
 from typing import TYPE_CHECKING, Protocol, cast
 
 from pgmigrate_proxy.protocol.framing import (
@@ -265,9 +264,9 @@ class ClientSession(asyncio.Protocol):
         assert self.client is not None and self.settings.client_tls is not None
         self._write(SSL_ACCEPT)
         loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(self.client, self, self.settings.client_tls, server_side=True)
-        transport = cast(asyncio.Transport, transport)
-        self.client = transport
+        context = self.settings.client_tls
+        transport = await loop.start_tls(self.client, self, context, server_side=True)
+        self.client = cast(asyncio.Transport, transport)
         self._tls = True
 
     async def _read_startup_packet(self) -> bytes:

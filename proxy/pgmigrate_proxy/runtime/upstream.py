@@ -102,7 +102,6 @@ async def _connect(target: UpstreamTarget, protocol: UpstreamProtocol) -> asynci
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    transport = cast(asyncio.Transport, transport)
     if target.tls.request and not target.unix_socket:
         transport = await _negotiate_tls(target, protocol, transport)
     return transport
