@@ -290,7 +290,7 @@ class ErrorResponse:
         notice: bool = False,
         extra: Mapping[str, str] | None = None,
     ) -> ErrorResponse:
-        """Build from field names (FIELD_NAMES values: detail=, hint=, ...) beyond the first four."""
+        """Build from S/V, C, M and further fields by name (FIELD_NAMES values: hint, ...)."""
         fields = {"S": severity, "V": severity, "C": code, "M": message}
         for name, value in (extra or {}).items():
             fields[_LETTERS[name]] = value

@@ -28,7 +28,7 @@ class UpstreamTLS:
 
     @property
     def request(self) -> bool:
-        """Whether to send an SSLRequest at all ("allow" starts without TLS, as libpq first tries)."""
+        """Whether to send an SSLRequest ("allow" starts without TLS, as libpq first tries)."""
         return self.sslmode not in ("disable", "allow")
 
     @property
