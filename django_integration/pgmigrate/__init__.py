@@ -1,1 +1,1 @@
-"""The Django app of django-pgmigrate: migrate through pgmigrate-proxy (arrives in a later issue)."""
+"""The Django app of django-pgmigrate: runs migrate through pgmigrate-proxy."""

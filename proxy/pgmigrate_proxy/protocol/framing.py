@@ -138,7 +138,7 @@ class FrameScanner:
             pos = take
             if len(self._header) < HEADER_SIZE:
                 return None
-            self._need = HEADER.unpack(self._header)[1] - 4
+            self._need = max(HEADER.unpack(self._header)[1] - 4, 0)  # unchecked, never negative
             self._header = b""
         self._body = None
         if self._need > len(data) - pos:

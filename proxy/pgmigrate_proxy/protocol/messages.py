@@ -23,6 +23,7 @@ from pgmigrate_proxy.protocol.types import (
 
 _INT32_PAIR = struct.Struct("!II")
 _INT32_INT32_INT32 = struct.Struct("!III")
+_STATUSES = frozenset(int(s) for s in TransactionStatus)
 
 
 class DecodeError(ValueError):
@@ -59,6 +60,8 @@ class StartupMessage:
 
     @classmethod
     def decode(cls, packet: bytes) -> StartupMessage:
+        if len(packet) < 8:
+            raise DecodeError("startup packet too short")
         protocol = INT32.unpack_from(packet, 4)[0]
         rest = packet[8:]
         if not rest.endswith(b"\0"):
@@ -117,6 +120,8 @@ def startup_packet_length(data: bytes | bytearray) -> int | None:
 
 def decode_startup_packet(packet: bytes) -> StartupPacket:
     """Decode one complete startup packet (its length already checked)."""
+    if len(packet) < 8:
+        raise DecodeError("startup packet too short")
     code = INT32.unpack_from(packet, 4)[0]
     if code == RequestCode.SSL_REQUEST and len(packet) == 8:
         return SSLRequest()
@@ -155,7 +160,10 @@ class Authentication:
         """For AuthenticationSASL: the offered SASL mechanisms, in order."""
         if self.code != AuthCode.SASL:
             return []
-        return [_text(m) for m in _cstrings(self.data[:-1]) if m] if self.data else []
+        if not self.data.endswith(b"\0"):
+            raise DecodeError("SASL mechanism list not terminated")
+        names = self.data[:-1]
+        return [_text(m) for m in _cstrings(names)] if names else []
 
     @classmethod
     def sasl(cls, mechanisms: list[str]) -> Authentication:
@@ -176,8 +184,9 @@ class SASLInitialResponse:
         if end < 0 or len(payload) < end + 5:
             raise DecodeError("malformed SASLInitialResponse")
         (length,) = struct.unpack_from("!i", payload, end + 1)
-        data = b"" if length < 0 else payload[end + 5 : end + 5 + length]
-        return cls(_text(payload[:end]), data)
+        if len(payload) != end + 5 + max(length, 0) or length < -1:
+            raise DecodeError("SASLInitialResponse length does not match its data")
+        return cls(_text(payload[:end]), payload[end + 5 :])
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +233,7 @@ class ReadyForQuery:
 
     @classmethod
     def decode(cls, payload: bytes) -> ReadyForQuery:
-        if len(payload) != 1:
+        if len(payload) != 1 or payload[0] not in _STATUSES:
             raise DecodeError("malformed ReadyForQuery")
         return cls(TransactionStatus(payload[0]))
 
@@ -246,8 +255,10 @@ class NegotiateProtocolVersion:
 
     @classmethod
     def decode(cls, payload: bytes) -> NegotiateProtocolVersion:
+        if len(payload) < 8:
+            raise DecodeError("NegotiateProtocolVersion too short")
         minor, count = _INT32_PAIR.unpack_from(payload, 0)
-        names = _cstrings(payload[8:]) if count else []
+        names = _cstrings(payload[8:]) if count or len(payload) > 8 else []
         if len(names) != count:
             raise DecodeError("malformed NegotiateProtocolVersion")
         return cls(minor, tuple(_text(n) for n in names))

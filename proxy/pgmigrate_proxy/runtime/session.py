@@ -28,6 +28,7 @@ from pgmigrate_proxy.protocol.messages import (
     GSSENCRequest,
     NegotiateProtocolVersion,
     ParameterStatus,
+    ReadyForQuery,
     SSLRequest,
     StartupMessage,
     decode_startup_packet,
@@ -109,7 +110,7 @@ class ClientSession(asyncio.Protocol):
     """The client connection of one session, and the session itself."""
 
     __slots__ = (
-        "__weakref__", "_be", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
+        "__weakref__", "_be", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
         "_timer", "_tls", "_waiter", "client", "handshake", "hub", "parameters", "peer",
         "phase", "secret_key", "server", "server_key", "settings", "status",
     )  # fmt: skip
@@ -133,6 +134,7 @@ class ClientSession(asyncio.Protocol):
         self._pending_error = b""
         self._tls = False
         self._server_tls = False
+        self._broken = False
         self._fe = FrameScanner(valid=_FRONTEND_VALID, max_size=self.settings.max_message_size)
         self._be = FrameScanner(watched=_ALL_TYPES)
 
@@ -153,6 +155,7 @@ class ClientSession(asyncio.Protocol):
                 self._fe.feed(data)
             except FramingError as exc:
                 self._forward_prefix(data, exc.offset)
+                self._broken = True  # the server may hold part of a header: no Terminate
                 self.fail("08P01", str(exc))
                 return
             assert self.server is not None
@@ -198,9 +201,13 @@ class ClientSession(asyncio.Protocol):
         if client is None:
             return
         if self.phase is Phase.RELAY:
-            frames = self._be.feed(data)
-            if frames:
-                self.status = TransactionStatus(frames[-1].payload[0])
+            try:
+                frames = self._be.feed(data)
+                if frames:
+                    self.status = ReadyForQuery.decode(frames[-1].payload).status
+            except (FramingError, DecodeError) as exc:
+                self._server_violation(exc)
+                return
             client.write(data)
         elif self.phase is Phase.AUTHENTICATING:
             self._auth_backend(data)
@@ -331,24 +338,25 @@ class ClientSession(asyncio.Protocol):
     def _auth_backend(self, data: bytes) -> None:
         handshake, client = self.handshake, self.client
         assert handshake is not None and client is not None
+        out = []
         try:
             frames = self._be.feed(data)
-        except FramingError as exc:
-            self.fail("08P01", f"invalid message from PostgreSQL: {exc}")
+            for i, complete in enumerate(frames):
+                out.append(handshake.backend(complete.type, complete.payload))
+                if handshake.outcome is HandshakeOutcome.READY:
+                    out.extend(_raw(f) for f in frames[i + 1 :])
+                    out.append(self._be.release())
+                    self._enter_relay(ReadyForQuery.decode(complete.payload))
+                    break
+        except (FramingError, DecodeError) as exc:
+            client.write(b"".join(out))
+            self._server_violation(exc)
             return
-        out = []
-        for i, complete in enumerate(frames):
-            out.append(handshake.backend(complete.type, complete.payload))
-            if handshake.outcome is HandshakeOutcome.READY:
-                out.extend(_raw(f) for f in frames[i + 1 :])
-                out.append(self._be.release())
-                self._enter_relay(complete)
-                break
         client.write(b"".join(out))
 
-    def _enter_relay(self, ready: Frame) -> None:
+    def _enter_relay(self, ready: ReadyForQuery) -> None:
         self.phase = Phase.RELAY
-        self.status = TransactionStatus(ready.payload[0])
+        self.status = ready.status
         assert self.handshake is not None
         self.server_key = self.handshake.server_key
         self.handshake = None
@@ -382,6 +390,13 @@ class ClientSession(asyncio.Protocol):
         self._write(error)
         self._finish()
 
+    def _server_violation(self, exc: Exception) -> None:
+        """The server broke the protocol: nothing more of it can be passed on."""
+        log.error("session %s: invalid message from PostgreSQL: %s", self.peer, exc)
+        self._broken = True
+        self._write(fatal("08P01", f"invalid message from PostgreSQL: {exc}"))
+        self._finish()
+
     def _drain(self, data: bytes) -> None:
         """Pass server bytes up to the next message boundary, then our error, then close."""
         assert self.client is not None
@@ -394,7 +409,7 @@ class ClientSession(asyncio.Protocol):
 
     def _finish(self) -> None:
         if self.server is not None:
-            if self._fe.at_boundary and self.phase is not Phase.CONNECTING:
+            if self._fe.at_boundary and not self._broken and self.phase is not Phase.CONNECTING:
                 self.server.write(terminate())
             self.server.close()
         if self.client is not None:

@@ -1,0 +1,1 @@
+"""Test suite of django-pgmigrate (the proxy and the Django app)."""

@@ -1,0 +1,1 @@
+"""Fast tests of the sans-IO protocol layer: no sockets, no server."""
