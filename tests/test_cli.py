@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pgmigrate_proxy
 import pytest
@@ -465,69 +464,6 @@ def test_run_proxy_logs_its_version_first(toml: Path, records: Records) -> None:
 # --- the embedded PostgreSQL (faked) ----------------------------------------------------------
 
 
-class FakePostgres:
-    """Stands in for embedded.PostgresServer."""
-
-    instances: list[FakePostgres] = []
-    on_start: Callable[[], None] | None = None
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
-        self.major_version = 18
-        self.pid: int | None = None
-        self.stopped = False
-        FakePostgres.instances.append(self)
-
-    def start(self) -> None:
-        self.pid = 4321
-        if FakePostgres.on_start is not None:
-            FakePostgres.on_start()
-
-    def stop(self) -> None:
-        self.pid, self.stopped = None, True
-
-    def url(self) -> str:
-        return f"postgresql://postgres:{self.kwargs['password']}@127.0.0.1:5999/postgres"
-
-
-@pytest.fixture
-def fake_postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakePostgres]]:
-    FakePostgres.instances = []
-    FakePostgres.on_start = None
-    monkeypatch.setattr(embedded, "PostgresServer", FakePostgres)
-    monkeypatch.setattr(embedded, "resolve_bin_dir", lambda choice=None: Path(f"/pg/{choice}"))
-    yield FakePostgres
-    FakePostgres.on_start = None
-
-
-def test_without_upstream_an_embedded_server_is_used(
-    fake_postgres: type[FakePostgres], records: Records, tmp_path: Path
-) -> None:
-    servers: list[FakeServer] = []
-
-    def make(config: Config) -> FakeServer:
-        servers.append(StoppingServer(config))
-        return servers[-1]
-
-    argv = ["--listen-port", "0", "--embedded-pg", "15", "--embedded-data-dir", str(tmp_path)]
-    assert cli.run_proxy(argv, {}, make) == 0
-    (pg,) = fake_postgres.instances
-    assert pg.kwargs["bin_dir"] == Path("/pg/15")
-    assert pg.kwargs["data_dir"] == tmp_path
-    assert pg.kwargs["port"] == 0
-    assert len(pg.kwargs["password"]) >= 24
-    assert pg.stopped
-    assert servers[0].config.upstream == pg.url()
-    messages = records.messages()
-    assert messages[1] == "no upstream configured: starting an embedded PostgreSQL (set --upstream)"
-    assert messages[2] == (
-        "started an embedded PostgreSQL 18 at postgresql://postgres:********@127.0.0.1:5999/postgres"
-        f" (data kept in {tmp_path})"
-    )
-    assert "stopping the embedded PostgreSQL" in messages
-    assert pg.kwargs["password"] not in records.text()
-
-
 def test_embedded_failure_exits_1(records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(choice: str | None = None) -> Path:
         raise embedded.EmbeddedPostgresError("no PostgreSQL binaries in /nowhere")
@@ -537,15 +473,6 @@ def test_embedded_failure_exits_1(records: Records, monkeypatch: pytest.MonkeyPa
     assert records.messages("ERROR") == [
         "cannot start the embedded PostgreSQL: no PostgreSQL binaries in /nowhere"
     ]
-
-
-def test_sigterm_during_embedded_start(fake_postgres: type[FakePostgres], records: Records) -> None:
-    fake_postgres.on_start = lambda: signal_self(signal.SIGTERM)
-    assert cli.run_proxy(["--listen-port", "0"], {}, FakeServer) == 0
-    (pg,) = fake_postgres.instances
-    assert pg.stopped
-    assert "SIGTERM during start-up: stopping" in records.messages()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_reloadable_set_is_what_the_cli_reports() -> None:
