@@ -192,11 +192,14 @@ def test_without_upstream_an_embedded_postgresql_serves(
     proxy.port()
     started = proxy.wait_for(
         r'"msg": "started an embedded PostgreSQL \d+ at '
-        r"postgresql://postgres:\*{8}@127\.0\.0\.1:(\d+)/postgres"
+        r"postgresql://postgres@127\.0\.0\.1:(\d+)/postgres \(user postgres, trust"
     )
     assert "no upstream configured" in proxy.lines[1]
     pg_port = int(started.group(1))
-    socket.create_connection(("127.0.0.1", pg_port), 5).close()
+    # A new user logs in through the proxy with no password to look up.
+    conninfo = f"host=127.0.0.1 port={proxy.port()} user=postgres dbname=postgres"
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        assert conn.execute("SELECT current_setting('port')::int").fetchone() == (pg_port,)
     proxy.send(signal.SIGTERM)
     assert proxy.proc.wait(STEP_SECONDS * 2) == 0
     proxy.wait_for("stopping the embedded PostgreSQL")

@@ -1,0 +1,369 @@
+"""The proxy's admin connection (psycopg, async): lock and activity queries, cancel, terminate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Coroutine, Mapping
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import DictRow, dict_row
+
+from pgmigrate_proxy.errors import ProxyError
+from pgmigrate_proxy.guard.blockers import (
+    BackendState,
+    Blocker,
+    RelationLock,
+    parse_pga_context,
+    report_query,
+)
+from pgmigrate_proxy.sql.locks import CONFLICTS, LockMode
+
+APPLICATION_NAME: Final = "pgmigrate-proxy admin"
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long a cancelled query may take to unwind before it is cancelled again.
+_UNWIND_SECONDS = 0.5
+
+_CONNECTION_DEFAULTS: Mapping[str, str] = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+
+# One row per blocker; the FROM clause names pg_stat_activity `a` and may name
+# pg_prepared_xacts `p`, and provides `pid`, `xid` and `locks` (json).
+_BLOCKER_COLUMNS = """
+    SELECT b.pid, b.locks, a.state, a.backend_type,
+           coalesce(a.datname, p.database)::text AS datname,
+           coalesce(a.usename, p.owner)::text AS usename,
+           coalesce(a.application_name, '') AS application_name,
+           host(a.client_addr) AS client_addr,
+           extract(epoch FROM statement_timestamp() - coalesce(a.xact_start, p.prepared))::float8
+               AS xact_age,
+           extract(epoch FROM statement_timestamp() - a.query_start)::float8 AS query_age,
+           a.query, a.wait_event_type, p.gid AS prepared_xact
+"""
+
+# Relation locks held or awaited, in a mode conflicting with the needed one, by sessions other
+# than the excluded ones. A prepared transaction's locks have no pid; its xid is that of the
+# transactionid lock under the same virtualtransaction (whose format varies between versions).
+_FIND_BLOCKERS = (
+    """
+    WITH locks AS MATERIALIZED (
+        SELECT pid, virtualtransaction, locktype, database, relation, transactionid, mode, granted
+        FROM pg_locks
+        WHERE locktype IN ('relation', 'transactionid')
+    ),
+    conflicting(relation, mode) AS (
+        SELECT * FROM unnest(%(relations)s::oid[], %(modes)s::text[])
+    ),
+    hits AS (
+        SELECT l.pid, l.virtualtransaction, l.relation, l.mode, l.granted
+        FROM locks AS l
+        JOIN conflicting AS c ON c.relation = l.relation AND c.mode = l.mode
+        WHERE l.locktype = 'relation'
+          AND l.database = (SELECT oid FROM pg_database
+                            WHERE datname = coalesce(%(database)s::text, current_database()))
+          AND (l.pid IS NULL OR l.pid <> ALL (%(exclude)s::int[]))
+    ),
+    b AS (
+        SELECT coalesce(h.pid, 0) AS pid, x.transactionid::text AS xid,
+               json_agg(json_build_object('relation', h.relation, 'mode', h.mode,
+                                          'granted', h.granted)
+                        ORDER BY h.relation, h.mode) AS locks
+        FROM hits AS h
+        LEFT JOIN locks AS x
+          ON h.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
+             AND x.virtualtransaction = h.virtualtransaction
+        GROUP BY 1, 2
+    )
+    """
+    + _BLOCKER_COLUMNS
+    + """
+    FROM b
+    LEFT JOIN pg_stat_activity AS a ON a.pid = b.pid AND b.xid IS NULL
+    LEFT JOIN pg_prepared_xacts AS p ON p.transaction::text = b.xid
+    WHERE a.pid IS NOT NULL OR p.gid IS NOT NULL
+    ORDER BY b.pid, p.gid
+    """
+)
+
+_ACTIVITY = (
+    "WITH b AS (SELECT pid, NULL::json AS locks FROM unnest(%(pids)s::int[]) AS pid)"
+    + _BLOCKER_COLUMNS
+    + """
+    FROM b
+    JOIN pg_stat_activity AS a ON a.pid = b.pid
+    LEFT JOIN pg_prepared_xacts AS p ON false
+    ORDER BY b.pid
+    """
+)
+
+
+class AdminUnavailable(ProxyError):
+    """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
+
+    sqlstate = "08006"
+
+
+def _blocker(row: DictRow) -> Blocker:
+    locks = tuple(
+        RelationLock(int(lock["relation"]), LockMode[lock["mode"]], bool(lock["granted"]))
+        for lock in row["locks"] or ()
+    )
+    return Blocker(
+        pid=row["pid"],
+        state=BackendState.parse(row["state"]),
+        backend_type=row["backend_type"],
+        datname=row["datname"],
+        usename=row["usename"],
+        application_name=row["application_name"],
+        client_addr=row["client_addr"],
+        xact_age=row["xact_age"],
+        query_age=row["query_age"],
+        query=report_query(row["query"]),
+        wait_event_type=row["wait_event_type"],
+        locks=locks,
+        context=parse_pga_context(row["query"]),
+        prepared_xact=row["prepared_xact"],
+    )
+
+
+def _conflicting_pairs(relation_modes: Mapping[int, LockMode | str]) -> tuple[list[int], list[str]]:
+    """Parallel arrays (relation OID, held mode) of every held lock that would block the need."""
+    relations: list[int] = []
+    modes: list[str] = []
+    for oid, needed in relation_modes.items():
+        needed = LockMode[needed] if isinstance(needed, str) else needed
+        for held in sorted(CONFLICTS[needed]):
+            relations.append(oid)
+            modes.append(held.name)
+    return relations, modes
+
+
+class AdminConnection:
+    """One autocommit psycopg connection for the guard's queries and signals.
+
+    Every query runs with `statement_timeout` on the server and a slightly longer deadline on
+    the client; a connection found lost is reopened (exponential backoff, `reconnect_attempts`
+    tries) and the query run once more. Failures surface as AdminUnavailable.
+
+    The role must see other sessions' activity and signal them: a superuser, or a role granted
+    pg_read_all_stats and pg_signal_backend (which cannot signal superusers' sessions). One
+    connection serves every database: find_blockers takes the database to look in.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        statement_timeout: float = 2.0,
+        connect_timeout: float = 5.0,
+        reconnect_attempts: int = 6,
+        reconnect_delay: float = 0.1,
+        reconnect_max_delay: float = 5.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._statement_timeout = statement_timeout
+        self._connect_timeout = connect_timeout
+        self._reconnect_attempts = max(1, reconnect_attempts)
+        self._reconnect_delay = reconnect_delay
+        self._reconnect_max_delay = reconnect_max_delay
+        self._conn: psycopg.AsyncConnection[DictRow] | None = None
+        self._pid = 0
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> AdminConnection:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def pid(self) -> int:
+        """The backend pid of the current (or last) admin session; 0 before the first connect."""
+        return self._pid
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open and not known to be broken."""
+        conn = self._conn
+        return conn is not None and not conn.closed and not conn.broken
+
+    async def connect(self) -> None:
+        """Open the connection (once; see ensure() for retries), replacing any previous one."""
+        await self._discard()
+        try:
+            self._conn = await _within(self._open(), self._connect_timeout)
+        except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
+            raise AdminUnavailable(f"cannot open the admin connection: {_describe(exc)}") from exc
+        self._pid = self._conn.info.backend_pid
+        log.info("admin connection open (backend pid %d)", self._pid)
+
+    async def ensure(self) -> None:
+        """Connected: reopen a lost connection, with exponential backoff between attempts."""
+        if self.connected:
+            return
+        async with self._lock:
+            delay = self._reconnect_delay
+            for attempt in range(1, self._reconnect_attempts + 1):
+                if self.connected:
+                    return
+                try:
+                    await self.connect()
+                    return
+                except AdminUnavailable as exc:
+                    if attempt == self._reconnect_attempts:
+                        raise
+                    log.warning("%s; retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._reconnect_max_delay)
+
+    async def close(self) -> None:
+        """Close the connection; ensure() or connect() may open it again."""
+        await self._discard()
+
+    async def find_blockers(
+        self,
+        relation_oids: Mapping[int, LockMode | str],
+        exclude_pids: Collection[int] = (),
+        *,
+        database: str | None = None,
+    ) -> list[Blocker]:
+        """Sessions and prepared transactions holding or awaiting a lock on one of the relations
+        (OID -> the mode the guarded statement needs) in a conflicting mode, in `database` (the
+        admin connection's own by default); the admin session and `exclude_pids` left out."""
+        if not relation_oids:
+            return []
+        relations, modes = _conflicting_pairs(relation_oids)
+        params = {
+            "relations": relations,
+            "modes": modes,
+            "database": database,
+            "exclude": sorted({*exclude_pids, self._pid}),
+        }
+        return [_blocker(row) for row in await self._fetch(_FIND_BLOCKERS, params)]
+
+    async def blocking_pids(self, pid: int) -> list[int]:
+        """pg_blocking_pids(pid), without duplicates; a 0 stands for a prepared transaction."""
+        rows = await self._fetch("SELECT pg_blocking_pids(%(pid)s) AS pids", {"pid": pid})
+        return list(dict.fromkeys(rows[0]["pids"] or ()))
+
+    async def activity(self, pids: Collection[int]) -> list[Blocker]:
+        """pg_stat_activity of these sessions (no lock details; 0 and vanished pids left out)."""
+        wanted = sorted({pid for pid in pids if pid > 0})  # unique: one row each
+        if not wanted:
+            return []
+        return [_blocker(row) for row in await self._fetch(_ACTIVITY, {"pids": wanted})]
+
+    async def terminate(self, pid: int) -> bool:
+        """pg_terminate_backend(pid); False when it is no backend (or is this admin session)."""
+        return await self._signal("SELECT pg_terminate_backend(%(pid)s) AS ok", pid)
+
+    async def cancel(self, pid: int) -> bool:
+        """pg_cancel_backend(pid): ends a running query, not an idle-in-transaction session."""
+        return await self._signal("SELECT pg_cancel_backend(%(pid)s) AS ok", pid)
+
+    async def _signal(self, query: str, pid: int) -> bool:
+        if pid <= 0 or pid == self._pid:
+            return False
+        rows = await self._fetch(query, {"pid": pid})
+        return bool(rows[0]["ok"])
+
+    async def _open(self) -> psycopg.AsyncConnection[DictRow]:
+        params = {**_CONNECTION_DEFAULTS, **conninfo_to_dict(self._conninfo)}
+        params["application_name"] = APPLICATION_NAME
+        params.setdefault("connect_timeout", str(max(2, int(self._connect_timeout))))
+        conn = await psycopg.AsyncConnection.connect(
+            make_conninfo("", **params), autocommit=True, row_factory=dict_row
+        )
+        try:
+            timeout = f"{max(1, int(self._statement_timeout * 1000))}ms"
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %(timeout)s, false),"
+                " set_config('lock_timeout', %(timeout)s, false),"
+                " set_config('search_path', 'pg_catalog', false)",
+                {"timeout": timeout},
+            )
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _fetch(self, query: str, params: Mapping[str, Any]) -> list[DictRow]:
+        """Run `query`, reconnecting and running it once more when the connection was lost."""
+        for attempt in (1, 2):
+            await self.ensure()
+            conn = self._conn
+            assert conn is not None
+            try:
+                return await _within(_execute(conn, query, params), self._statement_timeout + 1.0)
+            except asyncio.TimeoutError as exc:
+                await self._discard()
+                raise AdminUnavailable("an admin query timed out; reconnecting") from exc
+            except psycopg.OperationalError as exc:
+                if not (conn.closed or conn.broken):
+                    raise  # the query failed (statement_timeout, ...), the connection is fine
+                await self._discard()
+                log.warning("admin connection lost: %s", _describe(exc))
+                if attempt == 2:
+                    raise AdminUnavailable(f"admin connection lost: {_describe(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            await conn.close()
+
+
+async def _execute(
+    conn: psycopg.AsyncConnection[DictRow], query: str, params: Mapping[str, Any]
+) -> list[DictRow]:
+    async with conn.cursor() as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall()
+
+
+async def _within(work: Coroutine[Any, Any, T], timeout: float) -> T:
+    """`work`'s result, or asyncio.TimeoutError after `timeout` seconds and a bounded unwind.
+
+    Unlike asyncio.wait_for, this does not wait for psycopg's own handling of a cancel (a
+    cancel request to the server, up to 10 s): a second cancel makes psycopg close the
+    connection at once.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if done:
+        return task.result()
+    for _ in range(2):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=_UNWIND_SECONDS)
+        if done:
+            if not task.cancelled():
+                task.exception()  # retrieved: the timeout is what the caller hears about
+            break
+    raise asyncio.TimeoutError
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about a failure; libpq's messages carry no password."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
