@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from pgmigrate_proxy.config import (
+    BLOCKER_STATES,
     KEYS,
     RELOADABLE,
     Config,
     ConfigError,
+    build_parser,
     env_var,
     flag,
     load_config,
 )
+from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import redact
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "proxy.toml.example"
@@ -61,6 +66,15 @@ def test_defaults_match_the_contract() -> None:
     assert config.max_message_size == 268435456
     assert (config.startup_timeout, config.shutdown_grace) == (60.0, 30.0)
     assert config.effective_client_tls_mode() == "disable"
+    assert (config.guard, config.blocking_action) == (True, "terminate")
+    assert (config.lock_timeout, config.lock_budget) == (0.05, None)
+    assert (config.retry_delay, config.retry_max_delay) == (0.05, 5.0)
+    assert (config.max_hold, config.watch_interval, config.cancel_grace) == (30.0, 0.05, 2.0)
+    assert (config.min_transaction_age, config.min_query_age) == (0.0, 0.0)
+    assert config.blocker_states == config.application_names == config.users == ()
+    assert config.exclude_application_names == config.exclude_users == ()
+    assert config.migration_application_names == ()
+    assert config.admin_upstream is None
 
 
 def test_file_then_env_then_flags(toml: Path) -> None:
@@ -121,6 +135,24 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "client_tls_mode": ("disable", "disable"),
     "embedded_data_dir": ("/var/lib/pg", "/var/lib/pg"),
     "embedded_pg": ("15", "15"),
+    "guard": ("Off", False),
+    "blocking_action": ("Cancel", "cancel"),
+    "lock_timeout": ("0.2", 0.2),
+    "lock_budget": ("30", 30.0),
+    "retry_delay": ("0", 0.0),
+    "retry_max_delay": ("1.5", 1.5),
+    "max_hold": ("10", 10.0),
+    "watch_interval": ("0.1", 0.1),
+    "cancel_grace": ("0", 0.0),
+    "min_transaction_age": ("5", 5.0),
+    "min_query_age": ("2.5", 2.5),
+    "blocker_states": ("idle in transaction, active", ("idle in transaction", "active")),
+    "application_names": ("web-*,worker", ("web-*", "worker")),
+    "exclude_application_names": ("pgmigrate*", ("pgmigrate*",)),
+    "users": ("app, report_?", ("app", "report_?")),
+    "exclude_users": ("postgres", ("postgres",)),
+    "admin_upstream": ("host=db user=admin", "host=db user=admin"),
+    "migration_application_names": ("migrate", ("migrate",)),
 }
 
 
@@ -158,6 +190,28 @@ BAD_VALUES = [
     ("upstream", "host=db sslmode=sometimes"),
     ("upstream", "postgresql://db/app?sslmode=sometimes"),
     ("embedded_pg", "/no/such/bin"),
+    ("guard", "maybe"),
+    ("guard", "2"),
+    ("blocking_action", "kill"),
+    ("lock_timeout", "0"),
+    ("lock_timeout", "-1"),
+    ("lock_timeout", "inf"),
+    ("lock_budget", "0"),
+    ("lock_budget", "forever"),
+    ("lock_budget", "inf"),
+    ("retry_delay", "-0.1"),
+    ("retry_delay", "10"),  # over the default retry_max_delay
+    ("retry_max_delay", "0.01"),  # under the default retry_delay
+    ("retry_max_delay", "nan"),
+    ("max_hold", "0"),
+    ("watch_interval", "0"),
+    ("cancel_grace", "-1"),
+    ("min_transaction_age", "-1"),
+    ("min_query_age", "old"),
+    ("blocker_states", "idle in transaction, sleeping"),
+    ("blocker_states", "starting"),
+    ("admin_upstream", "not a conninfo"),
+    ("admin_upstream", "host=db sslmode=sometimes"),
 ]
 
 
@@ -194,6 +248,18 @@ def test_error_text_example() -> None:
         ("log_level = 3", "log_level"),
         ("upstream = 5", "upstream"),
         ("client_tls_cert_file = ['a']", "client_tls_cert_file"),
+        ("guard = 1", "guard"),
+        ("guard = 'sometimes'", "guard"),
+        ("blocking_action = true", "blocking_action"),
+        ("lock_budget = 0", "lock_budget"),
+        ("lock_budget = false", "lock_budget"),
+        ("max_hold = true", "max_hold"),
+        ("blocker_states = ['idle', 'busy']", "blocker_states"),
+        ("blocker_states = [1]", "blocker_states"),
+        ("users = [['app']]", "users"),
+        ("application_names = 5", "application_names"),
+        ("admin_upstream = ['host=db']", "admin_upstream"),
+        ("retry_delay = 2\nretry_max_delay = 1", "retry_max_delay"),
     ],
 )
 def test_bad_file_value_names_the_key_and_the_file(toml: Path, line: str, key: str) -> None:
@@ -481,3 +547,282 @@ def test_example_shows_every_key_once() -> None:
 def test_example_uncommented_gives_the_defaults(toml: Path) -> None:
     toml.write_text("".join(f"{key} = {value}\n" for key, value in example_defaults().items()))
     assert load("--config", str(toml)) == Config()
+
+
+# --- the guard --------------------------------------------------------------------------------
+
+
+def test_guard_keys_from_the_file(toml: Path) -> None:
+    toml.write_text(
+        "guard = false\n"
+        "blocking_action = 'show'\n"
+        "lock_timeout = 1\n"
+        "lock_budget = 20\n"
+        "retry_delay = 0.1\n"
+        "retry_max_delay = 2\n"
+        "max_hold = 5\n"
+        "watch_interval = 0.25\n"
+        "cancel_grace = 1\n"
+        "min_transaction_age = 3\n"
+        "min_query_age = 4\n"
+        "blocker_states = ['idle in transaction', 'idle in transaction (aborted)']\n"
+        "application_names = ['web-*', 'worker']\n"
+        "exclude_application_names = ['', 'psql']\n"
+        "users = ['app']\n"
+        "exclude_users = ['postgres', 'rds*']\n"
+        "admin_upstream = 'postgresql://admin:pw@db/app'\n"
+        "migration_application_names = ['migrate*']\n"
+    )
+    config = load("--config", str(toml))
+    assert (config.guard, config.blocking_action) == (False, "show")
+    assert (config.lock_timeout, config.lock_budget) == (1.0, 20.0)
+    assert (config.retry_delay, config.retry_max_delay) == (0.1, 2.0)
+    assert (config.max_hold, config.watch_interval, config.cancel_grace) == (5.0, 0.25, 1.0)
+    assert (config.min_transaction_age, config.min_query_age) == (3.0, 4.0)
+    assert all(isinstance(getattr(config, key), float) for key in ("lock_timeout", "lock_budget"))
+    assert config.blocker_states == ("idle in transaction", "idle in transaction (aborted)")
+    assert config.application_names == ("web-*", "worker")
+    assert config.exclude_application_names == ("", "psql")  # an array item is kept as written
+    assert (config.users, config.exclude_users) == (("app",), ("postgres", "rds*"))
+    assert config.admin_upstream == "postgresql://admin:pw@db/app"
+    assert config.migration_application_names == ("migrate*",)
+
+
+def test_guard_keys_in_the_proxy_table_and_overridden(toml: Path) -> None:
+    toml.write_text("[proxy]\nguard = false\nusers = ['a']\nlock_budget = 9\n")
+    env = {env_var("users"): "b,c", env_var("lock_budget"): "none"}
+    config = load("--config", str(toml), "--guard", "yes", env=env)
+    assert (config.guard, config.users, config.lock_budget) == (True, ("b", "c"), None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        *[(word, True) for word in ("true", "TRUE", " on ", "Yes", "1")],
+        *[(word, False) for word in ("false", "False", "OFF", "no", "0")],
+    ],
+)
+def test_guard_accepts_boolean_words(text: str, expected: bool) -> None:
+    assert load("--guard", text).guard is expected
+    assert load(env={env_var("guard"): text}).guard is expected
+
+
+@pytest.mark.parametrize("value", ["", "y", "t", "enabled", "01"])
+def test_guard_rejects_other_words(value: str) -> None:
+    exc = error("--guard", value)
+    assert exc.key == "guard"
+    assert exc.allowed == "true or false (also on/off, yes/no, 1/0)"
+
+
+def test_toml_booleans_for_guard(toml: Path) -> None:
+    toml.write_text("guard = false\n")
+    assert load("--config", str(toml)).guard is False
+    toml.write_text("guard = true\n")
+    assert load("--config", str(toml)).guard is True
+
+
+@pytest.mark.parametrize("action", [a.value for a in BlockingAction])
+def test_every_blocking_action(action: str) -> None:
+    config = load("--blocking-action", action.upper())
+    assert config.blocking_action == action
+    assert config.blocking_action_value() is BlockingAction(action)
+
+
+@pytest.mark.parametrize("text", ["none", "NONE", " None ", ""])
+def test_lock_budget_unset(text: str) -> None:
+    env = {env_var("lock_budget"): "10"}
+    assert load("--lock-budget", text, env=env).lock_budget is None
+
+
+def test_lock_budget_none_in_the_file(toml: Path) -> None:
+    toml.write_text("lock_budget = 'none'\n")
+    assert load("--config", str(toml)).lock_budget is None
+
+
+def test_lock_budget_error_mentions_no_limit() -> None:
+    assert str(error("--lock-budget", "0")) == (
+        "invalid lock_budget: '0' (allowed: a finite number of seconds > 0, or none or empty "
+        "for no limit), set by --lock-budget"
+    )
+
+
+# --- lists ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ()),
+        (" , ,", ()),
+        ("a", ("a",)),
+        (" a , b ,", ("a", "b")),
+        ("a,b,a", ("a", "b")),
+        ("web worker,*-cron", ("web worker", "*-cron")),
+    ],
+)
+def test_pattern_lists_from_strings(text: str, expected: tuple[str, ...]) -> None:
+    for key in ("application_names", "exclude_users", "migration_application_names"):
+        assert getattr(load(flag(key), text), key) == expected
+        assert getattr(load(env={env_var(key): text}), key) == expected
+
+
+def test_pattern_lists_from_toml(toml: Path) -> None:
+    toml.write_text("users = []\nexclude_users = ['a,b', ' c ']\n")
+    config = load("--config", str(toml))
+    assert config.users == ()
+    assert config.exclude_users == ("a,b", " c ")  # array items are patterns as written
+
+
+def test_a_toml_string_is_split_too(toml: Path) -> None:
+    toml.write_text("users = 'a, b'\n")
+    assert load("--config", str(toml)).users == ("a", "b")
+
+
+def test_lists_are_tuples_of_str() -> None:
+    config = Config(users=["a", "b"], blocker_states=["ACTIVE"])  # type: ignore[arg-type]
+    assert config.users == ("a", "b")
+    assert config.blocker_states == ("active",)
+    assert hash(config) == hash(Config(users=("a", "b"), blocker_states=("active",)))
+
+
+def test_every_blocker_state() -> None:
+    text = ",".join(name.upper() for name in BLOCKER_STATES)
+    assert load("--blocker-states", text).blocker_states == BLOCKER_STATES
+    assert set(BLOCKER_STATES) == {s.value for s in BackendState} - {"starting"}
+
+
+def test_blocker_states_are_normalized() -> None:
+    text = " Idle  In Transaction (aborted) ,active,ACTIVE"
+    config = load("--blocker-states", text)
+    assert config.blocker_states == ("idle in transaction (aborted)", "active")
+
+
+def test_blocker_states_error_lists_the_states() -> None:
+    exc = error("--blocker-states", "idle,busy")
+    assert exc.key == "blocker_states"
+    assert all(name in exc.allowed for name in BLOCKER_STATES)
+
+
+# --- retry delays -----------------------------------------------------------------------------
+
+
+def test_retry_max_delay_may_equal_retry_delay() -> None:
+    config = load("--retry-delay", "2", "--retry-max-delay", "2")
+    assert (config.retry_delay, config.retry_max_delay) == (2.0, 2.0)
+
+
+def test_retry_max_delay_under_retry_delay_blames_max() -> None:
+    exc = error("--retry-delay", "2", env={env_var("retry_max_delay"): "1"})
+    assert str(exc) == (
+        "invalid retry_max_delay: 1.0 (allowed: a finite number of seconds >= retry_delay (2)), "
+        "set by PGMIGRATE_PROXY_RETRY_MAX_DELAY"
+    )
+
+
+def test_retry_delay_over_the_default_max_blames_retry_delay() -> None:
+    exc = error("--retry-delay", "10")
+    assert exc.key == "retry_delay"
+    assert "<= retry_max_delay (5)" in str(exc)
+    assert str(exc).endswith("set by --retry-delay")
+
+
+def test_retry_delays_are_checked_on_direct_construction() -> None:
+    with pytest.raises(ConfigError, match=r"^invalid retry_max_delay: 1\.0 "):
+        Config(retry_delay=2, retry_max_delay=1)
+    assert Config(retry_delay=10, retry_max_delay=10).retry_max_delay == 10.0
+
+
+# --- admin_upstream ---------------------------------------------------------------------------
+
+
+def test_admin_upstream_redacted() -> None:
+    config = Config(upstream="postgresql://app:a@db/app", admin_upstream="host=db password=b")
+    assert config.admin_upstream_redacted() == "host=db password=********"
+    assert Config(upstream="postgresql://app:a@db/app").admin_upstream_redacted() == (
+        "postgresql://app:********@db/app"
+    )
+    assert Config().admin_upstream_redacted() == "(embedded)"
+
+
+def test_admin_upstream_errors_never_show_the_password() -> None:
+    for conninfo in [
+        "postgresql://admin:s3cret@db/app?sslmode=bogus",
+        "host=db password=s3cret oops",
+    ]:
+        exc = error("--admin-upstream", conninfo)
+        assert exc.key == "admin_upstream"
+        assert "s3cret" not in str(exc), str(exc)
+
+
+def test_admin_upstream_verify_full_needs_a_root_cert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    exc = error(env={env_var("admin_upstream"): "host=db sslmode=verify-full password=s3cret"})
+    assert exc.key == "admin_upstream"
+    assert "sslrootcert" in str(exc)
+    assert "s3cret" not in str(exc)
+    assert str(exc).endswith("set by PGMIGRATE_PROXY_ADMIN_UPSTREAM")
+    conninfo = "host=db sslmode=verify-full sslrootcert=system"
+    assert load("--admin-upstream", conninfo).admin_upstream == conninfo
+
+
+# --- helpers for the guard --------------------------------------------------------------------
+
+
+def test_guard_filters() -> None:
+    config = load(
+        "--min-transaction-age=3",
+        "--min-query-age=4",
+        "--blocker-states=idle in transaction,active",
+        "--application-names=web-*",
+        "--exclude-application-names=psql",
+        "--users=app",
+        "--exclude-users=postgres",
+    )
+    assert config.guard_filters() == Filters(
+        min_transaction_age=3.0,
+        min_query_age=4.0,
+        states=frozenset({BackendState.IDLE_IN_TRANSACTION, BackendState.ACTIVE}),
+        application_names=("web-*",),
+        exclude_application_names=("psql",),
+        users=("app",),
+        exclude_users=("postgres",),
+    )
+    assert Config().guard_filters() == Filters()
+
+
+def test_retry_schedule() -> None:
+    config = load("--lock-budget=10", "--lock-timeout=0.2", "--retry-delay=0.1")
+    schedule = config.retry_schedule()
+    assert (schedule.budget, schedule.lock_timeout) == (10.0, 0.2)
+    assert (schedule.base_delay, schedule.max_delay) == (0.1, 5.0)
+    assert (schedule.multiplier, schedule.jitter) == (RetrySchedule.multiplier, 0.5)
+    assert schedule.lock_timeout_ms(0.0) == 200
+    assert schedule.lock_timeout_ms(9.95) == 50  # cut to what is left of the budget
+    assert not schedule.attempts_left(10.0)
+
+
+def test_retry_schedule_without_a_budget() -> None:
+    schedule = Config().retry_schedule()
+    assert schedule.budget == math.inf
+    assert (schedule.lock_timeout, schedule.base_delay, schedule.max_delay) == (0.05, 0.05, 5.0)
+    assert schedule.attempts_left(1e9)
+    assert schedule.next_delay(100, random.Random(1), elapsed=1e9) <= 5.0
+
+
+def test_retry_schedule_with_tiny_timeouts() -> None:
+    schedule = Config(lock_timeout=0.0005, lock_budget=0.002).retry_schedule()
+    assert schedule.attempts_left(0.0)
+    assert schedule.lock_timeout_ms(0.0) == 1
+    schedule = Config(lock_budget=0.005).retry_schedule()
+    assert schedule.attempts_left(0.0)
+    assert schedule.attempt_timeout(0.0) == 0.005
+
+
+def test_help_shows_the_guard_defaults() -> None:
+    text = " ".join(build_parser().format_help().split())
+    assert "--blocker-states BLOCKER_STATES" in text
+    assert "default true; env PGMIGRATE_PROXY_GUARD" in text
+    assert "default empty; env PGMIGRATE_PROXY_USERS" in text
+    assert "default unset; env PGMIGRATE_PROXY_LOCK_BUDGET" in text

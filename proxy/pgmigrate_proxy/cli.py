@@ -263,7 +263,11 @@ class Service:
 
 
 def _shown(config: Config, key: str) -> str:
-    return config.upstream_redacted() if key == "upstream" else repr(getattr(config, key))
+    if key == "upstream":
+        return config.upstream_redacted()
+    if key == "admin_upstream":
+        return config.admin_upstream_redacted()
+    return repr(getattr(config, key))
 
 
 def _log_reload(old: Config, new: Config, applied: list[str], refused: list[str]) -> None:

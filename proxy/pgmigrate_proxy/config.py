@@ -15,6 +15,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from pgmigrate_proxy import __version__
+from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import LEVELS, redact
 
 if sys.version_info >= (3, 11):
@@ -30,6 +31,11 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 CLIENT_TLS_MODES = ("auto", "disable", "allow", "require")
 LOG_FORMATS = ("text", "json")
 DEFAULT_SSLROOTCERT = "~/.postgresql/root.crt"  # where libpq looks when sslrootcert is unset
+BLOCKING_ACTIONS = tuple(action.value for action in BlockingAction)
+#: The pg_stat_activity states blocker_states may name ("starting" sessions hold no locks).
+BLOCKER_STATES = tuple(s.value for s in BackendState if s is not BackendState.STARTING)
+TRUE_WORDS = ("true", "on", "yes", "1")
+FALSE_WORDS = ("false", "off", "no", "0")
 
 
 class ConfigError(Exception):
@@ -88,6 +94,49 @@ def _seconds(low: float, *, inclusive: bool) -> _Rule:
     return _Rule(f"a finite number of seconds {bound}", parse)
 
 
+def _optional_seconds(low: float, *, inclusive: bool) -> _Rule:
+    seconds = _seconds(low, inclusive=inclusive)
+
+    def parse(value: object) -> float | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return float(seconds.parse(value))
+
+    return _Rule(seconds.allowed + ", or none or empty for no limit", parse)
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise _Rejected
+    return word in TRUE_WORDS
+
+
+def _items(value: object) -> tuple[str, ...]:
+    """A comma-separated string (items stripped, empty ones dropped) or a sequence of strings
+    (items kept as they are); duplicates dropped."""
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        items = list(value)
+    else:
+        raise _Rejected
+    return tuple(dict.fromkeys(items))
+
+
+def _globs(empty: str) -> _Rule:
+    return _Rule(f"comma-separated glob patterns or a TOML array; empty for {empty}", _items)
+
+
+def _states(value: object) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(" ".join(item.lower().split()) for item in _items(value)))
+    if any(name not in BLOCKER_STATES for name in names):
+        raise _Rejected
+    return names
+
+
 def _choice(*names: str) -> _Rule:
     def parse(value: object) -> str:
         name = value.strip().lower() if isinstance(value, str) else None
@@ -129,13 +178,12 @@ def _upstream(value: object) -> str | None:
 
 
 _OPTIONAL_PATH = _Rule("a path, or empty for none", _optional_text)
+_UPSTREAM_ALLOWED = "a libpq URL or key=value conninfo, or empty for "
 
 RULES: dict[str, _Rule] = {
     "listen_host": _Rule("a host name or IP address", _host),
     "listen_port": _integer(0, 65535),
-    "upstream": _Rule(
-        "a libpq URL or key=value conninfo, or empty for an embedded PostgreSQL", _upstream
-    ),
+    "upstream": _Rule(_UPSTREAM_ALLOWED + "an embedded PostgreSQL", _upstream),
     "log_level": _choice(*LEVELS),
     "log_format": _choice(*LOG_FORMATS),
     "max_message_size": _integer(8192, 1073741823),
@@ -149,6 +197,29 @@ RULES: dict[str, _Rule] = {
         "'embedded', a PostgreSQL major version such as 15, or an existing bin directory",
         _optional_text,
     ),
+    "guard": _Rule("true or false (also on/off, yes/no, 1/0)", _boolean),
+    "blocking_action": _choice(*BLOCKING_ACTIONS),
+    "lock_timeout": _seconds(0, inclusive=False),
+    "lock_budget": _optional_seconds(0, inclusive=False),
+    "retry_delay": _seconds(0, inclusive=True),
+    "retry_max_delay": _seconds(0, inclusive=True),
+    "max_hold": _seconds(0, inclusive=False),
+    "watch_interval": _seconds(0, inclusive=False),
+    "cancel_grace": _seconds(0, inclusive=True),
+    "min_transaction_age": _seconds(0, inclusive=True),
+    "min_query_age": _seconds(0, inclusive=True),
+    "blocker_states": _Rule(
+        "comma-separated pg_stat_activity states or a TOML array, among "
+        + ", ".join(BLOCKER_STATES)
+        + "; empty for all",
+        _states,
+    ),
+    "application_names": _globs("all"),
+    "exclude_application_names": _globs("none"),
+    "users": _globs("all"),
+    "exclude_users": _globs("none"),
+    "admin_upstream": _Rule(_UPSTREAM_ALLOWED + "the upstream", _upstream),
+    "migration_application_names": _globs("none"),
 }
 
 
@@ -158,6 +229,17 @@ def _check(key: str, value: object, source: str | None = None) -> Any:
         return rule.parse(value)
     except _Rejected as exc:
         raise ConfigError.invalid(key, value, str(exc) or rule.allowed, source) from None
+
+
+def _check_delays(delay: float, most: float, sources: Mapping[str, str]) -> None:
+    """retry_max_delay >= retry_delay; blames retry_delay only when it alone was set."""
+    if most >= delay:
+        return
+    if "retry_max_delay" in sources or "retry_delay" not in sources:
+        allowed = f"a finite number of seconds >= retry_delay ({delay:g})"
+        raise ConfigError.invalid("retry_max_delay", most, allowed, sources.get("retry_max_delay"))
+    allowed = f"a finite number of seconds <= retry_max_delay ({most:g})"
+    raise ConfigError.invalid("retry_delay", delay, allowed, sources.get("retry_delay"))
 
 
 @dataclass(frozen=True)
@@ -177,10 +259,29 @@ class Config:
     client_tls_mode: str = "auto"
     embedded_data_dir: str | None = None
     embedded_pg: str | None = None
+    guard: bool = True
+    blocking_action: str = "terminate"
+    lock_timeout: float = 0.05
+    lock_budget: float | None = None
+    retry_delay: float = 0.05
+    retry_max_delay: float = 5.0
+    max_hold: float = 30.0
+    watch_interval: float = 0.05
+    cancel_grace: float = 2.0
+    min_transaction_age: float = 0.0
+    min_query_age: float = 0.0
+    blocker_states: tuple[str, ...] = ()
+    application_names: tuple[str, ...] = ()
+    exclude_application_names: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    exclude_users: tuple[str, ...] = ()
+    admin_upstream: str | None = None
+    migration_application_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key in RULES:
             object.__setattr__(self, key, _check(key, getattr(self, key)))
+        _check_delays(self.retry_delay, self.retry_max_delay, {})
 
     def upstream_params(self) -> dict[str, str]:
         """The upstream conninfo as a dict (empty when upstream is None)."""
@@ -189,6 +290,42 @@ class Config:
     def upstream_redacted(self) -> str:
         """The upstream with any password masked; "(embedded)" when upstream is None."""
         return "(embedded)" if self.upstream is None else redact(self.upstream)
+
+    def admin_upstream_redacted(self) -> str:
+        """admin_upstream with any password masked; when unset, the upstream's (it is used)."""
+        if self.admin_upstream is None:
+            return self.upstream_redacted()
+        return redact(self.admin_upstream)
+
+    def blocking_action_value(self) -> BlockingAction:
+        """blocking_action as the guard's enum."""
+        return BlockingAction(self.blocking_action)
+
+    def guard_filters(self) -> Filters:
+        """Which blockers the blocking action may touch (the others are only reported)."""
+        states = (BackendState.parse(name) for name in self.blocker_states)
+        return Filters(
+            min_transaction_age=self.min_transaction_age,
+            min_query_age=self.min_query_age,
+            states=frozenset(state for state in states if state is not None),
+            application_names=self.application_names,
+            exclude_application_names=self.exclude_application_names,
+            users=self.users,
+            exclude_users=self.exclude_users,
+        )
+
+    def retry_schedule(self) -> RetrySchedule:
+        """Attempts of lock_timeout each, backoff from retry_delay to retry_max_delay, all within
+        lock_budget (unset: no limit). Multiplier and jitter are RetrySchedule's defaults."""
+        budget = math.inf if self.lock_budget is None else self.lock_budget
+        return RetrySchedule(
+            budget=budget,
+            lock_timeout=self.lock_timeout,
+            base_delay=self.retry_delay,
+            max_delay=self.retry_max_delay,
+            # A lock_timeout or budget under the default shortest attempt must still get one.
+            min_attempt=min(RetrySchedule.min_attempt, self.lock_timeout, budget),
+        )
 
     def effective_client_tls_mode(self) -> str:
         """client_tls_mode with "auto" resolved: allow with a certificate, disable without."""
@@ -225,6 +362,10 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _default(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value) or "empty"
     return "unset" if value is None else repr(value)
 
 
@@ -314,15 +455,17 @@ def _readable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.R_OK)
 
 
-def _check_upstream_tls(config: Config, source: str | None) -> None:
-    params = config.upstream_params()
+def _check_upstream_tls(config: Config, key: str, source: str | None) -> None:
+    """`key` (upstream or admin_upstream) with verify-ca/verify-full needs a readable root cert."""
+    conninfo: str | None = getattr(config, key)
+    params = conninfo_to_dict(conninfo or "")
     mode = params.get("sslmode")
     if mode not in ("verify-ca", "verify-full"):
         return
-    root = params.get("sslrootcert") or DEFAULT_SSLROOTCERT
+    root = str(params.get("sslrootcert") or DEFAULT_SSLROOTCERT)
     if root != "system" and not _readable(os.path.expanduser(root)):
         allowed = f"sslmode={mode} with sslrootcert naming a readable file, not {root!r}"
-        raise ConfigError.invalid("upstream", config.upstream, allowed, source)
+        raise ConfigError.invalid(key, conninfo, allowed, source)
 
 
 def _check_client_tls(config: Config, sources: Mapping[str, str]) -> None:
@@ -369,8 +512,12 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         for key, (value, source) in layer.items():
             values[key] = _check(key, value, source)
             sources[key] = source
+    defaults = Config()
+    delay = values.get("retry_delay", defaults.retry_delay)
+    _check_delays(delay, values.get("retry_max_delay", defaults.retry_max_delay), sources)
     config = Config(**values)
-    _check_upstream_tls(config, sources.get("upstream"))
+    for key in ("upstream", "admin_upstream"):
+        _check_upstream_tls(config, key, sources.get(key))
     _check_client_tls(config, sources)
     _check_embedded_pg(config, sources.get("embedded_pg"))
     return config

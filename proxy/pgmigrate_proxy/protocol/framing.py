@@ -19,11 +19,20 @@ INT32 = struct.Struct("!I")
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One complete watched message: its type byte, its payload, where it ends in the chunk."""
+    """One complete watched message: its type byte, its payload, where it ends in the chunk.
+
+    `start` is where it begins in the chunk; -1 when it began in an earlier chunk.
+    """
 
     type: int
     payload: bytes
     end: int
+    start: int = -1
+
+    @property
+    def raw(self) -> bytes:
+        """The whole frame, header included, as it travels."""
+        return frame(self.type, self.payload)
 
 
 class FramingError(Exception):
@@ -55,7 +64,9 @@ ANY_TYPE = bytes([1] * 256)
 class FrameScanner:
     """Tracks frame boundaries in one direction of a connection, fed chunk by chunk."""
 
-    __slots__ = ("_body", "_header", "_max_size", "_need", "_type", "_valid", "_watched")
+    __slots__ = (
+        "_body", "_header", "_max_size", "_need", "_start", "_type", "_valid", "_watched",
+    )  # fmt: skip
 
     def __init__(
         self, *, valid: bytes = ANY_TYPE, watched: Iterable[int] = (), max_size: int = 1 << 30
@@ -67,6 +78,7 @@ class FrameScanner:
         self._need = 0  # body bytes of the current frame not seen yet
         self._type = 0
         self._body: bytearray | None = None  # the watched frame being assembled
+        self._start = -1  # where that frame began in the last chunk (-1: in an earlier one)
 
     @property
     def at_boundary(self) -> bool:
@@ -101,15 +113,39 @@ class FrameScanner:
             end = pos + 1 + length
             if end <= n:
                 if watched[mtype]:
-                    frames.append(Frame(mtype, bytes(data[pos + HEADER_SIZE : end]), end))
+                    frames.append(Frame(mtype, bytes(data[pos + HEADER_SIZE : end]), end, pos))
                 pos = end
                 continue
             self._type = mtype
             self._need = end - n
             if watched[mtype]:
                 self._body = bytearray(data[pos + HEADER_SIZE :])
+                self._start = pos
             break
         return frames
+
+    def cut(self, data: bytes) -> Cut:
+        """Scan one chunk for a relay that forwards raw bytes around the watched frames.
+
+        Unlike feed(), nothing that may belong to a watched frame leaves before the frame
+        is complete: an incomplete header and the start of an incomplete watched frame are
+        withheld (see Cut). Raises FramingError.
+        """
+        held = self._header
+        if held and len(held) + len(data) < HEADER_SIZE:
+            self._header += bytes(data)  # the header is still not whole: keep it all
+            return Cut(data, [], b"", 0)
+        self._start = -1
+        frames = self.feed(data)
+        # A header withheld earlier that began an unwatched frame goes out first.
+        carry = held if held and not self._watched[held[0]] else b""
+        if self._header:
+            tail = len(data) - len(self._header)
+        elif self._body is not None:
+            tail = max(self._start, 0)  # -1: the frame began earlier, all of data is its
+        else:
+            tail = len(data)
+        return Cut(data, frames, carry, tail)
 
     def release(self) -> bytes:
         """Stop assembling the unfinished watched frame; return its bytes as received so far.
@@ -184,6 +220,26 @@ class FrameScanner:
         if length < 4:
             return f"invalid message length {length}"
         return f"message of {length} bytes exceeds the limit of {self._max_size} bytes"
+
+
+@dataclass(slots=True)
+class Cut:
+    """A scanned chunk: watched frames, bytes withheld earlier to send first, where it stops.
+
+    Raw bytes to forward are `carry`, then `data` up to `tail` except the watched frames;
+    `data[tail:]` is withheld (it belongs to a frame not complete yet). A frame with
+    start == -1 was withheld in earlier chunks: send `frame.raw`, and skip data up to its end.
+    """
+
+    data: bytes
+    frames: list[Frame]
+    carry: bytes
+    tail: int
+
+    @property
+    def plain(self) -> bool:
+        """Nothing watched, nothing withheld: the chunk goes out as it is."""
+        return not self.frames and not self.carry and self.tail == len(self.data)
 
 
 def frame(mtype: int, payload: bytes = b"") -> bytes:
