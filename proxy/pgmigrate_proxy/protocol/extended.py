@@ -57,7 +57,8 @@ def build_query(name: str, sql: str, params: Sequence[str | None] = ()) -> bytes
 
     Our statement and portal are named, so the client's unnamed statement and portal survive;
     parameters travel as text. Replies: ParseComplete, BindComplete, DataRow*, CommandComplete
-    (or an ErrorResponse), CloseComplete.
+    (or an ErrorResponse), CloseComplete twice. Portal and statement are both closed: inside a
+    transaction block a portal outlives its Execute.
     """
     encoded = name.encode()
     parse = encoded + b"\0" + sql.encode() + b"\0" + _INT16.pack(0)
@@ -72,6 +73,7 @@ def build_query(name: str, sql: str, params: Sequence[str | None] = ()) -> bytes
             frame(FrontendType.PARSE, parse),
             frame(FrontendType.BIND, bind),
             frame(FrontendType.EXECUTE, encoded + b"\0" + _INT32.pack(0)),
+            frame(FrontendType.CLOSE, b"P" + encoded + b"\0"),
             frame(FrontendType.CLOSE, b"S" + encoded + b"\0"),
         )
     )

@@ -9,8 +9,10 @@ import secrets
 from dataclasses import replace
 
 from pgmigrate_proxy import __version__
+from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.protocol.messages import CancelRequest
+from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.context import SessionSettings
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
@@ -48,6 +50,20 @@ def session_settings(config: Config) -> SessionSettings:
     )
 
 
+def guard_settings(config: Config) -> guarding.GuardSettings | None:
+    """The guard's view of a Config; None when the guard is off."""
+    if not config.guard:
+        return None
+    return guarding.GuardSettings(
+        action=config.blocking_action_value(),
+        filters=config.guard_filters(),
+        schedule=config.retry_schedule(),
+        max_hold=config.max_hold,
+        watch_interval=config.watch_interval,
+        cancel_grace=config.cancel_grace,
+    )
+
+
 class ProxyServer:
     """Listens for clients and runs a ClientSession for each."""
 
@@ -62,17 +78,31 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.guard = guarding.GuardServices(admin=None)
+        self.guard_settings = guard_settings(config)
 
     @property
     def active_sessions(self) -> int:
         return len(self._sessions)
 
     async def start(self) -> None:
+        if self.config.guard:
+            await self._open_admin()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
         )
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _open_admin(self) -> None:
+        """The admin connection the guard finds and ends blockers through."""
+        conninfo = self.config.admin_upstream or self.config.upstream or ""
+        admin = AdminConnection(conninfo)
+        self.guard.admin = admin
+        try:
+            await admin.connect()
+        except AdminUnavailable as exc:
+            log.warning("%s: guarded statements use lock_timeout and retries until it is back", exc)
 
     def _accept(self) -> ClientSession:
         session = ClientSession(self)
@@ -129,6 +159,7 @@ class ProxyServer:
         keep = {key: getattr(self.config, key) for key in fixed}
         self.config = replace(config, **keep)
         self.settings = session_settings(self.config)
+        self.guard_settings = guard_settings(self.config)
         return fixed
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -151,6 +182,8 @@ class ProxyServer:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        if self.guard.admin is not None:
+            await self.guard.admin.close()
 
     async def wait_closed(self) -> None:
         if self._server is not None:

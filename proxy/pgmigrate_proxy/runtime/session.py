@@ -45,6 +45,8 @@ from pgmigrate_proxy.protocol.types import (
     BackendType,
     TransactionStatus,
 )
+from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime.hold import BACKEND_WATCH, FRONTEND_WATCH, Holder
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
 
 if TYPE_CHECKING:
@@ -74,6 +76,8 @@ class SessionHub(Protocol):
     """What a session needs from the server that owns it."""
 
     settings: SessionSettings
+    guard: guarding.GuardServices
+    guard_settings: guarding.GuardSettings | None
 
     def register(self, session: ClientSession) -> bytes: ...
     def session_closed(self, session: ClientSession) -> None: ...
@@ -111,7 +115,7 @@ class ClientSession(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__", "_be", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
-        "_timer", "_tls", "_waiter", "client", "handshake", "hub", "parameters", "peer",
+        "_timer", "_tls", "_waiter", "client", "handshake", "holder", "hub", "parameters", "peer",
         "phase", "secret_key", "server", "server_key", "settings", "status",
     )  # fmt: skip
 
@@ -137,6 +141,7 @@ class ClientSession(asyncio.Protocol):
         self._broken = False
         self._fe = FrameScanner(valid=_FRONTEND_VALID, max_size=self.settings.max_message_size)
         self._be = FrameScanner(watched=_ALL_TYPES)
+        self.holder: Holder | None = None  # the DDL guard's side, when the guard is on
 
     # --- asyncio.Protocol, client side ---------------------------------------------------
 
@@ -151,15 +156,22 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.RELAY:
+            holder = self.holder
             try:
-                self._fe.feed(data)
+                if holder is None:
+                    self._fe.feed(data)
+                else:
+                    cut = self._fe.cut(data)
             except FramingError as exc:
-                self._forward_prefix(data, exc.offset)
+                if holder is None:
+                    self._forward_prefix(data, exc.offset)
                 self._broken = True  # the server may hold part of a header: no Terminate
                 self.fail("08P01", str(exc))
                 return
-            assert self.server is not None
-            self.server.write(data)
+            if holder is not None and (not cut.plain or holder.holding):
+                holder.pump(cut)
+            elif self.server is not None:
+                self.server.write(data)
         elif self.phase is Phase.AUTHENTICATING:
             self._auth_frontend(data)
         elif self.phase in (Phase.STARTUP, Phase.CONNECTING):
@@ -201,9 +213,16 @@ class ClientSession(asyncio.Protocol):
         if client is None:
             return
         if self.phase is Phase.RELAY:
+            holder = self.holder
             try:
                 frames = self._be.feed(data)
-                if frames:
+                if holder is not None:
+                    if holder.sinking:
+                        holder.sink_frames(frames)
+                        return
+                    if frames:
+                        holder.backend_frames(frames)
+                elif frames:
                     self.status = ReadyForQuery.decode(frames[-1].payload).status
             except (FramingError, DecodeError) as exc:
                 self._server_violation(exc)
@@ -214,8 +233,19 @@ class ClientSession(asyncio.Protocol):
         elif self.phase is Phase.DRAINING:
             self._drain(data)
 
+    def sink_started(self) -> None:
+        """The guard takes the server's replies: see every frame (the stream is at a boundary)."""
+        self._be.watch(_ALL_TYPES)
+
+    def sink_ended(self) -> None:
+        self._be.watch(BACKEND_WATCH)
+
     def server_lost(self) -> None:
         self.server = None
+        if self.holder is not None:
+            self.holder.server_lost()
+        if self.phase is Phase.CONNECTING:
+            return  # open_upstream fails or _connect notices: _startup tells the client why
         if self.client is not None:
             self.client.close()
         self._close()
@@ -245,7 +275,7 @@ class ClientSession(asyncio.Protocol):
                 return self._check_startup(packet)
             if isinstance(packet, CancelRequest):
                 self.hub.cancel(packet)
-                self.abort()
+                self._finish()  # a clean close: over TLS, libpq 17+ treats an abort as failure
                 return None
             if self._inbuf:  # nothing may follow these before our answer (CVE-2021-23214)
                 raise DecodeError("unexpected data after an encryption request")
@@ -296,13 +326,16 @@ class ClientSession(asyncio.Protocol):
         if self.phase is not Phase.CONNECTING:  # the client went away meanwhile
             self.server.close()
             return
+        if self.server.is_closing():
+            raise UpstreamError(f"PostgreSQL at {target.describe()} closed the connection")
         self._server_tls = self.server.get_extra_info("sslcontext") is not None
         params = {k: v for k, v in startup.parameters.items() if not k.startswith("_pq_.")}
         self.parameters = params
         self.server.write(StartupMessage(PROTOCOL_3_0, params).encode())
         unknown = tuple(k for k in startup.parameters if k.startswith("_pq_."))
         if startup.protocol != PROTOCOL_3_0 or unknown:
-            self._write(NegotiateProtocolVersion(0, unknown).encode())
+            # the Int32 is a full version (major << 16 | minor), as PostgreSQL sends it
+            self._write(NegotiateProtocolVersion(PROTOCOL_3_0, unknown).encode())
         self.handshake = Handshake(
             secret_key=self.secret_key,
             announce=(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version),),
@@ -363,8 +396,15 @@ class ClientSession(asyncio.Protocol):
         held = self._fe.release()  # a client frame begun before the server was ready
         if held and self.server is not None:
             self.server.write(held)
-        self._fe.watch(())
-        self._be.watch(_RELAY_BACKEND_WATCH)
+        guard = self.hub.guard_settings
+        if guard is not None:
+            options = self.parameters.get("options", "")
+            self.holder = Holder(self, guarding.with_options(guard, options))
+            self._fe.watch(FRONTEND_WATCH)
+            self._be.watch(BACKEND_WATCH)
+        else:
+            self._fe.watch(())
+            self._be.watch(_RELAY_BACKEND_WATCH)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -440,6 +480,9 @@ class ClientSession(asyncio.Protocol):
             self._timer = None
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
+        holder = self.holder
+        if holder is not None and holder.task is not None:
+            holder.task.cancel()  # a held statement is dropped, never sent later
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
         self.hub.session_closed(self)

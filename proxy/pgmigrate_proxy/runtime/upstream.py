@@ -83,12 +83,21 @@ async def open_upstream(target: UpstreamTarget, protocol: UpstreamProtocol) -> a
     """Connect, negotiate TLS as the sslmode says, and return the transport to speak on."""
     try:
         transport = await asyncio.wait_for(_connect(target, protocol), target.connect_timeout)
-    except asyncio.TimeoutError:
-        raise UpstreamError(f"timeout connecting to PostgreSQL at {target.describe()}") from None
-    except OSError as exc:
-        raise UpstreamError(
-            f"could not connect to PostgreSQL at {target.describe()}: {exc.strerror or exc}"
-        ) from None
+    except BaseException as exc:
+        # Failed, timed out or cancelled (the client left) after the TCP connection was made,
+        # e.g. while waiting for the SSLRequest answer: close it, or it lingers until
+        # PostgreSQL's authentication_timeout.
+        if protocol.transport is not None:
+            protocol.transport.close()
+        if isinstance(exc, asyncio.TimeoutError):
+            raise UpstreamError(
+                f"timeout connecting to PostgreSQL at {target.describe()}"
+            ) from None
+        if isinstance(exc, OSError):
+            raise UpstreamError(
+                f"could not connect to PostgreSQL at {target.describe()}: {exc.strerror or exc}"
+            ) from None
+        raise
     protocol.transport = transport
     return transport
 

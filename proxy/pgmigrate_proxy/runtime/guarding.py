@@ -1,0 +1,477 @@
+"""The DDL pipeline's asyncio steps for one held unit: resolve, clear, forward, watch, retry.
+
+The decisions (who is a blocker worth acting on, when to retry) are guard/'s pure
+functions; this module only runs them against the admin connection and the session's own
+server connection, and reports each step to the client (NoticeResponse) and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
+from pgmigrate_proxy.guard.blockers import Blocker
+from pgmigrate_proxy.guard.policy import BlockingAction, Decision, Filters, Verdict, decide
+from pgmigrate_proxy.guard.retry import RetrySchedule, is_retryable
+from pgmigrate_proxy.protocol.extended import QueryResult
+from pgmigrate_proxy.protocol.framing import Frame
+from pgmigrate_proxy.protocol.messages import ErrorResponse
+from pgmigrate_proxy.protocol.types import BackendType, TransactionStatus
+from pgmigrate_proxy.sql import LockMode, Statement, targets_query
+
+log = logging.getLogger("pgmigrate_proxy.guard")
+
+#: How long to wait for terminated or cancelled blockers to let go of their locks.
+_RELEASE_SECONDS = 2.0
+_RELEASE_POLL = 0.01
+#: How often a held statement re-checks its blockers while it waits (blocking_action=show).
+_SHOW_POLL = 0.1
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """What the pipeline needs from the Config, for one session."""
+
+    action: BlockingAction = BlockingAction.TERMINATE
+    filters: Filters = field(default_factory=Filters)
+    schedule: RetrySchedule = field(default_factory=RetrySchedule)
+    max_hold: float = 30.0
+    watch_interval: float = 0.05
+    cancel_grace: float = 2.0
+
+
+@dataclass
+class GuardServices:
+    """Shared by every session of a server: the admin connection and who is in flight."""
+
+    admin: AdminConnection | None
+    in_flight: set[int] = field(default_factory=set)  # backends running guarded statements
+    rng: random.Random = field(default_factory=random.Random)
+    admin_warned: bool = False
+
+
+@dataclass
+class HeldUnit:
+    """The client's messages held for one guarded statement: a Query, or a batch to Sync."""
+
+    data: bytes
+    statements: tuple[Statement, ...]
+    expect: int  # ReadyForQuery messages its replies end with
+    retryable: bool  # alone in its own implicit transaction: an attempt can be redone
+
+
+class GuardedSession(Protocol):
+    """What the pipeline needs from the session it runs for."""
+
+    @property
+    def server_pid(self) -> int: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def status(self) -> TransactionStatus: ...
+    @property
+    def can_inject(self) -> bool: ...
+    async def wait_idle(self) -> None: ...
+    @property
+    def gone(self) -> bool: ...
+    async def inject(self, sql: str, params: Sequence[str | None] = ()) -> QueryResult: ...
+    async def exchange(self, data: bytes, expect: int) -> list[Frame]: ...
+    def deliver(self, frames: Iterable[Frame]) -> None: ...
+    def notice(self, severity: str, message: str, detail: str | None = None) -> None: ...
+
+
+async def run(
+    session: GuardedSession, services: GuardServices, settings: GuardSettings, unit: HeldUnit
+) -> None:
+    """Take one held unit through the pipeline; the client gets exactly the replies of one run."""
+    pipeline = _Pipeline(session, services, settings, unit)
+    services.in_flight.add(session.server_pid)
+    try:
+        await pipeline.run()
+    finally:
+        services.in_flight.discard(session.server_pid)
+
+
+class _Pipeline:
+    """The state of one unit's trip through the pipeline."""
+
+    def __init__(
+        self,
+        session: GuardedSession,
+        services: GuardServices,
+        settings: GuardSettings,
+        unit: HeldUnit,
+    ) -> None:
+        self.session = session
+        self.services = services
+        self.settings = settings
+        self.unit = unit
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+        self.targets: dict[int, LockMode] = {}
+        self.first_seen: dict[int, float] = {}
+        self.reported: set[tuple[int, Verdict]] = set()
+        self.saved_lock_timeout: str | None = None
+
+    def elapsed(self) -> float:
+        return self.loop.time() - self.started
+
+    async def run(self) -> None:
+        await self.session.wait_idle()
+        injecting = self.session.can_inject
+        if injecting:
+            await self._resolve()
+        retryable = self.unit.retryable and injecting
+        attempt = 0
+        try:
+            while not self.session.gone:
+                attempt += 1
+                if not await self._clear():
+                    self._give_up()
+                    return
+                timeout_ms = self._timeout_ms(retryable)
+                if injecting and timeout_ms is not None:
+                    await self.session.inject(
+                        "SELECT set_config('lock_timeout', $1, false)", [f"{timeout_ms}ms"]
+                    )
+                frames = await self._attempt()
+                error = _error(frames)
+                if error is None or not self._retry(error, retryable, attempt):
+                    self._finished(frames, error, attempt)
+                    return
+                delay = self.settings.schedule.next_delay(
+                    attempt, self.services.rng, elapsed=self.elapsed()
+                )
+                self.session.notice(
+                    "NOTICE",
+                    f"pgmigrate: lock not available ({error.message}); retrying in "
+                    f"{delay * 1000:.0f} ms (attempt {attempt + 1})",
+                )
+                _event("retry", attempt=attempt, delay_ms=round(delay * 1000), code=error.code)
+                await asyncio.sleep(delay)
+        finally:
+            await self._restore(injecting)
+
+    # --- the steps -------------------------------------------------------------------------
+
+    async def _resolve(self) -> None:
+        """The OIDs and lock modes of the targets, with the session's own search_path."""
+        result = await self.session.inject("SELECT current_setting('lock_timeout')")
+        if result.rows:
+            self.saved_lock_timeout = result.rows[0][0]
+        for statement in self.unit.statements:
+            query = targets_query(statement)
+            if query is None:
+                continue
+            answer = await self.session.inject(query.sql, query.params)
+            for target, relid in answer.rows:
+                if target is None or relid is None:
+                    continue
+                mode = query.modes[int(target)]
+                oid = int(relid)
+                if oid not in self.targets or mode > self.targets[oid]:
+                    self.targets[oid] = mode
+
+    async def _clear(self) -> bool:
+        """Act on the blockers until none is left to wait for; False: the budget is spent."""
+        admin = self.services.admin
+        if admin is None or not self.targets:
+            return True
+        hold_until = self.started + self.settings.max_hold
+        while True:
+            try:
+                blockers = await admin.find_blockers(
+                    self.targets, self._protected(), database=self.session.database
+                )
+            except AdminUnavailable as exc:
+                self._admin_lost(exc)
+                return True
+            decisions = self._decide(blockers)
+            acted = await self._act(decisions)
+            if acted:
+                await self._wait_released(admin, acted)
+                continue
+            waiting = [d for d in decisions if d.verdict is Verdict.REPORT]
+            if not waiting or self.settings.action is not BlockingAction.SHOW:
+                return True
+            if not self.settings.schedule.attempts_left(self.elapsed()):
+                return False
+            if self.loop.time() >= hold_until:
+                return True  # held long enough: try with the short lock_timeout
+            await asyncio.sleep(_SHOW_POLL)
+
+    async def _attempt(self) -> list[Frame]:
+        """Send the unit; while it runs, watch who blocks its backend and act on them."""
+        watcher = self.loop.create_task(self._watch())
+        try:
+            return await self.session.exchange(self.unit.data, self.unit.expect)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch(self) -> None:
+        admin = self.services.admin
+        if admin is None:
+            return
+        pid = self.session.server_pid
+        while True:
+            await asyncio.sleep(self.settings.watch_interval)
+            try:
+                pids = [p for p in await admin.blocking_pids(pid) if p > 0]
+                if pids:
+                    blockers = await admin.activity(pids)
+                    await self._act(self._decide(blockers))
+            except AdminUnavailable as exc:
+                self._admin_lost(exc)
+                return
+
+    async def _restore(self, injecting: bool) -> None:
+        status = self.session.status
+        if not injecting or self.session.gone or status is TransactionStatus.FAILED:
+            return
+        if self.saved_lock_timeout is not None:
+            await self.session.inject(
+                "SELECT set_config('lock_timeout', $1, false)", [self.saved_lock_timeout]
+            )
+
+    # --- decisions and actions ---------------------------------------------------------------
+
+    def _protected(self) -> set[int]:
+        protected = set(self.services.in_flight)
+        protected.add(self.session.server_pid)
+        admin = self.services.admin
+        if admin is not None and admin.connected:
+            protected.add(admin.pid)
+        return protected
+
+    def _decide(self, blockers: list[Blocker]) -> list[Decision]:
+        now = self.loop.time()
+        for blocker in blockers:
+            self.first_seen.setdefault(blocker.pid, now)
+        return decide(
+            blockers,
+            self.settings.action,
+            self.settings.filters,
+            database=self.session.database,
+            protected_pids=self._protected(),
+            first_seen=self.first_seen,
+            now=now,
+            cancel_grace=self.settings.cancel_grace,
+        )
+
+    async def _act(self, decisions: list[Decision]) -> list[int]:
+        """Signal the blockers the decisions name; report each once; return who was signalled."""
+        admin = self.services.admin
+        acted: list[int] = []
+        for decision in decisions:
+            if decision.verdict is Verdict.SKIP:
+                continue
+            blocker = decision.blocker
+            if decision.acts and admin is not None:
+                signal = admin.terminate if decision.verdict is Verdict.TERMINATE else admin.cancel
+                if await signal(blocker.pid):
+                    acted.append(blocker.pid)
+            key = (blocker.pid, decision.verdict)
+            if key not in self.reported:
+                self.reported.add(key)
+                self._report(decision)
+        return acted
+
+    async def _wait_released(self, admin: AdminConnection, pids: list[int]) -> None:
+        """Poll until the signalled backends no longer block (or a short deadline)."""
+        deadline = self.loop.time() + _RELEASE_SECONDS
+        remaining = set(pids)
+        while remaining and self.loop.time() < deadline:
+            await asyncio.sleep(_RELEASE_POLL)
+            try:
+                still = await admin.find_blockers(
+                    self.targets, self._protected(), database=self.session.database
+                )
+            except AdminUnavailable:
+                return
+            remaining &= {b.pid for b in still}
+
+    def _report(self, decision: Decision) -> None:
+        blocker = decision.blocker
+        verb = {
+            Verdict.TERMINATE: "terminated",
+            Verdict.CANCEL: "cancelled",
+            Verdict.REPORT: "blocked by",
+        }[decision.verdict]
+        who = _describe(blocker)
+        severity = "WARNING" if decision.acts else "NOTICE"
+        self.session.notice(
+            severity,
+            f"pgmigrate: {verb} {who}",
+            f"{decision.reason.value}; query: {blocker.query}" if blocker.query else None,
+        )
+        _event(
+            verb.replace(" ", "_"),
+            pid=blocker.pid,
+            state=blocker.state.value if blocker.state else None,
+            xact_age=_round(blocker.xact_age),
+            query_age=_round(blocker.query_age),
+            application_name=blocker.application_name,
+            user=blocker.usename,
+            query=blocker.query,
+            context=dict(blocker.context) if blocker.context else None,
+            reason=decision.reason.value,
+            statement_pid=self.session.server_pid,
+        )
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    def _timeout_ms(self, retryable: bool) -> int | None:
+        """The lock_timeout of the next attempt: short when it can be redone, else the budget."""
+        schedule = self.settings.schedule
+        if retryable:
+            return schedule.lock_timeout_ms(self.elapsed())
+        remaining = schedule.remaining(self.elapsed())
+        return None if math.isinf(remaining) else max(1, int(remaining * 1000))
+
+    def _retry(self, error: ErrorResponse, retryable: bool, attempt: int) -> bool:
+        if not retryable or not is_retryable(error.code):
+            return False
+        return self.settings.schedule.attempts_left(self.elapsed())
+
+    def _finished(self, frames: list[Frame], error: ErrorResponse | None, attempts: int) -> None:
+        self.session.deliver(frames)
+        outcome = "failed" if error is not None else "applied"
+        _event(
+            outcome,
+            attempts=attempts,
+            elapsed_ms=round(self.elapsed() * 1000),
+            code=error.code if error is not None else None,
+            statement=_summary(self.unit.statements),
+        )
+        if error is not None and is_retryable(error.code):
+            self.session.notice(
+                "WARNING",
+                f"pgmigrate: lock budget spent after {attempts} attempt(s) "
+                f"({self.elapsed():.1f} s)",
+            )
+
+    def _give_up(self) -> None:
+        """The budget ran out while waiting for blockers: answer 55P03 without sending."""
+        message = (
+            f"pgmigrate: lock budget of {self.settings.schedule.budget:g} s spent waiting for "
+            "blocking sessions; the statement was not sent"
+        )
+        error = ErrorResponse.build("ERROR", "55P03", message)
+        status = self.session.status
+        after = TransactionStatus.FAILED if status is not TransactionStatus.IDLE else status
+        frames = [Frame(BackendType.ERROR_RESPONSE, error.encode()[5:], 0)]
+        frames += [Frame(BackendType.READY_FOR_QUERY, bytes([after]), 0)] * self.unit.expect
+        self.session.deliver(frames)
+        _event("gave_up", elapsed_ms=round(self.elapsed() * 1000))
+
+    def _admin_lost(self, exc: Exception) -> None:
+        if not self.services.admin_warned:
+            self.services.admin_warned = True
+            log.warning(
+                "admin connection unavailable (%s): guarded statements go out with the short "
+                "lock_timeout and retries only",
+                exc,
+            )
+            self.session.notice(
+                "WARNING", "pgmigrate: cannot look for blocking sessions (admin connection down)"
+            )
+
+
+def _error(frames: list[Frame]) -> ErrorResponse | None:
+    for item in frames:
+        if item.type == BackendType.ERROR_RESPONSE:
+            return ErrorResponse.decode(item.payload)
+    return None
+
+
+def _describe(blocker: Blocker) -> str:
+    if blocker.prepared_xact is not None:
+        return f"prepared transaction {blocker.prepared_xact!r}"
+    parts = [f"pid {blocker.pid}"]
+    if blocker.state is not None:
+        parts.append(blocker.state.value)
+    age = blocker.xact_age if blocker.xact_age is not None else blocker.query_age
+    if age is not None:
+        parts.append(f"for {age:.1f} s")
+    if blocker.application_name:
+        parts.append(f"application_name {blocker.application_name!r}")
+    if blocker.usename:
+        parts.append(f"user {blocker.usename!r}")
+    if blocker.context:
+        parts.append(f"context {dict(blocker.context)}")
+    return ", ".join(parts)
+
+
+def _summary(statements: tuple[Statement, ...]) -> str:
+    return "; ".join(s.text[:120] for s in statements if s.guarded)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _event(event: str, **fields: object) -> None:
+    """One structured log line per pipeline event."""
+    shown = {k: v for k, v in fields.items() if v is not None}
+    text = " ".join(f"{k}={v!r}" for k, v in shown.items())
+    log.info("guard %s %s", event, text, extra={"fields": {"event": event, **shown}})
+
+
+def with_options(settings: GuardSettings, options: str) -> GuardSettings:
+    """Apply a session's `-c pgmigrate.<name>=<value>` startup options (libpq PGOPTIONS).
+
+    Known names: blocking_action, lock_timeout (per attempt) and lock_budget (overall), the
+    times in seconds or with an ms/s suffix. PostgreSQL accepts such dotted names as custom
+    settings, so they are harmless when forwarded. Unknown or bad values are logged, ignored.
+    """
+    values = dict(_pgmigrate_options(options))
+    if not values:
+        return settings
+    action, schedule = settings.action, settings.schedule
+    try:
+        if "blocking_action" in values:
+            action = BlockingAction(values["blocking_action"].lower())
+        if "lock_timeout" in values:
+            schedule = replace(schedule, lock_timeout=_seconds(values["lock_timeout"]))
+            shortest = min(schedule.min_attempt, schedule.lock_timeout)
+            schedule = replace(schedule, min_attempt=shortest)
+        if "lock_budget" in values:
+            budget = values["lock_budget"].lower()
+            schedule = replace(
+                schedule, budget=math.inf if budget in ("", "none", "0") else _seconds(budget)
+            )
+    except ValueError as exc:
+        log.warning("ignoring pgmigrate options %r: %s", values, exc)
+        return settings
+    return replace(settings, action=action, schedule=schedule)
+
+
+def _pgmigrate_options(options: str) -> Iterable[tuple[str, str]]:
+    words = options.replace("\\ ", "\0").split()
+    for index, word in enumerate(words):
+        setting = None
+        if word == "-c" and index + 1 < len(words):
+            setting = words[index + 1]
+        elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
+            setting = word[2:]
+        if setting and setting.startswith("pgmigrate.") and "=" in setting:
+            name, _, value = setting[len("pgmigrate.") :].partition("=")
+            yield name.replace("-", "_"), value.replace("\0", " ")
+
+
+def _seconds(text: str) -> float:
+    text = text.strip().lower()
+    ms = text.endswith("ms")
+    value = float(text[:-2]) / 1000 if ms else float(text.removesuffix("s"))
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"not a positive time: {text!r}")
+    return value

@@ -1,0 +1,362 @@
+"""What a session holds back for the DDL guard: units of client messages, the backlog behind
+them, the server's replies taken aside, and the bookkeeping that says when injecting is safe.
+
+The relay hands every scanned chunk with watched frames to `Holder.pump`. Ordinary frames
+only update the bookkeeping (replies pending, extended batch open, COPY) and the chunk goes
+out with one write. A frame that starts a guarded statement begins a unit: it and everything
+after it wait until the unit is complete (the Query itself, or the batch up to Sync or
+Flush) and the guard pipeline has run it; then the backlog is pumped again, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from pgmigrate_proxy.protocol import extended
+from pgmigrate_proxy.protocol.framing import Cut, Frame
+from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse, ReadyForQuery
+from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.sql import Statement, classify, is_plain
+
+if TYPE_CHECKING:
+    from pgmigrate_proxy.runtime.session import ClientSession
+
+log = logging.getLogger("pgmigrate_proxy.session")
+
+#: Frontend frames the guard reads: statements, batch ends, COPY ends, function calls.
+FRONTEND_WATCH = (
+    FrontendType.QUERY, FrontendType.PARSE, FrontendType.BIND, FrontendType.EXECUTE,
+    FrontendType.SYNC, FrontendType.FLUSH, FrontendType.FUNCTION_CALL,
+    FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
+)  # fmt: skip
+BACKEND_WATCH = (BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE)
+_INJECTED_NAME = "pgmigrate_proxy"
+#: Past this many bytes waiting behind a held unit, stop reading from the client.
+_BACKLOG_PAUSE = 1 << 20
+_TRANSACTION_CONTROL = "TransactionStmt"
+#: Server messages that may come at any time: passed on even amid an injected query's replies.
+_ASYNCHRONOUS = (
+    BackendType.NOTIFICATION_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTICE_RESPONSE,
+)  # fmt: skip
+
+
+class Holder:
+    """The guard's side of one session (see the module docstring)."""
+
+    def __init__(self, session: ClientSession, settings: guarding.GuardSettings) -> None:
+        self.session = session
+        self.settings = settings
+        self.pending = 0  # ReadyForQuery replies the server still owes
+        self.batch_open = False  # extended messages sent since the last Sync
+        self._syncs_since_execute = 0
+        self._copy_in = False
+        self._statements: dict[str, tuple[Statement, ...]] = {}  # guarded prepared statements
+        self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
+        self._backlog_bytes = 0
+        self._unit: list[bytes] | None = None  # a unit being collected
+        self._unit_statements: tuple[Statement, ...] = ()
+        self._unit_frames: list[Frame] = []
+        self._sink: list[Frame] | None = None
+        self._sink_expect = 0
+        self._sink_done: asyncio.Future[list[Frame]] | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def holding(self) -> bool:
+        return self._backlog is not None
+
+    # --- frontend -------------------------------------------------------------------------
+
+    def pump(self, cut: Cut, first: int = 0, pos: int = 0) -> None:
+        """Forward a scanned chunk from frame `first` and byte `pos` on, or queue it."""
+        if self._backlog is not None:
+            self._backlog.append((cut, first, pos))
+            self._backlog_bytes += cut.tail - pos
+            if self._backlog_bytes > _BACKLOG_PAUSE:
+                self.session.pause_client_reading()
+            if self._unit is not None:
+                self._collect()
+            return
+        out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
+        data = cut.data
+        frames = cut.frames
+        for index in range(first, len(frames)):
+            item = frames[index]
+            start = pos if item.start < 0 else item.start
+            statements = self._guarded(item)
+            if statements:
+                out.append(data[pos:start])
+                self._write_server(out)
+                self._begin(item, statements, cut, index)
+                return
+            self._account(item)
+            if item.start < 0:
+                out.append(item.raw)
+                pos = item.end
+        out.append(data if pos == 0 and cut.tail == len(data) else data[pos : cut.tail])
+        self._write_server(out)
+
+    def _write_server(self, out: list[bytes]) -> None:
+        server = self.session.server
+        if server is None:
+            return
+        if len(out) == 1:
+            if out[0]:
+                server.write(out[0])
+        else:
+            server.write(b"".join(out))
+
+    def _guarded(self, item: Frame) -> tuple[Statement, ...] | None:
+        """The guarded statements a frame starts (None: it passes)."""
+        try:
+            if item.type == FrontendType.QUERY:
+                return self._guarded_sql(extended.query_text(item.payload))
+            if item.type == FrontendType.PARSE:
+                name, sql = extended.parse_statement(item.payload)
+                found = self._guarded_sql(sql)
+                if found:
+                    self._statements[name] = found
+                else:
+                    self._statements.pop(name, None)
+                return found
+            if item.type == FrontendType.BIND and self._statements:
+                return self._statements.get(extended.bind_names(item.payload)[1])
+        except DecodeError:
+            return None  # PostgreSQL will reject it in its own words
+        return None
+
+    def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:
+        if self.session.status is TransactionStatus.FAILED or is_plain(sql):
+            return None
+        statements = classify(sql)
+        return statements if any(s.guarded for s in statements) else None
+
+    def _account(self, item: Frame) -> None:
+        """Bookkeeping for a frame sent to the server: which replies are owed."""
+        mtype = item.type
+        if mtype == FrontendType.QUERY or mtype == FrontendType.FUNCTION_CALL:
+            self.pending += 1
+            self._syncs_since_execute = 0
+        elif mtype == FrontendType.SYNC:
+            self.pending += 1
+            self.batch_open = False
+            self._syncs_since_execute += 1
+        elif mtype == FrontendType.EXECUTE:
+            self.batch_open = True
+            self._syncs_since_execute = 0
+        elif mtype == FrontendType.PARSE or mtype == FrontendType.BIND:
+            self.batch_open = True
+        elif self._copy_in and mtype in (FrontendType.COPY_DONE, FrontendType.COPY_FAIL):
+            # Syncs sent during COPY IN are ignored by the server: no reply for them.
+            self.pending -= self._syncs_since_execute
+            self._syncs_since_execute = 0
+            self._copy_in = False
+
+    # --- units ----------------------------------------------------------------------------------
+
+    def _begin(self, item: Frame, statements: tuple[Statement, ...], cut: Cut, index: int) -> None:
+        self._backlog = deque()
+        self._backlog_bytes = 0
+        self._unit = [item.raw]
+        self._unit_frames = [item]
+        self._unit_statements = statements
+        if item.type == FrontendType.QUERY:
+            self._backlog.append((cut, index + 1, item.end))
+            self._launch()
+            return
+        self._backlog.append((cut, index + 1, item.end))
+        self._collect()
+
+    def _collect(self) -> None:
+        """Move backlog bytes into the unit up to its Sync or Flush; launch it when complete."""
+        assert self._backlog is not None and self._unit is not None
+        while self._backlog:
+            cut, first, pos = self._backlog.popleft()
+            for index in range(first, len(cut.frames)):
+                item = cut.frames[index]
+                start = pos if item.start < 0 else item.start
+                self._unit.append(cut.data[pos:start])
+                self._unit.append(item.raw)
+                self._unit_frames.append(item)
+                pos = item.end
+                if item.type == FrontendType.PARSE:
+                    self._guarded(item)  # keep the prepared-statement map right
+                if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
+                    self._backlog.appendleft((cut, index + 1, pos))
+                    self._launch()
+                    return
+            self._unit.append(cut.data[pos : cut.tail])
+
+    def _launch(self) -> None:
+        assert self._unit is not None
+        data = b"".join(self._unit)
+        frames = self._unit_frames
+        self._unit = None
+        executes = any(f.type in (FrontendType.EXECUTE, FrontendType.QUERY) for f in frames)
+        if not executes:  # a Parse/Describe/Flush round: nothing takes a lock yet
+            for item in frames:
+                self._account(item)
+            self._write_server([data])
+            self.release()
+            return
+        expect = sum(1 for f in frames if f.type in (FrontendType.SYNC, FrontendType.QUERY))
+        control = any(s.kind == _TRANSACTION_CONTROL for s in self._unit_statements)
+        unit = guarding.HeldUnit(
+            data=data,
+            statements=tuple(s for s in self._unit_statements if s.guarded),
+            expect=expect,
+            retryable=expect == 1 and not control,
+        )
+        self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
+
+    async def _guard(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
+        try:
+            if unit.expect == 0:  # a batch ending in Flush: no ReadyForQuery to wait for
+                for item in frames:
+                    self._account(item)
+                self._write_server([unit.data])
+            else:
+                await guarding.run(self, self.session.hub.guard, self.settings, unit)
+                self.batch_open = False
+        except ConnectionError:
+            return
+        except Exception:
+            log.exception("session %s: guard failed", self.session.peer)
+            self.session.fail("XX000", "pgmigrate-proxy: internal error in the DDL guard")
+            return
+        finally:
+            self.task = None
+        self.release()
+
+    def release(self) -> None:
+        """Stop holding; pump what waited, in order (it may start another unit)."""
+        backlog, self._backlog = self._backlog, None
+        self.session.resume_client_reading()
+        while backlog:
+            cut, first, pos = backlog.popleft()
+            self.pump(cut, first, pos)
+            if self._backlog is not None:  # a new unit began: the rest waits behind it
+                self._backlog.extend(backlog)
+                if self._unit is not None:
+                    self._collect()
+                return
+
+    # --- backend --------------------------------------------------------------------------------
+
+    def backend_frames(self, frames: list[Frame]) -> None:
+        """Bookkeeping for watched server frames passed on to the client."""
+        for item in frames:
+            if item.type == BackendType.READY_FOR_QUERY:
+                self.session.status = ReadyForQuery.decode(item.payload).status
+                self.pending = max(self.pending - 1, 0)
+            elif item.type == BackendType.COPY_IN_RESPONSE:
+                self._copy_in = True
+        if self.pending == 0 and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    @property
+    def sinking(self) -> bool:
+        return self._sink is not None
+
+    def sink_frames(self, frames: list[Frame]) -> None:
+        """Server frames of a unit or an injected query: kept from the client."""
+        assert self._sink is not None
+        self._sink.extend(frames)
+        for item in frames:
+            if item.type == BackendType.READY_FOR_QUERY:
+                self.session.status = ReadyForQuery.decode(item.payload).status
+                self._sink_expect -= 1
+        if self._sink_expect <= 0:
+            taken, self._sink = self._sink, None
+            done, self._sink_done = self._sink_done, None
+            self.session.sink_ended()
+            if done is not None and not done.done():
+                done.set_result(taken)
+
+    def server_lost(self) -> None:
+        for waiter in (self._sink_done, self._idle):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionError("the server connection was lost"))
+
+    # --- what the guard pipeline uses (guarding.GuardedSession) ----------------------------------
+
+    @property
+    def server_pid(self) -> int:
+        key = self.session.server_key
+        return key.process_id if key is not None else 0
+
+    @property
+    def database(self) -> str:
+        params = self.session.parameters
+        return params.get("database") or params.get("user", "")
+
+    @property
+    def status(self) -> TransactionStatus:
+        return self.session.status
+
+    @property
+    def can_inject(self) -> bool:
+        return (
+            self.pending == 0
+            and not self.batch_open
+            and self.session.status is not TransactionStatus.FAILED
+        )
+
+    @property
+    def gone(self) -> bool:
+        return self.session.client is None or self.session.server is None
+
+    async def wait_idle(self) -> None:
+        """Until the server has answered everything sent before the unit."""
+        while self.pending > 0:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+            self._idle = None
+
+    async def exchange(self, data: bytes, expect: int) -> list[Frame]:
+        """Send data; return every server frame up to its `expect`-th ReadyForQuery."""
+        server = self.session.server
+        if server is None:
+            raise ConnectionError("the server connection was lost")
+        self._sink = []
+        self._sink_expect = expect
+        self._sink_done = asyncio.get_running_loop().create_future()
+        self.session.sink_started()
+        server.write(data)
+        return await self._sink_done
+
+    async def inject(self, sql: str, params: Sequence[str | None] = ()) -> extended.QueryResult:
+        """Run one query of the proxy's own on the session's server connection."""
+        frames = await self.exchange(
+            extended.build_query(_INJECTED_NAME, sql, params) + extended.sync(), 1
+        )
+        result = extended.QueryResult(rows=[])
+        self.deliver(f for f in frames if f.type in _ASYNCHRONOUS)
+        for item in frames:
+            if item.type == BackendType.DATA_ROW:
+                result.rows.append(extended.data_row(item.payload))
+            elif item.type == BackendType.ERROR_RESPONSE:
+                result.error = dict(ErrorResponse.decode(item.payload).fields)
+                log.warning("session %s: injected query failed: %s", self.session.peer,
+                            result.error.get("M"))
+        return result
+
+    def deliver(self, frames: Iterable[Frame]) -> None:
+        client = self.session.client
+        if client is not None:
+            client.write(b"".join(f.raw for f in frames))
+
+    def notice(self, severity: str, message: str, detail: str | None = None) -> None:
+        client = self.session.client
+        if client is None:
+            return
+        extra = {"detail": detail} if detail else None
+        code = "01000" if severity == "WARNING" else "00000"
+        notice = ErrorResponse.build(severity, code, message, notice=True, extra=extra)
+        client.write(notice.encode())
