@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse, ReadyForQuery
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
-from pgmigrate_proxy.sql import Statement, classify, is_plain
+from pgmigrate_proxy.runtime.migration import MigrationRunner
+from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.session import ClientSession
@@ -48,9 +49,13 @@ _ASYNCHRONOUS = (
 class Holder:
     """The guard's side of one session (see the module docstring)."""
 
-    def __init__(self, session: ClientSession, settings: guarding.GuardSettings) -> None:
+    def __init__(
+        self, session: ClientSession, settings: guarding.GuardSettings, *, migration: bool = False
+    ) -> None:
         self.session = session
         self.settings = settings
+        self.migration = MigrationRunner(self) if migration else None
+        self.capture: list[Frame] | None = None  # replies the migration runner takes aside
         self.pending = 0  # ReadyForQuery replies the server still owes
         self.batch_open = False  # extended messages sent since the last Sync
         self._syncs_since_execute = 0
@@ -90,7 +95,7 @@ class Holder:
             item = frames[index]
             start = pos if item.start < 0 else item.start
             statements = self._guarded(item)
-            if statements:
+            if statements is not None and (statements or self.migration is not None):
                 out.append(data[pos:start])
                 self._write_server(out)
                 self._begin(item, statements, cut, index)
@@ -114,6 +119,8 @@ class Holder:
 
     def _guarded(self, item: Frame) -> tuple[Statement, ...] | None:
         """The guarded statements a frame starts (None: it passes)."""
+        if self.migration is not None:
+            return self._migration_unit(item)
         try:
             if item.type == FrontendType.QUERY:
                 return self._guarded_sql(extended.query_text(item.payload))
@@ -129,6 +136,16 @@ class Holder:
                 return self._statements.get(extended.bind_names(item.payload)[1])
         except DecodeError:
             return None  # PostgreSQL will reject it in its own words
+        return None
+
+    def _migration_unit(self, item: Frame) -> tuple[Statement, ...] | None:
+        """In a migration session every statement is a unit, COPY aside (it streams)."""
+        if item.type == FrontendType.QUERY:
+            if first_keyword(extended.query_text(item.payload)) == "copy":
+                return None
+            return ()
+        if item.type in (FrontendType.PARSE, FrontendType.BIND):
+            return ()
         return None
 
     def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:
@@ -198,6 +215,13 @@ class Holder:
         data = b"".join(self._unit)
         frames = self._unit_frames
         self._unit = None
+        if self.migration is not None and frames[-1].type != FrontendType.FLUSH:
+            if frames[0].type == FrontendType.QUERY:
+                work = self.migration.run_query(extended.query_text(frames[0].payload))
+            else:
+                work = self.migration.run_batch(data, frames)
+            self.task = asyncio.get_running_loop().create_task(self._migration(work))
+            return
         executes = any(f.type in (FrontendType.EXECUTE, FrontendType.QUERY) for f in frames)
         if not executes:  # a Parse/Describe/Flush round: nothing takes a lock yet
             for item in frames:
@@ -214,6 +238,19 @@ class Holder:
             retryable=expect == 1 and not control,
         )
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
+
+    async def _migration(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except ConnectionError:
+            return
+        except Exception:
+            log.exception("session %s: migration unit failed", self.session.peer)
+            self.session.fail("XX000", "pgmigrate-proxy: internal error in a migration session")
+            return
+        finally:
+            self.task = None
+        self.release()
 
     async def _guard(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
         try:
@@ -348,9 +385,26 @@ class Holder:
         return result
 
     def deliver(self, frames: Iterable[Frame]) -> None:
+        if self.capture is not None:
+            self.capture.extend(frames)
+            return
+        self.deliver_raw(b"".join(f.raw for f in frames))
+
+    def deliver_raw(self, data: bytes) -> None:
         client = self.session.client
-        if client is not None:
-            client.write(b"".join(f.raw for f in frames))
+        if client is not None and data:
+            client.write(data)
+
+    def rewrite_status(self, frames: list[Frame], data: bytes) -> bytes:
+        """In a migration session, ReadyForQuery passed on raw carries the virtual status."""
+        if self.migration is None:
+            return data
+        status = self.migration.client_status()
+        changed = bytearray(data)
+        for item in frames:
+            if item.type == BackendType.READY_FOR_QUERY:
+                changed[item.end - 1] = status
+        return bytes(changed)
 
     def notice(self, severity: str, message: str, detail: str | None = None) -> None:
         client = self.session.client

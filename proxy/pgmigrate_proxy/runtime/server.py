@@ -80,6 +80,7 @@ class ProxyServer:
         self._idle.set()
         self.guard = guarding.GuardServices(admin=None)
         self.guard_settings = guard_settings(config)
+        self.migration_patterns = config.migration_application_names
 
     @property
     def active_sessions(self) -> int:
@@ -160,6 +161,7 @@ class ProxyServer:
         self.config = replace(config, **keep)
         self.settings = session_settings(self.config)
         self.guard_settings = guard_settings(self.config)
+        self.migration_patterns = self.config.migration_application_names
         return fixed
 
     async def shutdown(self, grace: float | None = None) -> None:

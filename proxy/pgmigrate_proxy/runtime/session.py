@@ -46,6 +46,7 @@ from pgmigrate_proxy.protocol.types import (
     TransactionStatus,
 )
 from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.hold import BACKEND_WATCH, FRONTEND_WATCH, Holder
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
 
@@ -78,6 +79,7 @@ class SessionHub(Protocol):
     settings: SessionSettings
     guard: guarding.GuardServices
     guard_settings: guarding.GuardSettings | None
+    migration_patterns: tuple[str, ...]
 
     def register(self, session: ClientSession) -> bytes: ...
     def session_closed(self, session: ClientSession) -> None: ...
@@ -222,6 +224,8 @@ class ClientSession(asyncio.Protocol):
                         return
                     if frames:
                         holder.backend_frames(frames)
+                        if holder.migration is not None:
+                            data = holder.rewrite_status(frames, data)
                 elif frames:
                     self.status = ReadyForQuery.decode(frames[-1].payload).status
             except (FramingError, DecodeError) as exc:
@@ -399,8 +403,9 @@ class ClientSession(asyncio.Protocol):
         guard = self.hub.guard_settings
         if guard is not None:
             options = self.parameters.get("options", "")
-            self.holder = Holder(self, guarding.with_options(guard, options))
-            self._fe.watch(FRONTEND_WATCH)
+            migration = is_migration_session(self.parameters, self.hub.migration_patterns)
+            self.holder = Holder(self, guarding.with_options(guard, options), migration=migration)
+            self._fe.watch(_ALL_TYPES if migration else FRONTEND_WATCH)
             self._be.watch(BACKEND_WATCH)
         else:
             self._fe.watch(())

@@ -1,0 +1,234 @@
+"""Runs the units of a migration session: each statement its own implicit transaction.
+
+A simple Query is split into its statements; each is answered by the virtual transaction
+(autocommit.py), or sent alone (through the guard when it takes a guarded lock), and the
+client gets one reply stream ending in one ReadyForQuery with the virtual status. An
+extended-query batch is sent as it is (it is one statement with its Sync) or, when it is a
+transaction-control statement, answered message by message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from pgmigrate_proxy.protocol import extended
+from pgmigrate_proxy.protocol.framing import Frame, frame
+from pgmigrate_proxy.protocol.messages import ErrorResponse, Query, ReadyForQuery
+from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
+from pgmigrate_proxy.sql import Statement, classify, is_plain
+
+if TYPE_CHECKING:
+    from pgmigrate_proxy.runtime.hold import Holder
+
+log = logging.getLogger("pgmigrate_proxy.session")
+
+
+def command_complete(tag: str) -> bytes:
+    return frame(BackendType.COMMAND_COMPLETE, tag.encode() + b"\0")
+
+
+def error_frame(code: str, message: str) -> bytes:
+    return ErrorResponse.build("ERROR", code, message).encode()
+
+
+class MigrationRunner:
+    """The migration-session side of a Holder."""
+
+    def __init__(self, holder: Holder) -> None:
+        self.holder = holder
+        self.virtual = VirtualTransaction()
+        self.prepared: dict[str, str] = {}  # statement name -> SQL, for Binds of later batches
+
+    def client_status(self) -> TransactionStatus:
+        """What ReadyForQuery tells the client: the real status inside an atomic stretch."""
+        if self.virtual.state is State.ATOMIC:
+            return self.holder.status
+        return self.virtual.status
+
+    # --- simple Query ----------------------------------------------------------------------
+
+    async def run_query(self, sql: str) -> None:
+        """One Query message: its statements one by one, then one ReadyForQuery."""
+        holder = self.holder
+        await holder.wait_idle()
+        for text, statements in _split(sql):
+            if not await self._statement(text, statements):
+                break  # PostgreSQL stops a Query at its first error
+        holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
+
+    async def _statement(self, text: str, statements: tuple[Statement, ...]) -> bool:
+        """Run one statement; False when it failed."""
+        reply = self.virtual.statement(text)
+        holder = self.holder
+        await self._settings(reply)
+        if reply.notice is not None:
+            holder.notice("WARNING", reply.notice)
+        if reply.kind is Kind.ANSWER:
+            holder.deliver_raw(command_complete(reply.tag))
+            return True
+        if reply.kind is Kind.REJECT:
+            assert reply.error is not None
+            holder.deliver_raw(error_frame(*reply.error))
+            if self.virtual.state is State.OPEN:
+                self.virtual.state = State.FAILED
+            return False
+        if reply.kind is Kind.SEND_REAL:
+            return await self._send_real(reply)
+        return await self._forward(reply.server_sql or text, statements)
+
+    async def _settings(self, reply: Reply) -> None:
+        """SET LOCAL turned into SET: save the value first; put it back when the block ends."""
+        holder = self.holder
+        for name, value in reply.restore:
+            await holder.inject("SELECT set_config($1, $2, false)", [name, value])
+        if reply.setting is not None and reply.setting not in self.virtual.saved:
+            result = await holder.inject("SELECT current_setting($1, true)", [reply.setting])
+            if result.rows and result.rows[0][0] is not None:
+                self.virtual.saved[reply.setting] = result.rows[0][0]
+
+    async def _send_real(self, reply: Reply) -> bool:
+        assert reply.server_sql is not None
+        frames = await self.holder.exchange(Query(reply.server_sql).encode(), 1)
+        error = _error(frames)
+        if error is not None:
+            self.holder.deliver_raw(error)
+            self.virtual.atomic_failed()
+            return False
+        self.holder.deliver_raw(command_complete(reply.tag))
+        return True
+
+    async def _forward(self, text: str, statements: tuple[Statement, ...]) -> bool:
+        unit = guarding.HeldUnit(
+            data=Query(text).encode(),
+            statements=tuple(s for s in statements if s.guarded),
+            expect=1,
+            retryable=self.virtual.state is not State.ATOMIC,
+        )
+        frames = await self._run(unit)
+        failed = any(f.type == BackendType.ERROR_RESPONSE for f in frames)
+        self.holder.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
+        self.virtual.forwarded(text, failed)
+        return not failed
+
+    async def _run(self, unit: guarding.HeldUnit) -> list[Frame]:
+        """The unit's replies: through the guard when it takes a guarded lock."""
+        holder = self.holder
+        if not unit.statements:
+            return await holder.exchange(unit.data, unit.expect)
+        captured: list[Frame] = []
+        holder.capture = captured
+        try:
+            await guarding.run(holder, holder.session.hub.guard, holder.settings, unit)
+        finally:
+            holder.capture = None
+        return captured
+
+    # --- extended-query batches ------------------------------------------------------------------
+
+    async def run_batch(self, data: bytes, frames: list[Frame]) -> None:
+        """A batch up to Sync, statement by statement, each with a Sync of its own."""
+        holder = self.holder
+        await holder.wait_idle()
+        for group in _statements_of(frames):
+            sql = self._sql_of(group)
+            if not await self._group(sql, group):
+                break  # after an error PostgreSQL skips the rest of the batch
+        holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
+
+    def _sql_of(self, group: list[Frame]) -> str | None:
+        for item in group:
+            if item.type == FrontendType.PARSE:
+                name, sql = extended.parse_statement(item.payload)
+                self.prepared[name] = sql
+                return sql
+            if item.type == FrontendType.BIND:
+                return self.prepared.get(extended.bind_names(item.payload)[1])
+        return None
+
+    async def _group(self, sql: str | None, group: list[Frame]) -> bool:
+        """One statement's messages of a batch; False when it failed."""
+        holder = self.holder
+        if sql is not None and is_control(sql):
+            return await self._answer_batch(sql, group)
+        if self.virtual.state is State.FAILED:
+            holder.deliver_raw(error_frame("25P02", _ABORTED))
+            return False
+        statements = classify(sql) if sql and not is_plain(sql) else ()
+        unit = guarding.HeldUnit(
+            data=b"".join(f.raw for f in group) + extended.sync(),
+            statements=tuple(s for s in statements if s.guarded),
+            expect=1,
+            retryable=self.virtual.state is not State.ATOMIC,
+        )
+        replies = await self._run(unit)
+        failed = any(f.type == BackendType.ERROR_RESPONSE for f in replies)
+        if any(f.type == FrontendType.EXECUTE for f in group):
+            self.virtual.forwarded(sql or "(prepared statement)", failed)
+        holder.deliver(f for f in replies if f.type != BackendType.READY_FOR_QUERY)
+        return not failed
+
+    async def _answer_batch(self, sql: str, frames: list[Frame]) -> bool:
+        """Reply to each message of a transaction-control batch as PostgreSQL would."""
+        reply = self.virtual.statement(sql)
+        holder = self.holder
+        await self._settings(reply)
+        if reply.notice is not None:
+            holder.notice("WARNING", reply.notice)
+        out: list[bytes] = []
+        failed = False
+        for item in frames:
+            if failed:
+                break
+            if item.type == FrontendType.PARSE:
+                out.append(frame(BackendType.PARSE_COMPLETE))
+            elif item.type == FrontendType.BIND:
+                out.append(frame(BackendType.BIND_COMPLETE))
+            elif item.type == FrontendType.DESCRIBE:
+                if item.payload[:1] == b"S":
+                    out.append(frame(BackendType.PARAMETER_DESCRIPTION, b"\0\0"))
+                out.append(frame(BackendType.NO_DATA))
+            elif item.type == FrontendType.CLOSE:
+                out.append(frame(BackendType.CLOSE_COMPLETE))
+            elif item.type == FrontendType.EXECUTE:
+                if reply.kind is Kind.REJECT and reply.error is not None:
+                    out.append(error_frame(*reply.error))
+                    failed = True
+                else:
+                    out.append(command_complete(reply.tag))
+        holder.deliver_raw(b"".join(out))
+        return not failed
+
+
+_ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+
+
+def _split(sql: str) -> list[tuple[str, tuple[Statement, ...]]]:
+    """The statements of a Query, each with its classification (one when it is plain)."""
+    if is_plain(sql) and not is_control(sql):
+        return [(sql, ())]
+    statements = classify(sql)
+    if len(statements) <= 1:
+        return [(sql, statements)]
+    return [(s.text, (s,)) for s in statements]
+
+
+def _statements_of(frames: list[Frame]) -> list[list[Frame]]:
+    """A batch's messages cut after each Execute (Sync and Flush left out)."""
+    groups: list[list[Frame]] = [[]]
+    for item in frames:
+        if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
+            continue
+        groups[-1].append(item)
+        if item.type == FrontendType.EXECUTE:
+            groups.append([])
+    return [g for g in groups if g]
+
+
+def _error(frames: list[Frame]) -> bytes | None:
+    for item in frames:
+        if item.type == BackendType.ERROR_RESPONSE:
+            return item.raw
+    return None
