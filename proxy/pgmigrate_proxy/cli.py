@@ -40,8 +40,14 @@ class Server(Protocol):
 
 ServerFactory = Callable[[Config], Server]
 
+def _demo(argv: list[str]) -> int:
+    from pgmigrate_proxy.demo import main as demo_main
+
+    return demo_main(argv)
+
+
 #: Subcommands by name; the proxy itself runs when the first argument names none of them.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

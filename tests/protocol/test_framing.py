@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from pgmigrate_proxy.protocol import schema
 from pgmigrate_proxy.protocol.framing import (
     HEADER_SIZE,
+    Frame,
     FrameScanner,
     FramingError,
     frame,
@@ -362,3 +364,66 @@ def test_release_returns_a_partial_header(split: int) -> None:
     assert scanner.release() == GOOD[:split]
     frames = scanner.feed(GOOD[split:])
     assert [(f.type, f.payload, f.end) for f in frames] == [(GOOD[0], GOOD[5:], len(GOOD) - split)]
+
+
+# --- cut(): the relay's view, with watched frames withheld until complete ---------------------
+
+_CUT_TYPES = (ord("Q"), ord("P"), ord("S"), ord("d"), ord("D"), ord("X"))
+
+
+def _reassemble(scanner: FrameScanner, chunks: list[bytes]) -> tuple[bytes, list[Frame]]:
+    """What a relay sends when it forwards raw bytes and re-emits each watched frame."""
+    out = bytearray()
+    seen: list[Frame] = []
+    for chunk in chunks:
+        cut = scanner.cut(chunk)
+        out += cut.carry
+        pos = 0
+        for item in cut.frames:
+            if item.start >= 0:
+                out += chunk[pos : item.start]
+            out += item.raw
+            pos = item.end
+            seen.append(item)
+        out += chunk[pos : cut.tail]
+    return bytes(out), seen
+
+
+@given(
+    bodies=st.lists(
+        st.tuples(st.sampled_from(_CUT_TYPES), st.binary(max_size=40)), min_size=1, max_size=10
+    ),
+    data=st.data(),
+)
+def test_cut_at_random_splits_loses_and_reorders_nothing(
+    bodies: list[tuple[int, bytes]], data: st.DataObject
+) -> None:
+    stream = b"".join(frame(t, body) for t, body in bodies)
+    points = sorted(
+        data.draw(st.sets(st.integers(min_value=1, max_value=len(stream) - 1), max_size=12))
+    ) if len(stream) > 1 else []  # fmt: skip
+    edges = [0, *points, len(stream)]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(edges)]
+    watched = {ord("Q"), ord("P"), ord("S")}
+    sent, seen = _reassemble(FrameScanner(watched=watched), chunks)
+    assert sent == stream
+    assert [(f.type, f.payload) for f in seen] == [(t, b) for t, b in bodies if t in watched]
+
+
+def test_cut_withholds_an_incomplete_watched_frame() -> None:
+    query = frame(ord("Q"), b"ALTER TABLE t ADD c int\0")
+    scanner = FrameScanner(watched={ord("Q")})
+    first = scanner.cut(frame(ord("d"), b"xy") + query[:7])
+    assert first.frames == [] and first.tail == 7  # the CopyData goes, the Query waits
+    second = scanner.cut(query[7:])
+    assert [(f.type, f.start) for f in second.frames] == [(ord("Q"), -1)]
+    assert second.frames[0].raw == query and second.tail == len(query) - 7
+
+
+def test_cut_sends_a_held_header_of_an_unwatched_frame_first() -> None:
+    copy = frame(ord("d"), b"payload")
+    scanner = FrameScanner(watched={ord("Q")})
+    assert scanner.cut(copy[:3]).tail == 0  # type unknown to the relay yet: withheld
+    rest = scanner.cut(copy[3:])
+    assert rest.carry == copy[:3] and rest.frames == [] and rest.tail == len(copy) - 3
+    assert scanner.cut(b"").plain

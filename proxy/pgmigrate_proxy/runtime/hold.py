@@ -141,7 +141,7 @@ class Holder:
     def _migration_unit(self, item: Frame) -> tuple[Statement, ...] | None:
         """In a migration session every statement is a unit, COPY aside (it streams)."""
         if item.type == FrontendType.QUERY:
-            if first_keyword(extended.query_text(item.payload)) == "copy":
+            if first_keyword(extended.query_text(item.payload)) == "COPY":
                 return None
             return ()
         if item.type in (FrontendType.PARSE, FrontendType.BIND):

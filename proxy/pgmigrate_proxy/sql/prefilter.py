@@ -53,6 +53,9 @@ def is_plain(sql: str) -> bool:
     """True when no statement in `sql` can take a lock that queues behind ordinary traffic."""
     if ";" not in sql:  # one statement: its first keyword decides
         return _statement_start(sql, 0) != _UNSURE
+    body = sql.rstrip()
+    if body.endswith(";") and ";" not in body[:-1]:  # one statement and its terminator
+        return _statement_start(body, 0) != _UNSURE
     pos = _statement_start(sql, 0)
     while pos >= 0:
         pos = _next_statement(sql, pos)
