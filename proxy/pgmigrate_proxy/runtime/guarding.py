@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import psycopg
+
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard.blockers import Blocker
 from pgmigrate_proxy.guard.policy import BlockingAction, Decision, Filters, Verdict, decide
@@ -33,6 +35,9 @@ _RELEASE_SECONDS = 2.0
 _RELEASE_POLL = 0.01
 #: How often a held statement re-checks its blockers while it waits (blocking_action=show).
 _SHOW_POLL = 0.1
+#: Back-off while the admin connection is down: from 1 s, doubling, to 30 s.
+_ADMIN_BACKOFF = 1.0
+_ADMIN_BACKOFF_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,24 @@ class GuardServices:
     admin: AdminConnection | None
     in_flight: set[int] = field(default_factory=set)  # backends running guarded statements
     rng: random.Random = field(default_factory=random.Random)
-    admin_warned: bool = False
+    admin_down_until: float = 0.0  # while down, statements go out without looking for blockers
+    admin_backoff: float = 0.0
+
+    def usable_admin(self, now: float) -> AdminConnection | None:
+        """The admin connection, unless it failed lately (then retried with backoff)."""
+        return self.admin if now >= self.admin_down_until else None
+
+    def admin_failed(self, now: float) -> bool:
+        """Start or lengthen the back-off; True the first time (to warn once per outage)."""
+        first = self.admin_backoff == 0.0
+        self.admin_backoff = min(max(self.admin_backoff * 2, _ADMIN_BACKOFF), _ADMIN_BACKOFF_MAX)
+        self.admin_down_until = now + self.admin_backoff
+        return first
+
+    def admin_ok(self) -> None:
+        if self.admin_backoff:
+            log.info("admin connection is back: blockers are looked for again")
+        self.admin_backoff = 0.0
 
 
 @dataclass
@@ -181,7 +203,11 @@ class _Pipeline:
 
     async def _clear(self) -> bool:
         """Act on the blockers until none is left to wait for; False: the budget is spent."""
-        admin = self.services.admin
+        admin = self.services.usable_admin(self.loop.time())
+        if admin is None and self.services.admin is not None and self.targets:
+            self.session.notice(
+                "WARNING", "pgmigrate: admin connection down: blocking sessions not looked for"
+            )
         if admin is None or not self.targets:
             return True
         hold_until = self.started + self.settings.max_hold
@@ -190,9 +216,10 @@ class _Pipeline:
                 blockers = await admin.find_blockers(
                     self.targets, self._protected(), database=self.session.database
                 )
-            except AdminUnavailable as exc:
+            except (AdminUnavailable, psycopg.Error) as exc:
                 self._admin_lost(exc)
                 return True
+            self.services.admin_ok()
             decisions = self._decide(blockers)
             acted = await self._act(decisions)
             if acted:
@@ -218,7 +245,7 @@ class _Pipeline:
                 await watcher
 
     async def _watch(self) -> None:
-        admin = self.services.admin
+        admin = self.services.usable_admin(self.loop.time())
         if admin is None:
             return
         pid = self.session.server_pid
@@ -229,7 +256,7 @@ class _Pipeline:
                 if pids:
                     blockers = await admin.activity(pids)
                     await self._act(self._decide(blockers))
-            except AdminUnavailable as exc:
+            except (AdminUnavailable, psycopg.Error) as exc:
                 self._admin_lost(exc)
                 return
 
@@ -277,8 +304,12 @@ class _Pipeline:
             blocker = decision.blocker
             if decision.acts and admin is not None:
                 signal = admin.terminate if decision.verdict is Verdict.TERMINATE else admin.cancel
-                if await signal(blocker.pid):
-                    acted.append(blocker.pid)
+                try:
+                    if await signal(blocker.pid):
+                        acted.append(blocker.pid)
+                except (AdminUnavailable, psycopg.Error) as exc:
+                    self._admin_lost(exc)
+                    continue
             key = (blocker.pid, decision.verdict)
             if key not in self.reported:
                 self.reported.add(key)
@@ -295,7 +326,7 @@ class _Pipeline:
                 still = await admin.find_blockers(
                     self.targets, self._protected(), database=self.session.database
                 )
-            except AdminUnavailable:
+            except (AdminUnavailable, psycopg.Error):
                 return
             remaining &= {b.pid for b in still}
 
@@ -343,7 +374,6 @@ class _Pipeline:
         return self.settings.schedule.attempts_left(self.elapsed())
 
     def _finished(self, frames: list[Frame], error: ErrorResponse | None, attempts: int) -> None:
-        self.session.deliver(frames)
         outcome = "failed" if error is not None else "applied"
         _event(
             outcome,
@@ -353,11 +383,14 @@ class _Pipeline:
             statement=_summary(self.unit.statements),
         )
         if error is not None and is_retryable(error.code):
+            # Before the replies: a notice after their ReadyForQuery would reach the client
+            # between statements (unseen, or taken for the next statement's).
             self.session.notice(
                 "WARNING",
                 f"pgmigrate: lock budget spent after {attempts} attempt(s) "
                 f"({self.elapsed():.1f} s)",
             )
+        self.session.deliver(frames)
 
     def _give_up(self) -> None:
         """The budget ran out while waiting for blockers: answer 55P03 without sending."""
@@ -374,8 +407,7 @@ class _Pipeline:
         _event("gave_up", elapsed_ms=round(self.elapsed() * 1000))
 
     def _admin_lost(self, exc: Exception) -> None:
-        if not self.services.admin_warned:
-            self.services.admin_warned = True
+        if self.services.admin_failed(self.loop.time()):
             log.warning(
                 "admin connection unavailable (%s): guarded statements go out with the short "
                 "lock_timeout and retries only",

@@ -98,7 +98,9 @@ class ProxyServer:
     async def _open_admin(self) -> None:
         """The admin connection the guard finds and ends blockers through."""
         conninfo = self.config.admin_upstream or self.config.upstream or ""
-        admin = AdminConnection(conninfo)
+        # One try per use: the guard backs off by itself while the connection is down, so
+        # that statements never wait on reconnects.
+        admin = AdminConnection(conninfo, reconnect_attempts=1)
         self.guard.admin = admin
         try:
             await admin.connect()
