@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import psycopg
@@ -456,54 +456,3 @@ def _event(event: str, **fields: object) -> None:
     shown = {k: v for k, v in fields.items() if v is not None}
     text = " ".join(f"{k}={v!r}" for k, v in shown.items())
     log.info("guard %s %s", event, text, extra={"fields": {"event": event, **shown}})
-
-
-def with_options(settings: GuardSettings, options: str) -> GuardSettings:
-    """Apply a session's `-c pgmigrate.<name>=<value>` startup options (libpq PGOPTIONS).
-
-    Known names: blocking_action, lock_timeout (per attempt) and lock_budget (overall), the
-    times in seconds or with an ms/s suffix. PostgreSQL accepts such dotted names as custom
-    settings, so they are harmless when forwarded. Unknown or bad values are logged, ignored.
-    """
-    values = dict(_pgmigrate_options(options))
-    if not values:
-        return settings
-    action, schedule = settings.action, settings.schedule
-    try:
-        if "blocking_action" in values:
-            action = BlockingAction(values["blocking_action"].lower())
-        if "lock_timeout" in values:
-            schedule = replace(schedule, lock_timeout=_seconds(values["lock_timeout"]))
-            shortest = min(schedule.min_attempt, schedule.lock_timeout)
-            schedule = replace(schedule, min_attempt=shortest)
-        if "lock_budget" in values:
-            budget = values["lock_budget"].lower()
-            schedule = replace(
-                schedule, budget=math.inf if budget in ("", "none", "0") else _seconds(budget)
-            )
-    except ValueError as exc:
-        log.warning("ignoring pgmigrate options %r: %s", values, exc)
-        return settings
-    return replace(settings, action=action, schedule=schedule)
-
-
-def _pgmigrate_options(options: str) -> Iterable[tuple[str, str]]:
-    words = options.replace("\\ ", "\0").split()
-    for index, word in enumerate(words):
-        setting = None
-        if word == "-c" and index + 1 < len(words):
-            setting = words[index + 1]
-        elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
-            setting = word[2:]
-        if setting and setting.startswith("pgmigrate.") and "=" in setting:
-            name, _, value = setting[len("pgmigrate.") :].partition("=")
-            yield name.replace("-", "_"), value.replace("\0", " ")
-
-
-def _seconds(text: str) -> float:
-    text = text.strip().lower()
-    ms = text.endswith("ms")
-    value = float(text[:-2]) / 1000 if ms else float(text.removesuffix("s"))
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"not a positive time: {text!r}")
-    return value

@@ -48,6 +48,7 @@ from pgmigrate_proxy.protocol.types import (
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.hold import BACKEND_WATCH, FRONTEND_WATCH, Holder
+from pgmigrate_proxy.runtime.options import with_options
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
 
 if TYPE_CHECKING:
@@ -404,7 +405,7 @@ class ClientSession(asyncio.Protocol):
         if guard is not None:
             options = self.parameters.get("options", "")
             migration = is_migration_session(self.parameters, self.hub.migration_patterns)
-            self.holder = Holder(self, guarding.with_options(guard, options), migration=migration)
+            self.holder = Holder(self, with_options(guard, options), migration=migration)
             self._fe.watch(_ALL_TYPES if migration else FRONTEND_WATCH)
             self._be.watch(BACKEND_WATCH)
         else:

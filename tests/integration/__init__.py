@@ -1,0 +1,1 @@
+"""Integration tests: real PostgreSQL, real clients, the proxy in between."""
