@@ -46,6 +46,13 @@ _ASYNCHRONOUS = (
 )  # fmt: skip
 
 
+def _held(statement: Statement) -> bool:
+    """Whether the guard holds and watches `statement`: it can queue ordinary traffic behind it
+    (guarded), or it waits for other transactions to end (CONCURRENTLY: older snapshots,
+    lockers), which only the in-flight pg_blocking_pids watch sees."""
+    return statement.guarded or statement.concurrently
+
+
 class Holder:
     """The guard's side of one session (see the module docstring)."""
 
@@ -152,7 +159,7 @@ class Holder:
         if self.session.status is TransactionStatus.FAILED or is_plain(sql):
             return None
         statements = classify(sql)
-        return statements if any(s.guarded for s in statements) else None
+        return statements if any(_held(s) for s in statements) else None
 
     def _account(self, item: Frame) -> None:
         """Bookkeeping for a frame sent to the server: which replies are owed."""
@@ -231,11 +238,15 @@ class Holder:
             return
         expect = sum(1 for f in frames if f.type in (FrontendType.SYNC, FrontendType.QUERY))
         control = any(s.kind == _TRANSACTION_CONTROL for s in self._unit_statements)
+        # A statement that cannot run in a transaction block (CREATE INDEX CONCURRENTLY, ...)
+        # commits as it goes: an attempt cut short by lock_timeout leaves an invalid index or a
+        # pending detach behind, and the same statement cannot simply be sent again.
+        redoable = all(s.transactional for s in self._unit_statements)
         unit = guarding.HeldUnit(
             data=data,
-            statements=tuple(s for s in self._unit_statements if s.guarded),
+            statements=tuple(s for s in self._unit_statements if _held(s)),
             expect=expect,
-            retryable=expect == 1 and not control,
+            retryable=expect == 1 and not control and redoable,
         )
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
 
