@@ -40,6 +40,7 @@ class Server(Protocol):
 
 ServerFactory = Callable[[Config], Server]
 
+
 def _demo(argv: list[str]) -> int:
     from pgmigrate_proxy.demo import main as demo_main
 

@@ -10,7 +10,6 @@ conninfo strings, so that bench/stall.py runs them against other targets.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import math
 import random
@@ -142,13 +141,18 @@ def _worker(
 
 
 def _blocker(
-    conninfo: str, scenario: Scenario, ready: threading.Event, out: list[BlockerOutcome]
+    conninfo: str,
+    scenario: Scenario,
+    ready: threading.Event,
+    out: list[BlockerOutcome],
+    read_at: list[float],
 ) -> None:
     """Read the table in a transaction, then stay idle in it; note when and how it ended."""
     conn = psycopg.connect(conninfo, application_name="demo-blocker")
     try:
         conn.execute(_sql("SELECT count(*) FROM {}", scenario))
         began = time.monotonic()
+        read_at.append(began)
         ready.set()
         # The socket turns readable when the server ends the session (FATAL 57P01, then EOF).
         select.select([conn.fileno()], [], [], scenario.blocker_seconds)
@@ -178,6 +182,7 @@ def run_scenario(
     samples: list[Sample] = []
     errors: list[str] = []
     blocked: list[BlockerOutcome] = []
+    read_at: list[float] = []
     workers = [
         threading.Thread(
             target=_worker, args=(app_conninfo, scenario, stop, (samples, errors)), daemon=True
@@ -185,7 +190,7 @@ def run_scenario(
         for _ in range(scenario.workers)
     ]
     blocker = threading.Thread(
-        target=_blocker, args=(app_conninfo, scenario, ready, blocked), daemon=True
+        target=_blocker, args=(app_conninfo, scenario, ready, blocked, read_at), daemon=True
     )
     try:
         for thread in workers:
@@ -193,7 +198,6 @@ def run_scenario(
         time.sleep(scenario.warmup)
         blocker.start()
         ready.wait(30)
-        read_at = time.monotonic()
         time.sleep(scenario.migration_delay)
         began = time.monotonic()
         outcome = migrate()
@@ -204,7 +208,7 @@ def run_scenario(
         stop.set()
         for thread in workers:
             thread.join(60)
-    if not blocked:
+    if not blocked or not read_at:
         raise RuntimeError("the blocker session did not start: " + "; ".join(errors[:3]))
     window = [took for start, took in samples if start <= ended and start + took >= began]
     return Result(
@@ -215,7 +219,7 @@ def run_scenario(
         app_p99_ms=_p99(window) * 1000,
         errors=len(errors),
         error_samples=tuple(dict.fromkeys(errors))[:5],
-        migration_started=began - read_at,
+        migration_started=began - read_at[0],
         migration_seconds=ended - began,
         migration=outcome,
         blocker=blocked[0],
@@ -227,37 +231,16 @@ def run_scenario(
 
 @contextlib.contextmanager
 def running_proxy(upstream: str, **settings: Any) -> Iterator[str]:
-    """A ProxyServer (guard on) in a background thread with its own loop; yields its URL."""
+    """An in-process proxy (embed.EmbeddedProxy) in front of `upstream`; yields its URL."""
     from pgmigrate_proxy.config import Config
+    from pgmigrate_proxy.embed import EmbeddedProxy
     from pgmigrate_proxy.embedded import libpq_url
-    from pgmigrate_proxy.runtime.server import ProxyServer, install_event_loop_policy
 
-    install_event_loop_policy()
     config = Config(upstream=upstream, listen_host="127.0.0.1", listen_port=0, **settings)
-    loop = asyncio.new_event_loop()
-    server = ProxyServer(config)
-    loop.run_until_complete(server.start())
-    thread = threading.Thread(target=loop.run_forever, name="pgmigrate-proxy", daemon=True)
-    thread.start()
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(upstream)
-        user, dbname = str(params.get("user", "postgres")), str(params.get("dbname", "postgres"))
-        yield libpq_url(server.host, server.port, user, None, dbname)
-    finally:
-        asyncio.run_coroutine_threadsafe(server.shutdown(0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
-
-
-def describe_migration(result: Result) -> str:
-    outcome = "applied" if result.migration.ok else f"failed ({result.migration.error})"
-    return f"{result.migration_seconds:.2f} s, {outcome}"
+    params = psycopg.conninfo.conninfo_to_dict(upstream)
+    user, dbname = str(params.get("user", "postgres")), str(params.get("dbname", "postgres"))
+    with EmbeddedProxy(config) as proxy:
+        yield libpq_url(proxy.host, proxy.port, user, None, dbname)
 
 
 def describe_blocker(result: Result) -> str:
@@ -266,24 +249,15 @@ def describe_blocker(result: Result) -> str:
 
 
 def render(results: Sequence[tuple[str, Result]]) -> str:
-    header = ("", "app max", "app p99", "app errors", "migration", "blocker")
-    rows = [header] + [
-        (
-            name,
-            f"{r.app_max_ms:.0f} ms",
-            f"{r.app_p99_ms:.0f} ms",
-            str(r.errors),
-            describe_migration(r),
-            describe_blocker(r),
+    """The comparison table, one row per (name, result)."""
+    lines = [f"{'':18}{'app max':>10}{'app p99':>10}{'app errors':>12}  {'migration':31}blocker"]
+    for name, r in results:
+        done = "applied" if r.migration.ok else f"failed ({r.migration.error})"
+        migration = f"{r.migration_seconds:.2f} s, {done}"
+        lines.append(
+            f"{name:18}{r.app_max_ms:>7.0f} ms{r.app_p99_ms:>7.0f} ms{r.errors:>12}  "
+            f"{migration:31}{describe_blocker(r)}"
         )
-        for name, r in results
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = []
-    for row in rows:
-        cells = zip(row, widths, strict=True)
-        text = "  ".join(c.rjust(w) if 0 < i < 4 else c.ljust(w) for i, (c, w) in enumerate(cells))
-        lines.append(text.rstrip())
     return "\n".join(lines)
 
 
@@ -317,7 +291,7 @@ def main(argv: Sequence[str]) -> int:
         print("1/2 straight to PostgreSQL ...", flush=True)
         prepare_table(url, scenario)
         results.append(("direct PostgreSQL", run_scenario(url, url, scenario, "direct")))
-        print("2/2 the migration through the proxy (guard on, blocking_action terminate) ...\n")
+        print("2/2 the migration through the proxy (guard on, terminate) ...\n", flush=True)
         with running_proxy(url, guard=True, blocking_action="terminate") as proxy_url:
             prepare_table(url, scenario)
             results.append(("through the proxy", run_scenario(url, proxy_url, scenario, "proxy")))
@@ -326,8 +300,10 @@ def main(argv: Sequence[str]) -> int:
     print(render(results))
     print(
         "\napp max / p99: latency of the application queries that overlapped the migration "
-        f"({', '.join(str(r.window_queries) for _, r in results)} queries). The application "
-        "connects straight to PostgreSQL in both runs; only the migration goes through the proxy."
+        f"({', '.join(str(r.window_queries) for _, r in results)} queries; a stalled worker "
+        "sends nothing more until its query returns, so a stall shows in the max). The "
+        "application connects straight to PostgreSQL in both runs; only the migration goes "
+        "through the proxy."
     )
     for name, result in results:
         for line in (*result.migration.notes, *result.error_samples):

@@ -134,7 +134,7 @@ ESCALATION = [
     (BackendState.IDLE_IN_TRANSACTION_ABORTED, 5.0, 5.0, T, Reason.ESCALATED),
     (BackendState.IDLE_IN_TRANSACTION_ABORTED, 1.0, 5.0, R, Reason.ESCALATION_PENDING),
     (BackendState.ACTIVE, 60.0, 5.0, C, Reason.ACTION),
-    (BackendState.IDLE, 60.0, 5.0, C, Reason.ACTION),
+    (BackendState.IDLE, 60.0, 5.0, Verdict.SKIP, Reason.NOT_IN_TRANSACTION),
 ]
 
 

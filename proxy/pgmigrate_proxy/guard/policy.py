@@ -72,6 +72,7 @@ class Reason(enum.Enum):
     NO_BACKEND = "no backend process"
     NOT_CLIENT_BACKEND = "not a client backend (replication, autovacuum or background worker)"
     OTHER_DATABASE = "session of another database"
+    NOT_IN_TRANSACTION = "no longer in a transaction: it holds no lock any more"
 
 
 def _matches(value: str | None, patterns: Sequence[str]) -> bool:
@@ -145,6 +146,8 @@ def _untouchable(blocker: Blocker, database: str, protected: Collection[int]) ->
         return Reason.NO_BACKEND
     if blocker.backend_type != CLIENT_BACKEND:
         return Reason.NOT_CLIENT_BACKEND
+    if blocker.state is BackendState.IDLE:
+        return Reason.NOT_IN_TRANSACTION  # its lock row was from a moment ago: gone now
     return None
 
 
