@@ -22,16 +22,20 @@ from dataclasses import dataclass, field
 
 from pgmigrate_proxy.protocol.types import TransactionStatus
 
+# COMMIT PREPARED / ROLLBACK PREPARED end a two-phase transaction: the server's business.
 _CONTROL = re.compile(
-    r"^\s*(begin|start\s+transaction|commit|end|abort|rollback|savepoint|release)\b",
+    r"^\s*(begin|start\s+transaction|commit(?!\s+prepared\b)|end|abort"
+    r"|rollback(?!\s+prepared\b)|savepoint|release)\b",
     re.IGNORECASE,
 )
+_NAME = r'("(?:[^"]|"")*"|[^\s;"]+)'  # a savepoint name, quoted (spaces, ";") or not
 _ROLLBACK_TO = re.compile(
-    r"^\s*rollback\s+(?:work\s+|transaction\s+)?to\s+(?:savepoint\s+)?(\S+?)\s*;?\s*$",
+    r"^\s*rollback\s+(?:work\s+|transaction\s+)?to\s+(?:savepoint\s+)?" + _NAME + r"\s*;?\s*$",
     re.IGNORECASE,
 )
-_RELEASE = re.compile(r"^\s*release\s+(?:savepoint\s+)?(\S+?)\s*;?\s*$", re.IGNORECASE)
-_SAVEPOINT = re.compile(r"^\s*savepoint\s+(\S+?)\s*;?\s*$", re.IGNORECASE)
+_RELEASE = re.compile(r"^\s*release\s+(?:savepoint\s+)?" + _NAME + r"\s*;?\s*$", re.IGNORECASE)
+_SAVEPOINT = re.compile(r"^\s*savepoint\s+" + _NAME + r"\s*;?\s*$", re.IGNORECASE)
+_LEAD = re.compile(r"(?:\s+|--[^\n\r]*)*")  # whitespace and line comments
 _ATOMIC = re.compile(
     r"^\s*set\s+(?:session\s+)?pgmigrate\.atomic\s*(?:=|to)\s*'?(on|off|true|false|1|0)'?\s*;?\s*$",
     re.IGNORECASE,
@@ -69,7 +73,9 @@ class Reply:
     notice: str | None = None  # a WARNING to send first
     server_sql: str | None = None  # what to send instead (SEND_REAL, or a rewritten FORWARD)
     setting: str | None = None  # SET LOCAL made a session SET: save this setting's value first
-    restore: tuple[tuple[str, str], ...] = ()  # settings to set back (name, value) first
+    # Settings to set back (name, value): before an answer; after a FORWARD (which then ends
+    # an atomic stretch's real transaction, whose rollback would undo them).
+    restore: tuple[tuple[str, str], ...] = ()
 
 
 def is_migration_session(parameters: dict[str, str], patterns: Sequence[str]) -> bool:
@@ -83,6 +89,7 @@ def is_migration_session(parameters: dict[str, str], patterns: Sequence[str]) ->
 
 def is_control(sql: str) -> bool:
     """Whether a statement is one the virtual transaction answers or rewrites itself."""
+    sql = _body(sql)
     return bool(_CONTROL.match(sql) or _ATOMIC.match(sql) or _SET_LOCAL.match(sql))
 
 
@@ -106,6 +113,7 @@ class VirtualTransaction:
 
     def statement(self, sql: str) -> Reply:
         """Decide what to do with one statement (its own text)."""
+        sql = _body(sql)  # a control statement after a comment is still one
         if self.state is State.ATOMIC:
             return self._atomic(sql)
         atomic = _ATOMIC.match(sql)
@@ -139,6 +147,8 @@ class VirtualTransaction:
 
     def _control(self, verb: str, sql: str) -> Reply:
         if verb in ("begin", "start"):
+            if self.state is State.FAILED:
+                return _aborted()
             if self.state is not State.OUTSIDE:
                 notice = "there is already a transaction in progress"
                 return Reply(Kind.ANSWER, "BEGIN", notice=notice)
@@ -170,8 +180,7 @@ class VirtualTransaction:
     def _savepoint(self, sql: str) -> Reply:
         match = _SAVEPOINT.match(sql)
         if self.state is State.OUTSIDE:
-            error = ("25P01", "SAVEPOINT can only be used in transaction blocks")
-            return Reply(Kind.REJECT, error=error)
+            return _outside("SAVEPOINT")
         if self.state is State.FAILED:
             return _aborted()
         self.savepoints.append(_name(match.group(1)) if match else "")
@@ -180,30 +189,44 @@ class VirtualTransaction:
     def _release(self, sql: str) -> Reply:
         match = _RELEASE.match(sql)
         name = _name(match.group(1)) if match else ""
+        if self.state is State.OUTSIDE:
+            return _outside("RELEASE SAVEPOINT")
         if self.state is State.FAILED:
             return _aborted()
         if name not in self.savepoints:
-            return Reply(Kind.REJECT, error=("3B001", f'savepoint "{name}" does not exist'))
-        del self.savepoints[self.savepoints.index(name) :]
+            return self._no_savepoint(name)
+        del self.savepoints[self._latest(name) :]
         return Reply(Kind.ANSWER, "RELEASE")
 
     def _rollback_to(self, raw: str) -> Reply:
         name = _name(raw)
+        if self.state is State.OUTSIDE:
+            return _outside("ROLLBACK TO SAVEPOINT")
         if name not in self.savepoints:
-            return Reply(Kind.REJECT, error=("3B001", f'savepoint "{name}" does not exist'))
-        del self.savepoints[self.savepoints.index(name) + 1 :]
+            return self._no_savepoint(name)
+        del self.savepoints[self._latest(name) + 1 :]
         notice = _applied_warning(self.applied) if self.applied else None
         if self.state is State.FAILED:
             self.state = State.OPEN
         return Reply(Kind.ANSWER, "ROLLBACK", notice=notice)
 
+    def _latest(self, name: str) -> int:
+        """Where the most recent savepoint of that name is (names may repeat)."""
+        return len(self.savepoints) - 1 - self.savepoints[::-1].index(name)
+
+    def _no_savepoint(self, name: str) -> Reply:
+        """3B001; like any error, it fails an open transaction block."""
+        if self.state is State.OPEN:
+            self.state = State.FAILED
+        return Reply(Kind.REJECT, error=("3B001", f'savepoint "{name}" does not exist'))
+
     # --- atomic stretches --------------------------------------------------------------------
 
     def _switch(self, on: bool) -> Reply:
-        if not on:
-            return Reply(Kind.ANSWER, "SET")
         if self.state is State.FAILED:
             return _aborted()
+        if not on:
+            return Reply(Kind.ANSWER, "SET")
         if self.state is State.OUTSIDE:
             return Reply(Kind.ANSWER, "SET")  # nothing to group outside a transaction
         self.state = State.ATOMIC
@@ -216,12 +239,18 @@ class VirtualTransaction:
             self.state = State.OPEN
             return Reply(Kind.SEND_REAL, "SET", server_sql="COMMIT")
         control = _CONTROL.match(sql)
-        if control is not None and control.group(1).lower().split()[0] in (
-            "commit", "end", "rollback", "abort",
-        ) and not _ROLLBACK_TO.match(sql):  # fmt: skip
+        verb = control.group(1).lower().split()[0] if control is not None else ""
+        if verb in ("commit", "end", "rollback", "abort") and not _ROLLBACK_TO.match(sql):
+            # The client's block ends with the real transaction: what stayed applied before
+            # the stretch is reported, the SET LOCAL values are put back, as in _end.
+            notice = None
+            if verb in ("rollback", "abort") and self.applied:
+                notice = _applied_warning(self.applied)
             self.state = State.OUTSIDE
             self.savepoints.clear()
             self.applied.clear()
+            restore, self.saved = tuple(self.saved.items()), {}
+            return Reply(Kind.FORWARD, notice=notice, restore=restore)
         return Reply(Kind.FORWARD)
 
     def atomic_failed(self) -> None:
@@ -232,6 +261,29 @@ class VirtualTransaction:
 def _aborted() -> Reply:
     message = "current transaction is aborted, commands ignored until end of transaction block"
     return Reply(Kind.REJECT, error=("25P02", message))
+
+
+def _outside(what: str) -> Reply:
+    return Reply(Kind.REJECT, error=("25P01", f"{what} can only be used in transaction blocks"))
+
+
+def _body(sql: str) -> str:
+    """The statement without the whitespace and comments before it (block comments nest)."""
+    pos = 0
+    while True:
+        lead = _LEAD.match(sql, pos)
+        pos = lead.end() if lead else pos
+        if not sql.startswith("/*", pos):
+            return sql[pos:] if pos else sql
+        depth, pos = 1, pos + 2
+        while depth:
+            opening, closing = sql.find("/*", pos), sql.find("*/", pos)
+            if closing < 0:
+                return sql  # an open comment: PostgreSQL will say so
+            if 0 <= opening < closing:
+                depth, pos = depth + 1, opening + 2
+            else:
+                depth, pos = depth - 1, closing + 2
 
 
 def _name(raw: str) -> str:

@@ -76,29 +76,40 @@ class MigrationRunner:
                 self.virtual.state = State.FAILED
             return False
         if reply.kind is Kind.SEND_REAL:
-            return await self._send_real(reply)
-        return await self._forward(reply.server_sql or text, statements)
+            error = await self._send_real(reply)
+            holder.deliver_raw(error or command_complete(reply.tag))
+            return error is None
+        ok = await self._forward(reply.server_sql or text, statements)
+        await self._restore(reply.restore)  # after the real transaction that ended
+        return ok
 
     async def _settings(self, reply: Reply) -> None:
         """SET LOCAL turned into SET: save the value first; put it back when the block ends."""
         holder = self.holder
-        for name, value in reply.restore:
-            await holder.inject("SELECT set_config($1, $2, false)", [name, value])
+        if reply.kind is not Kind.FORWARD:
+            await self._restore(reply.restore)
         if reply.setting is not None and reply.setting not in self.virtual.saved:
             result = await holder.inject("SELECT current_setting($1, true)", [reply.setting])
             if result.rows and result.rows[0][0] is not None:
                 self.virtual.saved[reply.setting] = result.rows[0][0]
 
-    async def _send_real(self, reply: Reply) -> bool:
+    async def _restore(self, settings: tuple[tuple[str, str], ...]) -> None:
+        for name, value in settings:
+            await self.holder.inject("SELECT set_config($1, $2, false)", [name, value])
+
+    async def _send_real(self, reply: Reply) -> bytes | None:
+        """The real BEGIN or COMMIT of an atomic stretch; its error (the block then fails)."""
         assert reply.server_sql is not None
         frames = await self.holder.exchange(Query(reply.server_sql).encode(), 1)
+        self.holder.deliver(f for f in frames if f.type in _ASYNCHRONOUS)
         error = _error(frames)
+        if error is None and reply.server_sql == "COMMIT" and _tag(frames) == b"ROLLBACK":
+            # The stretch had failed (the client saw E): the server rolled it back. Like any
+            # statement in a failed block, `atomic = off` gets 25P02; the block stays failed.
+            error = error_frame("25P02", _ABORTED)
         if error is not None:
-            self.holder.deliver_raw(error)
             self.virtual.atomic_failed()
-            return False
-        self.holder.deliver_raw(command_complete(reply.tag))
-        return True
+        return error
 
     async def _forward(self, text: str, statements: tuple[Statement, ...]) -> bool:
         unit = guarding.HeldUnit(
@@ -171,12 +182,32 @@ class MigrationRunner:
         return not failed
 
     async def _answer_batch(self, sql: str, frames: list[Frame]) -> bool:
-        """Reply to each message of a transaction-control batch as PostgreSQL would."""
-        reply = self.virtual.statement(sql)
+        """Reply to each message of a transaction-control batch as PostgreSQL would.
+
+        The client's Parse and Bind never reach the server: what it must run of the statement
+        (an atomic stretch's BEGIN or COMMIT, SET LOCAL made a SET, the real transaction's own
+        control) goes as a simple Query, which such statements allow (they take no parameters).
+        Without an Execute (Parse and Describe only) the statement is not run at all.
+        """
+        executes = any(f.type == FrontendType.EXECUTE for f in frames)
+        reply = self.virtual.statement(sql) if executes else Reply(Kind.ANSWER)
         holder = self.holder
         await self._settings(reply)
         if reply.notice is not None:
             holder.notice("WARNING", reply.notice)
+        tag, error = reply.tag, None
+        if reply.kind is Kind.REJECT:
+            assert reply.error is not None
+            error = error_frame(*reply.error)
+        elif reply.kind is Kind.SEND_REAL:
+            error = await self._send_real(reply)
+        elif reply.kind is Kind.FORWARD:
+            text = reply.server_sql or sql
+            replies = await holder.exchange(Query(text).encode(), 1)
+            holder.deliver(f for f in replies if f.type in _ASYNCHRONOUS)
+            error, tag = _error(replies), (_tag(replies) or b"").decode()
+            self.virtual.forwarded(text, error is not None)
+            await self._restore(reply.restore)
         out: list[bytes] = []
         failed = False
         for item in frames:
@@ -193,22 +224,26 @@ class MigrationRunner:
             elif item.type == FrontendType.CLOSE:
                 out.append(frame(BackendType.CLOSE_COMPLETE))
             elif item.type == FrontendType.EXECUTE:
-                if reply.kind is Kind.REJECT and reply.error is not None:
-                    out.append(error_frame(*reply.error))
+                if error is not None:
+                    out.append(error)
                     failed = True
                 else:
-                    out.append(command_complete(reply.tag))
+                    out.append(command_complete(tag))
         holder.deliver_raw(b"".join(out))
         return not failed
 
 
+#: Server messages that may come at any time: passed on from the proxy's own exchanges.
+_ASYNCHRONOUS = (
+    BackendType.NOTICE_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTIFICATION_RESPONSE,
+)  # fmt: skip
 _ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
 
 
 def _split(sql: str) -> list[tuple[str, tuple[Statement, ...]]]:
     """The statements of a Query, each with its classification (one when it is plain)."""
-    if is_plain(sql) and not is_control(sql):
-        return [(sql, ())]
+    if ";" not in sql and is_plain(sql) and not is_control(sql):
+        return [(sql, ())]  # one plain statement (several might hide a BEGIN after the first)
     statements = classify(sql)
     if len(statements) <= 1:
         return [(sql, statements)]
@@ -225,6 +260,13 @@ def _statements_of(frames: list[Frame]) -> list[list[Frame]]:
         if item.type == FrontendType.EXECUTE:
             groups.append([])
     return [g for g in groups if g]
+
+
+def _tag(frames: list[Frame]) -> bytes | None:
+    for item in frames:
+        if item.type == BackendType.COMMAND_COMPLETE:
+            return item.payload.rstrip(b"\0")
+    return None
 
 
 def _error(frames: list[Frame]) -> bytes | None:
