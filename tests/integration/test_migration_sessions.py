@@ -482,7 +482,6 @@ FLUSH_BUG = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=FLUSH_BUG)
 def test_asyncpg_prepared_begin_is_virtual(
     proxy: RunningProxy, pg: PgInfo, tables: Tables, admin: Conn
 ) -> None:
@@ -498,7 +497,6 @@ def test_asyncpg_prepared_begin_is_virtual(
     assert asyncio.run(asyncio.wait_for(main(), 30)) == (True, "idle")
 
 
-@pytest.mark.xfail(strict=True, reason=FLUSH_BUG)
 def test_asyncpg_fetch_of_a_ddl_is_guarded(
     proxy: RunningProxy, pg: PgInfo, tables: Tables, proxy_log: list[str]
 ) -> None:
@@ -625,13 +623,6 @@ def test_auto_prepared_atomic_switch_still_opens_a_real_transaction(
     # Parse, so pg_prepared_statements does not show it.)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG hold.py Holder._launch: a migration-session unit that ends in Flush (psycopg "
-    "fetching a result inside a pipeline, libpq PQsendFlushRequest) skips MigrationRunner and "
-    "goes to the server raw: the BEGIN opens a real transaction, the later COMMIT (ending in "
-    "Sync) is answered virtually ('no transaction in progress'), the ALTER is never committed",
-)
 def test_pipeline_with_a_flush_in_the_middle(
     tables: Tables, connect: Callable[..., tuple[Conn, Notices]], admin: Conn
 ) -> None:
@@ -974,12 +965,6 @@ def test_copy_from_stdin_in_a_migration_session(
     assert len(tables.logged()) == 1001
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG hold.py Holder._migration_unit: a COPY Query passes through raw, so the "
-    "virtual transaction never sees it: COPY runs (and is applied) in a failed block instead "
-    "of getting 25P02, and a failing COPY does not fail the block",
-)
 def test_copy_in_a_failed_block_is_refused(
     tables: Tables, connect: Callable[..., tuple[Conn, Notices]]
 ) -> None:
@@ -995,11 +980,6 @@ def test_copy_in_a_failed_block_is_refused(
     assert status(conn) is INERROR
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG hold.py Holder._migration_unit: COPY passes through raw, so a failed COPY "
-    "does not fail the virtual transaction (the client sees T where PostgreSQL says E)",
-)
 def test_a_failed_copy_fails_the_block(
     tables: Tables, connect: Callable[..., tuple[Conn, Notices]]
 ) -> None:

@@ -35,6 +35,8 @@ _RELEASE_SECONDS = 2.0
 _RELEASE_POLL = 0.01
 #: How often a held statement re-checks its blockers while it waits (blocking_action=show).
 _SHOW_POLL = 0.1
+#: How long a finished statement waits for the watch to complete (and report) an action.
+_WATCH_FINISH = 1.0
 #: Back-off while the admin connection is down: from 1 s, doubling, to 30 s.
 _ADMIN_BACKOFF = 1.0
 _ADMIN_BACKOFF_MAX = 30.0
@@ -85,8 +87,14 @@ class HeldUnit:
 
     data: bytes
     statements: tuple[Statement, ...]
-    expect: int  # ReadyForQuery messages its replies end with
+    expect: int  # ReadyForQuery messages its replies end with (0: it ends with a Flush)
     retryable: bool  # alone in its own implicit transaction: an attempt can be redone
+    executes: int = 0  # with expect 0: Executes whose last reply ends the unit
+
+    @property
+    def closes_batch(self) -> bool:
+        """Ends with Sync (or is a Query): the connection is at a batch boundary after it."""
+        return self.expect > 0
 
 
 class GuardedSession(Protocol):
@@ -104,7 +112,11 @@ class GuardedSession(Protocol):
     @property
     def gone(self) -> bool: ...
     async def inject(self, sql: str, params: Sequence[str | None] = ()) -> QueryResult: ...
-    async def exchange(self, data: bytes, expect: int) -> list[Frame]: ...
+    async def exchange(self, data: bytes, expect: int, executes: int = 0) -> list[Frame]: ...
+    def known_targets(self, statements: Iterable[Statement]) -> dict[int, LockMode]: ...
+    def remember_targets(
+        self, statements: Iterable[Statement], targets: dict[int, LockMode]
+    ) -> None: ...
     def deliver(self, frames: Iterable[Frame]) -> None: ...
     def notice(self, severity: str, message: str, detail: str | None = None) -> None: ...
 
@@ -147,10 +159,20 @@ class _Pipeline:
 
     async def run(self) -> None:
         await self.session.wait_idle()
+        # The proxy's own queries need a batch boundary; after the unit there is one only
+        # when the unit ends with Sync. Elsewhere (mid-batch) the targets come from when the
+        # statement was prepared, and the statement goes out without a lock_timeout of ours.
         injecting = self.session.can_inject
         if injecting:
             await self._resolve()
-        retryable = self.unit.retryable and injecting
+            self.session.remember_targets(self.unit.statements, self.targets)
+        else:
+            self.targets = self.session.known_targets(self.unit.statements)
+        injecting = injecting and self.unit.closes_batch
+        # Only alone in its own implicit transaction: inside a transaction block, a failed
+        # attempt aborts the client's transaction and a second one would only get 25P02.
+        idle = self.session.status is TransactionStatus.IDLE
+        retryable = self.unit.retryable and injecting and idle
         attempt = 0
         try:
             while not self.session.gone:
@@ -184,22 +206,11 @@ class _Pipeline:
     # --- the steps -------------------------------------------------------------------------
 
     async def _resolve(self) -> None:
-        """The OIDs and lock modes of the targets, with the session's own search_path."""
+        """The targets, and the session's lock_timeout to put back afterwards."""
         result = await self.session.inject("SELECT current_setting('lock_timeout')")
         if result.rows:
             self.saved_lock_timeout = result.rows[0][0]
-        for statement in self.unit.statements:
-            query = targets_query(statement)
-            if query is None:
-                continue
-            answer = await self.session.inject(query.sql, query.params)
-            for target, relid in answer.rows:
-                if target is None or relid is None:
-                    continue
-                mode = query.modes[int(target)]
-                oid = int(relid)
-                if oid not in self.targets or mode > self.targets[oid]:
-                    self.targets[oid] = mode
+        self.targets = await resolve_targets(self.session, self.unit.statements)
 
     async def _clear(self) -> bool:
         """Act on the blockers until none is left to wait for; False: the budget is spent."""
@@ -236,26 +247,39 @@ class _Pipeline:
 
     async def _attempt(self) -> list[Frame]:
         """Send the unit; while it runs, watch who blocks its backend and act on them."""
-        watcher = self.loop.create_task(self._watch())
+        done = asyncio.Event()
+        watcher = self.loop.create_task(self._watch(done))
         try:
-            return await self.session.exchange(self.unit.data, self.unit.expect)
+            unit = self.unit
+            return await self.session.exchange(unit.data, unit.expect, unit.executes)
         finally:
-            watcher.cancel()
+            # The statement often completes *because* a blocker was just terminated: let the
+            # watch finish that action and report it (cancelled mid-way, the blocker would be
+            # gone without a notice or a log line), but not wait long for it.
+            done.set()
+            finished, _ = await asyncio.wait({watcher}, timeout=_WATCH_FINISH)
+            if not finished:
+                watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
 
-    async def _watch(self) -> None:
+    async def _watch(self, done: asyncio.Event) -> None:
+        """Until `done`: who blocks the statement's backend, acted on."""
         admin = self.services.usable_admin(self.loop.time())
         if admin is None:
             return
         pid = self.session.server_pid
         while True:
-            await asyncio.sleep(self.settings.watch_interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), self.settings.watch_interval)
+            if done.is_set():
+                return
             try:
                 pids = [p for p in await admin.blocking_pids(pid) if p > 0]
-                if pids:
+                if pids and not done.is_set():
                     blockers = await admin.activity(pids)
-                    await self._act(self._decide(blockers))
+                    if not done.is_set():  # finished meanwhile: they block nothing now
+                        await self._act(self._decide(blockers))
             except (AdminUnavailable, psycopg.Error) as exc:
                 self._admin_lost(exc)
                 return
@@ -418,6 +442,27 @@ class _Pipeline:
             )
 
 
+async def resolve_targets(
+    session: GuardedSession, statements: Iterable[Statement]
+) -> dict[int, LockMode]:
+    """The OIDs and lock modes of the statements' targets, with the session's own search_path
+    (run on its own server connection, at a batch boundary)."""
+    targets: dict[int, LockMode] = {}
+    for statement in statements:
+        query = targets_query(statement)
+        if query is None:
+            continue
+        answer = await session.inject(query.sql, query.params)
+        for target, relid in answer.rows:
+            if target is None or relid is None:
+                continue
+            mode = query.modes[int(target)]
+            oid = int(relid)
+            if oid not in targets or mode > targets[oid]:
+                targets[oid] = mode
+    return targets
+
+
 def _error(frames: list[Frame]) -> ErrorResponse | None:
     for item in frames:
         if item.type == BackendType.ERROR_RESPONSE:
@@ -444,7 +489,7 @@ def _describe(blocker: Blocker) -> str:
 
 
 def _summary(statements: tuple[Statement, ...]) -> str:
-    return "; ".join(s.text[:120] for s in statements if s.guarded)
+    return "; ".join(s.text[:120] for s in statements)
 
 
 def _round(value: float | None) -> float | None:

@@ -21,8 +21,9 @@ from pgmigrate_proxy.protocol.framing import Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse, ReadyForQuery
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.migration import MigrationRunner
-from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
+from pgmigrate_proxy.sql import LockMode, Statement, classify, first_keyword, is_plain
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.session import ClientSession
@@ -36,10 +37,19 @@ FRONTEND_WATCH = (
     FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
 )  # fmt: skip
 BACKEND_WATCH = (BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE)
+#: Migration sessions also see errors that stream past (COPY): they fail the virtual block.
+MIGRATION_BACKEND_WATCH = (*BACKEND_WATCH, BackendType.ERROR_RESPONSE)
 _INJECTED_NAME = "pgmigrate_proxy"
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
 _BACKLOG_PAUSE = 1 << 20
 _TRANSACTION_CONTROL = "TransactionStmt"
+#: Statement texts whose resolved targets are kept for Executes that come mid-batch.
+_KNOWN_TARGETS = 64
+#: Replies that end an Execute (with a Flush instead of a Sync, no ReadyForQuery follows).
+_EXECUTE_ENDS = (
+    BackendType.COMMAND_COMPLETE, BackendType.EMPTY_QUERY_RESPONSE,
+    BackendType.PORTAL_SUSPENDED, BackendType.ERROR_RESPONSE,
+)  # fmt: skip
 #: Server messages that may come at any time: passed on even amid an injected query's replies.
 _ASYNCHRONOUS = (
     BackendType.NOTIFICATION_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTICE_RESPONSE,
@@ -68,6 +78,7 @@ class Holder:
         self._syncs_since_execute = 0
         self._copy_in = False
         self._statements: dict[str, tuple[Statement, ...]] = {}  # guarded prepared statements
+        self._targets: dict[str, dict[int, LockMode]] = {}  # see remember_targets
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
         self._unit: list[bytes] | None = None  # a unit being collected
@@ -75,6 +86,7 @@ class Holder:
         self._unit_frames: list[Frame] = []
         self._sink: list[Frame] | None = None
         self._sink_expect = 0
+        self._sink_executes = 0
         self._sink_done: asyncio.Future[list[Frame]] | None = None
         self._idle: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
@@ -148,11 +160,16 @@ class Holder:
     def _migration_unit(self, item: Frame) -> tuple[Statement, ...] | None:
         """In a migration session every statement is a unit, COPY aside (it streams)."""
         if item.type == FrontendType.QUERY:
-            if first_keyword(extended.query_text(item.payload)) == "COPY":
-                return None
+            copy = first_keyword(extended.query_text(item.payload)) == "COPY"
+            failed = self.migration is not None and self.migration.virtual.state is State.FAILED
+            if copy and not failed:
+                return None  # COPY streams: its replies pass by (an error fails the block)
             return ()
         if item.type in (FrontendType.PARSE, FrontendType.BIND):
             return ()
+        skipping = self.migration is not None and self.migration.skipping
+        if item.type == FrontendType.SYNC and skipping:
+            return ()  # the Sync that ends the skipping: answered by the runner
         return None
 
     def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:
@@ -195,6 +212,9 @@ class Holder:
             self._launch()
             return
         self._backlog.append((cut, index + 1, item.end))
+        if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
+            self._launch()
+            return
         self._collect()
 
     def _collect(self) -> None:
@@ -222,19 +242,21 @@ class Holder:
         data = b"".join(self._unit)
         frames = self._unit_frames
         self._unit = None
-        if self.migration is not None and frames[-1].type != FrontendType.FLUSH:
-            if frames[0].type == FrontendType.QUERY:
-                work = self.migration.run_query(extended.query_text(frames[0].payload))
-            else:
-                work = self.migration.run_batch(data, frames)
+        flush = frames[-1].type == FrontendType.FLUSH
+        executes = sum(1 for f in frames if f.type in (FrontendType.EXECUTE, FrontendType.QUERY))
+        work: Coroutine[Any, Any, None] | None = None
+        if self.migration is not None and frames[0].type == FrontendType.SYNC:
+            work = self.migration.run_batch(data, frames)  # ends the skipping after an error
+        elif not executes:  # a Parse/Describe/Flush round: nothing takes a lock yet
+            if self.migration is not None:
+                self.migration.note_parses(frames)
+            work = self._prepare(data, frames)
+        elif self.migration is not None and frames[0].type == FrontendType.QUERY:
+            work = self.migration.run_query(extended.query_text(frames[0].payload))
+        elif self.migration is not None:
+            work = self.migration.run_batch(data, frames, final=not flush)
+        if work is not None:
             self.task = asyncio.get_running_loop().create_task(self._migration(work))
-            return
-        executes = any(f.type in (FrontendType.EXECUTE, FrontendType.QUERY) for f in frames)
-        if not executes:  # a Parse/Describe/Flush round: nothing takes a lock yet
-            for item in frames:
-                self._account(item)
-            self._write_server([data])
-            self.release()
             return
         expect = sum(1 for f in frames if f.type in (FrontendType.SYNC, FrontendType.QUERY))
         control = any(s.kind == _TRANSACTION_CONTROL for s in self._unit_statements)
@@ -247,6 +269,7 @@ class Holder:
             statements=tuple(s for s in self._unit_statements if _held(s)),
             expect=expect,
             retryable=expect == 1 and not control and redoable,
+            executes=executes,
         )
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
 
@@ -263,15 +286,52 @@ class Holder:
             self.task = None
         self.release()
 
+    async def _prepare(self, data: bytes, frames: list[Frame]) -> None:
+        """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
+        is the last batch boundary before its Execute (asyncpg's prepare): resolve its
+        targets now, then send the round on."""
+        statements = [s for s in self._parsed_statements(frames) if _held(s)]
+        if statements:
+            await self.wait_idle()
+            if self.can_inject:
+                targets = await guarding.resolve_targets(self, statements)
+                self.remember_targets(statements, targets)
+        for item in frames:
+            self._account(item)
+        self._write_server([data])
+
+    def _parsed_statements(self, frames: list[Frame]) -> list[Statement]:
+        found: list[Statement] = []
+        for item in frames:
+            if item.type == FrontendType.PARSE:
+                sql = extended.parse_statement(item.payload)[1]
+                if not is_plain(sql):
+                    found.extend(classify(sql))
+        return found
+
+    def known_targets(self, statements: Iterable[Statement]) -> dict[int, LockMode]:
+        targets: dict[int, LockMode] = {}
+        for statement in statements:
+            targets.update(self._targets.get(statement.text, {}))
+        return targets
+
+    def remember_targets(
+        self, statements: Iterable[Statement], targets: dict[int, LockMode]
+    ) -> None:
+        """Kept per statement text (a few, bounded) for Executes that come mid-batch."""
+        for statement in statements:
+            if len(self._targets) >= _KNOWN_TARGETS:
+                self._targets.pop(next(iter(self._targets)))
+            self._targets[statement.text] = targets
+
     async def _guard(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
         try:
-            if unit.expect == 0:  # a batch ending in Flush: no ReadyForQuery to wait for
-                for item in frames:
-                    self._account(item)
-                self._write_server([unit.data])
-            else:
-                await guarding.run(self, self.session.hub.guard, self.settings, unit)
+            await guarding.run(self, self.session.hub.guard, self.settings, unit)
+            if unit.closes_batch:
                 self.batch_open = False
+            else:
+                for item in frames:
+                    self._account(item)  # the batch goes on: its Sync is still to come
         except ConnectionError:
             return
         except Exception:
@@ -305,6 +365,8 @@ class Holder:
                 self.pending = max(self.pending - 1, 0)
             elif item.type == BackendType.COPY_IN_RESPONSE:
                 self._copy_in = True
+            elif item.type == BackendType.ERROR_RESPONSE and self.migration is not None:
+                self.migration.passed_error()
         if self.pending == 0 and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
@@ -320,6 +382,12 @@ class Holder:
             if item.type == BackendType.READY_FOR_QUERY:
                 self.session.status = ReadyForQuery.decode(item.payload).status
                 self._sink_expect -= 1
+            elif self._sink_executes and item.type in _EXECUTE_ENDS:
+                # after an error the server skips to Sync: nothing more comes for the rest
+                last = item.type == BackendType.ERROR_RESPONSE
+                self._sink_executes = 0 if last else self._sink_executes - 1
+                if self._sink_executes == 0:
+                    self._sink_expect = 0
         if self._sink_expect <= 0:
             taken, self._sink = self._sink, None
             done, self._sink_done = self._sink_done, None
@@ -367,13 +435,15 @@ class Holder:
             await self._idle
             self._idle = None
 
-    async def exchange(self, data: bytes, expect: int) -> list[Frame]:
-        """Send data; return every server frame up to its `expect`-th ReadyForQuery."""
+    async def exchange(self, data: bytes, expect: int, executes: int = 0) -> list[Frame]:
+        """Send data; return every server frame up to its `expect`-th ReadyForQuery (with
+        expect 0: up to the last reply of its `executes` Executes, for a batch to Flush)."""
         server = self.session.server
         if server is None:
             raise ConnectionError("the server connection was lost")
         self._sink = []
-        self._sink_expect = expect
+        self._sink_expect = expect if expect else 1
+        self._sink_executes = 0 if expect else executes
         self._sink_done = asyncio.get_running_loop().create_future()
         self.session.sink_started()
         server.write(data)

@@ -41,6 +41,12 @@ class MigrationRunner:
         self.holder = holder
         self.virtual = VirtualTransaction()
         self.prepared: dict[str, str] = {}  # statement name -> SQL, for Binds of later batches
+        self.skipping = False  # an error in a batch sent to Flush: skip to the client's Sync
+        self.sent_sync = False  # a statement of the current batch went out with our Sync
+
+    def passed_error(self) -> None:
+        """An error in traffic that streams past the runner (COPY): it fails the block."""
+        self.virtual.forwarded("COPY", True)
 
     def client_status(self) -> TransactionStatus:
         """What ReadyForQuery tells the client: the real status inside an atomic stretch."""
@@ -57,6 +63,7 @@ class MigrationRunner:
         for text, statements in _split(sql):
             if not await self._statement(text, statements):
                 break  # PostgreSQL stops a Query at its first error
+        holder.batch_open = False
         holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
 
     async def _statement(self, text: str, statements: tuple[Statement, ...]) -> bool:
@@ -139,15 +146,33 @@ class MigrationRunner:
 
     # --- extended-query batches ------------------------------------------------------------------
 
-    async def run_batch(self, data: bytes, frames: list[Frame]) -> None:
-        """A batch up to Sync, statement by statement, each with a Sync of its own."""
+    async def run_batch(self, data: bytes, frames: list[Frame], *, final: bool = True) -> None:
+        """A batch up to Sync (final) or Flush, statement by statement, each with a Sync of
+        its own; after an error the rest of the batch is skipped up to the client's Sync."""
         holder = self.holder
         await holder.wait_idle()
-        for group in _statements_of(frames):
-            sql = self._sql_of(group)
-            if not await self._group(sql, group):
-                break  # after an error PostgreSQL skips the rest of the batch
-        holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
+        if not self.skipping:
+            for group in _statements_of(frames):
+                sql = self._sql_of(group)
+                if not await self._group(sql, group):
+                    self.skipping = True  # PostgreSQL skips the rest of the batch
+                    break
+        if final:
+            if holder.batch_open and not self.sent_sync:
+                # An earlier round to Flush (asyncpg's prepare) left the server mid-batch and
+                # nothing of this one reached it: its Sync must, as the client sent one.
+                await holder.exchange(extended.sync(), 1)
+            holder.batch_open = False
+            self.skipping = False
+            holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
+        self.sent_sync = False
+
+    def note_parses(self, frames: list[Frame]) -> None:
+        """A Parse round sent on its own (asyncpg's prepare): remember the statements' SQL."""
+        for item in frames:
+            if item.type == FrontendType.PARSE:
+                name, sql = extended.parse_statement(item.payload)
+                self.prepared[name] = sql
 
     def _sql_of(self, group: list[Frame]) -> str | None:
         for item in group:
@@ -175,6 +200,8 @@ class MigrationRunner:
             retryable=self.virtual.state is not State.ATOMIC,
         )
         replies = await self._run(unit)
+        self.sent_sync = True
+        holder.batch_open = False
         failed = any(f.type == BackendType.ERROR_RESPONSE for f in replies)
         if any(f.type == FrontendType.EXECUTE for f in group):
             self.virtual.forwarded(sql or "(prepared statement)", failed)

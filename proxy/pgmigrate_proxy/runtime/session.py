@@ -47,7 +47,12 @@ from pgmigrate_proxy.protocol.types import (
 )
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
-from pgmigrate_proxy.runtime.hold import BACKEND_WATCH, FRONTEND_WATCH, Holder
+from pgmigrate_proxy.runtime.hold import (
+    BACKEND_WATCH,
+    FRONTEND_WATCH,
+    MIGRATION_BACKEND_WATCH,
+    Holder,
+)
 from pgmigrate_proxy.runtime.options import with_options
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
 
@@ -243,7 +248,8 @@ class ClientSession(asyncio.Protocol):
         self._be.watch(_ALL_TYPES)
 
     def sink_ended(self) -> None:
-        self._be.watch(BACKEND_WATCH)
+        migration = self.holder is not None and self.holder.migration is not None
+        self._be.watch(MIGRATION_BACKEND_WATCH if migration else BACKEND_WATCH)
 
     def server_lost(self) -> None:
         self.server = None
@@ -407,7 +413,7 @@ class ClientSession(asyncio.Protocol):
             migration = is_migration_session(self.parameters, self.hub.migration_patterns)
             self.holder = Holder(self, with_options(guard, options), migration=migration)
             self._fe.watch(_ALL_TYPES if migration else FRONTEND_WATCH)
-            self._be.watch(BACKEND_WATCH)
+            self._be.watch(MIGRATION_BACKEND_WATCH if migration else BACKEND_WATCH)
         else:
             self._fe.watch(())
             self._be.watch(_RELAY_BACKEND_WATCH)
