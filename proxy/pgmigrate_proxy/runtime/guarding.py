@@ -81,6 +81,20 @@ class GuardServices:
         self.admin_backoff = 0.0
 
 
+def needs_guard(statement: Statement) -> bool:
+    """Whether the guard holds and watches `statement`: it can queue ordinary traffic behind it
+    (guarded), or it waits for other transactions to end (CONCURRENTLY: older snapshots,
+    lockers), which only the in-flight pg_blocking_pids watch sees."""
+    return statement.guarded or statement.concurrently
+
+
+def redoable(statements: Iterable[Statement]) -> bool:
+    """Whether a failed attempt can simply be sent again: not for a statement that cannot run
+    in a transaction block (it commits as it goes: an attempt cut short leaves an invalid
+    index or a pending detach behind)."""
+    return all(s.transactional for s in statements)
+
+
 @dataclass
 class HeldUnit:
     """The client's messages held for one guarded statement: a Query, or a batch to Sync."""

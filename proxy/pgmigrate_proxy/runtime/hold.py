@@ -56,13 +56,6 @@ _ASYNCHRONOUS = (
 )  # fmt: skip
 
 
-def _held(statement: Statement) -> bool:
-    """Whether the guard holds and watches `statement`: it can queue ordinary traffic behind it
-    (guarded), or it waits for other transactions to end (CONCURRENTLY: older snapshots,
-    lockers), which only the in-flight pg_blocking_pids watch sees."""
-    return statement.guarded or statement.concurrently
-
-
 class Holder:
     """The guard's side of one session (see the module docstring)."""
 
@@ -176,7 +169,7 @@ class Holder:
         if self.session.status is TransactionStatus.FAILED or is_plain(sql):
             return None
         statements = classify(sql)
-        return statements if any(_held(s) for s in statements) else None
+        return statements if any(guarding.needs_guard(s) for s in statements) else None
 
     def _account(self, item: Frame) -> None:
         """Bookkeeping for a frame sent to the server: which replies are owed."""
@@ -260,15 +253,11 @@ class Holder:
             return
         expect = sum(1 for f in frames if f.type in (FrontendType.SYNC, FrontendType.QUERY))
         control = any(s.kind == _TRANSACTION_CONTROL for s in self._unit_statements)
-        # A statement that cannot run in a transaction block (CREATE INDEX CONCURRENTLY, ...)
-        # commits as it goes: an attempt cut short by lock_timeout leaves an invalid index or a
-        # pending detach behind, and the same statement cannot simply be sent again.
-        redoable = all(s.transactional for s in self._unit_statements)
         unit = guarding.HeldUnit(
             data=data,
-            statements=tuple(s for s in self._unit_statements if _held(s)),
+            statements=tuple(s for s in self._unit_statements if guarding.needs_guard(s)),
             expect=expect,
-            retryable=expect == 1 and not control and redoable,
+            retryable=expect == 1 and not control and guarding.redoable(self._unit_statements),
             executes=executes,
         )
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
@@ -290,7 +279,7 @@ class Holder:
         """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
         is the last batch boundary before its Execute (asyncpg's prepare): resolve its
         targets now, then send the round on."""
-        statements = [s for s in self._parsed_statements(frames) if _held(s)]
+        statements = [s for s in self._parsed_statements(frames) if guarding.needs_guard(s)]
         if statements:
             await self.wait_idle()
             if self.can_inject:

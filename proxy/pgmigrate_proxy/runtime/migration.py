@@ -121,9 +121,9 @@ class MigrationRunner:
     async def _forward(self, text: str, statements: tuple[Statement, ...]) -> bool:
         unit = guarding.HeldUnit(
             data=Query(text).encode(),
-            statements=tuple(s for s in statements if s.guarded),
+            statements=tuple(s for s in statements if guarding.needs_guard(s)),
             expect=1,
-            retryable=self.virtual.state is not State.ATOMIC,
+            retryable=self.virtual.state is not State.ATOMIC and guarding.redoable(statements),
         )
         frames = await self._run(unit)
         failed = any(f.type == BackendType.ERROR_RESPONSE for f in frames)
@@ -195,9 +195,9 @@ class MigrationRunner:
         statements = classify(sql) if sql and not is_plain(sql) else ()
         unit = guarding.HeldUnit(
             data=b"".join(f.raw for f in group) + extended.sync(),
-            statements=tuple(s for s in statements if s.guarded),
+            statements=tuple(s for s in statements if guarding.needs_guard(s)),
             expect=1,
-            retryable=self.virtual.state is not State.ATOMIC,
+            retryable=self.virtual.state is not State.ATOMIC and guarding.redoable(statements),
         )
         replies = await self._run(unit)
         self.sent_sync = True
