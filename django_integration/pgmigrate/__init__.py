@@ -1,1 +1,7 @@
-"""The Django app of django-pgmigrate: runs migrate through pgmigrate-proxy."""
+"""The Django app of django-pgmigrate: runs `migrate` through pgmigrate-proxy."""
+
+from pgmigrate_proxy import __version__
+
+from pgmigrate.actions import BlockingAction, Cancel, Show, Terminate
+
+__all__ = ["BlockingAction", "Cancel", "Show", "Terminate", "__version__"]

@@ -1,0 +1,1 @@
+"""`pgmigrate`, and `migrate` (django-pgmigrate's or Django's, per PGMIGRATE_PATCH_MIGRATE)."""

@@ -1,0 +1,74 @@
+"""`manage.py pgmigrate`: Django's migrate, run through pgmigrate-proxy."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import pgactivity  # type: ignore[import-untyped]
+from django.core.management.base import CommandError
+from django.core.management.commands.migrate import Command as MigrateCommand
+from django.db import connections
+from django.db.utils import OperationalError
+
+from pgmigrate import guard, notices, route, worker
+
+#: SQLSTATE lock_not_available: the proxy's answer when the lock budget is spent.
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def lock_not_available(exc: BaseException) -> bool:
+    """True for Django's OperationalError around psycopg's or psycopg2's LockNotAvailable."""
+    cause = exc.__cause__
+    code = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+    return code == LOCK_NOT_AVAILABLE
+
+
+class Command(MigrateCommand):
+    """migrate, with each statement guarded by the proxy: blockers cleared before DDL."""
+
+    help = (
+        "Updates database schema through pgmigrate-proxy, which clears the sessions that "
+        "block each statement's locks before sending it."
+    )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        connection = connections[options["database"]]
+        if connection.vendor != "postgresql":
+            super().handle(*args, **options)
+            return
+        if connection.in_atomic_block:
+            self.stderr.write("pgmigrate: inside a transaction; migrating without the proxy")
+            super().handle(*args, **options)
+            return
+        try:
+            plan = guard.plan()
+        except guard.Invalid as exc:
+            raise CommandError(str(exc)) from None
+        self.verbosity = options["verbosity"]
+        try:
+            self._migrate(plan, args, options)
+        except OperationalError as exc:
+            if not lock_not_available(exc):
+                raise
+            if self.verbosity:
+                self.stdout.write(self.style.ERROR("\nLock timeout expired. Aborting..."))
+            sys.exit(1)
+
+    def _migrate(self, plan: guard.Plan, args: Any, options: dict[str, Any]) -> None:
+        alias = options["database"]
+        connection = connections[alias]
+        printer = notices.NoticePrinter(self, show_blocked=plan.shows_blockers)
+        with route.routed(connection, plan) as path, notices.printed(connection, printer):
+            pid = pgactivity.pid(using=alias)
+            if self.verbosity:
+                self.stdout.write(self.style.MIGRATE_HEADING("Postgres process ID: ") + str(pid))
+            if self.verbosity >= 2:
+                self.stdout.write(f"Through the {path.describe()}")
+            polling: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+            if plan.worker:
+                assert plan.action is not None
+                polling = worker.polling(plan.action, self, alias, pid, plan.interval)
+            with polling:
+                super().handle(*args, **options)

@@ -1,0 +1,182 @@
+"""The system checks, each compared by equality, and which command `migrate` is."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pgmigrate
+import pytest
+from django.core import checks as django_checks
+from django.core.management import get_commands, load_command_class
+from django.core.management.commands import migrate as django_migrate
+from pgmigrate import checks, filters
+from pgmigrate.management.commands import pgmigrate as pgmigrate_command
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+ALL_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "pgactivity",
+    "pglock",
+    "pgmigrate",
+    "tests.django.testapp",
+]
+NOT_POSTGRESQL = django_checks.Warning(
+    "database 'other' is not PostgreSQL (sqlite): migrate runs as plain Django for it",
+    id="pgmigrate.W001",
+)
+PATCHED = django_checks.Debug(
+    "`manage.py migrate` is django-pgmigrate's (runs through pgmigrate-proxy)",
+    id="pgmigrate.D001",
+)
+
+
+def _ours() -> list[django_checks.CheckMessage]:
+    return [m for m in django_checks.run_checks() if str(m.id).startswith("pgmigrate.")]
+
+
+def test_defaults() -> None:
+    assert _ours() == [NOT_POSTGRESQL, PATCHED]
+
+
+@pytest.mark.parametrize(
+    ("missing", "check_id"), [("pgactivity", "pgmigrate.E001"), ("pglock", "pgmigrate.E002")]
+)
+def test_required_apps(settings: SettingsWrapper, missing: str, check_id: str) -> None:
+    settings.INSTALLED_APPS = [app for app in ALL_APPS if app != missing]
+    assert checks.required_apps() == [
+        django_checks.Error(
+            f'"{missing}" must be in INSTALLED_APPS for django-pgmigrate',
+            hint='INSTALLED_APPS = [..., "pgactivity", "pglock", "pgmigrate"]',
+            id=check_id,
+        )
+    ]
+
+
+DURATION = "must be a datetime.timedelta or a number of seconds"
+PATTERNS = "must be a list of non-empty glob patterns without commas"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "check_id", "message"),
+    [
+        (
+            "PGMIGRATE_BLOCKING_ACTION",
+            "terminate",
+            "pgmigrate.E003",
+            "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, or a "
+            "pgmigrate.BlockingAction subclass or instance",
+        ),
+        ("PGMIGRATE_BLOCKING_ACTION_INTERVAL", None, "pgmigrate.E005", DURATION),
+        ("PGMIGRATE_BLOCKING_ACTION_INTERVAL", 0, "pgmigrate.E005", "must be more than zero"),
+        ("PGMIGRATE_LOCK_TIMEOUT", "5s", "pgmigrate.E006", DURATION),
+        ("PGMIGRATE_LOCK_TIMEOUT", dt.timedelta(0), "pgmigrate.E006", "must be more than zero"),
+        ("PGMIGRATE_PATCH_MIGRATE", "yes", "pgmigrate.E007", "must be True or False"),
+        (
+            "PGMIGRATE_PROXY",
+            "sidecar",
+            "pgmigrate.E008",
+            "must be one of 'auto', 'embedded', 'external'",
+        ),
+        ("PGMIGRATE_AUTOCOMMIT", 1, "pgmigrate.E009", "must be True or False"),
+        ("PGMIGRATE_ATTEMPT_TIMEOUT", -1, "pgmigrate.E010", "must be more than zero"),
+        ("PGMIGRATE_RETRY_DELAY", True, "pgmigrate.E011", DURATION),
+        ("PGMIGRATE_RETRY_MAX_DELAY", [], "pgmigrate.E012", DURATION),
+        ("PGMIGRATE_MAX_HOLD", 0.0, "pgmigrate.E013", "must be more than zero"),
+        ("PGMIGRATE_MIN_TRANSACTION_AGE", -0.5, "pgmigrate.E014", "must be zero or more"),
+        ("PGMIGRATE_USERS", "alice", "pgmigrate.E015", "must be a list of glob patterns"),
+        ("PGMIGRATE_EXCLUDE_USERS", ["a,b"], "pgmigrate.E016", PATTERNS),
+        ("PGMIGRATE_EXCLUDE_APPLICATION_NAMES", [""], "pgmigrate.E017", PATTERNS),
+    ],
+)
+def test_setting_errors(
+    settings: SettingsWrapper, setting: str, value: object, check_id: str, message: str
+) -> None:
+    setattr(settings, setting, value)
+    assert checks.settings() == [django_checks.Error(f"{setting} {message}", id=check_id)]
+    assert checks.SETTING_IDS[setting] == check_id
+
+
+def test_retry_max_delay_below_retry_delay(settings: SettingsWrapper) -> None:
+    settings.PGMIGRATE_RETRY_DELAY = dt.timedelta(seconds=2)
+    settings.PGMIGRATE_RETRY_MAX_DELAY = dt.timedelta(seconds=1)
+    assert checks.settings() == [
+        django_checks.Error(
+            "PGMIGRATE_RETRY_MAX_DELAY must not be less than PGMIGRATE_RETRY_DELAY",
+            id="pgmigrate.E012",
+        )
+    ]
+
+
+def test_good_settings(settings: SettingsWrapper) -> None:
+    settings.PGMIGRATE_BLOCKING_ACTION = pgmigrate.Show(blocking_activity__state="ACTIVE")
+    settings.PGMIGRATE_BLOCKING_ACTION_INTERVAL = 0.5
+    settings.PGMIGRATE_LOCK_TIMEOUT = dt.timedelta(seconds=10)
+    settings.PGMIGRATE_PATCH_MIGRATE = True
+    settings.PGMIGRATE_PROXY = "external"
+    settings.PGMIGRATE_AUTOCOMMIT = False
+    settings.PGMIGRATE_ATTEMPT_TIMEOUT = dt.timedelta(milliseconds=200)
+    settings.PGMIGRATE_RETRY_DELAY = 0
+    settings.PGMIGRATE_RETRY_MAX_DELAY = 1
+    settings.PGMIGRATE_MAX_HOLD = 3
+    settings.PGMIGRATE_MIN_TRANSACTION_AGE = dt.timedelta(seconds=1)
+    settings.PGMIGRATE_USERS = ["app_*"]
+    settings.PGMIGRATE_EXCLUDE_USERS = ("replicator",)
+    settings.PGMIGRATE_EXCLUDE_APPLICATION_NAMES = ["pg_dump"]
+    assert checks.settings() == []
+
+
+def test_unmappable_filters(settings: SettingsWrapper) -> None:
+    settings.PGMIGRATE_BLOCKING_ACTION = pgmigrate.Terminate(
+        blocking_activity__duration__lt="5 seconds",
+        blocking_activity__state="WAITING",
+        mode="ACCESS_SHARE",
+    )
+    hint = (
+        "the proxy applies: "
+        + ", ".join(filters.SUPPORTED)
+        + "; see also PGMIGRATE_MIN_TRANSACTION_AGE, PGMIGRATE_USERS, "
+        "PGMIGRATE_EXCLUDE_USERS, PGMIGRATE_EXCLUDE_APPLICATION_NAMES"
+    )
+    assert checks.settings() == [
+        django_checks.Error(
+            "PGMIGRATE_BLOCKING_ACTION filter "
+            "blocking_activity__duration__lt: the proxy has no equivalent filter",
+            hint=hint,
+            id="pgmigrate.E004",
+        ),
+        django_checks.Error(
+            "PGMIGRATE_BLOCKING_ACTION filter blocking_activity__state: unknown state 'WAITING'",
+            hint=hint,
+            id="pgmigrate.E004",
+        ),
+        django_checks.Error(
+            "PGMIGRATE_BLOCKING_ACTION filter mode: the proxy has no equivalent filter",
+            hint=hint,
+            id="pgmigrate.E004",
+        ),
+    ]
+
+
+def test_custom_actions_keep_their_filters(settings: SettingsWrapper) -> None:
+    class Custom(pgmigrate.BlockingAction):
+        def worker(self, cmd: object, blocking_locks: object) -> list[int]:
+            return []
+
+    settings.PGMIGRATE_BLOCKING_ACTION = Custom(mode="ACCESS_SHARE")  # for the queryset
+    assert checks.settings() == []
+
+
+def test_patch_migrate(settings: SettingsWrapper) -> None:
+    assert get_commands()["migrate"] == "pgmigrate"
+    assert type(load_command_class("pgmigrate", "migrate")) is pgmigrate_command.Command
+    assert checks.migrate_command() == [PATCHED]
+    settings.PGMIGRATE_PATCH_MIGRATE = False
+    assert type(load_command_class("pgmigrate", "migrate")) is django_migrate.Command
+    assert checks.migrate_command() == [
+        django_checks.Info(
+            "`manage.py migrate` is Django's own (PGMIGRATE_PATCH_MIGRATE = False): "
+            "run `manage.py pgmigrate` to migrate through pgmigrate-proxy",
+            id="pgmigrate.I001",
+        )
+    ]

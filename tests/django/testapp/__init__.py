@@ -1,0 +1,1 @@
+"""A small app whose migrations exercise autocommit sessions and RunPython transactions."""
