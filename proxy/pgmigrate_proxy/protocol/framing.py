@@ -11,17 +11,18 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct("!BI")
 HEADER_SIZE = HEADER.size  # 5: type byte + int32 length (which counts itself)
 INT32 = struct.Struct("!I")
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One complete watched message: its type byte, its payload, where it ends in the chunk.
 
-    `start` is where it begins in the chunk; -1 when it began in an earlier chunk.
+    `start` is where it begins in the chunk; -1 when it began in an earlier chunk. A tuple:
+    the relay makes one per watched frame, and a tuple is the cheapest object to make.
     """
 
     type: int

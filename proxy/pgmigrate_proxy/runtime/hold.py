@@ -43,6 +43,13 @@ _INJECTED_NAME = "pgmigrate_proxy"
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
 _BACKLOG_PAUSE = 1 << 20
 _TRANSACTION_CONTROL = "TransactionStmt"
+_SYNC = FrontendType.SYNC.value
+_READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
+_STATUSES = {bytes([s]): s for s in TransactionStatus}
+_EXECUTE = FrontendType.EXECUTE.value
+#: Parse messages seen lately, by their bytes: (statement name, guarded statements or None).
+_PARSES: dict[bytes, tuple[str, tuple[Statement, ...] | None]] = {}
+_PARSES_KEPT = 4096
 #: Statement texts whose resolved targets are kept for Executes that come mid-batch.
 _KNOWN_TARGETS = 64
 #: Replies that end an Execute (with a Flush instead of a Sync, no ReadyForQuery follows).
@@ -105,6 +112,16 @@ class Holder:
         frames = cut.frames
         for index in range(first, len(frames)):
             item = frames[index]
+            mtype = item.type
+            if mtype == _SYNC and item.start >= 0:  # the most frequent frames, inline
+                self.pending += 1
+                self.batch_open = False
+                self._syncs_since_execute += 1
+                continue
+            if mtype == _EXECUTE and item.start >= 0:
+                self.batch_open = True
+                self._syncs_since_execute = 0
+                continue
             start = pos if item.start < 0 else item.start
             statements = self._guarded(item)
             if statements is not None and (statements or self.migration is not None):
@@ -116,7 +133,12 @@ class Holder:
             if item.start < 0:
                 out.append(item.raw)
                 pos = item.end
-        out.append(data if pos == 0 and cut.tail == len(data) else data[pos : cut.tail])
+        if not out and pos == 0 and cut.tail == len(data):
+            server = self.session.server
+            if server is not None:
+                server.write(data)  # the usual case: the chunk as it came
+            return
+        out.append(data[pos : cut.tail])
         self._write_server(out)
 
     def _write_server(self, out: list[bytes]) -> None:
@@ -137,11 +159,10 @@ class Holder:
             if item.type == FrontendType.QUERY:
                 return self._guarded_sql(extended.query_text(item.payload))
             if item.type == FrontendType.PARSE:
-                name, sql = extended.parse_statement(item.payload)
-                found = self._guarded_sql(sql)
+                name, found = self._parse(item.payload)
                 if found:
                     self._statements[name] = found
-                else:
+                elif self._statements:
                     self._statements.pop(name, None)
                 return found
             if item.type == FrontendType.BIND and self._statements:
@@ -164,6 +185,20 @@ class Holder:
         if item.type == FrontendType.SYNC and skipping:
             return ()  # the Sync that ends the skipping: answered by the runner
         return None
+
+    def _parse(self, payload: bytes) -> tuple[str, tuple[Statement, ...] | None]:
+        """A Parse's statement name and guarded statements; the same Parse comes again and
+        again (one per execution, for most drivers): keep the answer by its bytes."""
+        if self.session.status is TransactionStatus.FAILED:
+            return extended.parse_statement(payload)[0], None
+        known = _PARSES.get(payload)
+        if known is None:
+            name, sql = extended.parse_statement(payload)
+            known = (name, self._guarded_sql(sql))
+            if len(_PARSES) >= _PARSES_KEPT:
+                _PARSES.clear()
+            _PARSES[payload] = known
+        return known
 
     def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:
         if self.session.status is TransactionStatus.FAILED or is_plain(sql):
@@ -349,9 +384,13 @@ class Holder:
     def backend_frames(self, frames: list[Frame]) -> None:
         """Bookkeeping for watched server frames passed on to the client."""
         for item in frames:
-            if item.type == BackendType.READY_FOR_QUERY:
-                self.session.status = ReadyForQuery.decode(item.payload).status
-                self.pending = max(self.pending - 1, 0)
+            if item.type == _READY_FOR_QUERY:
+                status = _STATUSES.get(item.payload[:1])
+                if status is None:
+                    raise DecodeError("malformed ReadyForQuery")
+                self.session.status = status
+                if self.pending > 0:
+                    self.pending -= 1
             elif item.type == BackendType.COPY_IN_RESPONSE:
                 self._copy_in = True
             elif item.type == BackendType.ERROR_RESPONSE and self.migration is not None:

@@ -225,7 +225,7 @@ class ClientSession(asyncio.Protocol):
             try:
                 frames = self._be.feed(data)
                 if holder is not None:
-                    if holder.sinking:
+                    if holder._sink is not None:
                         holder.sink_frames(frames)
                         return
                     if frames:
