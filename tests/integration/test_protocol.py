@@ -1,14 +1,16 @@
-"""Protocol versions and encryption requests: 3.2 clients negotiated down to 3.0, `_pq_.`
-options reported back, GSSENCRequest and SSLRequest refused with 'N'."""
+"""Protocol versions, encryption requests and FunctionCall: 3.2 clients negotiated down to
+3.0, `_pq_.` options reported back, GSSENCRequest and SSLRequest refused with 'N'."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import psycopg
 import pytest
+from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.messages import GSSENCRequest, ParameterStatus
-from pgmigrate_proxy.protocol.types import PROTOCOL_3_0, PROTOCOL_3_2, BackendType
+from pgmigrate_proxy.protocol.types import PROTOCOL_3_0, PROTOCOL_3_2, BackendType, FrontendType
 from psycopg import pq
 
 from tests.fixtures.postgres import PgInfo
@@ -93,3 +95,26 @@ def test_ssl_request_answered_n_without_a_certificate(proxy: RunningProxy) -> No
         assert not conn.pgconn.ssl_in_use
     with pytest.raises(psycopg.OperationalError, match="server does not support SSL"):
         connect(proxy, sslmode="require")
+
+
+def _function_call(oid: int, *args: bytes) -> bytes:
+    """FunctionCall: the function's OID, text format for every argument and the result."""
+    body = struct.pack("!IHHH", oid, 1, 0, len(args))
+    body += b"".join(struct.pack("!i", len(a)) + a for a in args)
+    return frame(FrontendType.FUNCTION_CALL, body + struct.pack("!H", 0))
+
+
+def test_function_call_goes_through(proxy: RunningProxy, pg: PgInfo) -> None:
+    with psycopg.connect(pg.url()) as direct:
+        row = direct.execute("SELECT 'int4pl'::regproc::oid").fetchone()
+    assert row is not None
+    with WireClient(proxy.host, proxy.port) as wire:
+        wire.login()
+        wire.send(_function_call(int(row[0]), b"40", b"2"))
+        (mtype, payload), *rest = wire.read_until(BackendType.READY_FOR_QUERY)
+        assert mtype == BackendType.FUNCTION_CALL_RESPONSE
+        (length,) = struct.unpack_from("!i", payload)
+        assert payload[4 : 4 + length] == b"42"
+        assert rest[-1] == (BackendType.READY_FOR_QUERY, b"I")
+        # the session goes on normally afterwards
+        assert wire.query("SELECT 1")[-1] == (BackendType.READY_FOR_QUERY, b"I")

@@ -44,6 +44,9 @@ _INJECTED_NAME = "pgmigrate_proxy"
 _BACKLOG_PAUSE = 1 << 20
 _TRANSACTION_CONTROL = "TransactionStmt"
 _SYNC = FrontendType.SYNC.value
+_QUERY = FrontendType.QUERY.value
+#: First words of a Query that, alone in it, cannot take a lock that queues traffic.
+_PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"with ", b"values ")
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
@@ -61,6 +64,16 @@ _EXECUTE_ENDS = (
 _ASYNCHRONOUS = (
     BackendType.NOTIFICATION_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTICE_RESPONSE,
 )  # fmt: skip
+
+
+def plain_query(payload: bytes) -> bool:
+    """The cheapest test, on the Query's bytes: one ordinary DML statement (a SELECT, INSERT,
+    UPDATE, DELETE, WITH or VALUES, with at most a final semicolon). Anything else goes to
+    the full prefilter and the parser."""
+    if not payload[:7].lower().startswith(_PLAIN_HEADS):
+        return False
+    semicolon = payload.find(b";")
+    return semicolon < 0 or not payload[semicolon + 1 : -1].strip()
 
 
 class Holder:
@@ -120,6 +133,12 @@ class Holder:
                 continue
             if mtype == _EXECUTE and item.start >= 0:
                 self.batch_open = True
+                self._syncs_since_execute = 0
+                continue
+            # (a migration session sees every statement: no shortcut there)
+            plain = mtype == _QUERY and item.start >= 0 and self.migration is None
+            if plain and plain_query(item.payload):
+                self.pending += 1
                 self._syncs_since_execute = 0
                 continue
             start = pos if item.start < 0 else item.start
