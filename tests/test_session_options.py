@@ -91,3 +91,12 @@ def test_no_budget() -> None:
 @pytest.mark.parametrize(("text", "value"), [("5", 5.0), ("5s", 5.0), ("250ms", 0.25)])
 def test_seconds(text: str, value: float) -> None:
     assert seconds(text) == value
+
+
+def test_schedule_options_are_checked_together() -> None:
+    short = with_options(BASE, "-c pgmigrate.lock_timeout=5ms")
+    assert short.schedule.lock_timeout == 0.005  # below the default shortest attempt: allowed
+    alone = with_options(BASE, "-c pgmigrate.retry_delay=20")  # over max_delay: ignored...
+    assert alone.schedule == BASE.schedule
+    both = "-c pgmigrate.retry_delay=20 -c pgmigrate.retry_max_delay=30"
+    assert with_options(BASE, both).schedule.base_delay == 20.0  # ...unless the max comes too

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pgmigrate_proxy.config import Config
 from pgmigrate_proxy.protocol.types import PROXY_PARAMETER
 from pgmigrate_proxy.runtime.options import NAMES
-from pgmigrate_proxy.runtime.server import ProxyServer, install_event_loop_policy
+from pgmigrate_proxy.runtime.server import ProxyServer
 
 __all__ = ["PROXY_PARAMETER", "SESSION_OPTIONS", "EmbeddedProxy", "is_proxy"]
 
@@ -36,6 +36,17 @@ def is_proxy(parameter_status: Callable[[str], str | None]) -> str | None:
     """The proxy's version when a connection goes through one (give it the connection's
     parameter_status lookup, e.g. psycopg's `conn.info.parameter_status`), else None."""
     return parameter_status(PROXY_PARAMETER)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is there, without touching the process's event loop policy
+    (the program that embeds the proxy keeps its own)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 class EmbeddedProxy:
@@ -85,8 +96,7 @@ class EmbeddedProxy:
         self.stop()
 
     def _run(self) -> None:
-        install_event_loop_policy()
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop()
         self._loop = loop
         try:
             server = ProxyServer(self.config)

@@ -26,17 +26,32 @@ Apply = Callable[[GuardSettings, str], GuardSettings]
 
 def with_options(settings: GuardSettings, options: str) -> GuardSettings:
     """`settings` with the session's pgmigrate.* startup options applied."""
+    schedule: dict[str, float] = {}  # checked together: they constrain each other
     for name, value in parse(options):
-        apply = _APPLY.get(name)
-        if apply is None:
-            if name != "role":
-                log.warning("ignoring unknown session option pgmigrate.%s", name)
-            continue
         try:
-            settings = apply(settings, value)
+            if name in _SCHEDULE:
+                field, convert = _SCHEDULE[name]
+                schedule[field] = convert(value)
+            elif name in _APPLY:
+                settings = _APPLY[name](settings, value)
+            elif name != "role":
+                log.warning("ignoring unknown session option pgmigrate.%s", name)
         except ValueError as exc:
             log.warning("ignoring session option pgmigrate.%s=%r: %s", name, value, exc)
-    return settings
+    return _with_schedule(settings, schedule) if schedule else settings
+
+
+def _with_schedule(settings: GuardSettings, changes: dict[str, float]) -> GuardSettings:
+    current = settings.schedule
+    timeout = changes.get("lock_timeout", current.lock_timeout)
+    budget = changes.get("budget", current.budget)
+    shortest = min(current.min_attempt, timeout, budget)
+    try:
+        schedule = replace(current, **changes, min_attempt=shortest)
+    except ValueError as exc:
+        log.warning("ignoring session options %s: %s", sorted(changes), exc)
+        return settings
+    return replace(settings, schedule=schedule)
 
 
 def parse(options: str) -> Iterable[tuple[str, str]]:
@@ -77,17 +92,6 @@ def _states(text: str) -> frozenset[BackendState]:
     return frozenset(states)
 
 
-def _schedule(**change: Callable[[str], float]) -> Apply:
-    ((field, convert),) = change.items()
-
-    def apply(settings: GuardSettings, value: str) -> GuardSettings:
-        schedule = replace(settings.schedule, **{field: convert(value)})
-        shortest = min(schedule.min_attempt, schedule.lock_timeout, schedule.budget)
-        return replace(settings, schedule=replace(schedule, min_attempt=shortest))
-
-    return apply
-
-
 def _budget(value: str) -> float:
     return math.inf if value.strip().lower() in ("", "none", "0") else seconds(value)
 
@@ -102,12 +106,16 @@ def _filter(field: str, convert: Callable[[str], Any]) -> Apply:
     )
 
 
+#: Options that set the retry schedule: (RetrySchedule field, parser).
+_SCHEDULE: dict[str, tuple[str, Callable[[str], float]]] = {
+    "lock_timeout": ("lock_timeout", seconds),
+    "lock_budget": ("budget", _budget),
+    "retry_delay": ("base_delay", lambda v: seconds(v, zero=True)),
+    "retry_max_delay": ("max_delay", lambda v: seconds(v, zero=True)),
+}
+
 _APPLY: dict[str, Apply] = {
     "blocking_action": _setting("action", lambda v: BlockingAction(v.strip().lower())),
-    "lock_timeout": _schedule(lock_timeout=seconds),
-    "lock_budget": _schedule(budget=_budget),
-    "retry_delay": _schedule(base_delay=lambda v: seconds(v, zero=True)),
-    "retry_max_delay": _schedule(max_delay=lambda v: seconds(v, zero=True)),
     "max_hold": _setting("max_hold", seconds),
     "watch_interval": _setting("watch_interval", seconds),
     "cancel_grace": _setting("cancel_grace", lambda v: seconds(v, zero=True)),
@@ -121,4 +129,4 @@ _APPLY: dict[str, Apply] = {
 }
 
 #: The option names a session may send (besides `role`).
-NAMES = frozenset(_APPLY)
+NAMES = frozenset(_APPLY) | frozenset(_SCHEDULE)
