@@ -40,18 +40,23 @@ class BlockingAction:
         return f"{type(self).__module__}.{type(self).__qualname__}({filters})"
 
 
+def _acted(cmd: BaseCommand, verb: str, pids: list[int]) -> list[int]:
+    """Print "<verb> N blocking quer(y|ies)..." in the warning style, as 1.x does."""
+    if pids and cmd.verbosity:  # type: ignore[attr-defined]
+        count = len(pids)
+        cmd.stdout.write(
+            cmd.style.WARNING(f"\n  {verb} {count} blocking quer{_plural(count)}..."),
+            ending=" ",
+        )
+    return pids
+
+
 class Terminate(BlockingAction):
     """Terminate the sessions that block a migration (the default)."""
 
     def worker(self, cmd: BaseCommand, blocking_locks: BlockedPGLockQuerySet) -> list[int]:
         terminated: list[int] = blocking_locks.terminate_blocking_activity()
-        if terminated and cmd.verbosity:  # type: ignore[attr-defined]
-            count = len(terminated)
-            cmd.stdout.write(
-                cmd.style.WARNING(f"\n  Terminated {count} blocking quer{_plural(count)}..."),
-                ending=" ",
-            )
-        return terminated
+        return _acted(cmd, "Terminated", terminated)
 
 
 class Cancel(BlockingAction):
@@ -59,13 +64,7 @@ class Cancel(BlockingAction):
 
     def worker(self, cmd: BaseCommand, blocking_locks: BlockedPGLockQuerySet) -> list[int]:
         cancelled: list[int] = blocking_locks.cancel_blocking_activity()
-        if cancelled and cmd.verbosity:  # type: ignore[attr-defined]
-            count = len(cancelled)
-            cmd.stdout.write(
-                cmd.style.WARNING(f"\n  Cancelled {count} blocking quer{_plural(count)}..."),
-                ending=" ",
-            )
-        return cancelled
+        return _acted(cmd, "Cancelled", cancelled)
 
 
 class Show(BlockingAction):

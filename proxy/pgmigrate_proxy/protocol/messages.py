@@ -22,7 +22,6 @@ from pgmigrate_proxy.protocol.types import (
 )
 
 _INT32_PAIR = struct.Struct("!II")
-_INT32_INT32_INT32 = struct.Struct("!III")
 _STATUSES = frozenset(int(s) for s in TransactionStatus)
 
 

@@ -14,10 +14,8 @@ import logging
 from typing import TYPE_CHECKING, Protocol, cast
 
 from pgmigrate_proxy.protocol.framing import (
-    Frame,
     FrameScanner,
     FramingError,
-    frame,
     type_table,
 )
 from pgmigrate_proxy.protocol.handshake import ChannelBindingMismatch, Handshake, HandshakeOutcome
@@ -225,7 +223,7 @@ class ClientSession(asyncio.Protocol):
             try:
                 frames = self._be.feed(data)
                 if holder is not None:
-                    if holder._sink is not None:
+                    if holder.sinking:
                         holder.sink_frames(frames)
                         return
                     if frames:
@@ -388,7 +386,7 @@ class ClientSession(asyncio.Protocol):
             for i, complete in enumerate(frames):
                 out.append(handshake.backend(complete.type, complete.payload))
                 if handshake.outcome is HandshakeOutcome.READY:
-                    out.extend(_raw(f) for f in frames[i + 1 :])
+                    out.extend(f.raw for f in frames[i + 1 :])
                     out.append(self._be.release())
                     self._enter_relay(ReadyForQuery.decode(complete.payload))
                     break
@@ -499,6 +497,3 @@ class ClientSession(asyncio.Protocol):
             self._waiter.cancel()
         self.hub.session_closed(self)
 
-
-def _raw(complete: Frame) -> bytes:
-    return frame(complete.type, complete.payload)
