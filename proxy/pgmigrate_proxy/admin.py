@@ -49,7 +49,14 @@ _BLOCKER_COLUMNS = """
            extract(epoch FROM statement_timestamp() - coalesce(a.xact_start, p.prepared))::float8
                AS xact_age,
            extract(epoch FROM statement_timestamp() - a.query_start)::float8 AS query_age,
-           a.query, a.wait_event_type, p.gid AS prepared_xact
+           a.query, a.wait_event_type, p.gid AS prepared_xact,
+           %(viewer)s::oid IS NULL
+           OR coalesce(pg_has_role(%(viewer)s::oid, 'pg_read_all_stats', 'USAGE')
+                       OR pg_has_role(%(viewer)s::oid,
+                                      coalesce(a.usesysid, (SELECT r.oid FROM pg_roles AS r
+                                                            WHERE r.rolname = p.owner)),
+                                      'USAGE'),
+                       false) AS visible
 """
 
 # Relation locks held or awaited, in a mode conflicting with the needed one, by sessions other
@@ -108,6 +115,18 @@ _ACTIVITY = (
 )
 
 
+# The session user of a waiting backend (it could RESET ROLE to it: its rights are the client's)
+# and whether it owns each relation the backend waits to lock.
+_WAITER_OWNS = """
+    SELECT a.usesysid, bool_and(pg_has_role(a.usesysid, c.relowner, 'USAGE')) AS owns
+    FROM pg_stat_activity AS a
+    JOIN pg_locks AS l ON l.pid = a.pid AND NOT l.granted AND l.locktype = 'relation'
+    JOIN pg_class AS c ON c.oid = l.relation
+    WHERE a.pid = %(pid)s
+    GROUP BY a.usesysid
+"""
+
+
 class AdminUnavailable(ProxyError):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
 
@@ -134,6 +153,7 @@ def _blocker(row: DictRow) -> Blocker:
         locks=locks,
         context=parse_pga_context(row["query"]),
         prepared_xact=row["prepared_xact"],
+        visible=bool(row["visible"]),
     )
 
 
@@ -243,10 +263,13 @@ class AdminConnection:
         exclude_pids: Collection[int] = (),
         *,
         database: str | None = None,
+        viewer: int | None = None,
     ) -> list[Blocker]:
         """Sessions and prepared transactions holding or awaiting a lock on one of the relations
         (OID -> the mode the guarded statement needs) in a conflicting mode, in `database` (the
-        admin connection's own by default); the admin session and `exclude_pids` left out."""
+        admin connection's own by default); the admin session and `exclude_pids` left out.
+        `viewer`: the OID of the role on whose behalf they are looked for; each Blocker's
+        `visible` says whether that role may see its details in pg_stat_activity."""
         if not relation_oids:
             return []
         relations, modes = _conflicting_pairs(relation_oids)
@@ -255,6 +278,7 @@ class AdminConnection:
             "modes": modes,
             "database": database,
             "exclude": sorted({*exclude_pids, self._pid}),
+            "viewer": viewer,
         }
         return [_blocker(row) for row in await self._fetch(_FIND_BLOCKERS, params)]
 
@@ -263,12 +287,23 @@ class AdminConnection:
         rows = await self._fetch("SELECT pg_blocking_pids(%(pid)s) AS pids", {"pid": pid})
         return list(dict.fromkeys(rows[0]["pids"] or ()))
 
-    async def activity(self, pids: Collection[int]) -> list[Blocker]:
-        """pg_stat_activity of these sessions (no lock details; 0 and vanished pids left out)."""
+    async def activity(self, pids: Collection[int], *, viewer: int | None = None) -> list[Blocker]:
+        """pg_stat_activity of these sessions (no lock details; 0 and vanished pids left out);
+        `viewer` as for find_blockers."""
         wanted = sorted({pid for pid in pids if pid > 0})  # unique: one row each
         if not wanted:
             return []
-        return [_blocker(row) for row in await self._fetch(_ACTIVITY, {"pids": wanted})]
+        params = {"pids": wanted, "viewer": viewer}
+        return [_blocker(row) for row in await self._fetch(_ACTIVITY, params)]
+
+    async def waiter_owns(self, pid: int) -> tuple[int | None, bool]:
+        """For a backend waiting for relation locks: its session user's OID, and whether that
+        role owns (or is a superuser for) every relation the backend waits for. (None, False)
+        when it waits for no relation lock."""
+        rows = await self._fetch(_WAITER_OWNS, {"pid": pid})
+        if not rows:
+            return None, False
+        return int(rows[0]["usesysid"]), bool(rows[0]["owns"])
 
     async def terminate(self, pid: int) -> bool:
         """pg_terminate_backend(pid); False when it is no backend (or is this admin session)."""

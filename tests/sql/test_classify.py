@@ -242,3 +242,41 @@ def test_prefilter_on_token_soup(tokens: list[str]) -> None:
     sql = " ".join(tokens)
     if is_plain(sql):
         assert not any(statement.guarded for statement in classify(sql)), sql
+
+
+# --- the rights a statement needs (privilege checks before the guard acts) -------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "rights"),
+    [
+        ("ALTER TABLE t ADD COLUMN c int", {"ownership"}),
+        ("DROP TABLE t", {"ownership"}),
+        ("TRUNCATE t", {"TRUNCATE privilege"}),
+        ("VACUUM FULL t", {"ownership (or MAINTAIN)"}),
+        ("CLUSTER t", {"ownership (or MAINTAIN)"}),
+        ("REFRESH MATERIALIZED VIEW t", {"ownership (or MAINTAIN)"}),
+        ("CREATE TRIGGER g AFTER INSERT ON t EXECUTE FUNCTION f()", {"TRIGGER privilege"}),
+        ("LOCK TABLE t", {"UPDATE or DELETE or TRUNCATE privilege (or MAINTAIN)"}),
+        ("LOCK TABLE t IN ACCESS SHARE MODE", {"SELECT privilege (or MAINTAIN)"}),
+    ],
+)
+def test_each_lock_carries_the_right_postgresql_checks(sql: str, rights: set[str]) -> None:
+    (statement,) = classify(sql)
+    assert {str(right) for right in statement.locks[0].rights} == rights
+
+
+def test_a_foreign_key_needs_references_on_the_referenced_table() -> None:
+    (statement,) = classify("ALTER TABLE a ADD FOREIGN KEY (x) REFERENCES b (id)")
+    by_name = {lock.relation.name: {str(r) for r in lock.rights} for lock in statement.locks}
+    assert by_name == {"a": {"ownership"}, "b": {"REFERENCES privilege"}}
+    query = targets_query(statement)
+    assert query is not None
+    assert "has_table_privilege(relid, 'REFERENCES')" in query.sql
+    assert "pg_has_role(relowner, 'USAGE')" in query.sql
+
+
+def test_statements_on_relations_only_the_server_knows_are_marked() -> None:
+    assert classify("REINDEX DATABASE d")[0].unknown_targets
+    assert classify("VACUUM FULL")[0].unknown_targets
+    assert not classify("VACUUM FULL t")[0].unknown_targets

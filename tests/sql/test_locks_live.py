@@ -102,7 +102,7 @@ def _predict(conn: Conn, statement: Statement) -> dict[int, LockMode]:
     predicted: dict[int, LockMode] = {}
     if query is None:
         return predicted
-    for target, relid in RawCursor(conn).execute(query.sql, query.params).fetchall():
+    for target, relid, _allowed in RawCursor(conn).execute(query.sql, query.params).fetchall():
         predicted[relid] = max(query.modes[target], predicted.get(relid, query.modes[target]))
     return predicted
 

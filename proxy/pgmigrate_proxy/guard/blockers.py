@@ -6,7 +6,7 @@ import enum
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pgmigrate_proxy.sql.locks import LockMode
@@ -17,6 +17,8 @@ CLIENT_BACKEND = "client backend"
 QUERY_LIMIT = 300
 #: What a masked secret is replaced with.
 MASK = "***"
+#: What pg_stat_activity.query says of a session the viewer may not see, as PostgreSQL spells it.
+INSUFFICIENT_PRIVILEGE = "<insufficient privilege>"
 
 
 class BackendState(enum.Enum):
@@ -75,6 +77,26 @@ class Blocker:
     locks: tuple[RelationLock, ...] = ()
     context: Mapping[str, Any] | None = field(default=None, hash=False)
     prepared_xact: str | None = None  # the gid of a prepared transaction
+    #: False when the client the guard acts for may not see this session's details in
+    #: pg_stat_activity (not its role's, and no pg_read_all_stats): see as_seen().
+    visible: bool = True
+
+    def as_seen(self) -> Blocker:
+        """The blocker as the client's role would see it in pg_stat_activity: for a session it
+        may not see, PostgreSQL shows pid, user, database and application_name only, and
+        "<insufficient privilege>" for the query."""
+        if self.visible:
+            return self
+        return replace(
+            self,
+            state=None,
+            client_addr=None,
+            xact_age=None,
+            query_age=None,
+            query=INSUFFICIENT_PRIVILEGE,
+            wait_event_type=None,
+            context=None,
+        )
 
     @property
     def waiting(self) -> bool:

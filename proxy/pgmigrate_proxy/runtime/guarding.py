@@ -12,12 +12,13 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import psycopg
 
+from pgmigrate_proxy import notices
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard.blockers import Blocker
 from pgmigrate_proxy.guard.policy import BlockingAction, Decision, Filters, Verdict, decide
@@ -26,7 +27,7 @@ from pgmigrate_proxy.protocol.extended import QueryResult
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse
 from pgmigrate_proxy.protocol.types import BackendType, TransactionStatus
-from pgmigrate_proxy.sql import LockMode, Statement, targets_query
+from pgmigrate_proxy.sql import DATABASE_OWNER_SQL, LockMode, Statement, targets_query
 
 log = logging.getLogger("pgmigrate_proxy.guard")
 
@@ -111,6 +112,40 @@ class HeldUnit:
         return self.expect > 0
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """What the client's own server connection said about a unit's statements: their lock
+    targets, whether the client may run them (has the rights PostgreSQL checks before it takes
+    those locks: only then does the proxy act on blockers for it), and the client's role (whose
+    view of pg_stat_activity the notices follow).
+
+    Unresolved (`resolved` False: a statement that arrives mid-batch and was never prepared at
+    a batch boundary), nothing is known beforehand: the statement goes out as it is and only the
+    in-flight watch acts, each time after the admin connection has checked that the client's
+    role owns the relation its backend waits for."""
+
+    targets: Mapping[int, LockMode] = field(default_factory=dict)
+    permitted: bool = False
+    viewer: int | None = None  # the OID of the client's current_user
+    resolved: bool = True
+
+    @classmethod
+    def merge(cls, parts: Iterable[Resolution]) -> Resolution:
+        """Several statements' resolutions as one: permitted only if each is."""
+        parts = list(parts)
+        if not parts or not all(p.resolved for p in parts):
+            return UNRESOLVED
+        targets: dict[int, LockMode] = {}
+        for part in parts:
+            for oid, mode in part.targets.items():
+                targets[oid] = max(mode, targets.get(oid, mode))
+        return cls(targets, all(p.permitted for p in parts), parts[0].viewer)
+
+
+#: Nothing known: the statement goes out untouched (the proxy acts for no one it cannot vouch for).
+UNRESOLVED = Resolution(resolved=False)
+
+
 class GuardedSession(Protocol):
     """What the pipeline needs from the session it runs for."""
 
@@ -127,10 +162,8 @@ class GuardedSession(Protocol):
     def gone(self) -> bool: ...
     async def inject(self, sql: str, params: Sequence[str | None] = ()) -> QueryResult: ...
     async def exchange(self, data: bytes, expect: int, executes: int = 0) -> list[Frame]: ...
-    def known_targets(self, statements: Iterable[Statement]) -> dict[int, LockMode]: ...
-    def remember_targets(
-        self, statements: Iterable[Statement], targets: dict[int, LockMode]
-    ) -> None: ...
+    def known_targets(self, statements: Iterable[Statement]) -> Resolution: ...
+    def remember_targets(self, statements: Iterable[Statement], resolved: Resolution) -> None: ...
     def deliver(self, frames: Iterable[Frame]) -> None: ...
     def notice(self, severity: str, message: str, detail: str | None = None) -> None: ...
 
@@ -163,13 +196,17 @@ class _Pipeline:
         self.unit = unit
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
-        self.targets: dict[int, LockMode] = {}
+        self.resolution = UNRESOLVED
         self.first_seen: dict[int, float] = {}
         self.reported: set[tuple[int, Verdict]] = set()
         self.saved_lock_timeout: str | None = None
 
     def elapsed(self) -> float:
         return self.loop.time() - self.started
+
+    @property
+    def targets(self) -> Mapping[int, LockMode]:
+        return self.resolution.targets
 
     async def run(self) -> None:
         await self.session.wait_idle()
@@ -179,9 +216,12 @@ class _Pipeline:
         injecting = self.session.can_inject
         if injecting:
             await self._resolve()
-            self.session.remember_targets(self.unit.statements, self.targets)
+            self.session.remember_targets(self.unit.statements, self.resolution)
         else:
-            self.targets = self.session.known_targets(self.unit.statements)
+            self.resolution = self.session.known_targets(self.unit.statements)
+        if self.resolution.resolved and not self.resolution.permitted:
+            await self._untouched()
+            return
         injecting = injecting and self.unit.closes_batch
         # Only alone in its own implicit transaction: inside a transaction block, a failed
         # attempt aborts the client's transaction and a second one would only get 25P02.
@@ -208,9 +248,7 @@ class _Pipeline:
                     attempt, self.services.rng, elapsed=self.elapsed()
                 )
                 self.session.notice(
-                    "NOTICE",
-                    f"pgmigrate: lock not available ({error.message}); retrying in "
-                    f"{delay * 1000:.0f} ms (attempt {attempt + 1})",
+                    "NOTICE", notices.retrying(error.message, round(delay * 1000), attempt + 1)
                 )
                 _event("retry", attempt=attempt, delay_ms=round(delay * 1000), code=error.code)
                 await asyncio.sleep(delay)
@@ -224,22 +262,36 @@ class _Pipeline:
         result = await self.session.inject("SELECT current_setting('lock_timeout')")
         if result.rows:
             self.saved_lock_timeout = result.rows[0][0]
-        self.targets = await resolve_targets(self.session, self.unit.statements)
+        self.resolution = await resolve_targets(self.session, self.unit.statements)
+
+    async def _untouched(self) -> None:
+        """The client may not run the statement (or the proxy cannot tell): send it as it came,
+        once, with no lock_timeout of the proxy's and no blocker looked for, and let PostgreSQL
+        answer it (it checks the rights before it queues for the lock)."""
+        unit = self.unit
+        frames = await self.session.exchange(unit.data, unit.expect, unit.executes)
+        _event(
+            "not_guarded",
+            reason="the client lacks the rights to run it, or its targets are unknown",
+            statement=_summary(unit.statements),
+        )
+        self.session.deliver(frames)
 
     async def _clear(self) -> bool:
         """Act on the blockers until none is left to wait for; False: the budget is spent."""
         admin = self.services.usable_admin(self.loop.time())
         if admin is None and self.services.admin is not None and self.targets:
-            self.session.notice(
-                "WARNING", "pgmigrate: admin connection down: blocking sessions not looked for"
-            )
+            self.session.notice("WARNING", notices.admin_down())
         if admin is None or not self.targets:
             return True
         hold_until = self.started + self.settings.max_hold
         while True:
             try:
                 blockers = await admin.find_blockers(
-                    self.targets, self._protected(), database=self.session.database
+                    self.targets,
+                    self._protected(),
+                    database=self.session.database,
+                    viewer=self.resolution.viewer,
                 )
             except (AdminUnavailable, psycopg.Error) as exc:
                 self._admin_lost(exc)
@@ -290,8 +342,13 @@ class _Pipeline:
                 return
             try:
                 pids = [p for p in await admin.blocking_pids(pid) if p > 0]
+                viewer = self.resolution.viewer
+                if pids and not self.resolution.resolved:
+                    viewer, owns = await admin.waiter_owns(pid)
+                    if not owns:
+                        continue  # nothing is done for a client about locks it may not take
                 if pids and not done.is_set():
-                    blockers = await admin.activity(pids)
+                    blockers = await admin.activity(pids, viewer=viewer)
                     if not done.is_set():  # finished meanwhile: they block nothing now
                         await self._act(self._decide(blockers))
             except (AdminUnavailable, psycopg.Error) as exc:
@@ -371,16 +428,16 @@ class _Pipeline:
     def _report(self, decision: Decision) -> None:
         blocker = decision.blocker
         verb = {
-            Verdict.TERMINATE: "terminated",
-            Verdict.CANCEL: "cancelled",
-            Verdict.REPORT: "blocked by",
+            Verdict.TERMINATE: notices.TERMINATED,
+            Verdict.CANCEL: notices.CANCELLED,
+            Verdict.REPORT: notices.BLOCKED_BY,
         }[decision.verdict]
-        who = _describe(blocker)
+        seen = blocker.as_seen()  # what the client's role may see of it in pg_stat_activity
         severity = "WARNING" if decision.acts else "NOTICE"
         self.session.notice(
             severity,
-            f"pgmigrate: {verb} {who}",
-            f"{decision.reason.value}; query: {blocker.query}" if blocker.query else None,
+            notices.blocker(verb, _describe(seen)),
+            f"{decision.reason.value}; query: {seen.query}" if seen.query else None,
         )
         _event(
             verb.replace(" ", "_"),
@@ -423,19 +480,12 @@ class _Pipeline:
         if error is not None and is_retryable(error.code):
             # Before the replies: a notice after their ReadyForQuery would reach the client
             # between statements (unseen, or taken for the next statement's).
-            self.session.notice(
-                "WARNING",
-                f"pgmigrate: lock budget spent after {attempts} attempt(s) "
-                f"({self.elapsed():.1f} s)",
-            )
+            self.session.notice("WARNING", notices.budget_spent(attempts, self.elapsed()))
         self.session.deliver(frames)
 
     def _give_up(self) -> None:
         """The budget ran out while waiting for blockers: answer 55P03 without sending."""
-        message = (
-            f"pgmigrate: lock budget of {self.settings.schedule.budget:g} s spent waiting for "
-            "blocking sessions; the statement was not sent"
-        )
+        message = notices.gave_up(self.settings.schedule.budget)
         error = ErrorResponse.build("ERROR", "55P03", message)
         status = self.session.status
         after = TransactionStatus.FAILED if status is not TransactionStatus.IDLE else status
@@ -451,30 +501,42 @@ class _Pipeline:
                 "lock_timeout and retries only",
                 exc,
             )
-            self.session.notice(
-                "WARNING", "pgmigrate: cannot look for blocking sessions (admin connection down)"
-            )
+            self.session.notice("WARNING", notices.admin_down())
 
 
-async def resolve_targets(
-    session: GuardedSession, statements: Iterable[Statement]
-) -> dict[int, LockMode]:
-    """The OIDs and lock modes of the statements' targets, with the session's own search_path
-    (run on its own server connection, at a batch boundary)."""
+#: The client's role and whether it owns the database (see DATABASE_OWNER_SQL).
+_WHO_AM_I = f"SELECT oid, ({DATABASE_OWNER_SQL}) FROM pg_roles WHERE rolname = current_user"
+
+
+async def resolve_targets(session: GuardedSession, statements: Iterable[Statement]) -> Resolution:
+    """The OIDs and lock modes of the statements' targets, with the session's own search_path,
+    and whether the client has the rights to take those locks: asked on its own server
+    connection, at a batch boundary, as the client (so with its privileges, no one else's)."""
+    who = await session.inject(_WHO_AM_I)
+    if who.error is not None or not who.rows or who.rows[0][0] is None:
+        return UNRESOLVED
+    viewer = int(who.rows[0][0])
+    database_owner = who.rows[0][1] == "t"
     targets: dict[int, LockMode] = {}
+    permitted = True
     for statement in statements:
+        if statement.unknown_targets and not database_owner:
+            permitted = False
         query = targets_query(statement)
         if query is None:
             continue
         answer = await session.inject(query.sql, query.params)
-        for target, relid in answer.rows:
+        if answer.error is not None:
+            permitted = False
+        for target, relid, allowed in answer.rows:
             if target is None or relid is None:
                 continue
+            permitted = permitted and allowed == "t"
             mode = query.modes[int(target)]
             oid = int(relid)
             if oid not in targets or mode > targets[oid]:
                 targets[oid] = mode
-    return targets
+    return Resolution(targets, permitted, viewer)
 
 
 def _error(frames: list[Frame]) -> ErrorResponse | None:

@@ -23,7 +23,7 @@ from pgmigrate_proxy.protocol.types import BackendType, FrontendType, Transactio
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.migration import MigrationRunner
-from pgmigrate_proxy.sql import LockMode, Statement, classify, first_keyword, is_plain
+from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.session import ClientSession
@@ -91,7 +91,7 @@ class Holder:
         self._syncs_since_execute = 0
         self._copy_in = False
         self._statements: dict[str, tuple[Statement, ...]] = {}  # guarded prepared statements
-        self._targets: dict[str, dict[int, LockMode]] = {}  # see remember_targets
+        self._targets: dict[str, guarding.Resolution] = {}  # see remember_targets
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
         self._unit: list[bytes] | None = None  # a unit being collected
@@ -337,8 +337,8 @@ class Holder:
         if statements:
             await self.wait_idle()
             if self.can_inject:
-                targets = await guarding.resolve_targets(self, statements)
-                self.remember_targets(statements, targets)
+                resolved = await guarding.resolve_targets(self, statements)
+                self.remember_targets(statements, resolved)
         for item in frames:
             self._account(item)
         self._write_server([data])
@@ -352,20 +352,22 @@ class Holder:
                     found.extend(classify(sql))
         return found
 
-    def known_targets(self, statements: Iterable[Statement]) -> dict[int, LockMode]:
-        targets: dict[int, LockMode] = {}
-        for statement in statements:
-            targets.update(self._targets.get(statement.text, {}))
-        return targets
+    def known_targets(self, statements: Iterable[Statement]) -> guarding.Resolution:
+        """What was resolved for these statements when they were prepared; a statement never
+        resolved makes the whole unresolved (it goes out untouched)."""
+        known = [self._targets.get(statement.text) for statement in statements]
+        if any(part is None for part in known):
+            return guarding.UNRESOLVED
+        return guarding.Resolution.merge(part for part in known if part is not None)
 
     def remember_targets(
-        self, statements: Iterable[Statement], targets: dict[int, LockMode]
+        self, statements: Iterable[Statement], resolved: guarding.Resolution
     ) -> None:
         """Kept per statement text (a few, bounded) for Executes that come mid-batch."""
         for statement in statements:
             if len(self._targets) >= _KNOWN_TARGETS:
                 self._targets.pop(next(iter(self._targets)))
-            self._targets[statement.text] = targets
+            self._targets[statement.text] = resolved
 
     async def _guard(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
         try:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 from pgmigrate_proxy.sql import tree
 from pgmigrate_proxy.sql.locks import LockMode
-from pgmigrate_proxy.sql.statement import Facts, QualifiedName, Question
+from pgmigrate_proxy.sql.statement import REFERENCES, Facts, QualifiedName, Question
 from pgmigrate_proxy.sql.tree import Node
 
 AE = LockMode.AccessExclusiveLock
@@ -120,8 +120,10 @@ def _add_column(cmd: Node, facts: Facts, target: QualifiedName, why: str) -> Loc
 def _reference(facts: Facts, con: Node, why: str) -> None:
     """A FOREIGN KEY adds triggers on the referenced table (and its partitions): SRE there."""
     referenced = tree.relation(con["pktable"])
-    facts.lock(referenced, SRE, why + " (referenced table)")
-    facts.ask(Question.INHERITORS, referenced, SRE, why + " (referenced partitions)")
+    facts.lock(referenced, SRE, why + " (referenced table)", REFERENCES)
+    facts.ask(
+        Question.INHERITORS, referenced, SRE, why + " (referenced partitions)", right=REFERENCES
+    )
 
 
 def _add_constraint(cmd: Node, facts: Facts, target: QualifiedName, why: str) -> LockMode:
@@ -157,7 +159,9 @@ def _drop_constraint(cmd: Node, facts: Facts, target: QualifiedName, why: str) -
 def _validate(cmd: Node, facts: Facts, target: QualifiedName, why: str) -> LockMode:
     """Validating a FK reads the referenced table under ROW SHARE."""
     rs = LockMode.RowShareLock
-    facts.ask(Question.CONSTRAINT_PARTNER, target, rs, why + " (FK partner)", cmd["name"])
+    facts.ask(
+        Question.CONSTRAINT_PARTNER, target, rs, why + " (FK partner)", cmd["name"], REFERENCES
+    )
     return SUE
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pgmigrate_proxy.sql.locks import LockMode
-from pgmigrate_proxy.sql.statement import Question, Statement
+from pgmigrate_proxy.sql.statement import Question, Right, Statement
 
 #: One SELECT per question, returning the relids of its answer: {rel} and {con} stand for the
 #: parameters holding the subject's regclass text and the constraint name.
@@ -62,9 +62,39 @@ QUERIES: Mapping[Question, str] = {
 }
 
 
+#: Whether the current user may run a statement that locks nothing the SQL names (REINDEX
+#: DATABASE, bare CLUSTER or VACUUM FULL, DROP TYPE ... CASCADE): the database's owner (or a
+#: superuser); a conservative bar, since the server decides each relation's check itself.
+DATABASE_OWNER_SQL = (
+    "SELECT pg_has_role(datdba, 'USAGE') FROM pg_database WHERE datname = current_database()"
+)
+
+
+def right_sql(right: Right, relid: str) -> str:
+    """A boolean SQL expression: the current user has `right` on the relation `relid` (an SQL
+    expression of type oid), as PostgreSQL checks it (pg_has_role on the owner is its "must
+    be owner": membership with inheritance, superusers included)."""
+    if right.privileges:
+        test = f"has_table_privilege({relid}, '{', '.join(right.privileges)}')"
+    else:
+        test = f"(SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = {relid})"
+    if right.maintain:  # MAINTAIN exists from PostgreSQL 17: CASE keeps older ones from it
+        test = (
+            f"({test} OR CASE WHEN current_setting('server_version_num')::int >= 170000"
+            f" THEN has_table_privilege({relid}, 'MAINTAIN') ELSE false END)"
+        )
+    return test
+
+
+def _schema_owner_sql(schema: str) -> str:
+    return f"(SELECT pg_has_role(nspowner, 'USAGE') FROM pg_namespace WHERE oid = {schema})"
+
+
 @dataclass(frozen=True, slots=True)
 class TargetQuery:
-    """One query for all the lock targets of a statement: rows of (target int, relid oid)."""
+    """One query for all the lock targets of a statement: rows of (target int, relid oid,
+    allowed bool), `allowed` saying whether the current user has the rights that PostgreSQL
+    checks before it lets the statement take that lock."""
 
     sql: str
     params: tuple[str, ...]
@@ -78,12 +108,15 @@ def targets_query(statement: Statement) -> TargetQuery | None:
     Run it on the session's own server connection, so that its search_path resolves
     unqualified names; it returns one row (target, relid) per relation, `target` indexing
     `modes`. Parameters are PostgreSQL's own ($1, $2 ...), all text; names go through
-    to_regclass(), so a relation that does not exist (yet) yields no row.
+    to_regclass(), so a relation that does not exist (yet) yields no row. The third column
+    says whether the current user may take that lock (see right_sql); a question's answers are
+    checked each, except SCHEMA_RELATIONS: there the schema's ownership is what counts.
     """
     parts: list[str] = []
     params: list[str] = []
     modes: list[LockMode] = []
     whys: list[str] = []
+    checks: list[str] = []
 
     def param(value: str) -> str:
         params.append(value)
@@ -94,6 +127,7 @@ def targets_query(statement: Statement) -> TargetQuery | None:
         parts.append(f"SELECT {target}, to_regclass({param(lock.relation.regclass_text)})::oid")
         modes.append(lock.mode)
         whys.append(lock.why)
+        checks.append(" AND ".join(right_sql(r, "relid") for r in sorted(lock.rights, key=str)))
     for ask in statement.resolve:
         rel = param(ask.relation.regclass_text)  # a quoted schema name for SCHEMA_RELATIONS
         con = param(ask.constraint) if ask.constraint is not None else "NULL"
@@ -101,8 +135,17 @@ def targets_query(statement: Statement) -> TargetQuery | None:
         parts.append(f"SELECT {len(modes)}, relid FROM ({query}) AS answer(relid)")
         modes.append(ask.mode)
         whys.append(ask.why)
+        if ask.question is Question.SCHEMA_RELATIONS:
+            checks.append(_schema_owner_sql(f"to_regnamespace({rel})::oid"))
+        else:
+            rights = sorted(ask.rights, key=str)
+            checks.append(" AND ".join(right_sql(r, "relid") for r in rights))
     if not parts:
         return None
     union = " UNION ALL ".join(f"({part})" for part in parts)
-    sql = f"SELECT target, relid FROM ({union}) AS t(target, relid) WHERE relid IS NOT NULL"
+    allowed = " ".join(f"WHEN {n} THEN {check}" for n, check in enumerate(checks))
+    sql = (
+        f"SELECT target, relid, coalesce(CASE target {allowed} END, false)"
+        f" FROM ({union}) AS t(target, relid) WHERE relid IS NOT NULL"
+    )
     return TargetQuery(sql, tuple(params), tuple(modes), tuple(whys))

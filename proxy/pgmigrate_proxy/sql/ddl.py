@@ -7,7 +7,16 @@ from collections.abc import Callable, Mapping
 from pgmigrate_proxy.sql import tree
 from pgmigrate_proxy.sql.alter import alter_table
 from pgmigrate_proxy.sql.locks import LockMode
-from pgmigrate_proxy.sql.statement import Facts, QualifiedName, Question
+from pgmigrate_proxy.sql.statement import (
+    OWNER,
+    OWNER_OR_MAINTAIN,
+    REFERENCES,
+    Facts,
+    QualifiedName,
+    Question,
+    Right,
+    lock_table_right,
+)
 from pgmigrate_proxy.sql.tree import Node
 
 AS = LockMode.AccessShareLock
@@ -49,12 +58,16 @@ DOMAIN_CHECKS = frozenset({"O", "C", "V"})  # SET NOT NULL, ADD CONSTRAINT, VALI
 Handler = Callable[[Node], Facts]
 
 
-def _target(facts: Facts, node: Node, mode: LockMode, why: str) -> None:
+TRUNCATE_RIGHT = Right(("TRUNCATE",))
+TRIGGER_RIGHT = Right(("TRIGGER",))
+
+
+def _target(facts: Facts, node: Node, mode: LockMode, why: str, right: Right = OWNER) -> None:
     """Lock a RangeVar, and its inheritors unless ONLY."""
     name = tree.relation(node)
-    facts.lock(name, mode, why)
+    facts.lock(name, mode, why, right)
     if tree.recurses(node):
-        facts.ask(Question.INHERITORS, name, mode, why + " (inheritors)")
+        facts.ask(Question.INHERITORS, name, mode, why + " (inheritors)", right=right)
 
 
 def create_index(stmt: Node) -> Facts:
@@ -75,14 +88,38 @@ def reindex(stmt: Node) -> Facts:
     kind = stmt["kind"]
     if kind == "REINDEX_OBJECT_INDEX":
         index = tree.relation(stmt["relation"])
-        facts.lock(index, index_mode, "REINDEX INDEX")
-        facts.ask(Question.INDEX_TABLE, index, table_mode, "REINDEX INDEX (its table)")
-        facts.ask(Question.INHERITORS, index, index_mode, "REINDEX INDEX (partition indexes)")
+        facts.lock(index, index_mode, "REINDEX INDEX", OWNER_OR_MAINTAIN)
+        facts.ask(
+            Question.INDEX_TABLE,
+            index,
+            table_mode,
+            "REINDEX INDEX (its table)",
+            right=OWNER_OR_MAINTAIN,
+        )
+        facts.ask(
+            Question.INHERITORS,
+            index,
+            index_mode,
+            "REINDEX INDEX (partition indexes)",
+            right=OWNER_OR_MAINTAIN,
+        )
     elif kind == "REINDEX_OBJECT_TABLE":
         table = tree.relation(stmt["relation"])
-        facts.lock(table, table_mode, "REINDEX TABLE")
-        facts.ask(Question.TABLE_INDEXES, table, index_mode, "REINDEX TABLE (its indexes)")
-        facts.ask(Question.INHERITORS, table, table_mode, "REINDEX TABLE (partitions)")
+        facts.lock(table, table_mode, "REINDEX TABLE", OWNER_OR_MAINTAIN)
+        facts.ask(
+            Question.TABLE_INDEXES,
+            table,
+            index_mode,
+            "REINDEX TABLE (its indexes)",
+            right=OWNER_OR_MAINTAIN,
+        )
+        facts.ask(
+            Question.INHERITORS,
+            table,
+            table_mode,
+            "REINDEX TABLE (partitions)",
+            right=OWNER_OR_MAINTAIN,
+        )
     else:  # SCHEMA, DATABASE, SYSTEM: every table of them, one transaction each
         facts.transactional = False
         facts.unknown_targets = not concurrently
@@ -130,10 +167,12 @@ def _drop_relation(facts: Facts, remove: str, name: QualifiedName, cascade: bool
 def truncate(stmt: Node) -> Facts:
     facts = Facts()
     for node in stmt["relations"]:
-        _target(facts, node, AE, "TRUNCATE")
+        _target(facts, node, AE, "TRUNCATE", TRUNCATE_RIGHT)
         if stmt.get("behavior") == "DROP_CASCADE":
             name = tree.relation(node)
-            facts.ask(Question.REFERENCING_TABLES, name, AE, "TRUNCATE CASCADE")
+            facts.ask(
+                Question.REFERENCING_TABLES, name, AE, "TRUNCATE CASCADE", right=TRUNCATE_RIGHT
+            )
     return facts
 
 
@@ -156,7 +195,7 @@ def create_table(stmt: Node) -> Facts:
         for con in found:
             if con["contype"] == "CONSTR_FOREIGN" and tree.relation(con["pktable"]) != own:
                 referenced = tree.relation(con["pktable"])
-                facts.lock(referenced, SRE, "CREATE TABLE REFERENCES")
+                facts.lock(referenced, SRE, "CREATE TABLE REFERENCES", REFERENCES)
     return facts
 
 
@@ -206,7 +245,7 @@ def vacuum(stmt: Node) -> Facts:
     facts = Facts(transactional=not is_vacuum, rewrites=full, scans=True)
     mode, why = (AE, "VACUUM FULL") if full else (SUE, "VACUUM" if is_vacuum else "ANALYZE")
     for item in stmt.get("rels", ()):
-        _target(facts, item["VacuumRelation"]["relation"], mode, why)
+        _target(facts, item["VacuumRelation"]["relation"], mode, why, OWNER_OR_MAINTAIN)
     facts.unknown_targets = full and not stmt.get("rels")
     return facts
 
@@ -215,7 +254,7 @@ def cluster(stmt: Node) -> Facts:
     """CLUSTER t: a rewrite under ACCESS EXCLUSIVE; bare CLUSTER: every clustered table."""
     facts = Facts(rewrites=True)
     if "relation" in stmt:
-        _target(facts, stmt["relation"], AE, "CLUSTER")
+        _target(facts, stmt["relation"], AE, "CLUSTER", OWNER_OR_MAINTAIN)
     else:
         facts.transactional, facts.unknown_targets = False, True
     return facts
@@ -225,7 +264,7 @@ def lock_table(stmt: Node) -> Facts:
     facts = Facts(nowait=stmt.get("nowait", False))
     mode = LockMode(stmt.get("mode", AE))
     for node in stmt["relations"]:
-        _target(facts, node, mode, f"LOCK TABLE IN {mode.sql} MODE")
+        _target(facts, node, mode, f"LOCK TABLE IN {mode.sql} MODE", lock_table_right(mode))
     return facts
 
 
@@ -233,7 +272,9 @@ def refresh(stmt: Node) -> Facts:
     concurrently = stmt.get("concurrent", False)
     facts = Facts(scans=True, rewrites=not concurrently, concurrently=concurrently)
     why = "REFRESH MATERIALIZED VIEW" + (" CONCURRENTLY" if concurrently else "")
-    facts.lock(tree.relation(stmt["relation"]), EXCL if concurrently else AE, why)
+    facts.lock(
+        tree.relation(stmt["relation"]), EXCL if concurrently else AE, why, OWNER_OR_MAINTAIN
+    )
     return facts
 
 
@@ -250,7 +291,7 @@ def _one(mode: LockMode, field: str, why: str) -> Handler:
 
 def _trigger(stmt: Node) -> Facts:
     facts = Facts()
-    _target(facts, stmt["relation"], SRE, "CREATE TRIGGER")
+    _target(facts, stmt["relation"], SRE, "CREATE TRIGGER", TRIGGER_RIGHT)
     return facts
 
 

@@ -27,12 +27,47 @@ class QualifiedName:
 
 
 @dataclass(frozen=True, slots=True)
+class Right:
+    """What PostgreSQL requires of the current user before it lets the statement lock a relation:
+    ownership (`privileges` empty), or any one of the named table privileges. `maintain`: on
+    PostgreSQL 17 and later the MAINTAIN privilege also suffices (VACUUM, CLUSTER, REINDEX,
+    REFRESH MATERIALIZED VIEW, LOCK TABLE)."""
+
+    privileges: tuple[str, ...] = ()
+    maintain: bool = False
+
+    def __str__(self) -> str:
+        text = " or ".join(self.privileges) + " privilege" if self.privileges else "ownership"
+        return text + (" (or MAINTAIN)" if self.maintain else "")
+
+
+#: Ownership of the relation: ALTER, DROP, CREATE INDEX, COMMENT, ... (PG's "must be owner").
+OWNER = Right()
+#: Ownership, or MAINTAIN on PostgreSQL 17+: VACUUM FULL, CLUSTER, REINDEX, REFRESH.
+OWNER_OR_MAINTAIN = Right(maintain=True)
+#: The referenced table of a FOREIGN KEY.
+REFERENCES = Right(("REFERENCES",))
+
+
+def lock_table_right(mode: LockMode) -> Right:
+    """LOCK TABLE's check (LockTableAclCheck): SELECT for ACCESS SHARE, a write privilege for
+    ROW EXCLUSIVE, UPDATE, DELETE or TRUNCATE above; MAINTAIN for any mode on PostgreSQL 17+."""
+    if mode is LockMode.AccessShareLock:
+        return Right(("SELECT",), maintain=True)
+    if mode is LockMode.RowExclusiveLock:
+        return Right(("INSERT", "UPDATE", "DELETE", "TRUNCATE"), maintain=True)
+    return Right(("UPDATE", "DELETE", "TRUNCATE"), maintain=True)
+
+
+@dataclass(frozen=True, slots=True)
 class RelationLock:
-    """A table-level lock the statement takes on a named relation (table, index, view, ...)."""
+    """A table-level lock the statement takes on a named relation (table, index, view, ...),
+    and the rights the current user needs on it (all of them) to run the statement."""
 
     relation: QualifiedName
     mode: LockMode
     why: str
+    rights: frozenset[Right] = frozenset({OWNER})
 
 
 class Question(enum.Enum):
@@ -62,6 +97,8 @@ class CatalogQuestion:
     mode: LockMode
     why: str
     constraint: str | None = None  # CONSTRAINT_PARTNER only
+    #: Needed on every relation of the answer (for SCHEMA_RELATIONS: ownership of the schema).
+    rights: frozenset[Right] = frozenset({OWNER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +124,7 @@ class Statement:
     scans: bool = False
     guarded: bool = False
     concurrently: bool = False
+    unknown_targets: bool = False  # takes strong locks on relations only the server knows
 
     @property
     def strongest(self) -> LockMode | None:
@@ -116,11 +154,15 @@ class Facts:
     nowait: bool = False  # LOCK ... NOWAIT: fails instead of queueing
     unknown_targets: bool = False  # strong locks on relations the SQL does not name
 
-    def lock(self, relation: QualifiedName, mode: LockMode, why: str) -> None:
-        """Record `mode` on `relation`, keeping the strongest mode taken there."""
+    def lock(self, relation: QualifiedName, mode: LockMode, why: str, right: Right = OWNER) -> None:
+        """Record `mode` on `relation`, keeping the strongest mode taken there and every right
+        asked for it."""
         known = self.locks.get(relation)
+        rights = frozenset({right}) if known is None else known.rights | {right}
         if known is None or mode > known.mode:
-            self.locks[relation] = RelationLock(relation, mode, why)
+            self.locks[relation] = RelationLock(relation, mode, why, rights)
+        else:
+            self.locks[relation] = RelationLock(relation, known.mode, known.why, rights)
 
     def ask(
         self,
@@ -129,12 +171,18 @@ class Facts:
         mode: LockMode,
         why: str,
         constraint: str | None = None,
+        right: Right = OWNER,
     ) -> None:
-        """Record a catalog question, keeping the strongest mode asked for it."""
+        """Record a catalog question, keeping the strongest mode asked for it and every right."""
         key = (question, relation, constraint)
         known = self.resolve.get(key)
+        rights = frozenset({right}) if known is None else known.rights | {right}
         if known is None or mode > known.mode:
-            self.resolve[key] = CatalogQuestion(question, relation, mode, why, constraint)
+            self.resolve[key] = CatalogQuestion(question, relation, mode, why, constraint, rights)
+        else:
+            self.resolve[key] = CatalogQuestion(
+                question, relation, known.mode, known.why, constraint, rights
+            )
 
     def build(self, kind: str, text: str) -> Statement:
         locks, resolve = tuple(self.locks.values()), tuple(self.resolve.values())
@@ -149,4 +197,5 @@ class Facts:
             scans=self.scans or self.rewrites,
             guarded=guarded,
             concurrently=self.concurrently,
+            unknown_targets=self.unknown_targets,
         )

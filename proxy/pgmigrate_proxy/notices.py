@@ -1,0 +1,63 @@
+"""The texts of the proxy's NoticeResponse messages that other programs read (the Django app
+prints them in django-pgmigrate 1.x's words): each built and matched here, and only here."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+PREFIX: Final = "pgmigrate: "
+
+#: What a blocker notice says was done: terminated, cancelled, or reported ("blocked by").
+TERMINATED: Final = "terminated"
+CANCELLED: Final = "cancelled"
+BLOCKED_BY: Final = "blocked by"
+
+
+def blocker(verb: str, who: str) -> str:
+    """`who` (from the guard: "pid 12, idle in transaction, ..." or "prepared transaction 'g'")
+    terminated, cancelled or blocking (verb one of TERMINATED, CANCELLED, BLOCKED_BY)."""
+    return f"{PREFIX}{verb} {who}"
+
+
+def retrying(reason: str, delay_ms: int, attempt: int) -> str:
+    return f"{PREFIX}lock not available ({reason}); retrying in {delay_ms} ms (attempt {attempt})"
+
+
+def budget_spent(attempts: int, seconds: float) -> str:
+    return f"{PREFIX}lock budget spent after {attempts} attempt(s) ({seconds:.1f} s)"
+
+
+def gave_up(budget: float) -> str:
+    return (
+        f"{PREFIX}lock budget of {budget:g} s spent waiting for blocking sessions; "
+        "the statement was not sent"
+    )
+
+
+def admin_down(reason: str | None = None) -> str:
+    because = f": {reason}" if reason else ""
+    return f"{PREFIX}cannot look for blocking sessions (admin connection down{because})"
+
+
+def applied_despite_rollback(count: int, shown: str) -> str:
+    return (
+        f"{PREFIX}autocommit session: {count} statement(s) stay applied despite the rollback: "
+        f"{shown}"
+    )
+
+
+# --- matching (the Django app) -------------------------------------------------------------------
+
+TERMINATED_RE: Final = re.compile(rf"{PREFIX}{TERMINATED} pid (\d+)")
+CANCELLED_RE: Final = re.compile(rf"{PREFIX}{CANCELLED} pid (\d+)")
+#: group 1: a pid, or group 2: "prepared transaction 'gid'"
+BLOCKED_BY_RE: Final = re.compile(rf"{PREFIX}{BLOCKED_BY} (?:pid (\d+)|(prepared transaction .*))")
+#: groups: the server's message, the delay in ms, the next attempt's number
+RETRYING_RE: Final = re.compile(
+    rf"{PREFIX}lock not available \((.*)\); retrying in (\d+) ms \(attempt (\d+)\)"
+)
+#: group 1: how many statements stay applied
+APPLIED_RE: Final = re.compile(rf"{PREFIX}autocommit session: (\d+) statement\(s\) stay applied")
+#: group 1: the text of any other notice of the proxy's
+ANY_RE: Final = re.compile(rf"{PREFIX}(.*)")
