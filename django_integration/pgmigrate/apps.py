@@ -1,4 +1,4 @@
-"""The AppConfig: registers the system checks and wraps RunPython for autocommit sessions."""
+"""The AppConfig: registers the system checks (the migrate command wraps RunPython itself)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ class PGMigrateConfig(AppConfig):
     verbose_name = "django-pgmigrate"
 
     def ready(self) -> None:
-        from pgmigrate import atomic, checks
+        from pgmigrate import checks
 
         checks.register()
-        atomic.install()

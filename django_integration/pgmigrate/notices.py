@@ -15,6 +15,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 from django.db.backends.base.base import BaseDatabaseWrapper
+from pgmigrate_proxy import notices as texts
 
 #: psycopg2 notice text: "WARNING:  pgmigrate: terminated pid 12, ...\nDETAIL:  ...\n".
 _PSYCOPG2_NOTICE = re.compile(r"^(?P<severity>[A-Z]+):\s+(?P<message>.*)$", re.MULTILINE)
@@ -35,16 +36,13 @@ class NoticePrinter:
         self.blocked: list[str] = []  # this statement's blockers, as shown
         self.lines: list[str] = []  # everything printed (tests and logs read it)
         self._table: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], None]], ...] = (
-            (re.compile(r"pgmigrate: terminated pid (\d+)"), self._terminated),
-            (re.compile(r"pgmigrate: cancelled pid (\d+)"), self._cancelled),
-            (re.compile(r"pgmigrate: blocked by (?:pid (\d+)|(prepared transaction .*))"),
-             self._blocked),
-            (re.compile(r"pgmigrate: lock not available \((.*)\); retrying in (\d+) ms "
-                        r"\(attempt (\d+)\)"), self._retrying),
-            (re.compile(r"pgmigrate: autocommit session: (\d+) statement\(s\) stay applied"),
-             self._applied),
-            (re.compile(r"pgmigrate: (.*)"), self._generic),
-        )  # fmt: skip
+            (texts.TERMINATED_RE, self._terminated),
+            (texts.CANCELLED_RE, self._cancelled),
+            (texts.BLOCKED_BY_RE, self._blocked),
+            (texts.RETRYING_RE, self._retrying),
+            (texts.APPLIED_RE, self._applied),
+            (texts.ANY_RE, self._generic),
+        )
 
     def notice(self, severity: str, message: str) -> None:
         """One notice; those not from the proxy are left alone, as Django leaves them."""

@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pgmigrate_proxy import notices
 from pgmigrate_proxy.protocol.types import TransactionStatus
 
 # COMMIT PREPARED / ROLLBACK PREPARED end a two-phase transaction: the server's business.
@@ -295,7 +296,4 @@ def _applied_warning(applied: Iterable[str]) -> str:
     items = list(applied)
     shown = "; ".join(s[:80] for s in items[:_APPLIED_SHOWN])
     more = f" and {len(items) - _APPLIED_SHOWN} more" if len(items) > _APPLIED_SHOWN else ""
-    return (
-        f"pgmigrate: autocommit session: {len(items)} statement(s) stay applied despite "
-        f"the rollback: {shown}{more}"
-    )
+    return notices.applied_despite_rollback(len(items), shown + more)

@@ -12,7 +12,7 @@ from django.core.management.commands.migrate import Command as MigrateCommand
 from django.db import connections
 from django.db.utils import OperationalError
 
-from pgmigrate import guard, notices, route, worker
+from pgmigrate import atomic, guard, notices, route, worker
 
 #: SQLSTATE lock_not_available: the proxy's answer when the lock budget is spent.
 LOCK_NOT_AVAILABLE = "55P03"
@@ -60,7 +60,11 @@ class Command(MigrateCommand):
         alias = options["database"]
         connection = connections[alias]
         printer = notices.NoticePrinter(self, show_blocked=plan.shows_blockers)
-        with route.routed(connection, plan) as path, notices.printed(connection, printer):
+        with (
+            route.routed(connection, plan) as path,
+            notices.printed(connection, printer),
+            atomic.bracketing(),
+        ):
             pid = pgactivity.pid(using=alias)
             if self.verbosity:
                 self.stdout.write(self.style.MIGRATE_HEADING("Postgres process ID: ") + str(pid))
