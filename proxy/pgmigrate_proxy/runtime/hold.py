@@ -337,7 +337,9 @@ class Holder:
         if statements:
             await self.wait_idle()
             if self.can_inject:
-                resolved = await guarding.resolve_targets(self, statements)
+                resolved = await guarding.resolve_targets(
+                    self, self.session.hub.guard, statements
+                )
                 self.remember_targets(statements, resolved)
         for item in frames:
             self._account(item)
