@@ -4,13 +4,17 @@ authentication messages, and how many clients may be logging in at once."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import psycopg
 import pytest
+from pgmigrate_proxy.config import ConfigError, load_config
 from pgmigrate_proxy.protocol.framing import HEADER
 from pgmigrate_proxy.protocol.messages import Authentication
 from pgmigrate_proxy.protocol.types import AuthCode, BackendType, FrontendType
 
 from tests.fixtures.proxy import RunningProxy
+from tests.integration.probes import wait_until
 from tests.integration.wire import WireClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -107,3 +111,84 @@ def test_sasl_message_at_the_limit_reaches_postgres(proxy_factory: ProxyFactory)
         mtype, answer = client.read_message()
         assert mtype == BackendType.AUTHENTICATION
         assert Authentication.decode(answer).code == AuthCode.SASL_CONTINUE
+
+
+def _scram_started(client: WireClient) -> None:
+    """Log in as u_scram up to the server's first SCRAM challenge, then go quiet."""
+    assert _password_request(client, "u_scram").code == AuthCode.SASL
+    data = b"n,,n=,r=" + b"abcdefghijklmnopqrstuvwx"
+    payload = b"SCRAM-SHA-256\0" + len(data).to_bytes(4, "big") + data
+    client.send(HEADER.pack(FrontendType.PASSWORD_MESSAGE, len(payload) + 4) + payload)
+    mtype, answer = client.read_message()
+    assert mtype == BackendType.AUTHENTICATION
+    assert Authentication.decode(answer).code == AuthCode.SASL_CONTINUE
+
+
+def _starting(proxy: RunningProxy) -> int:
+    async def read() -> int:
+        return len(proxy.server._starting)
+
+    return proxy.call(read())
+
+
+def test_max_startup_clients(proxy_factory: ProxyFactory) -> None:
+    """Clients stalled mid-SCRAM fill max_startup_clients; the next one gets PostgreSQL's
+    53300 and the connection closes; once one of them leaves, a login works again."""
+    proxy = proxy_factory(startup_timeout=60, max_startup_clients=3)
+    stalled = [WireClient(proxy.host, proxy.port) for _ in range(3)]
+    try:
+        for client in stalled:
+            _scram_started(client)
+        for user in ("u_scram", "u_trust"):
+            with WireClient(proxy.host, proxy.port) as refused:
+                refused.startup(user)
+                error = refused.expect_error()
+                refused.expect_closed()
+            assert (error.severity, error.code) == ("FATAL", "53300")
+            assert error.message == "sorry, too many clients already"
+        stalled.pop().close()
+        wait_until(lambda: _starting(proxy) < 3, "the stalled client's slot to be freed")
+        with WireClient(proxy.host, proxy.port) as client:
+            client.login("u_trust")
+            client.query("SELECT 1")
+        assert _starting(proxy) == 2  # logged in: no longer counted
+    finally:
+        for client in stalled:
+            client.close()
+
+
+def _server_ports(proxy: RunningProxy) -> list[int]:
+    """The local ports of the proxy's server connections (client_port in pg_stat_activity)."""
+
+    async def read() -> list[int]:
+        ports = []
+        for session in proxy.server._sessions:
+            if session.server is not None:
+                ports.append(session.server.get_extra_info("sockname")[1])
+        return ports
+
+    return proxy.call(read())
+
+
+def test_stalled_scram_frees_its_postgres_slot_at_the_startup_timeout(
+    proxy_factory: ProxyFactory, admin: psycopg.Connection[Any]
+) -> None:
+    proxy = proxy_factory(startup_timeout=1.0)
+    with WireClient(proxy.host, proxy.port) as client:
+        _scram_started(client)
+        (port,) = _server_ports(proxy)
+        query = "SELECT count(*) FROM pg_stat_activity WHERE client_port = %s"
+        assert admin.execute(query, [port]).fetchone() == (1,)
+        error = client.expect_error()
+        client.expect_closed()
+    assert error.code == "08006"
+    wait_until(lambda: admin.execute(query, [port]).fetchone() == (0,), "the backend to end")
+    assert _starting(proxy) == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "1.5"])
+def test_max_startup_clients_rejects_bad_values(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(["--max-startup-clients", value], {})
+    assert str(info.value).startswith(f"invalid max_startup_clients: {value!r} (allowed: ")
+    assert load_config([], {"PGMIGRATE_PROXY_MAX_STARTUP_CLIENTS": "7"}).max_startup_clients == 7

@@ -90,6 +90,8 @@ class SessionHub(Protocol):
     migration_patterns: tuple[str, ...]
 
     def register(self, session: ClientSession) -> bytes: ...
+    def admit(self, session: ClientSession) -> bool: ...
+    def logged_in(self, session: ClientSession) -> None: ...
     def session_closed(self, session: ClientSession) -> None: ...
     def cancel(self, request: CancelRequest) -> None: ...
 
@@ -307,6 +309,11 @@ class ClientSession(asyncio.Protocol):
         if "user" not in startup.parameters:
             self.fail("28000", "no PostgreSQL user name specified in startup packet")
             return None
+        if not self.hub.admit(self):
+            # PostgreSQL's words when it has no slot left (after the startup packet, as it does)
+            log.warning("session %s: max_startup_clients reached: refused", self.peer)
+            self.fail("53300", "sorry, too many clients already")
+            return None
         return startup
 
     def _can_start_tls(self) -> bool:
@@ -415,6 +422,7 @@ class ClientSession(asyncio.Protocol):
 
     def _enter_relay(self, ready: ReadyForQuery) -> None:
         self.phase = Phase.RELAY
+        self.hub.logged_in(self)
         self.status = ready.status
         assert self.handshake is not None
         self.server_key = self.handshake.server_key
