@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import tracemalloc
 from typing import Any
 
 import psycopg
 import pytest
+from pgmigrate_proxy.protocol.framing import frame
+from pgmigrate_proxy.protocol.types import BackendType, FrontendType
 
 from tests.fixtures.proxy import RunningProxy
-from tests.integration.probes import wait_until
+from tests.integration.probes import active_sessions, wait_until
 from tests.integration.wire import WireClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 #: The finding's query: a million `SELECT 1;` and an ALTER, 10 MB.
+MB = 1024 * 1024
 HUGE = "SELECT 1;" * 1_000_000 + " ALTER TABLE huge_target ADD COLUMN x int"
 
 
@@ -84,3 +89,29 @@ def test_migration_session_splits_a_long_script_off_the_loop(proxy: RunningProxy
     ) as conn:
         conn.execute(script.encode())
         assert conn.execute("SELECT count(*) FROM long_script").fetchone() == (2,)
+
+
+def test_parse_cache_keeps_a_few_megabytes_after_huge_parses(proxy: RunningProxy) -> None:
+    """The finding: 10 x 50 MB Parse messages stayed in the process-wide Parse cache after
+    the client left (here 10 x 5 MB, measured by tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with WireClient(proxy.host, proxy.port) as client:
+            client.login("u_trust")
+            for i in range(10):
+                sql = f"SELECT {i}, '" + "x" * 5 * MB + "'"
+                client.send(parse(f"s{i}", sql) + frame(FrontendType.SYNC))
+                client.read_until(BackendType.READY_FOR_QUERY)
+        wait_until(lambda: active_sessions(proxy) == 0, "the session to close")
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 8 * MB, f"{kept / MB:.1f} MB kept after the client left"
+
+
+def parse(name: str, sql: str) -> bytes:
+    payload = name.encode() + b"\0" + sql.encode() + b"\0" + (0).to_bytes(2, "big")
+    return frame(FrontendType.PARSE, payload)
