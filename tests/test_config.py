@@ -129,6 +129,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "log_format": ("json", "json"),
     "max_message_size": ("8192", 8192),
     "startup_timeout": ("0.5", 0.5),
+    "max_startup_clients": ("20", 20),
     "shutdown_grace": ("0", 0.0),
     "client_tls_cert_file": ("", None),
     "client_tls_key_file": ("", None),

@@ -188,6 +188,7 @@ RULES: dict[str, _Rule] = {
     "log_format": _choice(*LOG_FORMATS),
     "max_message_size": _integer(8192, 1073741823),
     "startup_timeout": _seconds(0, inclusive=False),
+    "max_startup_clients": _integer(1, 1000000),
     "shutdown_grace": _seconds(0, inclusive=True),
     "client_tls_cert_file": _OPTIONAL_PATH,
     "client_tls_key_file": _OPTIONAL_PATH,
@@ -253,6 +254,7 @@ class Config:
     log_format: str = "text"
     max_message_size: int = 268435456
     startup_timeout: float = 60.0
+    max_startup_clients: int = 50
     shutdown_grace: float = 30.0
     client_tls_cert_file: str | None = None
     client_tls_key_file: str | None = None

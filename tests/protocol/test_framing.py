@@ -261,6 +261,19 @@ def test_length_exactly_max_size_is_accepted() -> None:
     assert scanner.at_boundary
 
 
+def test_limit_applies_from_the_next_header() -> None:
+    scanner = _scanner()
+    scanner.limit(20)
+    with pytest.raises(FramingError, match="exceeds the limit of 20 bytes"):
+        scanner.feed(frame(FrontendType.QUERY, b"x" * 16 + b"\0"))
+    scanner = _scanner()
+    scanner.limit(20)
+    scanner.feed(frame(FrontendType.QUERY, b"x" * 15 + b"\0"))
+    scanner.limit(100)
+    scanner.feed(frame(FrontendType.QUERY, b"x" * 95 + b"\0"))
+    assert scanner.at_boundary
+
+
 @given(
     prefix=st.lists(st.binary(max_size=12), max_size=5),
     kind=st.sampled_from(sorted(BAD_HEADERS)),

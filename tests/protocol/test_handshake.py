@@ -141,3 +141,19 @@ def test_a_malformed_initial_response_is_left_to_the_server() -> None:
     garbage = b"garbage-without-terminator"
     out = handshake.frontend(FrontendType.PASSWORD_MESSAGE, garbage)
     assert out == frame(FrontendType.PASSWORD_MESSAGE, garbage)
+
+
+def test_client_message_cap_follows_postgres() -> None:
+    """PG_MAX_AUTH_TOKEN_LENGTH until asked for SCRAM (PG_MAX_SASL_MESSAGE_LENGTH), then none."""
+    handshake = _handshake()
+    assert handshake.max_client_message == 65535
+    _backend(handshake, "AuthenticationSASL", mechanisms=["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
+    assert handshake.max_client_message == 1024
+    _backend(handshake, "AuthenticationOk")
+    assert handshake.max_client_message is None
+
+
+def test_client_message_cap_for_other_sasl_mechanisms() -> None:
+    handshake = _handshake()
+    _backend(handshake, "AuthenticationSASL", mechanisms=["OAUTHBEARER"])
+    assert handshake.max_client_message == 65535

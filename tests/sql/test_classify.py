@@ -129,10 +129,10 @@ def test_results_are_cached_by_text() -> None:
     first = classify(sql)
     assert classify(sql) is first
     info = cache_info()
-    assert (info.hits, info.misses, info.currsize) == (1, 1, 1)
-    long_sql = "SELECT 1 " + " " * classify_module.CACHE_MAX_TEXT
+    assert (info.hits, info.misses, info.entries) == (1, 1, 1)
+    long_sql = "SELECT 1 " + " " * classify_module.MAX_CLASSIFIED
     assert classify(long_sql) == classify(long_sql)
-    assert cache_info().currsize == 1  # long texts are never kept
+    assert cache_info().entries == 1  # long texts are never kept
 
 
 def test_names_are_quoted_for_to_regclass() -> None:

@@ -90,6 +90,10 @@ class FrameScanner:
         """Replace the set of watched types (takes effect from the next frame)."""
         self._watched = type_table(types)
 
+    def limit(self, max_size: int) -> None:
+        """Replace the largest length a header may declare (takes effect from the next frame)."""
+        self._max_size = max_size
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Scan one chunk; return the watched frames completed in it. Raises FramingError."""
         frames: list[Frame] = []

@@ -7,6 +7,9 @@ The proxy relays authentication and never needs the password. It rewrites three 
 - BackendKeyData carries the proxy's own secret key (the process id stays the server's, so
   that `pg_backend_pid()` and the client's idea of its pid agree);
 - the first ReadyForQuery is preceded by a ParameterStatus that identifies the proxy.
+
+It also says how long a client message may be at each step (`max_client_message`), as
+PostgreSQL caps them, so that nobody can make the proxy buffer a huge message before login.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from pgmigrate_proxy.protocol.messages import (
     ParameterStatus,
     SASLInitialResponse,
 )
-from pgmigrate_proxy.protocol.types import AuthCode, BackendType, FrontendType
+from pgmigrate_proxy.protocol.types import (
+    MAX_AUTH_TOKEN,
+    MAX_SASL_MESSAGE,
+    AuthCode,
+    BackendType,
+    FrontendType,
+)
 
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 
@@ -49,6 +58,8 @@ class Handshake:
     outcome: HandshakeOutcome = HandshakeOutcome.AUTHENTICATING
     server_key: BackendKeyData | None = None
     server_parameters: dict[str, str] = field(default_factory=dict)
+    #: The longest client message PostgreSQL accepts now (None: authenticated, no such cap).
+    max_client_message: int | None = MAX_AUTH_TOKEN
     _sasl_started: bool = False
     _expect_initial_response: bool = False
 
@@ -78,9 +89,13 @@ class Handshake:
 
     def _authentication(self, payload: bytes) -> bytes:
         auth = Authentication.decode(payload)
-        if auth.code == AuthCode.SASL:
+        if auth.code == AuthCode.OK:
+            self.max_client_message = None
+        elif auth.code == AuthCode.SASL:
             self._expect_initial_response = True
             offered = [m for m in auth.mechanisms if m != SCRAM_PLUS]
+            scram = all(m.startswith("SCRAM-") for m in offered)
+            self.max_client_message = MAX_SASL_MESSAGE if scram else MAX_AUTH_TOKEN
             return Authentication.sasl(offered).encode()
         return auth.encode()
 

@@ -91,6 +91,12 @@ SSL_REJECT = b"N"
 
 #: PostgreSQL's own cap on the startup packet (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET = 10000
+#: PostgreSQL's caps on what a client sends while it authenticates, as the length field counts
+#: (pq_getmessage's maxlen): a password packet or GSS/SSPI token (PG_MAX_AUTH_TOKEN_LENGTH,
+#: src/include/libpq/auth.h; also OAUTHBEARER's messages), and a SCRAM message
+#: (PG_MAX_SASL_MESSAGE_LENGTH, src/include/libpq/sasl.h).
+MAX_AUTH_TOKEN = 65535
+MAX_SASL_MESSAGE = 1024
 
 #: Parameter name of the ParameterStatus the proxy adds, so that clients can detect it.
 PROXY_PARAMETER = "pgmigrate_proxy"

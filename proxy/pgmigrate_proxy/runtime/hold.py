@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.migration import MigrationRunner
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
+from pgmigrate_proxy.sql.cache import ByteLRU
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.session import ClientSession
@@ -50,9 +52,9 @@ _PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"w
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
-#: Parse messages seen lately, by their bytes: (statement name, guarded statements or None).
-_PARSES: dict[bytes, tuple[str, tuple[Statement, ...] | None]] = {}
-_PARSES_KEPT = 4096
+#: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
+#: at most 4 MB of them, all sessions together, none over 64 kB (a long one is parsed again).
+_PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
 #: Statement texts whose resolved targets are kept for Executes that come mid-batch.
 _KNOWN_TARGETS = 64
 #: Replies that end an Execute (with a Flush instead of a Sync, no ReadyForQuery follows).
@@ -214,9 +216,7 @@ class Holder:
         if known is None:
             name, sql = extended.parse_statement(payload)
             known = (name, self._guarded_sql(sql))
-            if len(_PARSES) >= _PARSES_KEPT:
-                _PARSES.clear()
-            _PARSES[payload] = known
+            _PARSES.put(payload, known, 2 * sys.getsizeof(payload))  # the key, and the text
         return known
 
     def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:

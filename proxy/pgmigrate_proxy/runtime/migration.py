@@ -9,6 +9,7 @@ transaction-control statement, answered message by message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from pgmigrate_proxy.protocol.types import BackendType, FrontendType, Transactio
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
 from pgmigrate_proxy.sql import Statement, classify, is_plain
+from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED, MAX_SCRIPT_STATEMENTS, classify_script
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.hold import Holder
@@ -60,7 +62,11 @@ class MigrationRunner:
         """One Query message: its statements one by one, then one ReadyForQuery."""
         holder = self.holder
         await holder.wait_idle()
-        for text, statements in _split(sql):
+        pieces = await _split_off_loop(sql) if len(sql) > MAX_CLASSIFIED else _split(sql)
+        if pieces is None:
+            holder.deliver_raw(error_frame("54000", _TOO_MANY))
+            pieces = []
+        for text, statements in pieces:
             if not await self._statement(text, statements):
                 break  # PostgreSQL stops a Query at its first error
         holder.batch_open = False
@@ -265,6 +271,10 @@ _ASYNCHRONOUS = (
     BackendType.NOTICE_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTIFICATION_RESPONSE,
 )  # fmt: skip
 _ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+_TOO_MANY = (
+    f"pgmigrate: a Query of more than {MAX_SCRIPT_STATEMENTS} statements in a migration "
+    "session: send its statements in several Query messages"
+)
 
 
 def _split(sql: str) -> list[tuple[str, tuple[Statement, ...]]]:
@@ -275,6 +285,16 @@ def _split(sql: str) -> list[tuple[str, tuple[Statement, ...]]]:
     if len(statements) <= 1:
         return [(sql, statements)]
     return [(s.text, (s,)) for s in statements]
+
+
+async def _split_off_loop(sql: str) -> list[tuple[str, tuple[Statement, ...]]] | None:
+    """_split for a long text, in a worker thread; None when it holds too many statements
+    to split without stalling the other sessions (a plain single statement is never split)."""
+    if is_plain(sql) and not is_control(sql):
+        return [(sql, ())]
+    if sql.count(";") > MAX_SCRIPT_STATEMENTS:
+        return None
+    return await asyncio.get_running_loop().run_in_executor(None, classify_script, sql)
 
 
 def _statements_of(frames: list[Frame]) -> list[list[Frame]]:

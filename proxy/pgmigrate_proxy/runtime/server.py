@@ -74,6 +74,7 @@ class ProxyServer:
         self.port = config.listen_port
         self._server: asyncio.Server | None = None
         self._sessions: set[ClientSession] = set()
+        self._starting: set[ClientSession] = set()  # between startup packet and login
         self._keys: dict[bytes, ClientSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -123,7 +124,19 @@ class ProxyServer:
                 self._keys[key] = session
                 return key
 
+    def admit(self, session: ClientSession) -> bool:
+        """Whether a session may open its server connection to log in: at most
+        max_startup_clients at once, each holding a PostgreSQL slot until it is done."""
+        if len(self._starting) >= self.config.max_startup_clients:
+            return False
+        self._starting.add(session)
+        return True
+
+    def logged_in(self, session: ClientSession) -> None:
+        self._starting.discard(session)
+
     def session_closed(self, session: ClientSession) -> None:
+        self._starting.discard(session)
         self._sessions.discard(session)
         if self._keys.get(session.secret_key) is session:
             del self._keys[session.secret_key]

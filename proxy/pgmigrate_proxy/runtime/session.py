@@ -36,6 +36,8 @@ from pgmigrate_proxy.protocol.messages import (
 )
 from pgmigrate_proxy.protocol.types import (
     FRONTEND_TYPES,
+    MAX_AUTH_TOKEN,
+    MAX_STARTUP_PACKET,
     PROTOCOL_3_0,
     PROXY_PARAMETER,
     SSL_ACCEPT,
@@ -62,6 +64,8 @@ log = logging.getLogger("pgmigrate_proxy.session")
 _FRONTEND_VALID = type_table(FRONTEND_TYPES)
 _ALL_TYPES = range(256)
 _RELAY_BACKEND_WATCH = (BackendType.READY_FOR_QUERY,)
+#: Bytes a client may send ahead before the proxy reads them as messages (then it pauses).
+_STARTUP_BUFFER = MAX_STARTUP_PACKET + MAX_AUTH_TOKEN
 #: How long a session closing on an error waits for the server to reach a message boundary.
 _DRAIN_SECONDS = 5.0
 
@@ -86,6 +90,8 @@ class SessionHub(Protocol):
     migration_patterns: tuple[str, ...]
 
     def register(self, session: ClientSession) -> bytes: ...
+    def admit(self, session: ClientSession) -> bool: ...
+    def logged_in(self, session: ClientSession) -> None: ...
     def session_closed(self, session: ClientSession) -> None: ...
     def cancel(self, request: CancelRequest) -> None: ...
 
@@ -182,6 +188,8 @@ class ClientSession(asyncio.Protocol):
             self._auth_frontend(data)
         elif self.phase in (Phase.STARTUP, Phase.CONNECTING):
             self._inbuf += data
+            if len(self._inbuf) > _STARTUP_BUFFER and self.client is not None:
+                self.client.pause_reading()  # resumed once there is a reader for it
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
 
@@ -301,6 +309,11 @@ class ClientSession(asyncio.Protocol):
         if "user" not in startup.parameters:
             self.fail("28000", "no PostgreSQL user name specified in startup packet")
             return None
+        if not self.hub.admit(self):
+            # PostgreSQL's words when it has no slot left (after the startup packet, as it does)
+            log.warning("session %s: max_startup_clients reached: refused", self.peer)
+            self.fail("53300", "sorry, too many clients already")
+            return None
         return startup
 
     def _can_start_tls(self) -> bool:
@@ -323,6 +336,7 @@ class ClientSession(asyncio.Protocol):
                 del self._inbuf[:length]
                 return packet
             self._waiter = asyncio.get_running_loop().create_future()
+            self.resume_client_reading()
             await self._waiter
             self._waiter = None
 
@@ -352,9 +366,17 @@ class ClientSession(asyncio.Protocol):
         )
         self.phase = Phase.AUTHENTICATING
         self._fe.watch(_ALL_TYPES)
+        self._limit_client_messages()
         if self._inbuf:
             pending, self._inbuf = bytes(self._inbuf), bytearray()
             self._auth_frontend(pending)
+        self.resume_client_reading()
+
+    def _limit_client_messages(self) -> None:
+        """Until login, client messages are capped as PostgreSQL caps them (a few kB)."""
+        assert self.handshake is not None
+        limit = self.handshake.max_client_message
+        self._fe.limit(self.settings.max_message_size if limit is None else limit)
 
     def _startup_timed_out(self) -> None:
         self._timer = None
@@ -394,14 +416,18 @@ class ClientSession(asyncio.Protocol):
             client.write(b"".join(out))
             self._server_violation(exc)
             return
+        if self.phase is Phase.AUTHENTICATING:
+            self._limit_client_messages()
         client.write(b"".join(out))
 
     def _enter_relay(self, ready: ReadyForQuery) -> None:
         self.phase = Phase.RELAY
+        self.hub.logged_in(self)
         self.status = ready.status
         assert self.handshake is not None
         self.server_key = self.handshake.server_key
         self.handshake = None
+        self._fe.limit(self.settings.max_message_size)
         held = self._fe.release()  # a client frame begun before the server was ready
         if held and self.server is not None:
             self.server.write(held)

@@ -49,8 +49,15 @@ _END = -1  # _statement_start: nothing but whitespace and comments up to the end
 _UNSURE = -2  # the scan cannot tell: let the parser decide
 
 
+#: Longer texts are judged by their first statement only, when it is their only one: the
+#: full scan costs about 0.1 us a byte in the worst case, and it runs on the event loop.
+MAX_SCANNED = 64 * 1024
+
+
 def is_plain(sql: str) -> bool:
     """True when no statement in `sql` can take a lock that queues behind ordinary traffic."""
+    if len(sql) > MAX_SCANNED:
+        return _plain_long(sql)
     if ";" not in sql:  # one statement: its first keyword decides
         return _statement_start(sql, 0) != _UNSURE
     body = sql.rstrip()
@@ -62,6 +69,18 @@ def is_plain(sql: str) -> bool:
         if pos >= 0:
             pos = _statement_start(sql, pos)
     return pos == _END
+
+
+def _plain_long(sql: str) -> bool:
+    """A long text: plain when it is one statement (no semicolon but a final one) whose first
+    keyword, within the first MAX_SCANNED characters, is plain. Only C-speed scans of it."""
+    body = sql.rstrip()
+    semicolon = body.find(";")
+    if semicolon >= 0 and semicolon != len(body) - 1:
+        return False
+    head = sql[:MAX_SCANNED]
+    pos = _statement_start(head, 0)
+    return 0 <= pos < len(head)
 
 
 def first_keyword(sql: str) -> str | None:
