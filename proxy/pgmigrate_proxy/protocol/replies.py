@@ -1,0 +1,257 @@
+"""What one server connection still owes: the queue of expected replies, in order, and whose
+request each one answers (the client's, or one the proxy injected and whose replies it keeps).
+
+As pgbouncer's outstanding-request list and pgdog's backend state keep it, each frontend
+message forwarded pushes what it expects and each backend message pops what it answers,
+following PostgreSQL's rules (postgres.c and the docs' "Message Flow"):
+
+- Parse, Bind, Describe, Close and Execute expect their own completion (ParseComplete,
+  BindComplete, RowDescription or NoData, CloseComplete, CommandComplete / EmptyQueryResponse
+  / PortalSuspended); Sync and Query a ReadyForQuery; FunctionCall a FunctionCallResponse and
+  a ReadyForQuery; Flush, CopyData and Terminate nothing.
+- After an ErrorResponse to an extended-protocol message the server discards everything up to
+  the next Sync (Query and FunctionCall included): their entries go.
+- During COPY IN the server ignores Sync and Flush: a Sync sent after the statement that
+  started the COPY expects nothing (settled when the client's CopyDone or CopyFail goes out).
+- A ReadyForQuery answers everything queued before it: replies come in order, so a completion
+  the caller did not feed (the relay watches few message types) was answered before it.
+  ReadyForQuery, ErrorResponse and CopyInResponse must always be fed: they change what is
+  owed in ways no later message reveals; every other reply must be fed while
+  `needs_every_reply` says so (a request of the proxy's is queued, whose replies are kept one
+  by one; a batch is open; or a Query or FunctionCall sits behind extended-protocol requests,
+  where what an ErrorResponse discards depends on which request it answers).
+
+Entries are run-length encoded: a pipeline of a thousand Syncs is one entry.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from pgmigrate_proxy.protocol.types import BackendType, FrontendType
+
+
+class Owner(enum.Enum):
+    """Whose request a reply answers."""
+
+    CLIENT = "client"  # passed on to the client
+    PROXY = "proxy"  # injected by the proxy: its replies are kept from the client
+
+
+class Expect(enum.Enum):
+    """What a request expects, named after the request."""
+
+    PARSE = "parse"
+    BIND = "bind"
+    DESCRIBE = "describe"
+    CLOSE = "close"
+    EXECUTE = "execute"
+    FUNCTION = "function"  # a FunctionCall's FunctionCallResponse
+    QUERY = "query"  # a Query's (or FunctionCall's) ReadyForQuery: discarded after an error
+    SYNC = "sync"  # a Sync's ReadyForQuery: where skipping after an error stops
+
+
+class UnexpectedReply(Exception):
+    """The server sent a reply to no request (a ReadyForQuery with nothing owed)."""
+
+
+F, B = FrontendType, BackendType
+#: Frontend message -> what it expects (FunctionCall and the COPY ends are handled apart).
+_PUSHES: dict[int, Expect] = {
+    F.PARSE: Expect.PARSE, F.BIND: Expect.BIND, F.DESCRIBE: Expect.DESCRIBE,
+    F.CLOSE: Expect.CLOSE, F.EXECUTE: Expect.EXECUTE, F.QUERY: Expect.QUERY, F.SYNC: Expect.SYNC,
+}  # fmt: skip
+_EXTENDED = frozenset({Expect.PARSE, Expect.BIND, Expect.DESCRIBE, Expect.CLOSE, Expect.EXECUTE})
+#: Backend message -> the request kinds it completes.
+_COMPLETES: dict[int, frozenset[Expect]] = {
+    B.PARSE_COMPLETE: frozenset({Expect.PARSE}),
+    B.BIND_COMPLETE: frozenset({Expect.BIND}),
+    B.CLOSE_COMPLETE: frozenset({Expect.CLOSE}),
+    B.ROW_DESCRIPTION: frozenset({Expect.DESCRIBE}),  # a Query's RowDescription: no entry
+    B.NO_DATA: frozenset({Expect.DESCRIBE}),
+    B.COMMAND_COMPLETE: frozenset({Expect.EXECUTE}),
+    B.EMPTY_QUERY_RESPONSE: frozenset({Expect.EXECUTE}),
+    B.PORTAL_SUSPENDED: frozenset({Expect.EXECUTE}),
+    B.FUNCTION_CALL_RESPONSE: frozenset({Expect.FUNCTION}),
+}
+_READY = (Expect.QUERY, Expect.SYNC)
+
+
+class _Entry:
+    """`count` requests of one kind and owner, in a row."""
+
+    __slots__ = ("count", "kind", "owner")
+
+    def __init__(self, kind: Expect, owner: Owner) -> None:
+        self.kind = kind
+        self.owner = owner
+        self.count = 1
+
+
+class ReplyQueue:
+    """The expected replies of one server connection (see the module docstring)."""
+
+    __slots__ = ("_entries", "_skipping", "_syncs_since_statement", "batch_open", "copy_in")
+
+    def __init__(self) -> None:
+        self._entries: deque[_Entry] = deque()
+        self._syncs_since_statement = 0  # Syncs after the last Query / Execute (COPY IN rule)
+        self.batch_open = False  # extended-protocol messages sent since the last Sync
+        self.copy_in = False  # the server reads the client's CopyData
+        self._skipping = False  # an extended message failed: the server discards up to Sync
+
+    # --- what is owed ---------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing owed and no batch open: the proxy may send a request of its own."""
+        return not self._entries and not self.batch_open and not self.copy_in
+
+    @property
+    def needs_every_reply(self) -> bool:
+        """True while the queue stays exact only if every reply is fed (module docstring)."""
+        if self.batch_open:
+            return True
+        extended = False
+        for entry in self._entries:
+            if entry.owner is Owner.PROXY:
+                return True
+            kind = entry.kind
+            if kind in _EXTENDED:
+                extended = True
+            elif extended and kind is not Expect.SYNC:
+                return True  # a Query or FunctionCall inside a batch
+            elif kind is Expect.SYNC:
+                extended = False
+        return False
+
+    @property
+    def readies(self) -> int:
+        """How many ReadyForQuery messages the server still owes."""
+        return sum(e.count for e in self._entries if e.kind in _READY)
+
+    @property
+    def head_owner(self) -> Owner | None:
+        """Whose request the server is answering now (None: nothing owed)."""
+        return self._entries[0].owner if self._entries else None
+
+    def pending(self) -> list[tuple[Expect, Owner, int]]:
+        """The queue, head first, as (what, whose, how many)."""
+        return [(e.kind, e.owner, e.count) for e in self._entries]
+
+    # --- frontend -------------------------------------------------------------------------------
+
+    def sent(self, message_type: int, owner: Owner = Owner.CLIENT) -> None:
+        """A frontend message went to the server."""
+        kind = _PUSHES.get(message_type)
+        if self._skipping:  # the server discards it unanswered, a Sync aside
+            if kind is not Expect.SYNC:
+                return
+            self._skipping = False
+        if kind is not None:
+            if kind is Expect.SYNC:
+                self.batch_open = False
+                self._syncs_since_statement += 1
+            elif kind in _EXTENDED:
+                self.batch_open = True
+                if kind is Expect.EXECUTE:
+                    self._syncs_since_statement = 0
+            else:
+                self._syncs_since_statement = 0
+            self._push(kind, owner)
+        elif message_type == F.FUNCTION_CALL:
+            self._syncs_since_statement = 0
+            self._push(Expect.FUNCTION, owner)
+            self._push(Expect.QUERY, owner)
+        elif message_type in (F.COPY_DONE, F.COPY_FAIL) and self.copy_in:
+            self.copy_in = False
+            self._forget_syncs(self._syncs_since_statement)  # ignored during COPY IN
+            self._syncs_since_statement = 0
+
+    def _push(self, kind: Expect, owner: Owner) -> None:
+        entries = self._entries
+        if entries:
+            tail = entries[-1]
+            if tail.kind is kind and tail.owner is owner:
+                tail.count += 1
+                return
+        entries.append(_Entry(kind, owner))
+
+    def _forget_syncs(self, count: int) -> None:
+        entries = self._entries
+        while count and entries and entries[-1].kind is Expect.SYNC:
+            tail = entries[-1]
+            taken = min(count, tail.count)
+            tail.count -= taken
+            count -= taken
+            if not tail.count:
+                entries.pop()
+
+    # --- backend --------------------------------------------------------------------------------
+
+    def received(self, message_type: int) -> Owner | None:
+        """A backend message came: pop what it answers. Returns whose request it belongs to
+        (for a message that completes nothing, such as a DataRow or a notice, the request
+        being answered now); None when nothing is owed."""
+        if message_type == B.READY_FOR_QUERY:
+            return self._ready()
+        if message_type == B.ERROR_RESPONSE:
+            return self._error()
+        if message_type == B.COPY_IN_RESPONSE:
+            self.copy_in = True
+            return self.head_owner
+        kinds = _COMPLETES.get(message_type)
+        if kinds is None:
+            return self.head_owner
+        return self._complete(kinds)
+
+    def _complete(self, kinds: frozenset[Expect]) -> Owner | None:
+        """Pop the first entry of `kinds` before the next ReadyForQuery, and all before it."""
+        entries = self._entries
+        for index, entry in enumerate(entries):
+            kind = entry.kind
+            if kind in _READY:
+                break  # part of a Query's results (its RowDescription, CommandComplete)
+            if kind in kinds:
+                for _ in range(index):
+                    entries.popleft()
+                return self._take_one()
+        return self.head_owner
+
+    def _take_one(self) -> Owner:
+        head = self._entries[0]
+        head.count -= 1
+        if not head.count:
+            self._entries.popleft()
+        return head.owner
+
+    def _ready(self) -> Owner:
+        entries = self._entries
+        while entries and entries[0].kind not in _READY:
+            entries.popleft()  # answered earlier, by replies not fed here
+        if not entries:
+            raise UnexpectedReply("ReadyForQuery with nothing owed")
+        self.copy_in = False
+        return self._take_one()
+
+    def _error(self) -> Owner | None:
+        entries = self._entries
+        if not entries:
+            return None
+        if self.copy_in:  # the COPY failed: the Syncs sent during it were ignored
+            self.copy_in = False
+            self._forget_syncs(self._syncs_since_statement)
+            self._syncs_since_statement = 0
+        head = entries[0]
+        owner, kind = head.owner, head.kind
+        if kind in _READY:
+            return owner  # a Query's (or Sync's) error: its ReadyForQuery follows
+        if kind is Expect.FUNCTION:
+            self._take_one()
+            return owner
+        # an extended-protocol message failed: the server skips everything up to the next Sync
+        while entries and entries[0].kind is not Expect.SYNC:
+            entries.popleft()
+        self._skipping = not entries  # its Sync is still to come: what comes before is dropped
+        return owner
