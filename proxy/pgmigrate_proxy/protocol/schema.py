@@ -1,8 +1,12 @@
-"""The wire layouts of the PostgreSQL protocol, declared once with construct: build and test oracle.
+"""The wire layouts of the PostgreSQL protocol, declared once with construct: the codec of the
+messages off the hot path, and the test oracle of the rest.
 
-Layouts follow the PostgreSQL docs, "Message Formats", names verbatim. The relay's hot path never
-runs construct (see DESIGN.md, section 3): this module builds messages in tests and checks the
-hand-written codecs of messages.py against an independent declaration of the same layouts.
+Layouts follow the PostgreSQL docs, "Message Formats", names verbatim. messages.py decodes and
+builds with them the messages that pass a few times per statement or per connection
+(ErrorResponse / NoticeResponse, NegotiateProtocolVersion, CancelRequest, SSLRequest,
+GSSENCRequest, SASLInitialResponse, AuthenticationSASL); where a layout would cost measurable
+time it keeps struct and says why (messages.py's header). The relay's hot path never runs
+construct (DESIGN.md, section 3).
 
 - `PACKETS`: startup packets (no type byte): StartupMessage, SSLRequest, GSSENCRequest,
   CancelRequest.
@@ -25,7 +29,6 @@ from construct import (
     Check,
     Const,
     Container,
-    CString,
     ExprAdapter,
     FocusedSeq,
     GreedyBytes,
@@ -35,6 +38,7 @@ from construct import (
     Int16ub,
     Int32sb,
     Int32ub,
+    NullTerminated,
     OneOf,
     Prefixed,
     PrefixedArray,
@@ -55,7 +59,13 @@ from pgmigrate_proxy.protocol.types import (
 
 # --- shared pieces ----------------------------------------------------------------------------
 
-_TEXT = CString("utf8")
+#: A NUL-terminated string. Decoded leniently (invalid UTF-8 replaced, as the hand-written
+#: codecs did): a server with another encoding must not turn its error into a DecodeError.
+_TEXT = ExprAdapter(
+    NullTerminated(GreedyBytes),
+    lambda obj, ctx: obj.decode("utf-8", "replace"),
+    lambda obj, ctx: obj.encode("utf-8"),
+)
 
 #: A list of strings closed by an empty one (AuthenticationSASL's mechanisms).
 _STRING_LIST = ExprAdapter(
