@@ -251,13 +251,19 @@ class ClientSession(asyncio.Protocol):
 
     def server_lost(self) -> None:
         self.server = None
-        if self.holder is not None:
-            self.holder.server_lost()
+        last_words = self.holder.server_lost() if self.holder is not None else b""
         if self.phase is Phase.CONNECTING:
             return  # open_upstream fails or _connect notices: _startup tells the client why
         if self.client is not None:
+            if last_words and self.phase is Phase.RELAY:
+                self.client.write(last_words)  # the FATAL the guard had taken aside
             self.client.close()
         self._close()
+
+    @property
+    def relaying(self) -> bool:
+        """Still passing messages both ways (not closing on an error, not closed)."""
+        return self.phase is Phase.RELAY
 
     # --- startup -------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 from pglast import parser
 
@@ -14,6 +15,10 @@ from pgmigrate_proxy.sql.statement import Facts, Statement
 UNPARSABLE = "Unparsable"
 CACHE_SIZE = 4096  # distinct statement texts
 CACHE_MAX_TEXT = 64 * 1024  # longer texts are classified each time, never kept
+#: Why a statement's tree could not be read (it nests deeper than Python's recursion limit).
+TOO_DEEP = "nested too deeply to classify: guarded with unknown targets"
+#: The node type of the first statement, read from the start of the parser's JSON.
+_FIRST_KIND = re.compile(r'\{"version":\d+,"stmts":\[\{"stmt":\{"(\w+)"')
 
 
 def classify(sql: str) -> tuple[Statement, ...]:
@@ -21,10 +26,17 @@ def classify(sql: str) -> tuple[Statement, ...]:
 
     Text the parser rejects gives one Statement of kind "Unparsable", not guarded: PostgreSQL
     will report the error itself. An empty text (or comments only) gives no statement.
+    A statement whose tree nests too deep to read here is guarded with unknown targets when
+    its kind takes locks (its `note` says why); anything else unexpected gives "Unparsable".
     """
-    if len(sql) > CACHE_MAX_TEXT:
-        return _classify(sql)
-    return _cached(sql)
+    try:
+        if len(sql) > CACHE_MAX_TEXT:
+            return _classify(sql)
+        return _cached(sql)
+    except RecursionError:
+        return _too_deep(sql)
+    except Exception as exc:  # a promise to every caller: the guard must never fail here
+        return (Statement(kind=UNPARSABLE, text=sql, note=f"not classified: {exc!r}"),)
 
 
 def cache_info() -> functools._CacheInfo:
@@ -52,6 +64,28 @@ def _classify(sql: str) -> tuple[Statement, ...]:
 _cached = functools.lru_cache(maxsize=CACHE_SIZE)(_classify)
 
 
+def _too_deep(sql: str) -> tuple[Statement, ...]:
+    """Statement by statement: those that can be read as usual, the others by kind alone."""
+    try:
+        texts = parser.split(sql)
+    except (parser.ParseError, ValueError):
+        return (Statement(kind=UNPARSABLE, text=sql),)
+    found: list[Statement] = []
+    for text in texts:
+        try:
+            found.extend(_classify(text))
+            continue
+        except RecursionError:
+            pass
+        match = _FIRST_KIND.match(parser.parse_sql_json(text))
+        kind = match.group(1) if match else UNPARSABLE
+        if kind in HANDLERS:
+            found.append(Facts(unknown_targets=True).build(kind, text, note=TOO_DEEP))
+        else:
+            found.append(Statement(kind=kind, text=text, note=TOO_DEEP))
+    return tuple(found)
+
+
 def _slice(sql: str, encoded: bytes | None, raw: tree.Node) -> str:
     """The statement's own text: stmt_location and stmt_len count UTF-8 bytes (0 = to the end)."""
     start = raw.get("stmt_location", 0)
@@ -69,7 +103,7 @@ def _statement(node: tree.Node, text: str) -> Statement:
         return Statement(kind=kind, text=text)
     try:
         facts = handler(fields)
-    except (KeyError, TypeError, ValueError, IndexError):
+    except (KeyError, TypeError, ValueError, IndexError, RecursionError):
         # A tree shape this code does not know (a newer grammar): guard it with no known
         # targets rather than let it through unseen; the guard's polling still sees blockers.
         facts = Facts(unknown_targets=True)

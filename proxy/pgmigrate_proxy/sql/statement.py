@@ -87,6 +87,7 @@ class Statement:
     scans: bool = False
     guarded: bool = False
     concurrently: bool = False
+    note: str = ""  # why the classification is partial (a tree nested too deep to read)
 
     @property
     def strongest(self) -> LockMode | None:
@@ -136,7 +137,7 @@ class Facts:
         if known is None or mode > known.mode:
             self.resolve[key] = CatalogQuestion(question, relation, mode, why, constraint)
 
-    def build(self, kind: str, text: str) -> Statement:
+    def build(self, kind: str, text: str, note: str = "") -> Statement:
         locks, resolve = tuple(self.locks.values()), tuple(self.resolve.values())
         guarded = self.unknown_targets or (not self.nowait and needs_guard(locks, resolve))
         return Statement(
@@ -149,4 +150,5 @@ class Facts:
             scans=self.scans or self.rewrites,
             guarded=guarded,
             concurrently=self.concurrently,
+            note=note,
         )
