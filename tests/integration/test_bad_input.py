@@ -207,3 +207,54 @@ def test_deeply_nested_ddl_is_answered(
     wait_until(lambda: active_sessions(proxy) == 0, "the session to close")
     tracebacks = [line for line in proxy_log if "Traceback" in line]
     assert not tracebacks, tracebacks
+
+
+def _describe_unnamed() -> bytes:
+    return frame(FrontendType.DESCRIBE, b"S\0")
+
+
+def _execute_unnamed() -> bytes:
+    return frame(FrontendType.EXECUTE, b"\0" + bytes(4))
+
+
+#: Extended-query batches left open (no Sync) with a simple Query behind them: after an error
+#: PostgreSQL discards everything up to the Sync, that Query included; without an error it
+#: runs it (asyncpg's prepare ends with a Flush, then a simple Query may come).
+UNSYNCED: dict[str, bytes] = {
+    "execute-error-query-flush": _execute_unnamed()
+    + Query("SET pgmigrate.atomic = on").encode()
+    + frame(FrontendType.FLUSH),
+    "describe-error-query": _describe_unnamed() + Query("bogus").encode(),
+    "parse-execute-error-flush-query": frame(FrontendType.PARSE, b"\0SELECT 1/0\0\0\0")
+    + bind_execute_sync()[:-5]
+    + frame(FrontendType.FLUSH)
+    + Query("SELECT 2").encode(),
+    "prepare-flush-then-query": frame(FrontendType.PARSE, b"\0SELECT 1\0\0\0")
+    + _describe_unnamed()
+    + frame(FrontendType.FLUSH)
+    + Query("SELECT 2").encode(),
+}
+
+
+def _exchange(host: str, port: int, options: str | None, data: bytes, replies: int) -> str:
+    """The types of the messages answering `data`, up to its `replies`-th ReadyForQuery."""
+    with WireClient(host, port) as client:
+        login(client, options)
+        client.send(data)
+        seen: list[Message] = []
+        while sum(1 for m in seen if m[0] == BackendType.READY_FOR_QUERY) < replies:
+            seen.append(client.read_message())
+    return types(seen)
+
+
+@pytest.mark.parametrize("case", list(UNSYNCED))
+def test_migration_session_query_behind_an_unsynced_batch(
+    proxy: RunningProxy, pg: Any, proxy_log: list[str], case: str
+) -> None:
+    """The same replies as PostgreSQL gives (before: the client's Sync went past the runner
+    while it skipped, the next query was dropped, and the client waited forever)."""
+    data = UNSYNCED[case] + frame(FrontendType.SYNC) + Query("SELECT 'end'").encode()
+    direct = _exchange(pg.host, pg.port, None, data, 2 + (case == "prepare-flush-then-query"))
+    through = _exchange(proxy.host, proxy.port, MIGRATE, data, direct.count("Z"))
+    assert through == direct
+    assert not [line for line in proxy_log if "Traceback" in line]

@@ -50,6 +50,8 @@ _PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"w
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
+#: Extended-query messages that leave the server mid-batch until a Sync.
+_BATCH_MESSAGES = (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE, FrontendType.CLOSE)
 #: Parse messages seen lately, by their bytes: (statement name, guarded statements or None).
 _PARSES: dict[bytes, tuple[str, tuple[Statement, ...] | None]] = {}
 _PARSES_KEPT = 4096
@@ -165,7 +167,8 @@ class Holder:
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
-            if mtype == _SYNC and item.start >= 0:  # the most frequent frames, inline
+            # the most frequent frames, inline (a migration session's Sync may end its skipping)
+            if mtype == _SYNC and item.start >= 0 and self.migration is None:
                 self.pending += 1
                 self.batch_open = False
                 self._syncs_since_execute += 1
@@ -278,7 +281,7 @@ class Holder:
         elif mtype == FrontendType.EXECUTE:
             self.batch_open = True
             self._syncs_since_execute = 0
-        elif mtype == FrontendType.PARSE or mtype == FrontendType.BIND:
+        elif mtype in _BATCH_MESSAGES:
             self.batch_open = True
         elif self._copy_in and mtype in (FrontendType.COPY_DONE, FrontendType.COPY_FAIL):
             # Syncs sent during COPY IN are ignored by the server: no reply for them.
@@ -374,9 +377,9 @@ class Holder:
             # the server is gone (the session is closing already) or unusable
             self.abandon("08006", f"pgmigrate-proxy: lost the server connection: {exc}")
             return
-        except DecodeError as exc:
+        except DecodeError as exc:  # (the client's messages were checked: the server's?)
             self.task = None
-            self.abandon("08P01", f"invalid message from the client: {exc}")
+            self.abandon("08P01", f"pgmigrate-proxy: invalid message: {exc}")
             return
         except Exception:
             self.task = None
@@ -464,6 +467,8 @@ class Holder:
                 self.session.status = status
                 if self.pending > 0:
                     self.pending -= 1
+                if self.migration is not None:
+                    self.migration.batch_failed = False
             elif item.type == BackendType.COPY_IN_RESPONSE:
                 self._copy_in = True
             elif item.type == BackendType.ERROR_RESPONSE and self.migration is not None:
