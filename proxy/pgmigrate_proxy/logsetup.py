@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -10,6 +11,8 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 LOGGER_NAME = "pgmigrate_proxy"
+#: Other loggers whose records the proxy's handler formats (asyncio's own reports).
+ADOPTED_LOGGERS = ("asyncio",)
 MASK = "********"
 LEVELS = {
     "debug": logging.DEBUG,
@@ -80,7 +83,8 @@ class _ProxyHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """(Re)configure the `pgmigrate_proxy` logger; safe to call again on reload."""
+    """(Re)configure the `pgmigrate_proxy` logger, and asyncio's, which then writes through
+    the same handler (a JSON log stays JSON, redaction applies); safe to call again on reload."""
     logger = logging.getLogger(LOGGER_NAME)
     for old in [h for h in logger.handlers if isinstance(h, _ProxyHandler)]:
         logger.removeHandler(old)
@@ -88,6 +92,21 @@ def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = No
             stream = old.stream
     handler = _ProxyHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(_FORMATTERS[fmt]())
-    logger.addHandler(handler)
+    for adopted in (logger, *map(logging.getLogger, ADOPTED_LOGGERS)):
+        for old in [h for h in adopted.handlers if isinstance(h, _ProxyHandler)]:
+            adopted.removeHandler(old)
+        adopted.addHandler(handler)
+        adopted.propagate = False
     logger.setLevel(LEVELS[level])
-    logger.propagate = False
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler: what escaped a callback or a task is logged on the
+    proxy's logger (its formatter, its redaction), never printed around it."""
+    exc = context.get("exception")
+    message = context.get("message") or "unhandled exception in the event loop"
+    task = context.get("task") or context.get("future")
+    where = f" ({task.get_name()})" if isinstance(task, asyncio.Task) else ""
+    logging.getLogger(LOGGER_NAME + ".loop").error(
+        "%s%s", message, where, exc_info=exc if isinstance(exc, BaseException) else None
+    )

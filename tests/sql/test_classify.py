@@ -280,3 +280,52 @@ def test_statements_on_relations_only_the_server_knows_are_marked() -> None:
     assert classify("REINDEX DATABASE d")[0].unknown_targets
     assert classify("VACUUM FULL")[0].unknown_targets
     assert not classify("VACUUM FULL t")[0].unknown_targets
+
+
+# --- deeply nested statements (issue 9, finding 3): classify never raises ----------------------
+
+TOO_DEEP = getattr(classify_module, "TOO_DEEP", "(missing)")
+
+
+def _nested(depth: int) -> str:
+    return "abs(" * depth + "1" + ")" * depth
+
+
+@pytest.mark.parametrize("depth", [600, 1000, 3000])
+def test_deeply_nested_ddl_is_guarded_with_unknown_targets(depth: int) -> None:
+    sql = f"SELECT 1; ALTER TABLE t ALTER COLUMN c SET DEFAULT {_nested(depth)}; SELECT 2"
+    first, alter, last = classify(sql)
+    assert (first.kind, last.kind, first.note, last.note) == ("SelectStmt", "SelectStmt", "", "")
+    assert (alter.kind, alter.guarded, alter.note) == ("AlterTableStmt", True, TOO_DEEP)
+    assert alter.text.startswith("ALTER TABLE t") and alter.text.endswith(")")
+
+
+def test_deeply_nested_add_column_default_is_guarded() -> None:
+    (alter,) = classify(f"ALTER TABLE t ADD COLUMN x int DEFAULT {_nested(800)}")
+    assert (alter.kind, alter.guarded) == ("AlterTableStmt", True)
+
+
+def test_deeply_nested_select_is_not_guarded() -> None:
+    (select,) = classify(f"SELECT {_nested(1000)}")
+    assert (select.kind, select.guarded, select.note) == ("SelectStmt", False, TOO_DEEP)
+
+
+@pytest.mark.parametrize("depth", [5000, 100_000])
+def test_past_the_parsers_own_limit_is_unparsable(depth: int) -> None:
+    (statement,) = classify(f"ALTER TABLE t ALTER COLUMN c SET DEFAULT {_nested(depth)}")
+    assert (statement.kind, statement.guarded) == (UNPARSABLE, False)
+
+
+def test_classify_never_raises_even_deep_in_the_stack() -> None:
+    """Near the recursion limit already (a caller deep in callbacks): still an answer."""
+
+    def down(levels: int) -> tuple[Statement, ...]:
+        return (
+            classify(f"ALTER TABLE t ALTER COLUMN c SET DEFAULT {_nested(300)}")
+            if (levels == 0)
+            else down(levels - 1)
+        )
+
+    cache_clear()
+    (statement,) = down(700)
+    assert (statement.kind, statement.guarded) == ("AlterTableStmt", True)

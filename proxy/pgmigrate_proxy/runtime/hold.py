@@ -52,6 +52,8 @@ _PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"w
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
+#: Extended-query messages that leave the server mid-batch until a Sync.
+_BATCH_MESSAGES = (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE, FrontendType.CLOSE)
 #: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
 #: at most 4 MB of them, all sessions together, none over 64 kB (a long one is parsed again).
 _PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
@@ -76,6 +78,26 @@ def plain_query(payload: bytes) -> bool:
         return False
     semicolon = payload.find(b";")
     return semicolon < 0 or not payload[semicolon + 1 : -1].strip()
+
+
+def _check(item: Frame) -> None:
+    """Raise DecodeError when a frame the migration runner reads is malformed."""
+    if item.type == FrontendType.QUERY:
+        extended.query_text(item.payload)
+    elif item.type == FrontendType.PARSE:
+        extended.parse_statement(item.payload)
+    elif item.type == FrontendType.BIND:
+        extended.bind_names(item.payload)
+
+
+def _fatal(item: Frame) -> bool:
+    """An ErrorResponse that ends the session (FATAL or PANIC)."""
+    if item.type != BackendType.ERROR_RESPONSE:
+        return False
+    try:
+        return ErrorResponse.decode(item.payload).severity in ("FATAL", "PANIC")
+    except DecodeError:
+        return False
 
 
 class Holder:
@@ -113,7 +135,26 @@ class Holder:
     # --- frontend -------------------------------------------------------------------------
 
     def pump(self, cut: Cut, first: int = 0, pos: int = 0) -> None:
-        """Forward a scanned chunk from frame `first` and byte `pos` on, or queue it."""
+        """Forward a scanned chunk from frame `first` and byte `pos` on, or queue it.
+
+        A message the proxy must read and cannot (a migration session's Query without its
+        terminator) ends the session with 08P01, as PostgreSQL ends it; anything else that
+        goes wrong here ends it with XX000: never a hang, never a reply out of order."""
+        try:
+            self._pump(cut, first, pos)
+        except DecodeError as exc:
+            self.abandon("08P01", f"invalid message from the client: {exc}")
+        except Exception:
+            log.exception("session %s: guard failed on client data", self.session.peer)
+            self.abandon("XX000", "pgmigrate-proxy: internal error in the DDL guard")
+
+    def abandon(self, code: str, message: str) -> None:
+        """Drop what is held and end the session with an error (after the replies owed)."""
+        self._backlog = None
+        self._unit = None
+        self.session.fail(code, message)
+
+    def _pump(self, cut: Cut, first: int, pos: int) -> None:
         if self._backlog is not None:
             self._backlog.append((cut, first, pos))
             self._backlog_bytes += cut.tail - pos
@@ -128,7 +169,8 @@ class Holder:
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
-            if mtype == _SYNC and item.start >= 0:  # the most frequent frames, inline
+            # the most frequent frames, inline (a migration session's Sync may end its skipping)
+            if mtype == _SYNC and item.start >= 0 and self.migration is None:
                 self.pending += 1
                 self.batch_open = False
                 self._syncs_since_execute += 1
@@ -194,6 +236,7 @@ class Holder:
 
     def _migration_unit(self, item: Frame) -> tuple[Statement, ...] | None:
         """In a migration session every statement is a unit, COPY aside (it streams)."""
+        _check(item)
         if item.type == FrontendType.QUERY:
             copy = first_keyword(extended.query_text(item.payload)) == "COPY"
             failed = self.migration is not None and self.migration.virtual.state is State.FAILED
@@ -238,7 +281,7 @@ class Holder:
         elif mtype == FrontendType.EXECUTE:
             self.batch_open = True
             self._syncs_since_execute = 0
-        elif mtype == FrontendType.PARSE or mtype == FrontendType.BIND:
+        elif mtype in _BATCH_MESSAGES:
             self.batch_open = True
         elif self._copy_in and mtype in (FrontendType.COPY_DONE, FrontendType.COPY_FAIL):
             # Syncs sent during COPY IN are ignored by the server: no reply for them.
@@ -276,7 +319,9 @@ class Holder:
                 self._unit.append(item.raw)
                 self._unit_frames.append(item)
                 pos = item.end
-                if item.type == FrontendType.PARSE:
+                if self.migration is not None:
+                    _check(item)  # the runner reads them: a bad one ends the session now
+                elif item.type == FrontendType.PARSE:
                     self._guarded(item)  # keep the prepared-statement map right
                 if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
                     self._backlog.appendleft((cut, index + 1, pos))
@@ -317,17 +362,33 @@ class Holder:
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
 
     async def _migration(self, work: Coroutine[Any, Any, None]) -> None:
+        await self._run_unit(work, "a migration session")
+
+    async def _run_unit(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a unit's work, then pump what waited behind it. Every way out ends in the
+        unit's answer or an error and a closed session; nothing escapes the task."""
         try:
             await work
-        except ConnectionError:
+        except asyncio.CancelledError:
+            self.task = None
+            raise  # the session closed: the held statement is dropped
+        except ConnectionError as exc:
+            self.task = None
+            # the server is gone (the session is closing already) or unusable
+            self.abandon("08006", f"pgmigrate-proxy: lost the server connection: {exc}")
+            return
+        except DecodeError as exc:  # (the client's messages were checked: the server's?)
+            self.task = None
+            self.abandon("08P01", f"pgmigrate-proxy: invalid message: {exc}")
             return
         except Exception:
-            log.exception("session %s: migration unit failed", self.session.peer)
-            self.session.fail("XX000", "pgmigrate-proxy: internal error in a migration session")
-            return
-        finally:
             self.task = None
-        self.release()
+            log.exception("session %s: %s failed", self.session.peer, what)
+            self.abandon("XX000", f"pgmigrate-proxy: internal error in {what}")
+            return
+        # (cleared before release: it may start the next unit's task)
+        self.task = None
+        self.release()  # pump() catches its own errors
 
     async def _prepare(self, data: bytes, frames: list[Frame]) -> None:
         """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
@@ -349,7 +410,10 @@ class Holder:
         found: list[Statement] = []
         for item in frames:
             if item.type == FrontendType.PARSE:
-                sql = extended.parse_statement(item.payload)[1]
+                try:
+                    sql = extended.parse_statement(item.payload)[1]
+                except DecodeError:
+                    continue  # PostgreSQL will reject it in its own words
                 if not is_plain(sql):
                     found.extend(classify(sql))
         return found
@@ -372,28 +436,21 @@ class Holder:
             self._targets[statement.text] = resolved
 
     async def _guard(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
-        try:
-            await guarding.run(self, self.session.hub.guard, self.settings, unit)
-            if unit.closes_batch:
-                self.batch_open = False
-            else:
-                for item in frames:
-                    self._account(item)  # the batch goes on: its Sync is still to come
-        except ConnectionError:
-            return
-        except Exception:
-            log.exception("session %s: guard failed", self.session.peer)
-            self.session.fail("XX000", "pgmigrate-proxy: internal error in the DDL guard")
-            return
-        finally:
-            self.task = None
-        self.release()
+        await self._run_unit(self._guard_unit(unit, frames), "the DDL guard")
+
+    async def _guard_unit(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
+        await guarding.run(self, self.session.hub.guard, self.settings, unit)
+        if unit.closes_batch:
+            self.batch_open = False
+        else:
+            for item in frames:
+                self._account(item)  # the batch goes on: its Sync is still to come
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""
         backlog, self._backlog = self._backlog, None
         self.session.resume_client_reading()
-        while backlog:
+        while backlog and self.session.relaying:
             cut, first, pos = backlog.popleft()
             self.pump(cut, first, pos)
             if self._backlog is not None:  # a new unit began: the rest waits behind it
@@ -414,6 +471,8 @@ class Holder:
                 self.session.status = status
                 if self.pending > 0:
                     self.pending -= 1
+                if self.migration is not None:
+                    self.migration.batch_failed = False
             elif item.type == BackendType.COPY_IN_RESPONSE:
                 self._copy_in = True
             elif item.type == BackendType.ERROR_RESPONSE and self.migration is not None:
@@ -446,10 +505,17 @@ class Holder:
             if done is not None and not done.done():
                 done.set_result(taken)
 
-    def server_lost(self) -> None:
+    def server_lost(self) -> bytes:
+        """The server connection is gone: fail the waits; return the server's last words
+        taken aside (its FATAL: the statement's backend was terminated, the server is
+        shutting down) for the client, who must see them as a relayed statement would."""
+        last_words = b""
+        if self._sink is not None:
+            last_words = b"".join(f.raw for f in self._sink if _fatal(f))
         for waiter in (self._sink_done, self._idle):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(ConnectionError("the server connection was lost"))
+        return last_words
 
     # --- what the guard pipeline uses (guarding.GuardedSession) ----------------------------------
 

@@ -45,10 +45,14 @@ class MigrationRunner:
         self.prepared: dict[str, str] = {}  # statement name -> SQL, for Binds of later batches
         self.skipping = False  # an error in a batch sent to Flush: skip to the client's Sync
         self.sent_sync = False  # a statement of the current batch went out with our Sync
+        self.batch_failed = False  # an error passed by in a batch the client has not synced
 
     def passed_error(self) -> None:
-        """An error in traffic that streams past the runner (COPY): it fails the block."""
+        """An error in traffic that streams past the runner (COPY, a Describe sent on its
+        own): it fails the block, and the server skips the rest of an open batch."""
         self.virtual.forwarded("COPY", True)
+        if self.holder.batch_open:
+            self.batch_failed = True
 
     def client_status(self) -> TransactionStatus:
         """What ReadyForQuery tells the client: the real status inside an atomic stretch."""
@@ -62,6 +66,8 @@ class MigrationRunner:
         """One Query message: its statements one by one, then one ReadyForQuery."""
         holder = self.holder
         await holder.wait_idle()
+        if self.skipping or (holder.batch_open and not await self._end_client_batch()):
+            return  # after an error in a batch, PostgreSQL discards a Query without a reply
         pieces = await _split_off_loop(sql) if len(sql) > MAX_CLASSIFIED else _split(sql)
         if pieces is None:
             holder.deliver_raw(error_frame("54000", _TOO_MANY))
@@ -71,6 +77,22 @@ class MigrationRunner:
                 break  # PostgreSQL stops a Query at its first error
         holder.batch_open = False
         holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
+
+    async def _end_client_batch(self) -> bool:
+        """The client left an extended batch open (no Sync: asyncpg's prepare ends with a
+        Flush) and sends a Query: end the batch with a Sync of ours first. False when the batch
+        had failed: the server was skipping to Sync, so the Query is dropped and the client's
+        own Sync is answered by the runner, as PostgreSQL would answer them."""
+        holder = self.holder
+        frames = await holder.exchange(extended.sync(), 1)
+        holder.batch_open = False
+        holder.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
+        failed = self.batch_failed or _error(frames) is not None
+        self.batch_failed = False
+        if failed:
+            self.virtual.forwarded("(extended query)", True)
+            self.skipping = True
+        return not failed
 
     async def _statement(self, text: str, statements: tuple[Statement, ...]) -> bool:
         """Run one statement; False when it failed."""

@@ -8,7 +8,7 @@ import logging
 import secrets
 from dataclasses import replace
 
-from pgmigrate_proxy import __version__
+from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.protocol.messages import CancelRequest
@@ -88,9 +88,10 @@ class ProxyServer:
         return len(self._sessions)
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(logsetup.loop_exception_handler)
         if self.config.guard:
             await self._open_admin()
-        loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
         )

@@ -259,13 +259,19 @@ class ClientSession(asyncio.Protocol):
 
     def server_lost(self) -> None:
         self.server = None
-        if self.holder is not None:
-            self.holder.server_lost()
+        last_words = self.holder.server_lost() if self.holder is not None else b""
         if self.phase is Phase.CONNECTING:
             return  # open_upstream fails or _connect notices: _startup tells the client why
         if self.client is not None:
+            if last_words and self.phase is Phase.RELAY:
+                self.client.write(last_words)  # the FATAL the guard had taken aside
             self.client.close()
         self._close()
+
+    @property
+    def relaying(self) -> bool:
+        """Still passing messages both ways (not closing on an error, not closed)."""
+        return self.phase is Phase.RELAY
 
     # --- startup -------------------------------------------------------------------------------
 
@@ -297,7 +303,8 @@ class ClientSession(asyncio.Protocol):
             if self._inbuf:  # nothing may follow these before our answer (CVE-2021-23214)
                 raise DecodeError("unexpected data after an encryption request")
             if isinstance(packet, SSLRequest) and self._can_start_tls():
-                await self._start_tls()
+                if not await self._start_tls():
+                    return None
             else:
                 assert isinstance(packet, (SSLRequest, GSSENCRequest))
                 self._write(SSL_REJECT)
@@ -319,14 +326,24 @@ class ClientSession(asyncio.Protocol):
     def _can_start_tls(self) -> bool:
         return self.settings.client_tls is not None and not self._tls
 
-    async def _start_tls(self) -> None:
+    async def _start_tls(self) -> bool:
+        """The TLS handshake; False when it failed (logged in one line, the session closed:
+        a client that rejects the certificate, or anything but TLS after our 'S')."""
         assert self.client is not None and self.settings.client_tls is not None
         self._write(SSL_ACCEPT)
         loop = asyncio.get_running_loop()
         context = self.settings.client_tls
-        transport = await loop.start_tls(self.client, self, context, server_side=True)
+        try:
+            transport = await loop.start_tls(self.client, self, context, server_side=True)
+        except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout
+            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+            reason = str(reason).lower().replace("_", " ")  # as PostgreSQL prints it
+            log.info("session %s: TLS handshake failed: %s", self.peer, reason)
+            self.abort()
+            return False
         self.client = cast(asyncio.Transport, transport)
         self._tls = True
+        return True
 
     async def _read_startup_packet(self) -> bytes:
         while True:

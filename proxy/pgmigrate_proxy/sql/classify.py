@@ -8,6 +8,7 @@ the cache keeps at most CACHE_BUDGET bytes, whatever the texts.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import NamedTuple
 
@@ -38,6 +39,10 @@ class CacheInfo(NamedTuple):
 
 _cache: ByteLRU[str, tuple[Statement, ...]] = ByteLRU(CACHE_BUDGET, CACHE_MAX_ENTRY)
 _hits = _misses = 0
+#: Why a statement's tree could not be read (it nests deeper than Python's recursion limit).
+TOO_DEEP = "nested too deeply to classify: guarded with unknown targets"
+#: The node type of the first statement, read from the start of the parser's JSON.
+_FIRST_KIND = re.compile(r'\{"version":\d+,"stmts":\[\{"stmt":\{"(\w+)"')
 
 
 def classify(sql: str) -> tuple[Statement, ...]:
@@ -46,7 +51,9 @@ def classify(sql: str) -> tuple[Statement, ...]:
     Text the parser rejects gives one Statement of kind "Unparsable", not guarded: PostgreSQL
     will report the error itself. An empty text (or comments only) gives no statement. A text
     longer than MAX_CLASSIFIED, or one too deeply nested to walk, gives one Statement of kind
-    "Unclassified", judged by its first keyword alone (see `unclassified`).
+    "Unclassified", judged by its first keyword alone (see `unclassified`). A statement whose
+    tree nests too deep to read is guarded with unknown targets when its kind takes locks (its
+    `note` says why); anything else unexpected gives "Unparsable".
     """
     global _hits, _misses
     if len(sql) > MAX_CLASSIFIED:
@@ -56,12 +63,21 @@ def classify(sql: str) -> tuple[Statement, ...]:
         _hits += 1
         return found
     _misses += 1
-    try:
-        found = _classify(sql)
-    except (RecursionError, MemoryError):
-        found = (unclassified(sql),)
+    found = _safely(sql)
     _cache.put(sql, found, _cost(sql, found))
     return found
+
+
+def _safely(sql: str) -> tuple[Statement, ...]:
+    """_classify, never raising: a tree too deep to read is read statement by statement."""
+    try:
+        return _classify(sql)
+    except RecursionError:
+        return _too_deep(sql)
+    except MemoryError:
+        return (unclassified(sql),)
+    except Exception as exc:  # a promise to every caller: the guard must never fail here
+        return (Statement(kind=UNPARSABLE, text=sql, note=f"not classified: {exc!r}"),)
 
 
 def unclassified(sql: str) -> Statement:
@@ -97,10 +113,7 @@ def _uncached(sql: str) -> tuple[Statement, ...]:
         return ()
     if len(sql) > MAX_CLASSIFIED:
         return (unclassified(sql),)
-    try:
-        return _classify(sql)
-    except (RecursionError, MemoryError):
-        return (unclassified(sql),)
+    return _safely(sql)
 
 
 def _cost(sql: str, statements: tuple[Statement, ...]) -> int:
@@ -132,6 +145,28 @@ def _classify(sql: str) -> tuple[Statement, ...]:
     )
 
 
+def _too_deep(sql: str) -> tuple[Statement, ...]:
+    """Statement by statement: those that can be read as usual, the others by kind alone."""
+    try:
+        texts = parser.split(sql)
+    except (parser.ParseError, ValueError):
+        return (Statement(kind=UNPARSABLE, text=sql),)
+    found: list[Statement] = []
+    for text in texts:
+        try:
+            found.extend(_classify(text))
+            continue
+        except RecursionError:
+            pass
+        match = _FIRST_KIND.match(parser.parse_sql_json(text))
+        kind = match.group(1) if match else UNPARSABLE
+        if kind in HANDLERS:
+            found.append(Facts(unknown_targets=True).build(kind, text, note=TOO_DEEP))
+        else:
+            found.append(Statement(kind=kind, text=text, note=TOO_DEEP))
+    return tuple(found)
+
+
 def _slice(sql: str, encoded: bytes | None, raw: tree.Node) -> str:
     """The statement's own text: stmt_location and stmt_len count UTF-8 bytes (0 = to the end)."""
     start = raw.get("stmt_location", 0)
@@ -149,7 +184,7 @@ def _statement(node: tree.Node, text: str) -> Statement:
         return Statement(kind=kind, text=text)
     try:
         facts = handler(fields)
-    except (KeyError, TypeError, ValueError, IndexError):
+    except (KeyError, TypeError, ValueError, IndexError, RecursionError):
         # A tree shape this code does not know (a newer grammar): guard it with no known
         # targets rather than let it through unseen; the guard's polling still sees blockers.
         facts = Facts(unknown_targets=True)

@@ -125,6 +125,7 @@ class Statement:
     guarded: bool = False
     concurrently: bool = False
     unknown_targets: bool = False  # takes strong locks on relations only the server knows
+    note: str = ""  # why the classification is partial (a tree nested too deep to read)
 
     @property
     def strongest(self) -> LockMode | None:
@@ -184,7 +185,7 @@ class Facts:
                 question, relation, known.mode, known.why, constraint, rights
             )
 
-    def build(self, kind: str, text: str) -> Statement:
+    def build(self, kind: str, text: str, note: str = "") -> Statement:
         locks, resolve = tuple(self.locks.values()), tuple(self.resolve.values())
         guarded = self.unknown_targets or (not self.nowait and needs_guard(locks, resolve))
         return Statement(
@@ -198,4 +199,5 @@ class Facts:
             guarded=guarded,
             concurrently=self.concurrently,
             unknown_targets=self.unknown_targets,
+            note=note,
         )

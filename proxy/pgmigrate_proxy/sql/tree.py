@@ -130,17 +130,19 @@ def option_on(defelems: Iterable[Node] | None, name: str) -> bool:
 
 
 def walk(node: Any) -> Iterator[tuple[str, Node]]:
-    """Every wrapped node under `node` (itself included), depth first."""
-    if isinstance(node, dict):
-        if len(node) == 1:
-            ((key, value),) = node.items()
-            if key[:1].isupper() and isinstance(value, dict):
-                yield key, value
-        for value in node.values():
-            yield from walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from walk(value)
+    """Every wrapped node under `node` (itself included), depth first; without recursion, so
+    that an expression nested thousands deep costs time, not the stack."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if len(item) == 1:
+                ((key, value),) = item.items()
+                if key[:1].isupper() and isinstance(value, dict):
+                    yield key, value
+            stack.extend(reversed(item.values()))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
 
 
 def may_be_volatile(expr: Node) -> bool:
