@@ -641,7 +641,8 @@ def test_lock_budget_none_in_the_file(toml: Path) -> None:
 
 def test_lock_budget_error_mentions_no_limit() -> None:
     assert str(error("--lock-budget", "0")) == (
-        "invalid lock_budget: '0' (allowed: a finite number of seconds > 0, or none or empty "
+        "invalid lock_budget: '0' (allowed: a duration from 1ms to 7d (seconds, or with a unit: "
+        "50ms, 5s, 2min), or none or empty "
         "for no limit), set by --lock-budget"
     )
 
@@ -714,7 +715,7 @@ def test_retry_max_delay_may_equal_retry_delay() -> None:
 def test_retry_max_delay_under_retry_delay_blames_max() -> None:
     exc = error("--retry-delay", "2", env={env_var("retry_max_delay"): "1"})
     assert str(exc) == (
-        "invalid retry_max_delay: 1.0 (allowed: a finite number of seconds >= retry_delay (2)), "
+        "invalid retry_max_delay: 1.0 (allowed: a duration >= retry_delay (2s)), "
         "set by PGMIGRATE_PROXY_RETRY_MAX_DELAY"
     )
 
@@ -722,7 +723,7 @@ def test_retry_max_delay_under_retry_delay_blames_max() -> None:
 def test_retry_delay_over_the_default_max_blames_retry_delay() -> None:
     exc = error("--retry-delay", "10")
     assert exc.key == "retry_delay"
-    assert "<= retry_max_delay (5)" in str(exc)
+    assert "<= retry_max_delay (5s)" in str(exc)
     assert str(exc).endswith("set by --retry-delay")
 
 
@@ -812,7 +813,7 @@ def test_retry_schedule_without_a_budget() -> None:
 
 
 def test_retry_schedule_with_tiny_timeouts() -> None:
-    schedule = Config(lock_timeout=0.0005, lock_budget=0.002).retry_schedule()
+    schedule = Config(lock_timeout=0.001, lock_budget=0.002).retry_schedule()
     assert schedule.attempts_left(0.0)
     assert schedule.lock_timeout_ms(0.0) == 1
     schedule = Config(lock_budget=0.005).retry_schedule()
@@ -823,6 +824,6 @@ def test_retry_schedule_with_tiny_timeouts() -> None:
 def test_help_shows_the_guard_defaults() -> None:
     text = " ".join(build_parser().format_help().split())
     assert "--blocker-states BLOCKER_STATES" in text
-    assert "default true; env PGMIGRATE_PROXY_GUARD" in text
-    assert "default empty; env PGMIGRATE_PROXY_USERS" in text
-    assert "default unset; env PGMIGRATE_PROXY_LOCK_BUDGET" in text
+    assert "Default: true. Env PGMIGRATE_PROXY_GUARD" in text
+    assert "Default: empty. Env PGMIGRATE_PROXY_USERS" in text
+    assert "Default: unset. Env PGMIGRATE_PROXY_LOCK_BUDGET" in text

@@ -26,6 +26,7 @@ from pgmigrate_proxy.protocol.extended import QueryResult
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse
 from pgmigrate_proxy.protocol.types import BackendType, TransactionStatus
+from pgmigrate_proxy.settings import default
 from pgmigrate_proxy.sql import LockMode, Statement, targets_query
 
 log = logging.getLogger("pgmigrate_proxy.guard")
@@ -49,9 +50,9 @@ class GuardSettings:
     action: BlockingAction = BlockingAction.TERMINATE
     filters: Filters = field(default_factory=Filters)
     schedule: RetrySchedule = field(default_factory=RetrySchedule)
-    max_hold: float = 30.0
-    watch_interval: float = 0.05
-    cancel_grace: float = 2.0
+    max_hold: float = default("max_hold")
+    watch_interval: float = default("watch_interval")
+    cancel_grace: float = default("cancel_grace")
 
 
 @dataclass
