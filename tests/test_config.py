@@ -439,6 +439,14 @@ def test_upstream_redacted(upstream: str, redacted: str) -> None:
     assert Config(upstream=upstream).upstream_redacted() == redacted
 
 
+def test_a_url_password_is_masked_up_to_its_last_at() -> None:
+    """libpq ends a URL's password at the first "@" or "/", the user may have meant more: the
+    log masks everything up to the last "@"."""
+    upstream = "postgresql://app:a@Sup3rS3cret/x@db/app"
+    assert Config(upstream=upstream).upstream_redacted() == "postgresql://app:********@db/app"
+    assert "Sup3rS3cret" not in Config(admin_upstream=upstream).admin_upstream_redacted()
+
+
 def test_upstream_redacted_without_upstream() -> None:
     assert Config().upstream_redacted() == "(embedded)"
 

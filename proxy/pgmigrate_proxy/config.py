@@ -393,6 +393,24 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     return config
 
 
+def passwords_on_command_line(argv: Sequence[str]) -> list[str]:
+    """The keys (upstream, admin_upstream) whose flag in `argv` carries a password: every local
+    user can read it in /proc/PID/cmdline, and Python cannot wipe its own argv."""
+    try:
+        options = _parse_flags(argv)
+    except ConfigError:
+        return []
+    found = []
+    for key in SECRET_KEYS:
+        try:
+            params = conninfo_to_dict(options.get(key) or "")
+        except Exception:  # load_config reports it; this only decides a warning
+            params = {}
+        if params.get("password"):
+            found.append(key)
+    return found
+
+
 def changed_keys(old: Config, new: Config) -> list[str]:
     """The keys whose values differ between two configs, in field order."""
     return [key for key in KEYS if getattr(old, key) != getattr(new, key)]
