@@ -835,3 +835,95 @@ def test_help_shows_the_guard_defaults() -> None:
     assert "Default: true. Env PGMIGRATE_PROXY_GUARD" in text
     assert "Default: empty. Env PGMIGRATE_PROXY_USERS" in text
     assert "Default: unset. Env PGMIGRATE_PROXY_LOCK_BUDGET" in text
+
+
+# --- the settings schema: durations and ranges from every source ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("50ms", 0.05),
+        ("5s", 5.0),
+        ("2min", 120.0),
+        ("1.5", 1.5),
+        (" 250 ms ", 0.25),
+        ("1h", 3600.0),
+    ],
+)
+def test_durations_take_units_everywhere(text: str, seconds: float, toml: Path) -> None:
+    assert load("--max-hold", text).max_hold == seconds
+    assert load(env={env_var("max_hold"): text}).max_hold == seconds
+    toml.write_text(f"max_hold = '{text}'\n")
+    assert load("--config", str(toml)).max_hold == seconds
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("watch_interval", "0.000001", "a duration from 10ms to 1min"),
+        ("watch_interval", "5min", "a duration from 10ms to 1min"),
+        ("lock_timeout", "1e308", "a duration from 1ms to 7d"),
+        ("lock_timeout", "nan", "a duration from 1ms to 7d"),
+        ("lock_timeout", "-inf", "a duration from 1ms to 7d"),
+        ("max_hold", "-1s", "a duration from 1ms to 1d"),
+        ("retry_max_delay", "2h", "a duration from 0 to 1h"),
+        ("startup_timeout", "1e400", "a duration from 1ms to 1d"),
+        ("min_transaction_age", "10d", "a duration from 0 to 7d"),
+        ("lock_budget", "5 fortnights", "a duration from 1ms to 7d"),
+    ],
+)
+def test_out_of_range_from_every_source(key: str, value: str, allowed: str, toml: Path) -> None:
+    for exc in (
+        error(f"{flag(key)}={value}"),
+        error(env={env_var(key): value}),
+    ):
+        assert str(exc).startswith(f"invalid {key}: {value!r} (allowed: {allowed}")
+    toml.write_text(f"{key} = {float(value) if value[-1].isdigit() else repr(value)}\n")
+    assert error("--config", str(toml)).key == key
+
+
+def test_toml_numbers_out_of_range(toml: Path) -> None:
+    toml.write_text("watch_interval = 1e-6\n")
+    assert "from 10ms to 1min" in str(error("--config", str(toml)))
+    toml.write_text("lock_timeout = inf\n")
+    assert error("--config", str(toml)).key == "lock_timeout"
+
+
+def test_the_schema_names_every_config_key_and_the_enums() -> None:
+    from pgmigrate_proxy import settings
+
+    assert tuple(settings.SETTINGS) == KEYS
+    assert tuple(action.value for action in BlockingAction) == settings.BLOCKING_ACTIONS
+    assert (
+        tuple(s.value for s in BackendState if s is not BackendState.STARTING)
+        == settings.BLOCKER_STATES
+    )
+    assert tuple(__import__("pgmigrate_proxy.logsetup").logsetup.LEVELS) == settings.LOG_LEVELS
+    for setting in settings.SETTINGS.values():
+        assert setting.parse(setting.default) == setting.default, setting.name
+        assert setting.help and "\n" not in setting.help
+
+
+def test_the_guard_defaults_agree() -> None:
+    """Config, RetrySchedule, GuardSettings and Filters start from the same defaults."""
+    from pgmigrate_proxy.runtime.guarding import GuardSettings
+
+    config = Config()
+    assert config.retry_schedule() == RetrySchedule()
+    assert config.guard_filters() == Filters()
+    guard = GuardSettings()
+    assert (guard.max_hold, guard.watch_interval, guard.cancel_grace) == (
+        config.max_hold,
+        config.watch_interval,
+        config.cancel_grace,
+    )
+
+
+def test_the_readme_tables_are_the_schemas() -> None:
+    """The README's two settings tables are `python -m pgmigrate_proxy.settings`'s output."""
+    from pgmigrate_proxy import settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert settings.markdown_table(settings.PROXY_KEYS) in readme
+    assert settings.markdown_table(settings.GUARD_KEYS) in readme

@@ -411,11 +411,12 @@ def default(name: str) -> Any:
 
 
 def markdown_table(names: Iterable[str]) -> str:
-    """The README's table of `names`: key, default, what is allowed, meaning."""
+    """The README's table of `names`: key, default, what is allowed, meaning (durations' forms
+    said once under the table)."""
     lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for name in names:
         setting = SETTINGS[name]
-        allowed = setting.allowed.replace("|", "or")
+        allowed = setting.allowed.replace(" | ", ", ").replace(f" ({_DURATION_FORMS})", "")
         lines.append(f"| `{name}` | `{setting.shown_default()}` | {allowed} | {setting.help} |")
     return "\n".join(lines)
 
