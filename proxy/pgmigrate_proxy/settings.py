@@ -401,8 +401,8 @@ SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _ALL}
 #: What a session may set as `-c pgmigrate.<name>=<value>` (besides `role`).
 SESSION_NAMES: tuple[str, ...] = tuple(s.name for s in _ALL if s.session)
 #: The README's two tables: the proxy's own settings, then the guard's.
-PROXY_KEYS: tuple[str, ...] = tuple(_ALL[i].name for i in range(13))
-GUARD_KEYS: tuple[str, ...] = tuple(s.name for s in _ALL[13:])
+PROXY_KEYS: tuple[str, ...] = tuple(SETTINGS)[: tuple(SETTINGS).index("guard")]
+GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) :]
 
 
 def default(name: str) -> Any:
