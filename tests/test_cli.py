@@ -477,3 +477,77 @@ def test_embedded_failure_exits_1(records: Records, monkeypatch: pytest.MonkeyPa
 
 def test_reloadable_set_is_what_the_cli_reports() -> None:
     assert "listen_port" not in RELOADABLE and "log_level" in RELOADABLE
+
+
+# --- secrets on the command line ---------------------------------------------------------------
+
+SECRET = "Sup3rS3cret"
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        f"postgresql://app:{SECRET}/x@db/app",  # "/" in the password: libpq reads a port
+        f"postgresql://app:{SECRET} x@db/app",  # a space
+        f"postgresql://app:{SECRET}@db:abc/app",  # a non-numeric port
+        f"postgresql://app:{SECRET}@db:5432,db2:x/app",
+        f"postgresql://app:a@{SECRET}:x/y@db/app",  # "@", ":" and "/" in the password
+        f"postgresql://app:{SECRET}@db/app?sslmode=sometimes",
+        f"postgresql://app@db/app?password={SECRET} x&sslmode=bogus",
+        f"host=db password={SECRET} x port=5x",
+        f"host=db password='{SECRET} port=5",  # unterminated quote
+        f"host=db port=abc password={SECRET}",
+    ],
+)
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--upstream", "{}"], {}),
+        (["--upstream", "host=db", "--admin-upstream", "{}"], {}),
+        ([], {"PGMIGRATE_PROXY_UPSTREAM": "{}"}),
+    ],
+)
+def test_malformed_upstreams_never_show_the_secret(
+    upstream: str, argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [arg.format(upstream) for arg in argv]
+    env = {key: value.format(upstream) for key, value in env.items()}
+    assert cli.load_or_report(argv, env) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pgmigrate-proxy: invalid ") and err.count("\n") == 1, err
+    assert SECRET not in err
+
+
+def test_non_numeric_port_is_one_line_and_exit_2() -> None:
+    done = run_module("--upstream", "postgresql://app@db:abc/app")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "pgmigrate-proxy: invalid upstream: 'postgresql://app@db:abc/app' (allowed: a libpq URL "
+        "or key=value conninfo whose port is a number from 1 to 65535), set by --upstream\n"
+    )
+
+
+def test_a_password_in_argv_is_warned_about_once(toml: Path, records: Records) -> None:
+    upstream = f"postgresql://app:{SECRET}@127.0.0.1:5/app"
+    argv = ["--config", str(toml), "--upstream", upstream, "--admin-upstream", upstream]
+    assert cli.run_proxy(argv, {}, StoppingServer) == 0
+    warnings = [m for m in records.messages("WARNING") if "readable by every local user" in m]
+    assert len(warnings) == 2 and "--upstream" in warnings[0] and "--admin-upstream" in warnings[1]
+    assert "PGMIGRATE_PROXY_UPSTREAM" in warnings[0]
+    assert SECRET not in records.text()
+
+
+def test_no_warning_for_a_password_from_the_environment(toml: Path, records: Records) -> None:
+    env = {"PGMIGRATE_PROXY_UPSTREAM": f"postgresql://app:{SECRET}@127.0.0.1:5/app"}
+    assert cli.run_proxy(["--config", str(toml)], env, StoppingServer) == 0
+    assert not [m for m in records.messages("WARNING") if "readable by every" in m]
+    assert SECRET not in records.text()
+
+
+def test_help_explains_each_option_and_lists_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "demo the lock-queue stall" in out
+    assert "--watch-interval WATCH_INTERVAL pause between `pg_blocking_pids()` polls" in out
+    assert "Allowed: a duration from 10ms to 1min" in out
+    assert "PGPASSWORD" in out

@@ -440,6 +440,14 @@ def test_upstream_redacted(upstream: str, redacted: str) -> None:
     assert Config(upstream=upstream).upstream_redacted() == redacted
 
 
+def test_a_url_password_is_masked_up_to_its_last_at() -> None:
+    """libpq ends a URL's password at the first "@" or "/", the user may have meant more: the
+    log masks everything up to the last "@"."""
+    upstream = "postgresql://app:a@Sup3rS3cret/x@db/app"
+    assert Config(upstream=upstream).upstream_redacted() == "postgresql://app:********@db/app"
+    assert "Sup3rS3cret" not in Config(admin_upstream=upstream).admin_upstream_redacted()
+
+
 def test_upstream_redacted_without_upstream() -> None:
     assert Config().upstream_redacted() == "(embedded)"
 
@@ -642,7 +650,8 @@ def test_lock_budget_none_in_the_file(toml: Path) -> None:
 
 def test_lock_budget_error_mentions_no_limit() -> None:
     assert str(error("--lock-budget", "0")) == (
-        "invalid lock_budget: '0' (allowed: a finite number of seconds > 0, or none or empty "
+        "invalid lock_budget: '0' (allowed: a duration from 1ms to 7d (seconds, or with a unit: "
+        "50ms, 5s, 2min), or none or empty "
         "for no limit), set by --lock-budget"
     )
 
@@ -715,7 +724,7 @@ def test_retry_max_delay_may_equal_retry_delay() -> None:
 def test_retry_max_delay_under_retry_delay_blames_max() -> None:
     exc = error("--retry-delay", "2", env={env_var("retry_max_delay"): "1"})
     assert str(exc) == (
-        "invalid retry_max_delay: 1.0 (allowed: a finite number of seconds >= retry_delay (2)), "
+        "invalid retry_max_delay: 1.0 (allowed: a duration >= retry_delay (2s)), "
         "set by PGMIGRATE_PROXY_RETRY_MAX_DELAY"
     )
 
@@ -723,7 +732,7 @@ def test_retry_max_delay_under_retry_delay_blames_max() -> None:
 def test_retry_delay_over_the_default_max_blames_retry_delay() -> None:
     exc = error("--retry-delay", "10")
     assert exc.key == "retry_delay"
-    assert "<= retry_max_delay (5)" in str(exc)
+    assert "<= retry_max_delay (5s)" in str(exc)
     assert str(exc).endswith("set by --retry-delay")
 
 
@@ -813,7 +822,7 @@ def test_retry_schedule_without_a_budget() -> None:
 
 
 def test_retry_schedule_with_tiny_timeouts() -> None:
-    schedule = Config(lock_timeout=0.0005, lock_budget=0.002).retry_schedule()
+    schedule = Config(lock_timeout=0.001, lock_budget=0.002).retry_schedule()
     assert schedule.attempts_left(0.0)
     assert schedule.lock_timeout_ms(0.0) == 1
     schedule = Config(lock_budget=0.005).retry_schedule()
@@ -824,6 +833,98 @@ def test_retry_schedule_with_tiny_timeouts() -> None:
 def test_help_shows_the_guard_defaults() -> None:
     text = " ".join(build_parser().format_help().split())
     assert "--blocker-states BLOCKER_STATES" in text
-    assert "default true; env PGMIGRATE_PROXY_GUARD" in text
-    assert "default empty; env PGMIGRATE_PROXY_USERS" in text
-    assert "default unset; env PGMIGRATE_PROXY_LOCK_BUDGET" in text
+    assert "Default: true. Env PGMIGRATE_PROXY_GUARD" in text
+    assert "Default: empty. Env PGMIGRATE_PROXY_USERS" in text
+    assert "Default: unset. Env PGMIGRATE_PROXY_LOCK_BUDGET" in text
+
+
+# --- the settings schema: durations and ranges from every source ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("50ms", 0.05),
+        ("5s", 5.0),
+        ("2min", 120.0),
+        ("1.5", 1.5),
+        (" 250 ms ", 0.25),
+        ("1h", 3600.0),
+    ],
+)
+def test_durations_take_units_everywhere(text: str, seconds: float, toml: Path) -> None:
+    assert load("--max-hold", text).max_hold == seconds
+    assert load(env={env_var("max_hold"): text}).max_hold == seconds
+    toml.write_text(f"max_hold = '{text}'\n")
+    assert load("--config", str(toml)).max_hold == seconds
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("watch_interval", "0.000001", "a duration from 10ms to 1min"),
+        ("watch_interval", "5min", "a duration from 10ms to 1min"),
+        ("lock_timeout", "1e308", "a duration from 1ms to 7d"),
+        ("lock_timeout", "nan", "a duration from 1ms to 7d"),
+        ("lock_timeout", "-inf", "a duration from 1ms to 7d"),
+        ("max_hold", "-1s", "a duration from 1ms to 1d"),
+        ("retry_max_delay", "2h", "a duration from 0 to 1h"),
+        ("startup_timeout", "1e400", "a duration from 1ms to 1d"),
+        ("min_transaction_age", "10d", "a duration from 0 to 7d"),
+        ("lock_budget", "5 fortnights", "a duration from 1ms to 7d"),
+    ],
+)
+def test_out_of_range_from_every_source(key: str, value: str, allowed: str, toml: Path) -> None:
+    for exc in (
+        error(f"{flag(key)}={value}"),
+        error(env={env_var(key): value}),
+    ):
+        assert str(exc).startswith(f"invalid {key}: {value!r} (allowed: {allowed}")
+    toml.write_text(f"{key} = {float(value) if value[-1].isdigit() else repr(value)}\n")
+    assert error("--config", str(toml)).key == key
+
+
+def test_toml_numbers_out_of_range(toml: Path) -> None:
+    toml.write_text("watch_interval = 1e-6\n")
+    assert "from 10ms to 1min" in str(error("--config", str(toml)))
+    toml.write_text("lock_timeout = inf\n")
+    assert error("--config", str(toml)).key == "lock_timeout"
+
+
+def test_the_schema_names_every_config_key_and_the_enums() -> None:
+    from pgmigrate_proxy import settings
+
+    assert tuple(settings.SETTINGS) == KEYS
+    assert tuple(action.value for action in BlockingAction) == settings.BLOCKING_ACTIONS
+    assert (
+        tuple(s.value for s in BackendState if s is not BackendState.STARTING)
+        == settings.BLOCKER_STATES
+    )
+    assert tuple(__import__("pgmigrate_proxy.logsetup").logsetup.LEVELS) == settings.LOG_LEVELS
+    for setting in settings.SETTINGS.values():
+        assert setting.parse(setting.default) == setting.default, setting.name
+        assert setting.help and "\n" not in setting.help
+
+
+def test_the_guard_defaults_agree() -> None:
+    """Config, RetrySchedule, GuardSettings and Filters start from the same defaults."""
+    from pgmigrate_proxy.runtime.guarding import GuardSettings
+
+    config = Config()
+    assert config.retry_schedule() == RetrySchedule()
+    assert config.guard_filters() == Filters()
+    guard = GuardSettings()
+    assert (guard.max_hold, guard.watch_interval, guard.cancel_grace) == (
+        config.max_hold,
+        config.watch_interval,
+        config.cancel_grace,
+    )
+
+
+def test_the_readme_tables_are_the_schemas() -> None:
+    """The README's two settings tables are `python -m pgmigrate_proxy.settings`'s output."""
+    from pgmigrate_proxy import settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert settings.markdown_table(settings.PROXY_KEYS) in readme
+    assert settings.markdown_table(settings.GUARD_KEYS) in readme

@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from pgmigrate_proxy.embed import SETTINGS as PROXY_SETTINGS
+from pgmigrate_proxy.embed import Rejected, format_duration, parse_duration
 
 from pgmigrate import actions, conf, filters
 
 #: Per-attempt lock_timeout for Show and custom actions when no budget is set: the statement
 #: waits in PostgreSQL's lock queue (as in 1.x) for up to a day per attempt.
 LONG_ATTEMPT = 86400.0
-#: The proxy's default retry_max_delay (Config.retry_max_delay), for a lone retry_delay.
-DEFAULT_RETRY_MAX_DELAY = 5.0
+#: The proxy's default retry_max_delay, for a lone retry_delay.
+DEFAULT_RETRY_MAX_DELAY: float = PROXY_SETTINGS["retry_max_delay"].default
+#: PGMIGRATE_BLOCKING_ACTION_INTERVAL's range (a Django-side setting: the proxy has none).
+INTERVAL_RANGE = (0.001, 86400.0)
+#: The PGMIGRATE_* duration settings that set a proxy setting: its range and default apply.
+PROXY_KEYS = {
+    "PGMIGRATE_LOCK_TIMEOUT": "lock_budget",
+    "PGMIGRATE_ATTEMPT_TIMEOUT": "lock_timeout",
+    "PGMIGRATE_RETRY_DELAY": "retry_delay",
+    "PGMIGRATE_RETRY_MAX_DELAY": "retry_max_delay",
+    "PGMIGRATE_MAX_HOLD": "max_hold",
+    "PGMIGRATE_MIN_TRANSACTION_AGE": "min_transaction_age",
+}
+DURATION_FORMS = "must be a datetime.timedelta, a number of seconds or a duration such as '5s'"
 #: The session option that marks a migration session, and its two values.
 ROLE = "role"
 ROLE_MIGRATE = "migrate"
@@ -36,18 +50,19 @@ class Invalid(ValueError):
         self.message = message
 
 
-def seconds(value: object, *, optional: bool, zero: bool) -> float | None:
-    """A duration setting: a timedelta or a number of seconds (None when optional)."""
+def seconds(value: object, *, optional: bool, low: float, high: float) -> float | None:
+    """A duration setting: a timedelta, a number of seconds or a duration text such as `50ms`,
+    `5s`, `2min` (the proxy's parser), from `low` to `high` seconds (None when optional)."""
     if value is None and optional:
         return None
     if isinstance(value, dt.timedelta):
-        number = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise ValueError("must be a datetime.timedelta or a number of seconds")
-    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
-        raise ValueError("must be " + ("zero or more" if zero else "more than zero"))
+        value = value.total_seconds()
+    try:
+        number = parse_duration(value)
+    except Rejected:
+        raise ValueError(DURATION_FORMS) from None
+    if not low <= number <= high:
+        raise ValueError(f"must be from {format_duration(low)} to {format_duration(high)}")
     return number
 
 
@@ -86,8 +101,12 @@ def blocking_action(value: object) -> actions.BlockingAction | None:
     )
 
 
-def _duration(*, optional: bool = True, zero: bool = False) -> Callable[[object], object]:
-    return lambda value: seconds(value, optional=optional, zero=zero)
+def _duration(name: str) -> Callable[[object], object]:
+    """The validator of setting `name`: the range of the proxy setting it sets."""
+    setting = PROXY_SETTINGS[PROXY_KEYS[name]]
+    assert setting.low is not None and setting.high is not None
+    low, high = setting.low, setting.high
+    return lambda value: seconds(value, optional=True, low=low, high=high)
 
 
 @dataclass(frozen=True)
@@ -106,23 +125,41 @@ SETTINGS: tuple[Setting, ...] = (
         "PGMIGRATE_BLOCKING_ACTION_INTERVAL",
         "pgmigrate.E005",
         conf.blocking_action_interval,
-        _duration(optional=False),
+        lambda value: seconds(value, optional=False, low=INTERVAL_RANGE[0], high=INTERVAL_RANGE[1]),
     ),
-    Setting("PGMIGRATE_LOCK_TIMEOUT", "pgmigrate.E006", conf.lock_timeout, _duration()),
+    Setting(
+        "PGMIGRATE_LOCK_TIMEOUT",
+        "pgmigrate.E006",
+        conf.lock_timeout,
+        _duration("PGMIGRATE_LOCK_TIMEOUT"),
+    ),
     Setting("PGMIGRATE_PATCH_MIGRATE", "pgmigrate.E007", conf.patch_migrate, boolean),
     Setting("PGMIGRATE_PROXY", "pgmigrate.E008", conf.proxy, choice),
     Setting("PGMIGRATE_AUTOCOMMIT", "pgmigrate.E009", conf.autocommit, boolean),
-    Setting("PGMIGRATE_ATTEMPT_TIMEOUT", "pgmigrate.E010", conf.attempt_timeout, _duration()),
-    Setting("PGMIGRATE_RETRY_DELAY", "pgmigrate.E011", conf.retry_delay, _duration(zero=True)),
     Setting(
-        "PGMIGRATE_RETRY_MAX_DELAY", "pgmigrate.E012", conf.retry_max_delay, _duration(zero=True)
+        "PGMIGRATE_ATTEMPT_TIMEOUT",
+        "pgmigrate.E010",
+        conf.attempt_timeout,
+        _duration("PGMIGRATE_ATTEMPT_TIMEOUT"),
     ),
-    Setting("PGMIGRATE_MAX_HOLD", "pgmigrate.E013", conf.max_hold, _duration()),
+    Setting(
+        "PGMIGRATE_RETRY_DELAY",
+        "pgmigrate.E011",
+        conf.retry_delay,
+        _duration("PGMIGRATE_RETRY_DELAY"),
+    ),
+    Setting(
+        "PGMIGRATE_RETRY_MAX_DELAY",
+        "pgmigrate.E012",
+        conf.retry_max_delay,
+        _duration("PGMIGRATE_RETRY_MAX_DELAY"),
+    ),
+    Setting("PGMIGRATE_MAX_HOLD", "pgmigrate.E013", conf.max_hold, _duration("PGMIGRATE_MAX_HOLD")),
     Setting(
         "PGMIGRATE_MIN_TRANSACTION_AGE",
         "pgmigrate.E014",
         conf.min_transaction_age,
-        _duration(zero=True),
+        _duration("PGMIGRATE_MIN_TRANSACTION_AGE"),
     ),
     Setting("PGMIGRATE_USERS", "pgmigrate.E015", conf.users, patterns),
     Setting("PGMIGRATE_EXCLUDE_USERS", "pgmigrate.E016", conf.exclude_users, patterns),

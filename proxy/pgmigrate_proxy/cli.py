@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pgmigrate_proxy import __version__, logsetup, sdnotify
-from pgmigrate_proxy.config import PROG, RELOADABLE, Config, ConfigError, changed_keys, load_config
+from pgmigrate_proxy.config import (
+    PROG,
+    RELOADABLE,
+    Config,
+    ConfigError,
+    changed_keys,
+    env_var,
+    flag,
+    load_config,
+    passwords_on_command_line,
+)
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.embedded import PostgresServer
@@ -71,6 +81,14 @@ def run_proxy(
         return config
     logsetup.configure(config.log_level, config.log_format)
     log.info("%s %s starting (pid %d)", PROG, __version__, os.getpid())
+    for key in passwords_on_command_line(argv):
+        log.warning(
+            "the password in %s is readable by every local user (/proc/%d/cmdline): give it "
+            "with PGPASSWORD, a passfile (passfile=... or ~/.pgpass) or %s instead",
+            flag(key),
+            os.getpid(),
+            env_var(key),
+        )
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(_startup_signals())

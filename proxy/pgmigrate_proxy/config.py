@@ -7,16 +7,26 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
-import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from pgmigrate_proxy import __version__
 from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
-from pgmigrate_proxy.logsetup import LEVELS, redact
+from pgmigrate_proxy.logsetup import MASK, redact
+from pgmigrate_proxy.settings import (
+    BLOCKER_STATES as BLOCKER_STATES,
+)
+from pgmigrate_proxy.settings import (
+    GUARD_KEYS,
+    SETTINGS,
+    Rejected,
+    Setting,
+    default,
+    format_duration,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,15 +37,9 @@ PROG = "pgmigrate-proxy"
 ENV_PREFIX = "PGMIGRATE_PROXY_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 TOML_TABLE = "proxy"
-SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-CLIENT_TLS_MODES = ("auto", "disable", "allow", "require")
-LOG_FORMATS = ("text", "json")
 DEFAULT_SSLROOTCERT = "~/.postgresql/root.crt"  # where libpq looks when sslrootcert is unset
-BLOCKING_ACTIONS = tuple(action.value for action in BlockingAction)
-#: The pg_stat_activity states blocker_states may name ("starting" sessions hold no locks).
-BLOCKER_STATES = tuple(s.value for s in BackendState if s is not BackendState.STARTING)
-TRUE_WORDS = ("true", "on", "yes", "1")
-FALSE_WORDS = ("false", "off", "no", "0")
+#: Flags that may carry a password (visible to every local user in /proc/PID/cmdline).
+SECRET_KEYS = ("upstream", "admin_upstream")
 
 
 class ConfigError(Exception):
@@ -50,185 +54,36 @@ class ConfigError(Exception):
     def invalid(
         cls, key: str, value: object, allowed: str, source: str | None = None
     ) -> ConfigError:
-        shown = repr(redact(value)) if isinstance(value, str) else repr(value)
+        shown = repr(conceal(value)) if isinstance(value, str) else repr(value)
         where = f", set by {source}" if source else ""
         return cls(f"invalid {key}: {shown} (allowed: {allowed}){where}", key=key, allowed=allowed)
 
 
-class _Rejected(Exception):
-    """Raised by a rule's parser; a non-empty message replaces the rule's `allowed` text."""
+#: A URL's user:password, the password taken up to the last "@" (wider than libpq, on purpose:
+#: a malformed URL's secret may hold "/", "@" or a space).
+_URL_SECRET = re.compile(r"(?is)^(\s*[a-z][a-z0-9+.-]*://[^:@/?#\s]*:).*@")
+_ANY_PASSWORD = re.compile(r"(?is)(password\s*=\s*).*")
 
 
-@dataclass(frozen=True)
-class _Rule:
-    allowed: str
-    parse: Callable[[object], Any]  # returns the normalized value or raises _Rejected
+def redact_conninfo(text: str) -> str:
+    """A conninfo for the log: passwords masked, a URL's up to its last "@"."""
+    return redact(_URL_SECRET.sub(lambda m: m[1] + MASK + "@", text, count=1))
 
 
-def _integer(low: int, high: int) -> _Rule:
-    def parse(value: object) -> int:
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise _Rejected
-        return value
-
-    return _Rule(f"an integer from {low} to {high}", parse)
+def conceal(text: str) -> str:
+    """`text` (a value as given, perhaps a malformed conninfo) with anything that may be a
+    password masked: a URL's password up to its last "@", everything after `password=`."""
+    return _ANY_PASSWORD.sub(lambda m: m[1] + MASK, redact_conninfo(text), count=1)
 
 
-def _seconds(low: float, *, inclusive: bool) -> _Rule:
-    def parse(value: object) -> float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise _Rejected from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Rejected
-        number = float(value)
-        if not math.isfinite(number) or not (number >= low if inclusive else number > low):
-            raise _Rejected
-        return number
-
-    bound = f">= {low:g}" if inclusive else f"> {low:g}"
-    return _Rule(f"a finite number of seconds {bound}", parse)
-
-
-def _optional_seconds(low: float, *, inclusive: bool) -> _Rule:
-    seconds = _seconds(low, inclusive=inclusive)
-
-    def parse(value: object) -> float | None:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            return None
-        return float(seconds.parse(value))
-
-    return _Rule(seconds.allowed + ", or none or empty for no limit", parse)
-
-
-def _boolean(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    word = value.strip().lower() if isinstance(value, str) else None
-    if word not in TRUE_WORDS + FALSE_WORDS:
-        raise _Rejected
-    return word in TRUE_WORDS
-
-
-def _items(value: object) -> tuple[str, ...]:
-    """A comma-separated string (items stripped, empty ones dropped) or a sequence of strings
-    (items kept as they are); duplicates dropped."""
-    if isinstance(value, str):
-        items = [item.strip() for item in value.split(",") if item.strip()]
-    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-        items = list(value)
-    else:
-        raise _Rejected
-    return tuple(dict.fromkeys(items))
-
-
-def _globs(empty: str) -> _Rule:
-    return _Rule(f"comma-separated glob patterns or a TOML array; empty for {empty}", _items)
-
-
-def _states(value: object) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(" ".join(item.lower().split()) for item in _items(value)))
-    if any(name not in BLOCKER_STATES for name in names):
-        raise _Rejected
-    return names
-
-
-def _choice(*names: str) -> _Rule:
-    def parse(value: object) -> str:
-        name = value.strip().lower() if isinstance(value, str) else None
-        if name not in names:
-            raise _Rejected
-        return name
-
-    return _Rule(" | ".join(names), parse)
-
-
-def _host(value: object) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value.split()) != 1:
-        raise _Rejected
-    return value.strip()
-
-
-def _optional_text(value: object) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise _Rejected
-    return value
-
-
-def _upstream(value: object) -> str | None:
-    text = _optional_text(value)
-    if text is None:
-        return None
-    try:
-        params = conninfo_to_dict(text)
-    except psycopg.Error as exc:
-        # psycopg quotes fragments of the string: never echo them when a password is in it.
-        detail = "" if "password" in text.lower() else " ".join(str(exc).split())
-        allowed = "a libpq URL or key=value conninfo" + (f"; {detail}" if detail else "")
-        raise _Rejected(allowed) from None
-    if params.get("sslmode", "prefer") not in SSLMODES:
-        raise _Rejected("sslmode one of " + ", ".join(SSLMODES))
-    return text
-
-
-_OPTIONAL_PATH = _Rule("a path, or empty for none", _optional_text)
-_UPSTREAM_ALLOWED = "a libpq URL or key=value conninfo, or empty for "
-
-RULES: dict[str, _Rule] = {
-    "listen_host": _Rule("a host name or IP address", _host),
-    "listen_port": _integer(0, 65535),
-    "upstream": _Rule(_UPSTREAM_ALLOWED + "an embedded PostgreSQL", _upstream),
-    "log_level": _choice(*LEVELS),
-    "log_format": _choice(*LOG_FORMATS),
-    "max_message_size": _integer(8192, 1073741823),
-    "startup_timeout": _seconds(0, inclusive=False),
-    "max_startup_clients": _integer(1, 1000000),
-    "shutdown_grace": _seconds(0, inclusive=True),
-    "client_tls_cert_file": _OPTIONAL_PATH,
-    "client_tls_key_file": _OPTIONAL_PATH,
-    "client_tls_mode": _choice(*CLIENT_TLS_MODES),
-    "embedded_data_dir": _OPTIONAL_PATH,
-    "embedded_pg": _Rule(
-        "'embedded', a PostgreSQL major version such as 15, or an existing bin directory",
-        _optional_text,
-    ),
-    "guard": _Rule("true or false (also on/off, yes/no, 1/0)", _boolean),
-    "blocking_action": _choice(*BLOCKING_ACTIONS),
-    "lock_timeout": _seconds(0, inclusive=False),
-    "lock_budget": _optional_seconds(0, inclusive=False),
-    "retry_delay": _seconds(0, inclusive=True),
-    "retry_max_delay": _seconds(0, inclusive=True),
-    "max_hold": _seconds(0, inclusive=False),
-    "watch_interval": _seconds(0, inclusive=False),
-    "cancel_grace": _seconds(0, inclusive=True),
-    "min_transaction_age": _seconds(0, inclusive=True),
-    "min_query_age": _seconds(0, inclusive=True),
-    "blocker_states": _Rule(
-        "comma-separated pg_stat_activity states or a TOML array, among "
-        + ", ".join(BLOCKER_STATES)
-        + "; empty for all",
-        _states,
-    ),
-    "application_names": _globs("all"),
-    "exclude_application_names": _globs("none"),
-    "users": _globs("all"),
-    "exclude_users": _globs("none"),
-    "admin_upstream": _Rule(_UPSTREAM_ALLOWED + "the upstream", _upstream),
-    "migration_application_names": _globs("none"),
-}
+RULES: dict[str, Setting] = SETTINGS
 
 
 def _check(key: str, value: object, source: str | None = None) -> Any:
     rule = RULES[key]
     try:
         return rule.parse(value)
-    except _Rejected as exc:
+    except Rejected as exc:
         raise ConfigError.invalid(key, value, str(exc) or rule.allowed, source) from None
 
 
@@ -237,9 +92,9 @@ def _check_delays(delay: float, most: float, sources: Mapping[str, str]) -> None
     if most >= delay:
         return
     if "retry_max_delay" in sources or "retry_delay" not in sources:
-        allowed = f"a finite number of seconds >= retry_delay ({delay:g})"
+        allowed = f"a duration >= retry_delay ({format_duration(delay)})"
         raise ConfigError.invalid("retry_max_delay", most, allowed, sources.get("retry_max_delay"))
-    allowed = f"a finite number of seconds <= retry_max_delay ({most:g})"
+    allowed = f"a duration <= retry_max_delay ({format_duration(most)})"
     raise ConfigError.invalid("retry_delay", delay, allowed, sources.get("retry_delay"))
 
 
@@ -247,38 +102,38 @@ def _check_delays(delay: float, most: float, sources: Mapping[str, str]) -> None
 class Config:
     """The proxy's settings; every instance holds validated, normalized values."""
 
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 6432
-    upstream: str | None = None
-    log_level: str = "info"
-    log_format: str = "text"
-    max_message_size: int = 268435456
-    startup_timeout: float = 60.0
-    max_startup_clients: int = 50
-    shutdown_grace: float = 30.0
-    client_tls_cert_file: str | None = None
-    client_tls_key_file: str | None = None
-    client_tls_mode: str = "auto"
-    embedded_data_dir: str | None = None
-    embedded_pg: str | None = None
-    guard: bool = True
-    blocking_action: str = "terminate"
-    lock_timeout: float = 0.05
-    lock_budget: float | None = None
-    retry_delay: float = 0.05
-    retry_max_delay: float = 5.0
-    max_hold: float = 30.0
-    watch_interval: float = 0.05
-    cancel_grace: float = 2.0
-    min_transaction_age: float = 0.0
-    min_query_age: float = 0.0
-    blocker_states: tuple[str, ...] = ()
-    application_names: tuple[str, ...] = ()
-    exclude_application_names: tuple[str, ...] = ()
-    users: tuple[str, ...] = ()
-    exclude_users: tuple[str, ...] = ()
-    admin_upstream: str | None = None
-    migration_application_names: tuple[str, ...] = ()
+    listen_host: str = default("listen_host")
+    listen_port: int = default("listen_port")
+    upstream: str | None = default("upstream")
+    log_level: str = default("log_level")
+    log_format: str = default("log_format")
+    max_message_size: int = default("max_message_size")
+    startup_timeout: float = default("startup_timeout")
+    max_startup_clients: int = default("max_startup_clients")
+    shutdown_grace: float = default("shutdown_grace")
+    client_tls_cert_file: str | None = default("client_tls_cert_file")
+    client_tls_key_file: str | None = default("client_tls_key_file")
+    client_tls_mode: str = default("client_tls_mode")
+    embedded_data_dir: str | None = default("embedded_data_dir")
+    embedded_pg: str | None = default("embedded_pg")
+    guard: bool = default("guard")
+    blocking_action: str = default("blocking_action")
+    lock_timeout: float = default("lock_timeout")
+    lock_budget: float | None = default("lock_budget")
+    retry_delay: float = default("retry_delay")
+    retry_max_delay: float = default("retry_max_delay")
+    max_hold: float = default("max_hold")
+    watch_interval: float = default("watch_interval")
+    cancel_grace: float = default("cancel_grace")
+    min_transaction_age: float = default("min_transaction_age")
+    min_query_age: float = default("min_query_age")
+    blocker_states: tuple[str, ...] = default("blocker_states")
+    application_names: tuple[str, ...] = default("application_names")
+    exclude_application_names: tuple[str, ...] = default("exclude_application_names")
+    users: tuple[str, ...] = default("users")
+    exclude_users: tuple[str, ...] = default("exclude_users")
+    admin_upstream: str | None = default("admin_upstream")
+    migration_application_names: tuple[str, ...] = default("migration_application_names")
 
     def __post_init__(self) -> None:
         for key in RULES:
@@ -291,13 +146,13 @@ class Config:
 
     def upstream_redacted(self) -> str:
         """The upstream with any password masked; "(embedded)" when upstream is None."""
-        return "(embedded)" if self.upstream is None else redact(self.upstream)
+        return "(embedded)" if self.upstream is None else redact_conninfo(self.upstream)
 
     def admin_upstream_redacted(self) -> str:
         """admin_upstream with any password masked; when unset, the upstream's (it is used)."""
         if self.admin_upstream is None:
             return self.upstream_redacted()
-        return redact(self.admin_upstream)
+        return redact_conninfo(self.admin_upstream)
 
     def blocking_action_value(self) -> BlockingAction:
         """blocking_action as the guard's enum."""
@@ -363,32 +218,46 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _default(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple):
-        return ",".join(value) or "empty"
-    return "unset" if value is None else repr(value)
+#: The subcommands, for --help (cli.COMMANDS runs them).
+SUBCOMMANDS = {
+    "demo": "the lock-queue stall, straight to PostgreSQL and then through the proxy "
+    "(pgmigrate-proxy demo --help)",
+}
+_EPILOG = (
+    "commands:\n"
+    + "".join(f"  {name:<8}{text}\n" for name, text in SUBCOMMANDS.items())
+    + "\nDurations take seconds or a unit: 50ms, 5s, 2min. Keep passwords out of the command "
+    "line (every local user can read it): set PGPASSWORD, a passfile (passfile=... in the "
+    f"conninfo, or ~/.pgpass), or {ENV_PREFIX}UPSTREAM."
+)
+
+
+def _help(key: str) -> str:
+    setting = RULES[key]
+    return (
+        f"{setting.help}. Allowed: {setting.allowed}. Default: {setting.shown_default()}. "
+        f"Env {env_var(key)}"
+    ).replace("%", "%%")
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The proxy's flags: --config, --version and one --<key-with-dashes> per Config key."""
     parser = _ArgumentParser(
         prog=prog,
+        usage="%(prog)s [--config FILE] [--<setting> VALUE ...]\n       %(prog)s demo [...]",
         description="PostgreSQL wire-protocol proxy that clears lock blockers before DDL.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", metavar="FILE", help=f"TOML settings file (env {CONFIG_ENV})")
-    for field in fields(Config):
-        parser.add_argument(
-            flag(field.name),
-            dest=field.name,
-            metavar=field.name.upper(),
-            help=f"{RULES[field.name].allowed}; default {_default(field.default)}; "
-            f"env {env_var(field.name)}",
-        )
+    proxy = parser.add_argument_group("proxy settings")
+    guard = parser.add_argument_group("guard settings (also per session: -c pgmigrate.<name>)")
+    for key in KEYS:
+        group = guard if key in GUARD_KEYS else proxy
+        group.add_argument(flag(key), dest=key, metavar=key.upper(), help=_help(key))
     return parser
 
 
@@ -523,6 +392,24 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     _check_client_tls(config, sources)
     _check_embedded_pg(config, sources.get("embedded_pg"))
     return config
+
+
+def passwords_on_command_line(argv: Sequence[str]) -> list[str]:
+    """The keys (upstream, admin_upstream) whose flag in `argv` carries a password: every local
+    user can read it in /proc/PID/cmdline, and Python cannot wipe its own argv."""
+    try:
+        options = _parse_flags(argv)
+    except ConfigError:
+        return []
+    found = []
+    for key in SECRET_KEYS:
+        try:
+            params = conninfo_to_dict(options.get(key) or "")
+        except Exception:  # load_config reports it; this only decides a warning
+            params = {}
+        if params.get("password"):
+            found.append(key)
+    return found
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -7,7 +7,8 @@
 
 `is_proxy(info)` tells from a connection's ParameterStatus whether it goes through a
 pgmigrate-proxy, and `SESSION_OPTIONS` names what a session may set with
-`-c pgmigrate.<name>=<value>` in its startup options.
+`-c pgmigrate.<name>=<value>` in its startup options. `SETTINGS` is the settings schema (each
+setting's default, range and parser), with `parse_duration` / `format_duration`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,18 @@ from pgmigrate_proxy.config import Config
 from pgmigrate_proxy.protocol.types import PROXY_PARAMETER
 from pgmigrate_proxy.runtime.options import NAMES
 from pgmigrate_proxy.runtime.server import ProxyServer
+from pgmigrate_proxy.settings import SETTINGS, Rejected, format_duration, parse_duration
 
-__all__ = ["PROXY_PARAMETER", "SESSION_OPTIONS", "EmbeddedProxy", "is_proxy"]
+__all__ = [
+    "PROXY_PARAMETER",
+    "SESSION_OPTIONS",
+    "SETTINGS",
+    "EmbeddedProxy",
+    "Rejected",
+    "format_duration",
+    "is_proxy",
+    "parse_duration",
+]
 
 log = logging.getLogger("pgmigrate_proxy.embed")
 

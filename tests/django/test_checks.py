@@ -55,7 +55,7 @@ def test_required_apps(settings: SettingsWrapper, missing: str, check_id: str) -
     ]
 
 
-DURATION = "must be a datetime.timedelta or a number of seconds"
+DURATION = "must be a datetime.timedelta, a number of seconds or a duration such as '5s'"
 PATTERNS = "must be a list of non-empty glob patterns without commas"
 
 
@@ -70,9 +70,17 @@ PATTERNS = "must be a list of non-empty glob patterns without commas"
             "pgmigrate.BlockingAction subclass or instance",
         ),
         ("PGMIGRATE_BLOCKING_ACTION_INTERVAL", None, "pgmigrate.E005", DURATION),
-        ("PGMIGRATE_BLOCKING_ACTION_INTERVAL", 0, "pgmigrate.E005", "must be more than zero"),
-        ("PGMIGRATE_LOCK_TIMEOUT", "5s", "pgmigrate.E006", DURATION),
-        ("PGMIGRATE_LOCK_TIMEOUT", dt.timedelta(0), "pgmigrate.E006", "must be more than zero"),
+        ("PGMIGRATE_BLOCKING_ACTION_INTERVAL", 0, "pgmigrate.E005", "must be from 1ms to 1d"),
+        ("PGMIGRATE_LOCK_TIMEOUT", "soon", "pgmigrate.E006", DURATION),
+        ("PGMIGRATE_LOCK_TIMEOUT", dt.timedelta(0), "pgmigrate.E006", "must be from 1ms to 7d"),
+        ("PGMIGRATE_LOCK_TIMEOUT", float("nan"), "pgmigrate.E006", DURATION),
+        ("PGMIGRATE_LOCK_TIMEOUT", 1e308, "pgmigrate.E006", "must be from 1ms to 7d"),
+        (
+            "PGMIGRATE_LOCK_TIMEOUT",
+            dt.timedelta(days=30),
+            "pgmigrate.E006",
+            "must be from 1ms to 7d",
+        ),
         ("PGMIGRATE_PATCH_MIGRATE", "yes", "pgmigrate.E007", "must be True or False"),
         (
             "PGMIGRATE_PROXY",
@@ -81,11 +89,13 @@ PATTERNS = "must be a list of non-empty glob patterns without commas"
             "must be one of 'auto', 'embedded', 'external'",
         ),
         ("PGMIGRATE_AUTOCOMMIT", 1, "pgmigrate.E009", "must be True or False"),
-        ("PGMIGRATE_ATTEMPT_TIMEOUT", -1, "pgmigrate.E010", "must be more than zero"),
+        ("PGMIGRATE_ATTEMPT_TIMEOUT", -1, "pgmigrate.E010", "must be from 1ms to 7d"),
+        ("PGMIGRATE_ATTEMPT_TIMEOUT", "1e308", "pgmigrate.E010", "must be from 1ms to 7d"),
         ("PGMIGRATE_RETRY_DELAY", True, "pgmigrate.E011", DURATION),
         ("PGMIGRATE_RETRY_MAX_DELAY", [], "pgmigrate.E012", DURATION),
-        ("PGMIGRATE_MAX_HOLD", 0.0, "pgmigrate.E013", "must be more than zero"),
-        ("PGMIGRATE_MIN_TRANSACTION_AGE", -0.5, "pgmigrate.E014", "must be zero or more"),
+        ("PGMIGRATE_MAX_HOLD", 0.0, "pgmigrate.E013", "must be from 1ms to 1d"),
+        ("PGMIGRATE_MIN_TRANSACTION_AGE", -0.5, "pgmigrate.E014", "must be from 0 to 7d"),
+        ("PGMIGRATE_RETRY_MAX_DELAY", "2h", "pgmigrate.E012", "must be from 0 to 1h"),
         ("PGMIGRATE_USERS", "alice", "pgmigrate.E015", "must be a list of glob patterns"),
         ("PGMIGRATE_EXCLUDE_USERS", ["a,b"], "pgmigrate.E016", PATTERNS),
         ("PGMIGRATE_EXCLUDE_APPLICATION_NAMES", [""], "pgmigrate.E017", PATTERNS),

@@ -206,7 +206,8 @@ def test_plan_refuses_bad_settings(settings: SettingsWrapper) -> None:
         guard.plan()
     assert info.value.check_id == "pgmigrate.E006"
     assert str(info.value) == (
-        "PGMIGRATE_LOCK_TIMEOUT: must be a datetime.timedelta or a number of seconds"
+        "PGMIGRATE_LOCK_TIMEOUT: must be a datetime.timedelta, a number of seconds or a duration "
+        "such as '5s'"
     )
 
 
@@ -214,3 +215,45 @@ def test_option_text() -> None:
     assert guard.option_text(("a b", "c")) == "a\\ b,c"
     assert guard.option_text(0.05) == "0.05"
     assert guard.option_text("x\\y") == "x\\\\y"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("50ms", 0.05), ("5s", 5.0), ("2min", 120.0), (dt.timedelta(seconds=3), 3.0), (7, 7.0)],
+)
+def test_durations_as_the_proxy_takes_them(
+    settings: SettingsWrapper, value: object, seconds: float
+) -> None:
+    settings.PGMIGRATE_ATTEMPT_TIMEOUT = value
+    settings.PGMIGRATE_MAX_HOLD = value
+    got = guard.plan().guard
+    assert (got["lock_timeout"], got["max_hold"]) == (seconds, seconds)
+
+
+def test_the_proxy_defaults_and_ranges_are_the_schemas() -> None:
+    from pgmigrate_proxy.embed import SETTINGS
+
+    assert Config().retry_max_delay == guard.DEFAULT_RETRY_MAX_DELAY
+    assert SETTINGS["lock_timeout"].parse(guard.LONG_ATTEMPT) == guard.LONG_ATTEMPT
+    for name, key in guard.PROXY_KEYS.items():
+        high = SETTINGS[key].high
+        assert high is not None
+        validate = next(s.validate for s in guard.SETTINGS if s.name == name)
+        assert validate(high) == high
+        with pytest.raises(ValueError, match="must be from"):
+            validate(high * 2)
+
+
+def test_the_readme_says_the_proxys_defaults() -> None:
+    """The Django settings table's "(proxy: ...)" are the schema's defaults."""
+    from pathlib import Path
+
+    from pgmigrate_proxy.embed import SETTINGS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name, key in guard.PROXY_KEYS.items():
+        default = SETTINGS[key].shown_default()
+        if key == "lock_budget":
+            continue  # None there is "no limit", said in words
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"(proxy: {default})" in row, row

@@ -17,6 +17,7 @@ from pgmigrate_proxy.guard.blockers import (
     report_query,
 )
 from pgmigrate_proxy.guard.retry import RetrySchedule, is_retryable
+from pgmigrate_proxy.settings import default
 
 __all__ = [
     "BackendState",
@@ -92,8 +93,8 @@ class Filters:
     Include lists left empty include everyone; patterns are case-sensitive globs.
     """
 
-    min_transaction_age: float = 0.0
-    min_query_age: float = 0.0
+    min_transaction_age: float = default("min_transaction_age")
+    min_query_age: float = default("min_query_age")
     states: frozenset[BackendState] = frozenset()
     application_names: tuple[str, ...] = ()
     exclude_application_names: tuple[str, ...] = ()

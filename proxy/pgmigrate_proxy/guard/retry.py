@@ -7,6 +7,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from pgmigrate_proxy.settings import default
+
 
 class SqlState(str, enum.Enum):
     """The SQLSTATEs the retry decision names."""
@@ -20,6 +22,7 @@ RETRYABLE: frozenset[str] = frozenset(
     {SqlState.LOCK_NOT_AVAILABLE.value, SqlState.DEADLOCK_DETECTED.value}
 )
 
+_NO_LIMIT = math.inf
 #: Exponents past this cannot change a capped delay and would overflow a float.
 _MAX_EXPONENT = 64
 
@@ -37,10 +40,10 @@ class RetrySchedule:
     Attempts are numbered from 1; times are seconds; `budget` may be math.inf.
     """
 
-    budget: float = 60.0
-    lock_timeout: float = 0.5  # per attempt (pgroll's value)
-    base_delay: float = 0.05
-    max_delay: float = 10.0
+    budget: float = _NO_LIMIT if default("lock_budget") is None else default("lock_budget")
+    lock_timeout: float = default("lock_timeout")  # per attempt
+    base_delay: float = default("retry_delay")
+    max_delay: float = default("retry_max_delay")
     multiplier: float = 2.0
     jitter: float = 0.5  # a delay is drawn from ((1 - jitter) * d, d]
     min_attempt: float = 0.01  # an attempt shorter than this is not worth making

