@@ -87,7 +87,7 @@ class SessionHub(Protocol):
 
     def register(self, session: ClientSession) -> bytes: ...
     def session_closed(self, session: ClientSession) -> None: ...
-    def cancel(self, request: CancelRequest) -> None: ...
+    def cancel(self, request: CancelRequest) -> asyncio.Future[None] | None: ...
 
 
 class ServerSide(UpstreamProtocol):
@@ -283,7 +283,13 @@ class ClientSession(asyncio.Protocol):
             if isinstance(packet, StartupMessage):
                 return self._check_startup(packet)
             if isinstance(packet, CancelRequest):
-                self.hub.cancel(packet)
+                delivery = self.hub.cancel(packet)
+                if delivery is not None:
+                    # Clients take our close as "delivered" and send their next query: close
+                    # only once PostgreSQL has closed the connection we forwarded it on, or a
+                    # late cancel lands on that next query. Shielded: a client that leaves
+                    # first does not stop the delivery.
+                    await asyncio.shield(delivery)
                 self._finish()  # a clean close: over TLS, libpq 17+ treats an abort as failure
                 return None
             if self._inbuf:  # nothing may follow these before our answer (CVE-2021-23214)
