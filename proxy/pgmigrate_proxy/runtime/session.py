@@ -52,7 +52,13 @@ from pgmigrate_proxy.runtime.hold import (
     Holder,
 )
 from pgmigrate_proxy.runtime.options import with_options
-from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
+from pgmigrate_proxy.runtime.upstream import (
+    CLIENT_RCVBUF,
+    UpstreamError,
+    UpstreamProtocol,
+    limit_kernel_buffering,
+    open_upstream,
+)
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.context import SessionSettings
@@ -154,6 +160,7 @@ class ClientSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.client = transport
+        limit_kernel_buffering(transport, rcvbuf=CLIENT_RCVBUF)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         loop = asyncio.get_running_loop()
