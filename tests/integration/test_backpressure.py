@@ -110,6 +110,10 @@ def backend(admin: psycopg.Connection[Any], app: str) -> tuple[str, str, str] | 
     return (str(row[0]), str(row[1]), str(row[2])) if row else None
 
 
+def waits_on_a_transaction(admin: psycopg.Connection[Any], app: str) -> bool:
+    return (backend(admin, app) or ("",))[-1] == "transactionid"
+
+
 def still(read: Callable[[], object]) -> Callable[[], bool]:
     """A wait_until check: true once `read()` has returned the same value STILL_POLLS times."""
     seen: list[object] = []
@@ -182,7 +186,7 @@ def test_a_pipelined_writer_sees_the_error_before_writing_every_row(
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
         try:
-            wait_until(lambda: (backend(admin, app) or ("",))[-1] == "transactionid", "row 1")
+            wait_until(lambda: waits_on_a_transaction(admin, app), "row 1 to wait for the locker")
             wait_until(still(lambda: len(pulled)), "the writer to stop writing", timeout=60)
         finally:
             locker.commit()  # row 1 fails: unique violation
