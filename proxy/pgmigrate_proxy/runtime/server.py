@@ -144,18 +144,23 @@ class ProxyServer:
         if not self._sessions:
             self._idle.set()
 
-    def cancel(self, request: CancelRequest) -> None:
-        """Forward a CancelRequest to the session it names; an unknown key is dropped silently."""
+    def cancel(self, request: CancelRequest) -> asyncio.Future[None] | None:
+        """Forward a CancelRequest to the session it names; an unknown key is dropped silently.
+
+        Returns the task delivering it, done once PostgreSQL has closed the connection the
+        request went on (None for a dropped request).
+        """
         session = self._keys.get(request.secret_key)
         key = session.server_key if session is not None else None
         if session is None or key is None or key.process_id != request.process_id:
-            return
+            return None
         forward = CancelRequest(key.process_id, key.secret_key)
         task = asyncio.get_running_loop().create_task(
             self._send_cancel(session.settings.upstream, forward)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
     async def _send_cancel(target: UpstreamTarget, request: CancelRequest) -> None:

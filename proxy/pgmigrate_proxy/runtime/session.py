@@ -59,7 +59,13 @@ from pgmigrate_proxy.runtime.options import (
     applied,
     with_options,
 )
-from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamProtocol, open_upstream
+from pgmigrate_proxy.runtime.upstream import (
+    CLIENT_RCVBUF,
+    UpstreamError,
+    UpstreamProtocol,
+    limit_kernel_buffering,
+    open_upstream,
+)
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.context import SessionSettings
@@ -98,7 +104,7 @@ class SessionHub(Protocol):
     def admit(self, session: ClientSession) -> bool: ...
     def logged_in(self, session: ClientSession) -> None: ...
     def session_closed(self, session: ClientSession) -> None: ...
-    def cancel(self, request: CancelRequest) -> None: ...
+    def cancel(self, request: CancelRequest) -> asyncio.Future[None] | None: ...
 
 
 class ServerSide(UpstreamProtocol):
@@ -165,6 +171,7 @@ class ClientSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.client = transport
+        limit_kernel_buffering(transport, rcvbuf=CLIENT_RCVBUF)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         loop = asyncio.get_running_loop()
@@ -302,7 +309,13 @@ class ClientSession(asyncio.Protocol):
             if isinstance(packet, StartupMessage):
                 return self._check_startup(packet)
             if isinstance(packet, CancelRequest):
-                self.hub.cancel(packet)
+                delivery = self.hub.cancel(packet)
+                if delivery is not None:
+                    # Clients take our close as "delivered" and send their next query: close
+                    # only once PostgreSQL has closed the connection we forwarded it on, or a
+                    # late cancel lands on that next query. Shielded: a client that leaves
+                    # first does not stop the delivery.
+                    await asyncio.shield(delivery)
                 self._finish()  # a clean close: over TLS, libpq 17+ treats an abort as failure
                 return None
             if self._inbuf:  # nothing may follow these before our answer (CVE-2021-23214)

@@ -11,6 +11,20 @@ from pgmigrate_proxy.protocol.messages import CancelRequest, SSLRequest
 from pgmigrate_proxy.protocol.types import SSL_ACCEPT, SSL_REJECT
 from pgmigrate_proxy.runtime.tls import UpstreamTLS
 
+#: Unsent bytes a relay socket queues in the kernel beyond those in flight (TCP_NOTSENT_LOWAT):
+#: past that, writes stay in the transport, which pauses reading the other side at its
+#: high-water mark. Without it the kernel takes up to tcp_wmem's maximum (4 MB) whatever the
+#: peer reads, and a stalled client or server lets that much more pile up in the proxy.
+RELAY_NOTSENT_LOWAT = 16 * 1024
+#: SO_RCVBUF of a TCP server connection (the kernel doubles it): a paused relay holds at most
+#: this much of the server's output, where autotuning grows it to tcp_rmem's maximum. Enough
+#: for full speed on loopback and a LAN (window / round trip); the proxy sits next to PostgreSQL.
+SERVER_RCVBUF = 64 * 1024
+#: The same for a client connection, larger: clients may be farther away.
+CLIENT_RCVBUF = 128 * 1024
+_TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+_INET = (socket.AF_INET, socket.AF_INET6)
+
 
 class UpstreamError(Exception):
     """The proxy could not open a usable connection to PostgreSQL; the text is safe to show."""
@@ -79,6 +93,22 @@ class UpstreamProtocol(asyncio.Protocol):
         return self._lost
 
 
+def limit_kernel_buffering(transport: asyncio.BaseTransport, rcvbuf: int | None = None) -> None:
+    """Bound what the kernel queues for a relay's TCP socket, so that backpressure reaches the
+    sender about as soon as it would without the proxy (pgbouncer relays with one 4 kB packet
+    buffer and stops reading the server while the client socket is full)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in _INET:
+        return
+    try:
+        if _TCP_NOTSENT_LOWAT is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, RELAY_NOTSENT_LOWAT)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    except OSError:
+        pass  # a platform without these options keeps its defaults
+
+
 async def open_upstream(target: UpstreamTarget, protocol: UpstreamProtocol) -> asyncio.Transport:
     """Connect, negotiate TLS as the sslmode says, and return the transport to speak on."""
     try:
@@ -111,6 +141,7 @@ async def _connect(target: UpstreamTarget, protocol: UpstreamProtocol) -> asynci
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        limit_kernel_buffering(transport, rcvbuf=SERVER_RCVBUF)
     if target.tls.request and not target.unix_socket:
         transport = await _negotiate_tls(target, protocol, transport)
     return transport
