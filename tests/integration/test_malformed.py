@@ -19,7 +19,7 @@ from pgmigrate_proxy.protocol.messages import (
     SSLRequest,
     StartupMessage,
 )
-from pgmigrate_proxy.protocol.types import PROTOCOL_3_0, BackendType, FrontendType
+from pgmigrate_proxy.protocol.types import PROTOCOL_3_0, BackendType, FrontendType, RequestCode
 
 from tests.fixtures.proxy import RunningProxy
 from tests.integration.probes import backend_exists, wait_until
@@ -64,7 +64,10 @@ BEFORE_LOGIN: dict[str, bytes] = {
     "bytes-after-ssl-request": SSLRequest().encode()
     + StartupMessage(PROTOCOL_3_0, {"user": "u_trust"}).encode(),
     "bytes-after-gssenc-request": GSSENCRequest().encode() + b"\x16\x03\x01",
-    "cancel-request-without-key": CancelRequest(1234, b"").encode(),
+    # (built by hand: the codec refuses to build a CancelRequest without its key)
+    "cancel-request-without-key": INT32.pack(12)
+    + INT32.pack(RequestCode.CANCEL_REQUEST)
+    + INT32.pack(1234),
 }
 
 AFTER_LOGIN: dict[str, bytes] = {

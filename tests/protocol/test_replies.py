@@ -113,6 +113,8 @@ def run(
             due.extend(replies[sent])
             owed += sum(1 for t, _ in replies[sent] if t == B.READY_FOR_QUERY)
             sent += 1
+        assert queue.proxy_owed == any(o is P for _, o, _ in queue.pending())
+        assert queue.empty == (not queue.pending())
         # An error still in flight decides what the server will discard: until it arrives the
         # queue counts what a success would owe (never less).
         if any(kind == B.ERROR_RESPONSE for kind, _ in due):

@@ -9,7 +9,7 @@ length, never copied.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -250,3 +250,12 @@ class Cut:
 def frame(mtype: int, payload: bytes = b"") -> bytes:
     """Build one frame from a type byte and its payload."""
     return HEADER.pack(mtype, len(payload) + 4) + payload
+
+
+def message_types(data: bytes) -> Iterator[int]:
+    """The type bytes of the whole frames in `data` (the proxy's own, or a held unit's)."""
+    pos, end = 0, len(data)
+    while pos + HEADER_SIZE <= end:
+        mtype, length = HEADER.unpack_from(data, pos)
+        yield mtype
+        pos += 1 + length

@@ -79,20 +79,25 @@ _READY = (Expect.QUERY, Expect.SYNC)
 
 
 class _Entry:
-    """`count` requests of one kind and owner, in a row."""
+    """`count` requests of one kind and owner, in a row; `exact`: only a feed of every reply
+    keeps them right (the proxy's own, or a Query inside a batch)."""
 
-    __slots__ = ("count", "kind", "owner")
+    __slots__ = ("count", "exact", "kind", "owner")
 
-    def __init__(self, kind: Expect, owner: Owner) -> None:
+    def __init__(self, kind: Expect, owner: Owner, exact: bool) -> None:
         self.kind = kind
         self.owner = owner
+        self.exact = exact
         self.count = 1
 
 
 class ReplyQueue:
     """The expected replies of one server connection (see the module docstring)."""
 
-    __slots__ = ("_entries", "_skipping", "_syncs_since_statement", "batch_open", "copy_in")
+    __slots__ = (
+        "_entries", "_exact", "_proxy", "_skipping", "_syncs_since_statement", "batch_open",
+        "copy_in",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._entries: deque[_Entry] = deque()
@@ -100,6 +105,8 @@ class ReplyQueue:
         self.batch_open = False  # extended-protocol messages sent since the last Sync
         self.copy_in = False  # the server reads the client's CopyData
         self._skipping = False  # an extended message failed: the server discards up to Sync
+        self._exact = 0  # entries marked exact
+        self._proxy = 0  # entries of the proxy's requests
 
     # --- what is owed ---------------------------------------------------------------------------
 
@@ -111,20 +118,17 @@ class ReplyQueue:
     @property
     def needs_every_reply(self) -> bool:
         """True while the queue stays exact only if every reply is fed (module docstring)."""
-        if self.batch_open:
-            return True
-        extended = False
-        for entry in self._entries:
-            if entry.owner is Owner.PROXY:
-                return True
-            kind = entry.kind
-            if kind in _EXTENDED:
-                extended = True
-            elif extended and kind is not Expect.SYNC:
-                return True  # a Query or FunctionCall inside a batch
-            elif kind is Expect.SYNC:
-                extended = False
-        return False
+        return self.batch_open or self._exact != 0
+
+    @property
+    def empty(self) -> bool:
+        """Nothing owed (a batch may still be open)."""
+        return not self._entries
+
+    @property
+    def proxy_owed(self) -> bool:
+        """Replies to requests of the proxy's are still to come."""
+        return self._proxy != 0
 
     @property
     def readies(self) -> int:
@@ -171,12 +175,22 @@ class ReplyQueue:
 
     def _push(self, kind: Expect, owner: Owner) -> None:
         entries = self._entries
+        proxy = owner is Owner.PROXY
+        # a Query or FunctionCall inside a batch: what an error discards depends on it
+        exact = proxy or (self.batch_open and kind in (Expect.QUERY, Expect.FUNCTION))
         if entries:
             tail = entries[-1]
-            if tail.kind is kind and tail.owner is owner:
+            if tail.kind is kind and tail.owner is owner and tail.exact is exact:
                 tail.count += 1
                 return
-        entries.append(_Entry(kind, owner))
+        entries.append(_Entry(kind, owner, exact))
+        self._exact += exact
+        self._proxy += proxy
+
+    def _drop(self, entry: _Entry) -> None:
+        """Account for an entry leaving the queue."""
+        self._exact -= entry.exact
+        self._proxy -= entry.owner is Owner.PROXY
 
     def _forget_syncs(self, count: int) -> None:
         entries = self._entries
@@ -186,7 +200,7 @@ class ReplyQueue:
             tail.count -= taken
             count -= taken
             if not tail.count:
-                entries.pop()
+                self._drop(entries.pop())
 
     # --- backend --------------------------------------------------------------------------------
 
@@ -215,7 +229,7 @@ class ReplyQueue:
                 break  # part of a Query's results (its RowDescription, CommandComplete)
             if kind in kinds:
                 for _ in range(index):
-                    entries.popleft()
+                    self._drop(entries.popleft())
                 return self._take_one()
         return self.head_owner
 
@@ -223,13 +237,13 @@ class ReplyQueue:
         head = self._entries[0]
         head.count -= 1
         if not head.count:
-            self._entries.popleft()
+            self._drop(self._entries.popleft())
         return head.owner
 
     def _ready(self) -> Owner:
         entries = self._entries
         while entries and entries[0].kind not in _READY:
-            entries.popleft()  # answered earlier, by replies not fed here
+            self._drop(entries.popleft())  # answered earlier, by replies not fed here
         if not entries:
             raise UnexpectedReply("ReadyForQuery with nothing owed")
         self.copy_in = False
@@ -252,6 +266,6 @@ class ReplyQueue:
             return owner
         # an extended-protocol message failed: the server skips everything up to the next Sync
         while entries and entries[0].kind is not Expect.SYNC:
-            entries.popleft()
+            self._drop(entries.popleft())
         self._skipping = not entries  # its Sync is still to come: what comes before is dropped
         return owner

@@ -18,8 +18,9 @@ from collections.abc import Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pgmigrate_proxy.protocol import extended
-from pgmigrate_proxy.protocol.framing import Cut, Frame
+from pgmigrate_proxy.protocol.framing import Cut, Frame, message_types
 from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse, ReadyForQuery
+from pgmigrate_proxy.protocol.replies import Owner, ReplyQueue, UnexpectedReply
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
@@ -38,9 +39,13 @@ FRONTEND_WATCH = (
     FrontendType.SYNC, FrontendType.FLUSH, FrontendType.FUNCTION_CALL,
     FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
 )  # fmt: skip
-BACKEND_WATCH = (BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE)
-#: Migration sessions also see errors that stream past (COPY): they fail the virtual block.
-MIGRATION_BACKEND_WATCH = (*BACKEND_WATCH, BackendType.ERROR_RESPONSE)
+#: Backend frames the reply queue must always see (protocol/replies.py); every frame while it
+#: says it needs every reply. Migration sessions also read the errors that stream past (COPY):
+#: they fail the virtual block.
+BACKEND_WATCH = (
+    BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE, BackendType.ERROR_RESPONSE,
+)  # fmt: skip
+MIGRATION_BACKEND_WATCH = BACKEND_WATCH
 _INJECTED_NAME = "pgmigrate_proxy"
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
 _BACKLOG_PAUSE = 1 << 20
@@ -52,18 +57,11 @@ _PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"w
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
-#: Extended-query messages that leave the server mid-batch until a Sync.
-_BATCH_MESSAGES = (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE, FrontendType.CLOSE)
 #: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
 #: at most 4 MB of them, all sessions together, none over 64 kB (a long one is parsed again).
 _PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
 #: Statement texts whose resolved targets are kept for Executes that come mid-batch.
 _KNOWN_TARGETS = 64
-#: Replies that end an Execute (with a Flush instead of a Sync, no ReadyForQuery follows).
-_EXECUTE_ENDS = (
-    BackendType.COMMAND_COMPLETE, BackendType.EMPTY_QUERY_RESPONSE,
-    BackendType.PORTAL_SUSPENDED, BackendType.ERROR_RESPONSE,
-)  # fmt: skip
 #: Server messages that may come at any time: passed on even amid an injected query's replies.
 _ASYNCHRONOUS = (
     BackendType.NOTIFICATION_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTICE_RESPONSE,
@@ -110,10 +108,8 @@ class Holder:
         self.settings = settings
         self.migration = MigrationRunner(self) if migration else None
         self.capture: list[Frame] | None = None  # replies the migration runner takes aside
-        self.pending = 0  # ReadyForQuery replies the server still owes
-        self.batch_open = False  # extended messages sent since the last Sync
-        self._syncs_since_execute = 0
-        self._copy_in = False
+        self.replies = ReplyQueue()  # what the server still owes, and to whom
+        self._every_reply = False  # the backend scanner shows every frame (see _watch)
         self._statements: dict[str, tuple[Statement, ...]] = {}  # guarded prepared statements
         self._targets: dict[str, guarding.Resolution] = {}  # see remember_targets
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
@@ -122,8 +118,6 @@ class Holder:
         self._unit_statements: tuple[Statement, ...] = ()
         self._unit_frames: list[Frame] = []
         self._sink: list[Frame] | None = None
-        self._sink_expect = 0
-        self._sink_executes = 0
         self._sink_done: asyncio.Future[list[Frame]] | None = None
         self._idle: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
@@ -142,6 +136,8 @@ class Holder:
         goes wrong here ends it with XX000: never a hang, never a reply out of order."""
         try:
             self._pump(cut, first, pos)
+            if self.replies.needs_every_reply is not self._every_reply:
+                self._watch()
         except DecodeError as exc:
             self.abandon("08P01", f"invalid message from the client: {exc}")
         except Exception:
@@ -166,24 +162,21 @@ class Holder:
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
         data = cut.data
         frames = cut.frames
+        replies = self.replies
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
             # the most frequent frames, inline (a migration session's Sync may end its skipping)
             if mtype == _SYNC and item.start >= 0 and self.migration is None:
-                self.pending += 1
-                self.batch_open = False
-                self._syncs_since_execute += 1
+                replies.sent(mtype)
                 continue
             if mtype == _EXECUTE and item.start >= 0:
-                self.batch_open = True
-                self._syncs_since_execute = 0
+                replies.sent(mtype)
                 continue
             # (a migration session sees every statement: no shortcut there)
             plain = mtype == _QUERY and item.start >= 0 and self.migration is None
             if plain and plain_query(item.payload):
-                self.pending += 1
-                self._syncs_since_execute = 0
+                replies.sent(mtype)
                 continue
             start = pos if item.start < 0 else item.start
             statements = self._guarded(item)
@@ -192,7 +185,7 @@ class Holder:
                 self._write_server(out)
                 self._begin(item, statements, cut, index)
                 return
-            self._account(item)
+            replies.sent(mtype)
             if item.start < 0:
                 out.append(item.raw)
                 pos = item.end
@@ -203,6 +196,13 @@ class Holder:
             return
         out.append(data[pos : cut.tail])
         self._write_server(out)
+
+    def _watch(self) -> None:
+        """Show the backend scanner every frame while the reply queue needs every reply (or
+        the proxy takes replies aside), only those it must always see otherwise."""
+        every = self.sinking or self.replies.needs_every_reply
+        self._every_reply = every
+        self.session.watch_backend(every=every)
 
     def _write_server(self, out: list[bytes]) -> None:
         server = self.session.server
@@ -267,27 +267,6 @@ class Holder:
             return None
         statements = classify(sql)
         return statements if any(guarding.needs_guard(s) for s in statements) else None
-
-    def _account(self, item: Frame) -> None:
-        """Bookkeeping for a frame sent to the server: which replies are owed."""
-        mtype = item.type
-        if mtype == FrontendType.QUERY or mtype == FrontendType.FUNCTION_CALL:
-            self.pending += 1
-            self._syncs_since_execute = 0
-        elif mtype == FrontendType.SYNC:
-            self.pending += 1
-            self.batch_open = False
-            self._syncs_since_execute += 1
-        elif mtype == FrontendType.EXECUTE:
-            self.batch_open = True
-            self._syncs_since_execute = 0
-        elif mtype in _BATCH_MESSAGES:
-            self.batch_open = True
-        elif self._copy_in and mtype in (FrontendType.COPY_DONE, FrontendType.COPY_FAIL):
-            # Syncs sent during COPY IN are ignored by the server: no reply for them.
-            self.pending -= self._syncs_since_execute
-            self._syncs_since_execute = 0
-            self._copy_in = False
 
     # --- units ----------------------------------------------------------------------------------
 
@@ -403,7 +382,8 @@ class Holder:
                 )
                 self.remember_targets(statements, resolved)
         for item in frames:
-            self._account(item)
+            self.replies.sent(item.type)
+        self._watch()
         self._write_server([data])
 
     def _parsed_statements(self, frames: list[Frame]) -> list[Statement]:
@@ -440,11 +420,6 @@ class Holder:
 
     async def _guard_unit(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
         await guarding.run(self, self.session.hub.guard, self.settings, unit)
-        if unit.closes_batch:
-            self.batch_open = False
-        else:
-            for item in frames:
-                self._account(item)  # the batch goes on: its Sync is still to come
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""
@@ -463,45 +438,61 @@ class Holder:
 
     def backend_frames(self, frames: list[Frame]) -> None:
         """Bookkeeping for watched server frames passed on to the client."""
+        replies = self.replies
         for item in frames:
-            if item.type == _READY_FOR_QUERY:
+            mtype = item.type
+            try:
+                replies.received(mtype)
+            except UnexpectedReply as exc:
+                raise DecodeError(str(exc)) from None
+            if mtype == _READY_FOR_QUERY:
                 status = _STATUSES.get(item.payload[:1])
                 if status is None:
                     raise DecodeError("malformed ReadyForQuery")
                 self.session.status = status
-                if self.pending > 0:
-                    self.pending -= 1
                 if self.migration is not None:
                     self.migration.batch_failed = False
-            elif item.type == BackendType.COPY_IN_RESPONSE:
-                self._copy_in = True
-            elif item.type == BackendType.ERROR_RESPONSE and self.migration is not None:
-                self.migration.passed_error()
-        if self.pending == 0 and self._idle is not None and not self._idle.done():
+            elif mtype == BackendType.ERROR_RESPONSE and self.migration is not None:
+                self.migration.passed_error(in_batch=replies.batch_open)
+        if self._idle is not None and not self._idle.done() and not replies.readies:
             self._idle.set_result(None)
+        if self._every_reply and not replies.needs_every_reply:
+            self._watch()
 
     @property
     def sinking(self) -> bool:
         return self._sink is not None
 
     def sink_frames(self, frames: list[Frame]) -> None:
-        """Server frames of a unit or an injected query: kept from the client."""
-        assert self._sink is not None
-        self._sink.extend(frames)
+        """Server frames while the proxy has requests of its own out: the replies to those
+        (and what comes amid them) are kept from the client, the client's pass on."""
+        sink = self._sink
+        assert sink is not None
+        replies = self.replies
+        passed: list[bytes] = []
         for item in frames:
+            try:
+                owner = replies.received(item.type)
+            except UnexpectedReply as exc:
+                raise DecodeError(str(exc)) from None
             if item.type == BackendType.READY_FOR_QUERY:
                 self.session.status = ReadyForQuery.decode(item.payload).status
-                self._sink_expect -= 1
-            elif self._sink_executes and item.type in _EXECUTE_ENDS:
-                # after an error the server skips to Sync: nothing more comes for the rest
-                last = item.type == BackendType.ERROR_RESPONSE
-                self._sink_executes = 0 if last else self._sink_executes - 1
-                if self._sink_executes == 0:
-                    self._sink_expect = 0
-        if self._sink_expect <= 0:
-            taken, self._sink = self._sink, None
+            if owner is Owner.CLIENT or (owner is None and not replies.proxy_owed):
+                passed.append(item.raw)  # a reply to the client's request, sent before ours
+                if item.type == BackendType.ERROR_RESPONSE and self.migration is not None:
+                    # (ours go out only once the client's Syncs are answered: this is an
+                    # error of a batch the client left open)
+                    self.migration.passed_error(in_batch=True)
+            else:
+                sink.append(item)
+        if passed:
+            self.deliver_raw(b"".join(passed))
+        if not replies.proxy_owed:
+            taken, self._sink = sink, None
             done, self._sink_done = self._sink_done, None
-            self.session.sink_ended()
+            self._watch()
+            if self._idle is not None and not self._idle.done() and not replies.readies:
+                self._idle.set_result(None)
             if done is not None and not done.done():
                 done.set_result(taken)
 
@@ -535,19 +526,22 @@ class Holder:
 
     @property
     def can_inject(self) -> bool:
-        return (
-            self.pending == 0
-            and not self.batch_open
-            and self.session.status is not TransactionStatus.FAILED
-        )
+        return self.replies.idle and self.session.status is not TransactionStatus.FAILED
+
+    @property
+    def batch_open(self) -> bool:
+        """Extended-protocol messages went to the server since the last Sync."""
+        return self.replies.batch_open
 
     @property
     def gone(self) -> bool:
         return self.session.client is None or self.session.server is None
 
     async def wait_idle(self) -> None:
-        """Until the server has answered everything sent before the unit."""
-        while self.pending > 0:
+        """Until the server has answered everything sent before the unit up to its last Sync:
+        what follows in an open batch is answered only once a Sync or Flush goes out (the
+        server holds those replies back), so it cannot be waited for."""
+        while self.replies.readies:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle
             self._idle = None
@@ -558,11 +552,13 @@ class Holder:
         server = self.session.server
         if server is None:
             raise ConnectionError("the server connection was lost")
+        for mtype in message_types(data):
+            self.replies.sent(mtype, Owner.PROXY)
+        if not self.replies.proxy_owed:
+            return []  # nothing in it expects a reply (a Flush alone)
         self._sink = []
-        self._sink_expect = expect if expect else 1
-        self._sink_executes = 0 if expect else executes
         self._sink_done = asyncio.get_running_loop().create_future()
-        self.session.sink_started()
+        self._watch()
         server.write(data)
         return await self._sink_done
 

@@ -47,11 +47,11 @@ class MigrationRunner:
         self.sent_sync = False  # a statement of the current batch went out with our Sync
         self.batch_failed = False  # an error passed by in a batch the client has not synced
 
-    def passed_error(self) -> None:
+    def passed_error(self, *, in_batch: bool) -> None:
         """An error in traffic that streams past the runner (COPY, a Describe sent on its
-        own): it fails the block, and the server skips the rest of an open batch."""
+        own): it fails the block, and (`in_batch`) the server skips the rest of the batch."""
         self.virtual.forwarded("COPY", True)
-        if self.holder.batch_open:
+        if in_batch:
             self.batch_failed = True
 
     def client_status(self) -> TransactionStatus:
@@ -75,7 +75,6 @@ class MigrationRunner:
         for text, statements in pieces:
             if not await self._statement(text, statements):
                 break  # PostgreSQL stops a Query at its first error
-        holder.batch_open = False
         holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
 
     async def _end_client_batch(self) -> bool:
@@ -85,7 +84,6 @@ class MigrationRunner:
         own Sync is answered by the runner, as PostgreSQL would answer them."""
         holder = self.holder
         frames = await holder.exchange(extended.sync(), 1)
-        holder.batch_open = False
         holder.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
         failed = self.batch_failed or _error(frames) is not None
         self.batch_failed = False
@@ -190,7 +188,6 @@ class MigrationRunner:
                 # An earlier round to Flush (asyncpg's prepare) left the server mid-batch and
                 # nothing of this one reached it: its Sync must, as the client sent one.
                 await holder.exchange(extended.sync(), 1)
-            holder.batch_open = False
             self.skipping = False
             holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
         self.sent_sync = False
@@ -229,7 +226,6 @@ class MigrationRunner:
         )
         replies = await self._run(unit)
         self.sent_sync = True
-        holder.batch_open = False
         failed = any(f.type == BackendType.ERROR_RESPONSE for f in replies)
         if any(f.type == FrontendType.EXECUTE for f in group):
             self.virtual.forwarded(sql or "(prepared statement)", failed)

@@ -50,7 +50,6 @@ from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.hold import (
     BACKEND_WATCH,
     FRONTEND_WATCH,
-    MIGRATION_BACKEND_WATCH,
     Holder,
 )
 from pgmigrate_proxy.runtime.options import (
@@ -261,13 +260,9 @@ class ClientSession(asyncio.Protocol):
         elif self.phase is Phase.DRAINING:
             self._drain(data)
 
-    def sink_started(self) -> None:
-        """The guard takes the server's replies: see every frame (the stream is at a boundary)."""
-        self._be.watch(_ALL_TYPES)
-
-    def sink_ended(self) -> None:
-        migration = self.holder is not None and self.holder.migration is not None
-        self._be.watch(MIGRATION_BACKEND_WATCH if migration else BACKEND_WATCH)
+    def watch_backend(self, *, every: bool) -> None:
+        """Which server frames the relay shows the holder: all, or those it must always see."""
+        self._be.watch(_ALL_TYPES if every else BACKEND_WATCH)
 
     def server_lost(self) -> None:
         self.server = None
@@ -479,7 +474,7 @@ class ClientSession(asyncio.Protocol):
             migration = is_migration_session(self.parameters, self.hub.migration_patterns)
             self.holder = Holder(self, applied(guard, options), migration=migration)
             self._fe.watch(_ALL_TYPES if migration else FRONTEND_WATCH)
-            self._be.watch(MIGRATION_BACKEND_WATCH if migration else BACKEND_WATCH)
+            self._be.watch(BACKEND_WATCH)
         else:
             self._fe.watch(())
             self._be.watch(_RELAY_BACKEND_WATCH)
