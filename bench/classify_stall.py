@@ -20,7 +20,7 @@ import threading
 import time
 
 import psycopg
-from pgmigrate_proxy.embedded import PostgresServer, libpq_url
+from pgmigrate_proxy.embedded_postgres import PostgresServer, libpq_url
 
 
 def _free_port() -> int:

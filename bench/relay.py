@@ -1,6 +1,6 @@
 """Relay benchmark: pgbench -S straight to PostgreSQL, through pgbouncer, through pgmigrate_proxy.
 
-Starts a throwaway PostgreSQL (``pgmigrate_proxy.embedded.PostgresServer``), loads it with
+Starts a throwaway PostgreSQL (``pgmigrate_proxy.embedded_postgres.PostgresServer``), loads it with
 ``pgbench -i``, starts pgbouncer (session mode) and ``python -m pgmigrate_proxy`` in front of it,
 then runs ``pgbench -S -n`` for every (clients, mode) pair against the three targets in rotating
 order, several repetitions each.  It reports median TPS, the proxy's ratios to direct and to
@@ -50,14 +50,14 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 if TYPE_CHECKING:
-    from pgmigrate_proxy.embedded import PostgresServer
+    from pgmigrate_proxy.embedded_postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
 PROXY_SOURCE = REPO / "proxy"
 MODES = ("simple", "extended", "prepared")
 DIRECT, PGBOUNCER, PROXY = "direct", "pgbouncer", "proxy"
 TARGETS = (DIRECT, PGBOUNCER, PROXY)
-SERVICE_USER = "pgmigrate"  # the unprivileged account embedded.py runs PostgreSQL as
+SERVICE_USER = "pgmigrate"  # the unprivileged account embedded_postgres.py runs PostgreSQL as
 SUPERUSER = "postgres"
 PGBOUNCER_BINARY = Path("/usr/sbin/pgbouncer")
 FALLBACK_PGBENCH = Path("/usr/bin/pgbench")
@@ -449,7 +449,7 @@ def note(message: str) -> None:
 def start_postgres(
     stack: contextlib.ExitStack, opts: Options, bin_dir: Path, password: str
 ) -> PostgresServer:
-    from pgmigrate_proxy.embedded import EmbeddedPostgresError, PostgresServer
+    from pgmigrate_proxy.embedded_postgres import EmbeddedPostgresError, PostgresServer
 
     max_connections = max(1200, opts.idle_clients + max(opts.clients) + 100)
     server = PostgresServer(
@@ -477,7 +477,7 @@ def start_postgres(
 
 
 def postgres_bin_dir(choice: str | None) -> Path:
-    from pgmigrate_proxy.embedded import EmbeddedPostgresError, resolve_bin_dir
+    from pgmigrate_proxy.embedded_postgres import EmbeddedPostgresError, resolve_bin_dir
 
     try:
         return resolve_bin_dir(choice)

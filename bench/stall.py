@@ -60,7 +60,7 @@ from pgmigrate_proxy.demo import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from pgmigrate_proxy.embedded import PostgresServer
+    from pgmigrate_proxy.embedded_postgres import PostgresServer
 
 BENCH = Path(__file__).resolve().parent
 DJANGO_PROJECT = BENCH / "django_pgmigrate_1_6"
@@ -255,7 +255,7 @@ def django_migration(python: Path, env: dict[str, str]) -> Migration:
 
 
 def start_postgres(stack: contextlib.ExitStack, opts: Options, password: str) -> PostgresServer:
-    from pgmigrate_proxy.embedded import EmbeddedPostgresError, PostgresServer
+    from pgmigrate_proxy.embedded_postgres import EmbeddedPostgresError, PostgresServer
 
     server = PostgresServer(
         bin_dir=relay.postgres_bin_dir(opts.pg),

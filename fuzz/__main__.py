@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pgmigrate_proxy.embedded import PostgresServer, resolve_bin_dir
+from pgmigrate_proxy.embedded_postgres import PostgresServer, resolve_bin_dir
 
 from fuzz.streams import TABLE, make_case
 from fuzz.wire import Fuzzer, Outcome, Target, load_case, reproducer, run_case

@@ -90,8 +90,7 @@ def handshake(data: bytes) -> None:
 
 
 def extended_decoders(data: bytes) -> None:
-    for decode in (extended.parse_statement, extended.bind_names, extended.query_text,
-                   extended.close_target, extended.execute_portal):  # fmt: skip
+    for decode in (extended.parse_statement, extended.bind_names, extended.query_text):
         with contextlib.suppress(DecodeError):
             decode(data)
 

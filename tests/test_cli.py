@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pgmigrate_proxy
 import pytest
-from pgmigrate_proxy import cli, embedded, logsetup
+from pgmigrate_proxy import cli, logsetup
+from pgmigrate_proxy import embedded_postgres as embedded
 from pgmigrate_proxy.config import RELOADABLE, Config, load_config
 
 PROXY_ROOT = Path(pgmigrate_proxy.__file__).resolve().parent.parent

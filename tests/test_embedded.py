@@ -1,4 +1,5 @@
-"""pgmigrate_proxy.embedded against real binaries: choosing them, starting, logging in, stopping."""
+"""pgmigrate_proxy.embedded_postgres against real binaries: choosing them, starting, logging in,
+stopping."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pgmigrate_proxy import embedded
-from pgmigrate_proxy.embedded import (
+from pgmigrate_proxy import embedded_postgres as embedded
+from pgmigrate_proxy.embedded_postgres import (
     SERVICE_USER,
     EmbeddedPostgresError,
     PostgresServer,
@@ -275,7 +276,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux only")
 def test_server_dies_with_the_process_that_started_it() -> None:
     script = (
-        "import os; from pgmigrate_proxy.embedded import PostgresServer; s = PostgresServer();"
+        "import os; from pgmigrate_proxy.embedded_postgres import PostgresServer; "
+        "s = PostgresServer();"
         "s.start(); print(s.pid, s.data_dir, flush=True); os.kill(os.getpid(), 9)"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

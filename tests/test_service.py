@@ -18,7 +18,7 @@ from typing import Any
 import pgmigrate_proxy
 import psycopg
 import pytest
-from pgmigrate_proxy.embedded import libpq_url
+from pgmigrate_proxy.embedded_postgres import libpq_url
 
 from tests.fixtures.postgres import PgInfo
 

@@ -12,8 +12,8 @@ import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pgmigrate_proxy.embed import SETTINGS as PROXY_SETTINGS
-from pgmigrate_proxy.embed import Rejected, format_duration, parse_duration
+from pgmigrate_proxy.embedded_proxy import SETTINGS as PROXY_SETTINGS
+from pgmigrate_proxy.embedded_proxy import Rejected, format_duration, parse_duration
 
 from pgmigrate import actions, conf, filters
 

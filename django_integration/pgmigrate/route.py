@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import CommandError
 from django.db.backends.base.base import BaseDatabaseWrapper
 from pgmigrate_proxy.config import Config, ConfigError
-from pgmigrate_proxy.embed import EmbeddedProxy, is_proxy
+from pgmigrate_proxy.embedded_proxy import EmbeddedProxy, is_proxy
 from psycopg.conninfo import make_conninfo
 
 from pgmigrate import conf

@@ -12,7 +12,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
-from pgmigrate_proxy.errors import ProxyError
+from pgmigrate_proxy.errors import ConnectionFailure
 from pgmigrate_proxy.guard.blockers import (
     BackendState,
     Blocker,
@@ -127,10 +127,8 @@ _WAITER_OWNS = """
 """
 
 
-class AdminUnavailable(ProxyError):
+class AdminUnavailable(ConnectionFailure):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
-
-    sqlstate = "08006"
 
 
 def _blocker(row: DictRow) -> Blocker:

@@ -27,7 +27,7 @@ from pgmigrate_proxy.config import (
 )
 
 if TYPE_CHECKING:
-    from pgmigrate_proxy.embedded import PostgresServer
+    from pgmigrate_proxy.embedded_postgres import PostgresServer
 
 log = logging.getLogger("pgmigrate_proxy.cli")
 
@@ -147,7 +147,11 @@ def _runtime(make_server: ServerFactory | None) -> tuple[str, ServerFactory]:
 
 def start_embedded(config: Config, stack: contextlib.ExitStack) -> str | None:
     """Start a throwaway PostgreSQL server stopped by `stack`; its URL, or None if it failed."""
-    from pgmigrate_proxy.embedded import EmbeddedPostgresError, PostgresServer, resolve_bin_dir
+    from pgmigrate_proxy.embedded_postgres import (
+        EmbeddedPostgresError,
+        PostgresServer,
+        resolve_bin_dir,
+    )
 
     log.warning("no upstream configured: starting an embedded PostgreSQL (set --upstream)")
     data_dir = Path(config.embedded_data_dir) if config.embedded_data_dir else None

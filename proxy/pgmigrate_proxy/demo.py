@@ -233,8 +233,8 @@ def run_scenario(
 def running_proxy(upstream: str, **settings: Any) -> Iterator[str]:
     """An in-process proxy (embed.EmbeddedProxy) in front of `upstream`; yields its URL."""
     from pgmigrate_proxy.config import Config
-    from pgmigrate_proxy.embed import EmbeddedProxy
-    from pgmigrate_proxy.embedded import libpq_url
+    from pgmigrate_proxy.embedded_postgres import libpq_url
+    from pgmigrate_proxy.embedded_proxy import EmbeddedProxy
 
     config = Config(upstream=upstream, listen_host="127.0.0.1", listen_port=0, **settings)
     params = psycopg.conninfo.conninfo_to_dict(upstream)
@@ -263,7 +263,11 @@ def render(results: Sequence[tuple[str, Result]]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`pgmigrate-proxy demo [--pg embedded|15|DIR] [--blocker-seconds S] [--workers N]`."""
-    from pgmigrate_proxy.embedded import EmbeddedPostgresError, PostgresServer, resolve_bin_dir
+    from pgmigrate_proxy.embedded_postgres import (
+        EmbeddedPostgresError,
+        PostgresServer,
+        resolve_bin_dir,
+    )
 
     parser = argparse.ArgumentParser(prog="pgmigrate-proxy demo", description=__doc__)
     parser.add_argument("--pg", help="embedded | 15 | <bin dir> (default: env PGMIGRATE_PG)")

@@ -1,39 +1,24 @@
-"""The proxy's exception tree: every error the proxy raises, each with the SQLSTATE it maps to."""
+"""The proxy's exception tree: the errors it raises on purpose, each with the SQLSTATE that a
+client is sent when one ends its session."""
 
 from __future__ import annotations
 
+from pgmigrate_proxy.protocol.sqlstate import SqlState
+
 
 class ProxyError(Exception):
-    """Base of every error the proxy raises on purpose; ``sqlstate`` is what clients are sent."""
+    """Base of every error the proxy raises on purpose; `sqlstate` is what clients are sent."""
 
-    sqlstate: str = "XX000"
-
-
-class ProtocolViolation(ProxyError):
-    """A peer sent bytes that break the PostgreSQL wire protocol (malformed or oversized)."""
-
-    sqlstate = "08P01"
+    sqlstate: SqlState = SqlState.INTERNAL_ERROR
 
 
 class ConnectionFailure(ProxyError):
-    """A connection to a client or to the server broke while in use."""
+    """A connection to PostgreSQL could not be opened or broke while in use."""
 
-    sqlstate = "08006"
-
-
-class StartupTimeout(ProxyError):
-    """A client did not finish startup and authentication within ``startup_timeout``."""
-
-    sqlstate = "08006"
+    sqlstate = SqlState.CONNECTION_FAILURE
 
 
-class UpstreamUnavailable(ProxyError):
-    """The upstream PostgreSQL server could not be reached or refused the connection."""
+class ProtocolViolation(ProxyError):
+    """A peer sent bytes that break the wire protocol (malformed, oversized, out of place)."""
 
-    sqlstate = "08001"
-
-
-class TooManyConnections(ProxyError):
-    """The proxy refused a client because a connection limit was reached."""
-
-    sqlstate = "53300"
+    sqlstate = SqlState.PROTOCOL_VIOLATION

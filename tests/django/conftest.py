@@ -63,7 +63,7 @@ def external_proxy(pg: PgInfo, transactional_db: None) -> Iterator[tuple[str, in
     from django.conf import settings
     from django.db import connections
     from pgmigrate_proxy.config import Config
-    from pgmigrate_proxy.embed import EmbeddedProxy
+    from pgmigrate_proxy.embedded_proxy import EmbeddedProxy
 
     database = settings.DATABASES["default"]
     proxy = EmbeddedProxy(Config(upstream=pg.url(dbname=database["NAME"]), listen_port=0))

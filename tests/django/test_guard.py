@@ -8,7 +8,7 @@ import pgmigrate
 import pytest
 from pgmigrate import filters, guard
 from pgmigrate_proxy.config import Config
-from pgmigrate_proxy.embed import SESSION_OPTIONS
+from pgmigrate_proxy.embedded_proxy import SESSION_OPTIONS
 from pgmigrate_proxy.runtime.guarding import GuardSettings
 from pgmigrate_proxy.runtime.options import parse, with_options
 from pytest_django.fixtures import Settings as SettingsWrapper
@@ -231,7 +231,7 @@ def test_durations_as_the_proxy_takes_them(
 
 
 def test_the_proxy_defaults_and_ranges_are_the_schemas() -> None:
-    from pgmigrate_proxy.embed import SETTINGS
+    from pgmigrate_proxy.embedded_proxy import SETTINGS
 
     assert Config().retry_max_delay == guard.DEFAULT_RETRY_MAX_DELAY
     assert SETTINGS["lock_timeout"].parse(guard.LONG_ATTEMPT) == guard.LONG_ATTEMPT
@@ -248,7 +248,7 @@ def test_the_readme_says_the_proxys_defaults() -> None:
     """The Django settings table's "(proxy: ...)" are the schema's defaults."""
     from pathlib import Path
 
-    from pgmigrate_proxy.embed import SETTINGS
+    from pgmigrate_proxy.embedded_proxy import SETTINGS
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name, key in guard.PROXY_KEYS.items():

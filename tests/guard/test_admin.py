@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from pgmigrate_proxy.admin import AdminConnection
-from pgmigrate_proxy.embedded import PostgresServer, resolve_bin_dir
+from pgmigrate_proxy.embedded_postgres import PostgresServer, resolve_bin_dir
 from pgmigrate_proxy.guard.policy import (
     BackendState,
     Blocker,

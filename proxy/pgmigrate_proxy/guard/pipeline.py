@@ -39,6 +39,7 @@ from pgmigrate_proxy.guard.unit import UNRESOLVED, GuardSettings, HeldUnit, Reso
 from pgmigrate_proxy.protocol.extended import QueryResult
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, TransactionStatus
 from pgmigrate_proxy.sql import DATABASE_OWNER_SQL, LockMode, Statement, targets_query
 
@@ -423,7 +424,7 @@ class Pipeline:
     def _give_up(self) -> Steps:
         """The budget ran out while waiting for blockers: answer 55P03 without sending."""
         error = ErrorResponse.build(
-            "ERROR", "55P03", notices.gave_up(self.settings.schedule.budget)
+            "ERROR", SqlState.LOCK_NOT_AVAILABLE, notices.gave_up(self.settings.schedule.budget)
         )
         status = self.view.status
         after = TransactionStatus.FAILED if status is not TransactionStatus.IDLE else status

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from dataclasses import dataclass
 
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.settings import default
-
-
-class SqlState(str, enum.Enum):
-    """The SQLSTATEs the retry decision names."""
-
-    LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout expired, or NOWAIT
-    DEADLOCK_DETECTED = "40P01"
-    QUERY_CANCELED = "57014"  # statement_timeout or a user's cancel: never retried
-
 
 RETRYABLE: frozenset[str] = frozenset(
     {SqlState.LOCK_NOT_AVAILABLE.value, SqlState.DEADLOCK_DETECTED.value}

@@ -35,18 +35,6 @@ def bind_names(payload: bytes) -> tuple[str, str]:
     return portal, statement
 
 
-def execute_portal(payload: bytes) -> str:
-    """Execute: the portal name."""
-    return _cstring(payload)[0]
-
-
-def close_target(payload: bytes) -> tuple[str, str]:
-    """Close: ("S" or "P", name)."""
-    if not payload:
-        raise DecodeError("empty Close")
-    return chr(payload[0]), _cstring(payload, 1)[0]
-
-
 def query_text(payload: bytes) -> str:
     """Query: the text."""
     return _cstring(payload)[0]

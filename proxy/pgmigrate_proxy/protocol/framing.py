@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pgmigrate_proxy.errors import ProtocolViolation
+
 HEADER = struct.Struct("!BI")
 HEADER_SIZE = HEADER.size  # 5: type byte + int32 length (which counts itself)
 INT32 = struct.Struct("!I")
@@ -36,7 +38,7 @@ class Frame(NamedTuple):
         return frame(self.type, self.payload)
 
 
-class FramingError(Exception):
+class FramingError(ProtocolViolation):
     """The peer sent a header that is not a valid message; offset is where it starts."""
 
     def __init__(self, message: str, offset: int) -> None:

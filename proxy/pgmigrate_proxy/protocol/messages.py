@@ -25,6 +25,7 @@ from typing import Any
 
 from construct import ConstructError
 
+from pgmigrate_proxy.errors import ProtocolViolation
 from pgmigrate_proxy.protocol import schema
 from pgmigrate_proxy.protocol.framing import INT32, frame
 from pgmigrate_proxy.protocol.types import (
@@ -41,7 +42,7 @@ _INT32_PAIR = struct.Struct("!II")
 _STATUSES = frozenset(int(s) for s in TransactionStatus)
 
 
-class DecodeError(ValueError):
+class DecodeError(ProtocolViolation, ValueError):
     """A payload that does not match its message layout."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pgmigrate_proxy import notices
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import TransactionStatus
 
 # COMMIT PREPARED / ROLLBACK PREPARED end a two-phase transaction: the server's business.
@@ -219,7 +220,10 @@ class VirtualTransaction:
         """3B001; like any error, it fails an open transaction block."""
         if self.state is State.OPEN:
             self.state = State.FAILED
-        return Reply(Kind.REJECT, error=("3B001", f'savepoint "{name}" does not exist'))
+        return Reply(
+            Kind.REJECT,
+            error=(SqlState.INVALID_SAVEPOINT_SPECIFICATION, f'savepoint "{name}" does not exist'),
+        )
 
     # --- atomic stretches --------------------------------------------------------------------
 
@@ -261,11 +265,17 @@ class VirtualTransaction:
 
 def _aborted() -> Reply:
     message = "current transaction is aborted, commands ignored until end of transaction block"
-    return Reply(Kind.REJECT, error=("25P02", message))
+    return Reply(Kind.REJECT, error=(SqlState.IN_FAILED_SQL_TRANSACTION, message))
 
 
 def _outside(what: str) -> Reply:
-    return Reply(Kind.REJECT, error=("25P01", f"{what} can only be used in transaction blocks"))
+    return Reply(
+        Kind.REJECT,
+        error=(
+            SqlState.NO_ACTIVE_SQL_TRANSACTION,
+            f"{what} can only be used in transaction blocks",
+        ),
+    )
 
 
 def _body(sql: str) -> str:

@@ -21,6 +21,7 @@ from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Cut, Frame, message_types
 from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse, ReadyForQuery
 from pgmigrate_proxy.protocol.replies import Owner, ReplyQueue, UnexpectedReply
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
@@ -139,10 +140,12 @@ class Holder:
             if self.replies.needs_every_reply is not self._every_reply:
                 self._watch()
         except DecodeError as exc:
-            self.abandon("08P01", f"invalid message from the client: {exc}")
+            self.abandon(SqlState.PROTOCOL_VIOLATION, f"invalid message from the client: {exc}")
         except Exception:
             log.exception("session %s: guard failed on client data", self.session.peer)
-            self.abandon("XX000", "pgmigrate-proxy: internal error in the DDL guard")
+            self.abandon(
+                SqlState.INTERNAL_ERROR, "pgmigrate-proxy: internal error in the DDL guard"
+            )
 
     def abandon(self, code: str, message: str) -> None:
         """Drop what is held and end the session with an error (after the replies owed)."""
@@ -354,16 +357,18 @@ class Holder:
         except ConnectionError as exc:
             self.task = None
             # the server is gone (the session is closing already) or unusable
-            self.abandon("08006", f"pgmigrate-proxy: lost the server connection: {exc}")
+            self.abandon(
+                SqlState.CONNECTION_FAILURE, f"pgmigrate-proxy: lost the server connection: {exc}"
+            )
             return
         except DecodeError as exc:  # (the client's messages were checked: the server's?)
             self.task = None
-            self.abandon("08P01", f"pgmigrate-proxy: invalid message: {exc}")
+            self.abandon(SqlState.PROTOCOL_VIOLATION, f"pgmigrate-proxy: invalid message: {exc}")
             return
         except Exception:
             self.task = None
             log.exception("session %s: %s failed", self.session.peer, what)
-            self.abandon("XX000", f"pgmigrate-proxy: internal error in {what}")
+            self.abandon(SqlState.INTERNAL_ERROR, f"pgmigrate-proxy: internal error in {what}")
             return
         # (cleared before release: it may start the next unit's task)
         self.task = None
@@ -377,9 +382,7 @@ class Holder:
         if statements:
             await self.wait_idle()
             if self.can_inject:
-                resolved = await guarding.resolve_targets(
-                    self, self.session.hub.guard, statements
-                )
+                resolved = await guarding.resolve_targets(self, self.session.hub.guard, statements)
                 self.remember_targets(statements, resolved)
         for item in frames:
             self.replies.sent(item.type)
@@ -574,8 +577,11 @@ class Holder:
                 result.rows.append(extended.data_row(item.payload))
             elif item.type == BackendType.ERROR_RESPONSE:
                 result.error = dict(ErrorResponse.decode(item.payload).fields)
-                log.warning("session %s: injected query failed: %s", self.session.peer,
-                            result.error.get("M"))
+                log.warning(
+                    "session %s: injected query failed: %s",
+                    self.session.peer,
+                    result.error.get("M"),
+                )
         return result
 
     def deliver(self, frames: Iterable[Frame]) -> None:
@@ -605,6 +611,6 @@ class Holder:
         if client is None:
             return
         extra = {"detail": detail} if detail else None
-        code = "01000" if severity == "WARNING" else "00000"
+        code = SqlState.WARNING if severity == "WARNING" else SqlState.SUCCESSFUL_COMPLETION
         notice = ErrorResponse.build(severity, code, message, notice=True, extra=extra)
         client.write(notice.encode())

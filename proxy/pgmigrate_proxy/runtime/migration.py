@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Frame, frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse, Query, ReadyForQuery
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
@@ -70,7 +71,7 @@ class MigrationRunner:
             return  # after an error in a batch, PostgreSQL discards a Query without a reply
         pieces = await _split_off_loop(sql) if len(sql) > MAX_CLASSIFIED else _split(sql)
         if pieces is None:
-            holder.deliver_raw(error_frame("54000", _TOO_MANY))
+            holder.deliver_raw(error_frame(SqlState.PROGRAM_LIMIT_EXCEEDED, _TOO_MANY))
             pieces = []
         for text, statements in pieces:
             if not await self._statement(text, statements):
@@ -139,7 +140,7 @@ class MigrationRunner:
         if error is None and reply.server_sql == "COMMIT" and _tag(frames) == b"ROLLBACK":
             # The stretch had failed (the client saw E): the server rolled it back. Like any
             # statement in a failed block, `atomic = off` gets 25P02; the block stays failed.
-            error = error_frame("25P02", _ABORTED)
+            error = error_frame(SqlState.IN_FAILED_SQL_TRANSACTION, _ABORTED)
         if error is not None:
             self.virtual.atomic_failed()
         return error
@@ -215,7 +216,7 @@ class MigrationRunner:
         if sql is not None and is_control(sql):
             return await self._answer_batch(sql, group)
         if self.virtual.state is State.FAILED:
-            holder.deliver_raw(error_frame("25P02", _ABORTED))
+            holder.deliver_raw(error_frame(SqlState.IN_FAILED_SQL_TRANSACTION, _ABORTED))
             return False
         statements = classify(sql) if sql and not is_plain(sql) else ()
         unit = guarding.HeldUnit(

@@ -20,6 +20,7 @@ from typing import Any
 
 from pgmigrate_proxy.guard.blockers import BackendState
 from pgmigrate_proxy.guard.policy import BlockingAction
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.runtime.guarding import GuardSettings
 from pgmigrate_proxy.settings import SESSION_NAMES, SETTINGS, Rejected, format_duration
 
@@ -27,7 +28,7 @@ log = logging.getLogger("pgmigrate_proxy.session")
 
 Apply = Callable[[GuardSettings, Any], GuardSettings]
 #: The SQLSTATE of a refused option, as PostgreSQL answers a bad `-c name=value`.
-INVALID_PARAMETER_VALUE = "22023"
+INVALID_PARAMETER_VALUE = SqlState.INVALID_PARAMETER_VALUE
 _SHOWN = 64  # characters of a refused value repeated in the error
 
 

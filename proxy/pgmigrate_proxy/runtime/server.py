@@ -12,6 +12,7 @@ from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.protocol.messages import CancelRequest
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.context import SessionSettings
 from pgmigrate_proxy.runtime.session import ClientSession
@@ -195,7 +196,9 @@ class ProxyServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)
         for session in list(self._sessions):
-            session.fail("57P01", "terminating connection due to administrator command")
+            session.fail(
+                SqlState.ADMIN_SHUTDOWN, "terminating connection due to administrator command"
+            )
         try:
             await asyncio.wait_for(self._idle.wait(), _CLOSE_SECONDS)
         except asyncio.TimeoutError:

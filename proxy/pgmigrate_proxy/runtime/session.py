@@ -34,6 +34,7 @@ from pgmigrate_proxy.protocol.messages import (
     startup_packet_length,
     terminate,
 )
+from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import (
     FRONTEND_TYPES,
     MAX_AUTH_TOKEN,
@@ -189,7 +190,7 @@ class ClientSession(asyncio.Protocol):
                 if holder is None:
                     self._forward_prefix(data, exc.offset)
                 self._broken = True  # the server may hold part of a header: no Terminate
-                self.fail("08P01", str(exc))
+                self.fail(SqlState.PROTOCOL_VIOLATION, str(exc))
                 return
             if holder is not None and (not cut.plain or holder.holding):
                 holder.pump(cut)
@@ -288,10 +289,10 @@ class ClientSession(asyncio.Protocol):
             if startup is not None:
                 await self._connect(startup)
         except DecodeError as exc:
-            self.fail("08P01", f"invalid startup packet: {exc}")
+            self.fail(exc.sqlstate, f"invalid startup packet: {exc}")
         except UpstreamError as exc:
             log.warning("session %s: %s", self.peer, exc)
-            self.fail("08006", str(exc))
+            self.fail(exc.sqlstate, str(exc))
         except ConnectionError:
             self.abort()
         finally:
@@ -324,10 +325,16 @@ class ClientSession(asyncio.Protocol):
 
     def _check_startup(self, startup: StartupMessage) -> StartupMessage | None:
         if self.settings.require_client_tls and not self._tls:
-            self.fail("28000", "pgmigrate-proxy requires TLS: connect with sslmode=require")
+            self.fail(
+                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgmigrate-proxy requires TLS: connect with sslmode=require",
+            )
             return None
         if "user" not in startup.parameters:
-            self.fail("28000", "no PostgreSQL user name specified in startup packet")
+            self.fail(
+                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
             return None
         if self.hub.guard_settings is not None:  # refuse bad pgmigrate.* options at once
             try:
@@ -339,7 +346,7 @@ class ClientSession(asyncio.Protocol):
         if not self.hub.admit(self):
             # PostgreSQL's words when it has no slot left (after the startup packet, as it does)
             log.warning("session %s: max_startup_clients reached: refused", self.peer)
-            self.fail("53300", "sorry, too many clients already")
+            self.fail(SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
             return None
         return startup
 
@@ -419,7 +426,9 @@ class ClientSession(asyncio.Protocol):
         self._timer = None
         if self.phase in (Phase.STARTUP, Phase.CONNECTING, Phase.AUTHENTICATING):
             log.warning("session %s: startup and authentication timed out", self.peer)
-            self.fail("08006", "timeout expired during startup and authentication")
+            self.fail(
+                SqlState.CONNECTION_FAILURE, "timeout expired during startup and authentication"
+            )
 
     # --- authentication: frame by frame through the Handshake ----------------------------------
 
@@ -429,10 +438,14 @@ class ClientSession(asyncio.Protocol):
             frames = self._fe.feed(data)
             out = b"".join(self.handshake.frontend(f.type, f.payload) for f in frames)
         except FramingError as exc:
-            self.fail("08P01", str(exc))
+            self.fail(SqlState.PROTOCOL_VIOLATION, str(exc))
             return
         except ChannelBindingMismatch as exc:
-            self.fail("28000", str(exc), hint="connect with channel_binding=disable")
+            self.fail(
+                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+                str(exc),
+                hint="connect with channel_binding=disable",
+            )
             return
         self.server.write(out)
 
@@ -489,7 +502,7 @@ class ClientSession(asyncio.Protocol):
         """Send the client a FATAL error at a message boundary, then close the session."""
         if self.phase in (Phase.CLOSED, Phase.DRAINING):
             return
-        if code == "08P01":
+        if code == SqlState.PROTOCOL_VIOLATION:
             log.warning("session %s: protocol violation: %s", self.peer, message)
         error = fatal(code, message, **extra)
         if self.client is not None:
@@ -507,7 +520,7 @@ class ClientSession(asyncio.Protocol):
         """The server broke the protocol: nothing more of it can be passed on."""
         log.error("session %s: invalid message from PostgreSQL: %s", self.peer, exc)
         self._broken = True
-        self._write(fatal("08P01", f"invalid message from PostgreSQL: {exc}"))
+        self._write(fatal(SqlState.PROTOCOL_VIOLATION, f"invalid message from PostgreSQL: {exc}"))
         self._finish()
 
     def _drain(self, data: bytes) -> None:
@@ -559,4 +572,3 @@ class ClientSession(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
         self.hub.session_closed(self)
-

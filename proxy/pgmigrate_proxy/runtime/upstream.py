@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 from typing import cast
 
+from pgmigrate_proxy.errors import ConnectionFailure
 from pgmigrate_proxy.protocol.messages import CancelRequest, SSLRequest
 from pgmigrate_proxy.protocol.types import SSL_ACCEPT, SSL_REJECT
 from pgmigrate_proxy.runtime.tls import UpstreamTLS
@@ -26,7 +27,7 @@ _TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 _INET = (socket.AF_INET, socket.AF_INET6)
 
 
-class UpstreamError(Exception):
+class UpstreamError(ConnectionFailure):
     """The proxy could not open a usable connection to PostgreSQL; the text is safe to show."""
 
 

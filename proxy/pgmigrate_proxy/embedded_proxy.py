@@ -35,7 +35,7 @@ __all__ = [
     "parse_duration",
 ]
 
-log = logging.getLogger("pgmigrate_proxy.embed")
+log = logging.getLogger("pgmigrate_proxy.embedded_proxy")
 
 #: The names a session may set as `-c pgmigrate.<name>=<value>`, besides `role=migrate`.
 SESSION_OPTIONS = NAMES | {"role"}
