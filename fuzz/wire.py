@@ -152,8 +152,10 @@ async def run_case(target: Target, case: Case, hang_seconds: float) -> Outcome:
             for chunk in case.chunks:
                 writer.write(chunk)
                 await asyncio.wait_for(writer.drain(), hang_seconds)
-        except (ConnectionError, asyncio.TimeoutError):
-            pass  # the proxy closed (or stopped reading): judged by the reads below
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError):
+            # the proxy closed (uvloop says so with a RuntimeError), or stopped reading:
+            # judged by the reads below
+            pass
         if not case.whole:
             with contextlib.suppress(asyncio.TimeoutError, Closed, ValueError):
                 await asyncio.wait_for(_drain(backend), SETTLE_SECONDS)

@@ -258,3 +258,57 @@ def test_migration_session_query_behind_an_unsynced_batch(
     through = _exchange(proxy.host, proxy.port, MIGRATE, data, direct.count("Z"))
     assert through == direct
     assert not [line for line in proxy_log if "Traceback" in line]
+
+
+# --- a held unit that enters COPY FROM STDIN --------------------------------------------------
+
+
+@pytest.fixture
+def copy_table(pg: Any) -> Iterator[str]:
+    name = f"copy_{secrets.token_hex(4)}"
+    with pg.connect() as conn:
+        conn.execute(f"CREATE TABLE {name} (v text)")
+        conn.execute(f"ALTER TABLE {name} OWNER TO {USER}")
+    yield name
+    with pg.connect() as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def test_a_guarded_query_ending_in_copy_from_stdin(
+    proxy: RunningProxy, pg: Any, copy_table: str, proxy_log: list[str]
+) -> None:
+    """The Query is held by the guard (a DROP in it), and its COPY waits for the client's data,
+    which waits behind the held Query: the unit ends at CopyInResponse and the client finishes
+    the COPY (before: a hang; found by the socket fuzzer, replay 1:1695)."""
+    sql = f"DROP TABLE IF EXISTS {copy_table}_gone; COPY {copy_table} FROM STDIN"
+    data = (
+        Query(sql).encode()
+        + frame(FrontendType.COPY_DATA, b"a\nb\n")
+        + frame(FrontendType.COPY_DONE)
+        + Query(f"SELECT count(*) FROM {copy_table}").encode()
+    )
+    direct = _exchange(pg.host, pg.port, None, data, 2)
+    with pg.connect() as conn:
+        conn.execute(f"TRUNCATE {copy_table}")
+    through = _exchange(proxy.host, proxy.port, None, data, 2)
+    assert through == direct and "G" in through, through
+    with pg.connect() as conn:
+        assert conn.execute(f"SELECT count(*) FROM {copy_table}").fetchone() == (2,)
+    assert not [line for line in proxy_log if "Traceback" in line]
+
+
+def test_copy_among_several_statements_is_refused_in_a_migration_session(
+    proxy: RunningProxy, copy_table: str
+) -> None:
+    """The runner sends a migration session's statements one by one: a COPY among them would
+    leave the server reading data the runner cannot give it. Refused, the block fails."""
+    data = Query(f"SELECT 1; COPY {copy_table} FROM STDIN").encode() + Query("ROLLBACK").encode()
+    with WireClient(proxy.host, proxy.port) as client:
+        login(client)
+        client.send(data)
+        seen: list[Message] = []
+        while sum(1 for m in seen if m[0] == BackendType.READY_FOR_QUERY) < 2:
+            seen.append(client.read_message())
+    errors = [ErrorResponse.decode(p) for t, p in seen if t == BackendType.ERROR_RESPONSE]
+    assert [e.code for e in errors] == ["0A000"], seen
+    assert types(seen).startswith("TDC")  # SELECT 1 ran

@@ -185,13 +185,16 @@ class Pipeline:
         # attempt aborts the client's transaction and a second one would only get 25P02.
         idle = self.view.status is TransactionStatus.IDLE
         retryable = self.unit.retryable and injecting and idle
-        yield from self._attempts(injecting, retryable)
+        copying = yield from self._attempts(injecting, retryable)
         saved = self.saved_lock_timeout
-        restore = injecting and saved is not None and not self.view.gone
+        # (a unit that ends in COPY FROM STDIN left the server reading the client's data: no
+        # query of ours fits in there, the session keeps the attempt's lock_timeout)
+        restore = injecting and saved is not None and not self.view.gone and not copying
         if restore and self.view.status is not TransactionStatus.FAILED:
             yield Inject(SET_LOCK_TIMEOUT, [saved])
 
     def _attempts(self, injecting: bool, retryable: bool) -> Steps:
+        """-> True when the unit's replies end with the server waiting for COPY data."""
         attempt = 0
         while not self.view.gone:
             attempt += 1
@@ -210,7 +213,7 @@ class Pipeline:
             again = retryable and error is not None and is_retryable(error.code)
             if error is None or not again or not schedule.attempts_left(elapsed):
                 yield from self._finished(frames, error, attempt)
-                return
+                return bool(frames) and frames[-1].type in _COPY_IN
             delay = schedule.next_delay(attempt, self.context.rng, elapsed=elapsed)
             delay_ms = round(delay * 1000)
             yield Notice("NOTICE", notices.retrying(error.message, delay_ms, attempt + 1))
@@ -451,6 +454,7 @@ def run(view: SessionView, context: GuardContext, settings: GuardSettings, unit:
     return Pipeline(view, context, settings, unit).steps()
 
 
+_COPY_IN = (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE)
 _VERBS = {
     Verdict.TERMINATE: notices.TERMINATED,
     Verdict.CANCEL: notices.CANCELLED,

@@ -202,6 +202,14 @@ class ReplyQueue:
             if not tail.count:
                 self._drop(entries.pop())
 
+    def hand_over(self) -> None:
+        """The proxy's requests become the client's: their remaining replies go to the client
+        (a held unit that entered COPY FROM STDIN: only the client can finish it)."""
+        for entry in self._entries:
+            if entry.owner is Owner.PROXY:
+                entry.owner = Owner.CLIENT  # (still exact: fed every reply until it goes)
+                self._proxy -= 1
+
     # --- backend --------------------------------------------------------------------------------
 
     def received(self, message_type: int) -> Owner | None:

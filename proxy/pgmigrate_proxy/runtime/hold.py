@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
-#: Frontend frames the guard reads: statements, batch ends, COPY ends, function calls.
+#: Frontend frames the guard reads: statements, every extended-protocol message (each opens a
+#: batch: the reply queue must see them all, or an error's skipping is misread), COPY ends,
+#: function calls.
 FRONTEND_WATCH = (
-    FrontendType.QUERY, FrontendType.PARSE, FrontendType.BIND, FrontendType.EXECUTE,
-    FrontendType.SYNC, FrontendType.FLUSH, FrontendType.FUNCTION_CALL,
-    FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
+    FrontendType.QUERY, FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
+    FrontendType.CLOSE, FrontendType.EXECUTE, FrontendType.SYNC, FrontendType.FLUSH,
+    FrontendType.FUNCTION_CALL, FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
 )  # fmt: skip
 #: Backend frames the reply queue must always see (protocol/replies.py); every frame while it
 #: says it needs every reply. Migration sessions also read the errors that stream past (COPY):
@@ -63,6 +65,7 @@ _EXECUTE = FrontendType.EXECUTE.value
 _PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
 #: Statement texts whose resolved targets are kept for Executes that come mid-batch.
 _KNOWN_TARGETS = 64
+_COPY_IN = (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE)
 #: Server messages that may come at any time: passed on even amid an injected query's replies.
 _ASYNCHRONOUS = (
     BackendType.NOTIFICATION_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTICE_RESPONSE,
@@ -319,8 +322,12 @@ class Holder:
         flush = frames[-1].type == FrontendType.FLUSH
         executes = sum(1 for f in frames if f.type in (FrontendType.EXECUTE, FrontendType.QUERY))
         work: Coroutine[Any, Any, None] | None = None
-        if self.migration is not None and frames[0].type == FrontendType.SYNC:
-            work = self.migration.run_batch(data, frames)  # ends the skipping after an error
+        synced = frames[-1].type == FrontendType.SYNC
+        if self.migration is not None and (frames[0].type == FrontendType.SYNC or (synced and
+                                           not executes)):  # fmt: skip
+            # a Sync (alone, or after Parse / Describe): the runner answers it, and it ends the
+            # skipping after an error as PostgreSQL's does
+            work = self.migration.run_batch(data, frames)
         elif not executes:  # a Parse/Describe/Flush round: nothing takes a lock yet
             if self.migration is not None:
                 self.migration.note_parses(frames)
@@ -457,8 +464,9 @@ class Holder:
                     self.migration.batch_failed = False
             elif mtype == BackendType.ERROR_RESPONSE and self.migration is not None:
                 self.migration.passed_error(in_batch=replies.batch_open)
-        if self._idle is not None and not self._idle.done() and not replies.readies:
-            self._idle.set_result(None)
+        idle = self._idle
+        if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
+            idle.set_result(None)
         if self._every_reply and not replies.needs_every_reply:
             self._watch()
 
@@ -480,6 +488,13 @@ class Holder:
                 raise DecodeError(str(exc)) from None
             if item.type == BackendType.READY_FOR_QUERY:
                 self.session.status = ReadyForQuery.decode(item.payload).status
+            if owner is Owner.PROXY and item.type in _COPY_IN:
+                # the client's held unit entered COPY FROM STDIN: the data must come from the
+                # client, which waits behind the unit; the unit ends here and what is left of
+                # its replies is the client's
+                sink.append(item)
+                replies.hand_over()
+                continue
             if owner is Owner.CLIENT or (owner is None and not replies.proxy_owed):
                 passed.append(item.raw)  # a reply to the client's request, sent before ours
                 if item.type == BackendType.ERROR_RESPONSE and self.migration is not None:
@@ -543,8 +558,10 @@ class Holder:
     async def wait_idle(self) -> None:
         """Until the server has answered everything sent before the unit up to its last Sync:
         what follows in an open batch is answered only once a Sync or Flush goes out (the
-        server holds those replies back), so it cannot be waited for."""
-        while self.replies.readies:
+        server holds those replies back), so it cannot be waited for; nor can a COPY FROM
+        STDIN, which waits for the client's data (the unit then goes into the COPY stream, and
+        PostgreSQL judges it there)."""
+        while self.replies.readies and not self.replies.copy_in:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle
             self._idle = None

@@ -20,7 +20,7 @@ from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
-from pgmigrate_proxy.sql import Statement, classify, is_plain
+from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED, MAX_SCRIPT_STATEMENTS, classify_script
 
 if TYPE_CHECKING:
@@ -74,6 +74,10 @@ class MigrationRunner:
             holder.deliver_raw(error_frame(SqlState.PROGRAM_LIMIT_EXCEEDED, _TOO_MANY))
             pieces = []
         for text, statements in pieces:
+            if len(pieces) > 1 and first_keyword(text) == "COPY":
+                holder.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
+                self.virtual.forwarded(text, True)
+                break
             if not await self._statement(text, statements):
                 break  # PostgreSQL stops a Query at its first error
         holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
@@ -218,6 +222,10 @@ class MigrationRunner:
         if self.virtual.state is State.FAILED:
             holder.deliver_raw(error_frame(SqlState.IN_FAILED_SQL_TRANSACTION, _ABORTED))
             return False
+        if sql is not None and first_keyword(sql) == "COPY":
+            holder.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
+            self.virtual.forwarded(sql, True)
+            return False
         statements = classify(sql) if sql and not is_plain(sql) else ()
         unit = guarding.HeldUnit(
             data=b"".join(f.raw for f in group) + extended.sync(),
@@ -290,6 +298,10 @@ _ASYNCHRONOUS = (
     BackendType.NOTICE_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTIFICATION_RESPONSE,
 )  # fmt: skip
 _ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+_COPY_ALONE = (
+    "pgmigrate: in a migration session COPY runs only as a simple Query of its own (not in a "
+    "Query of several statements, not through the extended protocol)"
+)
 _TOO_MANY = (
     f"pgmigrate: a Query of more than {MAX_SCRIPT_STATEMENTS} statements in a migration "
     "session: send its statements in several Query messages"
