@@ -294,6 +294,9 @@ def test_server_gone_while_guarded_statement_forwarded(
         tunnel.cut_after(int(total * fraction), Direction.TO_CLIENT)
         with pytest.raises(psycopg.Error) as caught:
             conn.execute(add_column(table, "c"))
+            # a cut after the statement's answer (the guard putting the session's lock_timeout
+            # back) is heard by the next statement
+            conn.execute("SELECT 1")
     assert_lost(caught.value)
     settles(tunneled, admin, app, tunnel, fds)
     assert columns(admin, table, "c") <= 1
