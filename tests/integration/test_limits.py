@@ -178,7 +178,8 @@ def test_stalled_scram_frees_its_postgres_slot_at_the_startup_timeout(
         _scram_started(client)
         (port,) = _server_ports(proxy)
         query = "SELECT count(*) FROM pg_stat_activity WHERE client_port = %s"
-        assert admin.execute(query, [port]).fetchone() == (1,)
+        if admin.info.server_version >= 170000:  # before 17 a backend still logging in is unseen
+            assert admin.execute(query, [port]).fetchone() == (1,)
         error = client.expect_error()
         client.expect_closed()
     assert error.code == "08006"
