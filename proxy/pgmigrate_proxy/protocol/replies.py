@@ -76,6 +76,11 @@ _COMPLETES: dict[int, frozenset[Expect]] = {
     B.FUNCTION_CALL_RESPONSE: frozenset({Expect.FUNCTION}),
 }
 _READY = (Expect.QUERY, Expect.SYNC)
+_CLIENT = Owner.CLIENT
+#: The client's extended-protocol messages that wait in a batch's plain list (see _materialize).
+_LAZY: dict[int, Expect] = {t: k for t, k in _PUSHES.items() if k in _EXTENDED}
+_EXECUTE_TYPE = int(F.EXECUTE)
+_SYNC_TYPE = int(F.SYNC)
 
 
 class _Entry:
@@ -95,8 +100,8 @@ class ReplyQueue:
     """The expected replies of one server connection (see the module docstring)."""
 
     __slots__ = (
-        "_entries", "_exact", "_proxy", "_skipping", "_syncs_since_statement", "batch_open",
-        "copy_in",
+        "_entries", "_exact", "_lazy", "_proxy", "_run", "_skipping", "_syncs_since_statement",
+        "batch_open", "copy_in",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -107,6 +112,8 @@ class ReplyQueue:
         self._skipping = False  # an extended message failed: the server discards up to Sync
         self._exact = 0  # entries marked exact
         self._proxy = 0  # entries of the proxy's requests
+        self._run: list[Expect] = []  # the client's extended requests not yet entries
+        self._lazy = True  # the open batch's client requests may wait in _run
 
     # --- what is owed ---------------------------------------------------------------------------
 
@@ -117,13 +124,18 @@ class ReplyQueue:
 
     @property
     def needs_every_reply(self) -> bool:
-        """True while the queue stays exact only if every reply is fed (module docstring)."""
-        return self.batch_open or self._exact != 0
+        """True while the queue stays exact only if every reply is fed (module docstring);
+        while a batch is open its requests are counted one by one from then on."""
+        if self.batch_open:
+            if self._run:
+                self._materialize()
+            return True
+        return self._exact != 0
 
     @property
     def empty(self) -> bool:
         """Nothing owed (a batch may still be open)."""
-        return not self._entries
+        return not self._entries and not self._run
 
     @property
     def proxy_owed(self) -> bool:
@@ -142,36 +154,69 @@ class ReplyQueue:
 
     def pending(self) -> list[tuple[Expect, Owner, int]]:
         """The queue, head first, as (what, whose, how many)."""
+        if self._run:
+            self._materialize()
         return [(e.kind, e.owner, e.count) for e in self._entries]
 
     # --- frontend -------------------------------------------------------------------------------
 
     def sent(self, message_type: int, owner: Owner = Owner.CLIENT) -> None:
         """A frontend message went to the server."""
+        if owner is _CLIENT and not self._skipping:  # the relay's hot path, first
+            if message_type in _LAZY and self._lazy:
+                self.batch_open = True
+                self._run.append(_LAZY[message_type])
+                if message_type == _EXECUTE_TYPE:
+                    self._syncs_since_statement = 0
+                return
+            if message_type == _SYNC_TYPE and self._run:
+                self._run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
         kind = _PUSHES.get(message_type)
         if self._skipping:  # the server discards it unanswered, a Sync aside
             if kind is not Expect.SYNC:
                 return
             self._skipping = False
+        client = owner is Owner.CLIENT
+        if self._run and not client:
+            self._materialize()
         if kind is not None:
             if kind is Expect.SYNC:
                 self.batch_open = False
                 self._syncs_since_statement += 1
+                if self._run:  # answered before the Sync's ReadyForQuery: it stands for them
+                    self._run.clear()
+                self._lazy = True
             elif kind in _EXTENDED:
                 self.batch_open = True
                 if kind is Expect.EXECUTE:
                     self._syncs_since_statement = 0
+                if client and self._lazy:
+                    self._run.append(kind)
+                    return
             else:
                 self._syncs_since_statement = 0
+                if self._run:
+                    self._materialize()  # a Query inside the batch: every request counts
             self._push(kind, owner)
         elif message_type == F.FUNCTION_CALL:
             self._syncs_since_statement = 0
+            if self._run:
+                self._materialize()
             self._push(Expect.FUNCTION, owner)
             self._push(Expect.QUERY, owner)
         elif message_type in (F.COPY_DONE, F.COPY_FAIL) and self.copy_in:
             self.copy_in = False
             self._forget_syncs(self._syncs_since_statement)  # ignored during COPY IN
             self._syncs_since_statement = 0
+
+    def _materialize(self) -> None:
+        """The client's extended requests of the open batch, kept as a plain list until now
+        (most batches end with their Sync in the same chunk, and then the Sync's entry stands
+        for them), become entries: from here on the batch is counted request by request."""
+        run, self._run = self._run, []
+        self._lazy = False
+        for kind in run:
+            self._push(kind, Owner.CLIENT)
 
     def _push(self, kind: Expect, owner: Owner) -> None:
         entries = self._entries
@@ -216,6 +261,8 @@ class ReplyQueue:
         """A backend message came: pop what it answers. Returns whose request it belongs to
         (for a message that completes nothing, such as a DataRow or a notice, the request
         being answered now); None when nothing is owed."""
+        if self._run and message_type != B.READY_FOR_QUERY:
+            self._materialize()
         if message_type == B.READY_FOR_QUERY:
             return self._ready()
         if message_type == B.ERROR_RESPONSE:
