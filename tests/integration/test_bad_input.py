@@ -7,6 +7,7 @@ paired with the wrong query, never an exception escaping a task (issue 9, findin
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -312,3 +313,26 @@ def test_copy_among_several_statements_is_refused_in_a_migration_session(
     errors = [ErrorResponse.decode(p) for t, p in seen if t == BackendType.ERROR_RESPONSE]
     assert [e.code for e in errors] == ["0A000"], seen
     assert types(seen).startswith("TDC")  # SELECT 1 ran
+
+
+def test_migration_session_malformed_message_in_the_batch_after_a_unit(
+    proxy: RunningProxy, admin: Conn, proxy_log: list[str]
+) -> None:
+    """A unit, then (in the same write) a batch whose later message cannot be read: the
+    batch's collection resumes when the first unit is done, and the bad message ends the
+    session there with 08P01 (before: the DecodeError escaped the unit's task; found by the
+    socket fuzzer's long run)."""
+    with WireClient(proxy.host, proxy.port) as client:
+        login(client)
+        pid = client.backend_pid
+        # two writes while the first unit runs: the batch waits as two chunks behind it
+        client.send(
+            Query("SELECT pg_sleep(0.5)").encode() + frame(FrontendType.PARSE, b"\0SELECT 2\0\0\0")
+        )
+        time.sleep(0.2)
+        client.send(frame(FrontendType.QUERY, b"SELECT 3") + frame(FrontendType.SYNC))  # no NUL
+        messages = read_all(client)
+    assert types(messages).startswith("TDCZ"), types(messages)
+    error = final_error(messages)
+    assert (error.severity, error.code) == ("FATAL", "08P01"), error
+    assert_settled(proxy, admin, pid, proxy_log)

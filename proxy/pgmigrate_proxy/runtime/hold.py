@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 from collections import deque
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pgmigrate_proxy.protocol import extended
@@ -138,8 +138,12 @@ class Holder:
         A message the proxy must read and cannot (a migration session's Query without its
         terminator) ends the session with 08P01, as PostgreSQL ends it; anything else that
         goes wrong here ends it with XX000: never a hang, never a reply out of order."""
+        self._safely(self._pump, cut, first, pos)
+
+    def _safely(self, step: Callable[..., None], *args: Any) -> None:
+        """Run a step over client data; see pump for what a failure does."""
         try:
-            self._pump(cut, first, pos)
+            step(*args)
             if self.replies.needs_every_reply is not self._every_reply:
                 self._watch()
         except DecodeError as exc:
@@ -441,7 +445,7 @@ class Holder:
             if self._backlog is not None:  # a new unit began: the rest waits behind it
                 self._backlog.extend(backlog)
                 if self._unit is not None:
-                    self._collect()
+                    self._safely(self._collect)  # a bad message in it ends the session
                 return
 
     # --- backend --------------------------------------------------------------------------------
