@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 PROXY_SOURCE = REPO / "proxy"
 MODES = ("simple", "extended", "prepared")
-DIRECT, PGBOUNCER, PROXY = "direct", "pgbouncer", "proxy"
-TARGETS = (DIRECT, PGBOUNCER, PROXY)
+DIRECT, PGBOUNCER, PROXY, BASELINE = "direct", "pgbouncer", "proxy", "baseline"
+TARGETS = (DIRECT, PGBOUNCER, PROXY, BASELINE)
 SERVICE_USER = "pgmigrate"  # the unprivileged account embedded_postgres.py runs PostgreSQL as
 SUPERUSER = "postgres"
 PGBOUNCER_BINARY = Path("/usr/sbin/pgbouncer")
@@ -89,6 +89,7 @@ class Options:
     pg: str | None
     json_path: Path | None
     command: str
+    baseline: str | None = None
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -139,6 +140,12 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--scale", type=_count(1), default=10, help="pgbench -i scale factor (default 10)")
     add("--pg", default=None, help="embedded | 15 | <bin dir> (default: env PGMIGRATE_PG)")
     add("--json", type=Path, dest="json_path", help="also write all results to this file")
+    add(
+        "--baseline",
+        metavar="REV",
+        help="also run the proxy of git revision REV side by side (alternating with this one), "
+        "for a before/after comparison in one run, e.g. --baseline HEAD~1",
+    )
     ns = parser.parse_args(argv)
     quick: bool = ns.quick
     return Options(
@@ -151,6 +158,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         pg=ns.pg,
         json_path=ns.json_path,
         command=shlex.join(["python", "bench/relay.py", *argv]),
+        baseline=ns.baseline,
     )
 
 
@@ -559,17 +567,20 @@ def start_proxy(
     work: Path,
     server: PostgresServer,
     password: str,
+    name: str = PROXY,
+    source: Path = PROXY_SOURCE,
 ) -> Relay | str:
-    """``python -m pgmigrate_proxy`` in front of the server; the reason when it does not come up."""
+    """``python -m pgmigrate_proxy`` (from `source`) in front of the server; the reason when it
+    does not come up."""
     port = free_port()
     argv = [sys.executable, "-m", "pgmigrate_proxy"]
     argv += f"--listen-host 127.0.0.1 --listen-port {port} --log-level warning".split()
-    path = os.pathsep.join(p for p in (str(PROXY_SOURCE), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH")) if p)
     # The upstream URL holds the password: pass it in the environment, not on the command line.
     upstream = server.url(password=password)
     env = {**os.environ, "PYTHONPATH": path, "PGMIGRATE_PROXY_UPSTREAM": upstream}
-    service = spawn(stack, PROXY, argv, work / "proxy.log", env=env)
-    endpoint = Endpoint(PROXY, "127.0.0.1", port, password, service.process.pid)
+    service = spawn(stack, name, argv, work / f"{name}.log", env=env)
+    endpoint = Endpoint(name, "127.0.0.1", port, password, service.process.pid)
     try:
         wait_until_accepting(endpoint, service)
     except BenchError as exc:
@@ -797,21 +808,28 @@ def result_rows(report: Report) -> list[list[str]]:
     rows = []
     for clients in report.options.clients:
         for mode in report.options.modes:
-            direct, bouncer, proxy = (report.cell(clients, mode, t) for t in TARGETS)
-            rows.append(
-                [
-                    str(clients),
-                    mode,
-                    fmt_tps(direct),
-                    fmt_tps(bouncer),
-                    fmt_tps(proxy),
-                    fmt_ratio(proxy, direct),
-                    fmt_ratio(proxy, bouncer),
-                    fmt_cpu(bouncer),
-                    fmt_cpu(proxy),
-                ]
-            )
+            direct, bouncer, proxy, base = (report.cell(clients, mode, t) for t in TARGETS)
+            row = [
+                str(clients),
+                mode,
+                fmt_tps(direct),
+                fmt_tps(bouncer),
+                fmt_tps(proxy),
+                fmt_ratio(proxy, direct),
+                fmt_ratio(proxy, bouncer),
+                fmt_cpu(bouncer),
+                fmt_cpu(proxy),
+            ]
+            if report.options.baseline:
+                row += [fmt_tps(base), fmt_ratio(proxy, base), fmt_cpu(base)]
+            rows.append(row)
     return rows
+
+
+def result_header(report: Report) -> list[str]:
+    if not report.options.baseline:
+        return RESULT_HEADER
+    return [*RESULT_HEADER, "baseline TPS", "proxy/baseline", f"baseline CPU {MICRO}/tx"]
 
 
 RESULT_HEADER = [
@@ -880,12 +898,12 @@ def render(report: Report) -> str:
         f"pgbench -S -n, {opts.duration} s per run, {opts.reps} rep(s), median "
         f"(min-max) TPS; CPU = relay utime+stime per transaction"
     )
-    parts = [header, "", text_table(RESULT_HEADER, result_rows(report))]
+    parts = [header, "", text_table(result_header(report), result_rows(report))]
     if report.idle:
         parts += ["", text_table(IDLE_HEADER, idle_rows(report))]
     parts += [f"skipped {name}: {why}" for name, why in report.skipped.items()]
     parts += ["", "Markdown for the README:", ""]
-    parts += [markdown_table(RESULT_HEADER, result_rows(report))]
+    parts += [markdown_table(result_header(report), result_rows(report))]
     if report.idle:
         parts += ["", markdown_table(IDLE_HEADER, idle_rows(report))]
     parts += ["", f"Command: `{opts.command}`", "", f"Machine: {machine_line(report.machine)}"]
@@ -965,7 +983,33 @@ def start_relays(
         skipped[PROXY] = proxy.splitlines()[0]
     else:
         relays.append(proxy)
+    if opts.baseline:
+        source = baseline_source(work, opts.baseline)
+        baseline = start_proxy(stack, work, server, direct.password, BASELINE, source)
+        if isinstance(baseline, str):
+            raise BenchError(f"the proxy of {opts.baseline} did not start: {baseline}")
+        relays.append(baseline)
     return relays, skipped
+
+
+def baseline_source(work: Path, revision: str) -> Path:
+    """proxy/ of git revision `revision`, extracted under `work` (git archive: no checkout)."""
+    target = work / "baseline"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", revision, "proxy"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {revision}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", revision],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    note(f"baseline: the proxy of {revision} ({commit})")
+    return target / "proxy"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
