@@ -60,6 +60,9 @@ _PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"w
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
+_BIND = FrontendType.BIND.value
+#: Frontend messages of an ordinary session that never start a guarded statement.
+_PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 #: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
 #: at most 4 MB of them, all sessions together, none over 64 kB (a long one is parsed again).
 _PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
@@ -180,8 +183,12 @@ class Holder:
             if mtype == _SYNC and item.start >= 0 and self.migration is None:
                 replies.sent(mtype)
                 continue
-            if mtype == _EXECUTE and item.start >= 0:
-                replies.sent(mtype)
+            if mtype in _PASSING and item.start >= 0 and self.migration is None:
+                replies.sent(mtype)  # Execute, Describe, Close: they start no statement
+                continue
+            bind = mtype == _BIND and item.start >= 0 and self.migration is None
+            if bind and not self._statements:
+                replies.sent(mtype)  # no guarded prepared statement it could bind
                 continue
             # (a migration session sees every statement: no shortcut there)
             plain = mtype == _QUERY and item.start >= 0 and self.migration is None
