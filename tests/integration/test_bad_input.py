@@ -336,3 +336,21 @@ def test_migration_session_malformed_message_in_the_batch_after_a_unit(
     error = final_error(messages)
     assert (error.severity, error.code) == ("FATAL", "08P01"), error
     assert_settled(proxy, admin, pid, proxy_log)
+
+
+@pytest.mark.parametrize("options", [None, MIGRATE])
+@pytest.mark.parametrize("kind", [FrontendType.FLUSH, FrontendType.SYNC])
+def test_a_flush_or_sync_with_a_body_is_a_protocol_violation(
+    proxy: RunningProxy, admin: Conn, proxy_log: list[str], kind: int, options: str | None
+) -> None:
+    """PostgreSQL answers a Flush with a body with an error that skips to the next Sync, a
+    Query included, so the Query's ReadyForQuery never comes (before: the guard then waited
+    for it forever; found by the socket fuzzer, replay 1:1430): 08P01 and a close."""
+    with WireClient(proxy.host, proxy.port) as client:
+        login(client, options)
+        pid = client.backend_pid
+        client.send(frame(kind, b"p1\0") + Query("SELECT 1").encode())
+        messages = read_all(client)
+    error = final_error(messages)
+    assert (error.severity, error.code) == ("FATAL", "08P01"), error
+    assert_settled(proxy, admin, pid, proxy_log)

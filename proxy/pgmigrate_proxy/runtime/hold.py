@@ -61,6 +61,8 @@ _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
 _BIND = FrontendType.BIND.value
+#: Messages that have no body (Flush, Sync).
+_EMPTY_MESSAGES = frozenset({FrontendType.FLUSH.value, FrontendType.SYNC.value})
 #: Frontend messages of an ordinary session that never start a guarded statement.
 _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 #: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
@@ -181,6 +183,8 @@ class Holder:
             mtype = item.type
             # the most frequent frames, inline (a migration session's Sync may end its skipping)
             if mtype == _SYNC and item.start >= 0 and self.migration is None:
+                if item.payload:
+                    raise DecodeError("Sync with a body")
                 replies.sent(mtype)
                 continue
             if mtype in _PASSING and item.start >= 0 and self.migration is None:
@@ -195,6 +199,10 @@ class Holder:
             if plain and plain_query(item.payload):
                 replies.sent(mtype)
                 continue
+            if mtype in _EMPTY_MESSAGES and item.payload:
+                # (PostgreSQL answers it with an error that makes it skip to the next Sync, a
+                # Query included, unlike a Flush or Sync: the proxy cannot follow that; 08P01)
+                raise DecodeError(f"{chr(mtype)!r} message with a body")
             start = pos if item.start < 0 else item.start
             statements = self._guarded(item)
             if statements is not None and (statements or self.migration is not None):
