@@ -354,3 +354,23 @@ def test_a_flush_or_sync_with_a_body_is_a_protocol_violation(
     error = final_error(messages)
     assert (error.severity, error.code) == ("FATAL", "08P01"), error
     assert_settled(proxy, admin, pid, proxy_log)
+
+
+def test_migration_session_query_inside_a_batch_is_a_statement_of_its_own(
+    proxy: RunningProxy, pg: Any, proxy_log: list[str]
+) -> None:
+    """Parse, then a Query before the batch's Sync: the Query went to the server inside the
+    runner's group for the Parse, so a START TRANSACTION in it opened a real transaction the
+    virtual one knew nothing of, and the session's later statements got 25P02 (socket fuzzer,
+    replay 1:428:m). Now the batch so far is ended first, as PostgreSQL ends it."""
+    data = (
+        frame(FrontendType.PARSE, b"s1\0SELECT 1\0\0\0")
+        + Query("START TRANSACTION").encode()
+        + frame(FrontendType.SYNC)
+        + Query("ROLLBACK").encode()
+        + Query("SELECT 'end'").encode()
+    )
+    through = _exchange(proxy.host, proxy.port, MIGRATE, data, 4)
+    assert "E" not in through, through
+    assert through.endswith("TDCZ"), through
+    assert not [line for line in proxy_log if "Traceback" in line]

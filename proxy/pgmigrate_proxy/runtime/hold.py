@@ -319,6 +319,13 @@ class Holder:
             for index in range(first, len(cut.frames)):
                 item = cut.frames[index]
                 start = pos if item.start < 0 else item.start
+                if item.type == FrontendType.QUERY and self.migration is not None:
+                    # a Query inside a batch is a statement of its own for the runner (the
+                    # batch so far goes first, without its Sync: the runner ends it)
+                    self._unit.append(cut.data[pos:start])
+                    self._backlog.appendleft((cut, index, start))
+                    self._launch()
+                    return
                 self._unit.append(cut.data[pos:start])
                 self._unit.append(item.raw)
                 self._unit_frames.append(item)
@@ -338,7 +345,6 @@ class Holder:
         data = b"".join(self._unit)
         frames = self._unit_frames
         self._unit = None
-        flush = frames[-1].type == FrontendType.FLUSH
         executes = sum(1 for f in frames if f.type in (FrontendType.EXECUTE, FrontendType.QUERY))
         work: Coroutine[Any, Any, None] | None = None
         synced = frames[-1].type == FrontendType.SYNC
@@ -354,7 +360,7 @@ class Holder:
         elif self.migration is not None and frames[0].type == FrontendType.QUERY:
             work = self.migration.run_query(extended.query_text(frames[0].payload))
         elif self.migration is not None:
-            work = self.migration.run_batch(data, frames, final=not flush)
+            work = self.migration.run_batch(data, frames, final=synced)
         if work is not None:
             self.task = asyncio.get_running_loop().create_task(self._migration(work))
             return
