@@ -131,7 +131,8 @@ def socket_command(args: argparse.Namespace) -> int:
 
             asyncio.run(body())
             report = fuzzer.report
-            proxy_only = asyncio.run(_classify(server, report.failures, out, args))
+            alone = Target("127.0.0.1", proxy.port, server.superuser)
+            proxy_only = asyncio.run(_classify(server, report.failures, out, args, alone))
         finally:
             proxy.stop()
     summary = {
@@ -153,11 +154,20 @@ def socket_command(args: argparse.Namespace) -> int:
 
 
 async def _classify(
-    server: PostgresServer, failures: list[Outcome], out: Path, args: argparse.Namespace
+    server: PostgresServer,
+    failures: list[Outcome],
+    out: Path,
+    args: argparse.Namespace,
+    proxy: Target,
 ) -> dict[str, int]:
-    """Replay each failure straight to PostgreSQL; keep the proxy-only ones as reproducers."""
+    """Replay each failure alone, through the proxy and straight to PostgreSQL; keep the
+    proxy-only ones as reproducers. (In the concurrent run, sessions wait on each other's
+    locks, as they would directly: a failure that does not come back alone is not counted.)"""
     counts: dict[str, int] = {}
-    for outcome in failures[: args.max_replays]:
+    for found in failures[: args.max_replays]:
+        outcome = await run_case(proxy, found.case, args.hang_seconds)
+        if not outcome.failed:
+            continue  # only with the concurrent run's other sessions
         direct = await _confirm(server, outcome, args.hang_seconds)
         if direct.kind == outcome.kind:
             continue  # PostgreSQL does the same: not the proxy's doing

@@ -119,21 +119,6 @@ def _verdict(report: Report, proxy_only: list[str]) -> str:
     return "\n".join([report.summary(), *report.batch_problems[:5], *proxy_only[:10]])
 
 
-#: What this test still finds, replayed alone and compared with PostgreSQL (`scripts/fuzz replay
-#: SEED:INDEX[:m]`); they stay marked until fixed, each a hang of the session that sent it.
-ORDINARY_LEFT = (
-    "replay 1:1430: a Query PostgreSQL rejects for its encoding, then a batch with a Parse of a "
-    "deeply nested ALTER: the Query's ReadyForQuery is not seen and the held batch waits"
-)
-MIGRATION_LEFT = (
-    "replays 1:428:m, 1:487:m, 1:587:m, 1:1826:m, 1:1933:m: a migration session's Execute, "
-    "Describe or Close outside a unit goes to the server as it is (prepared there by the "
-    "client's own Parse of START TRANSACTION): the server's transaction and the virtual one "
-    "part, and later statements are answered 25P02"
-)
-
-
-@pytest.mark.xfail(reason=ORDINARY_LEFT, strict=False)
 def test_ordinary_sessions(
     proxy: RunningProxy, pg: PgInfo, log_since: Callable[[], list[str]], fuzz_table: None
 ) -> None:
@@ -142,7 +127,6 @@ def test_ordinary_sessions(
     assert report.kinds.get("answered", 0) > INPUTS // 4, report.summary()
 
 
-@pytest.mark.xfail(reason=MIGRATION_LEFT, strict=False)
 def test_migration_sessions(
     proxy: RunningProxy, pg: PgInfo, log_since: Callable[[], list[str]], fuzz_table: None
 ) -> None:
