@@ -295,8 +295,9 @@ def test_server_gone_while_guarded_statement_forwarded(
         with pytest.raises(psycopg.Error) as caught:
             conn.execute(add_column(table, "c"))
             # a cut after the statement's answer (the guard putting the session's lock_timeout
-            # back) is heard by the next statement
-            conn.execute("SELECT 1")
+            # back; or a run that took fewer bytes than the measuring one) is heard by the next
+            # statement, which brings more bytes than the whole measured exchange
+            conn.execute("SELECT repeat('x', %s)", (total + 65536,))
     assert_lost(caught.value)
     settles(tunneled, admin, app, tunnel, fds)
     assert columns(admin, table, "c") <= 1
