@@ -231,7 +231,7 @@ class Pipeline:
         of the proxy's and no blocker looked for, and let PostgreSQL answer it (it checks the
         rights before it queues for the lock)."""
         unit = self.unit
-        yield Send(unit.data, unit.expect, unit.executes)
+        yield Send(unit.data)
         frames: list[Frame] = yield Replies(None)
         reason = "the client lacks the rights to run it"
         yield Event("not_guarded", {"reason": reason, "statement": _summary(unit.statements)})
@@ -285,7 +285,7 @@ class Pipeline:
     def _attempt(self) -> Steps:
         """Send the unit; until its replies are in, watch who blocks its backend and act."""
         unit = self.unit
-        yield Send(unit.data, unit.expect, unit.executes)
+        yield Send(unit.data)
         watching = yield from self._admin_usable()
         while watching:
             frames: list[Frame] | None = yield Replies(self.settings.watch_interval)

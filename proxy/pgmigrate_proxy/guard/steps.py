@@ -50,8 +50,6 @@ class Send:
     """-> None: write the unit to the server; its replies are collected for Replies."""
 
     data: bytes
-    expect: int
-    executes: int = 0
 
 
 @dataclass(frozen=True)

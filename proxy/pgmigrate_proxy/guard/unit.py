@@ -46,7 +46,6 @@ class HeldUnit:
     statements: tuple[Statement, ...]
     expect: int  # ReadyForQuery messages its replies end with (0: it ends with a Flush)
     retryable: bool  # alone in its own implicit transaction: an attempt can be redone
-    executes: int = 0  # with expect 0: Executes whose last reply ends the unit
 
     @property
     def closes_batch(self) -> bool:

@@ -86,7 +86,7 @@ class GuardedSession(pipeline.SessionView, Protocol):
 
     async def wait_idle(self) -> None: ...
     async def inject(self, sql: str, params: Sequence[str | None] = ()) -> QueryResult: ...
-    async def exchange(self, data: bytes, expect: int, executes: int = 0) -> list[Frame]: ...
+    async def exchange(self, data: bytes) -> list[Frame]: ...
     def deliver(self, frames: Iterable[Frame]) -> None: ...
     def notice(self, severity: str, message: str, detail: str | None = None) -> None: ...
 
@@ -154,8 +154,8 @@ class _Driver:
                 await session.wait_idle()
             case Inject(sql=sql, params=params):
                 return await session.inject(sql, params)
-            case Send(data=data, expect=expect, executes=executes):
-                self.exchange = self.loop.create_task(session.exchange(data, expect, executes))
+            case Send(data=data):
+                self.exchange = self.loop.create_task(session.exchange(data))
             case Replies(timeout=timeout):
                 return await self._replies(timeout)
             case Notice(severity=severity, message=message, detail=detail):

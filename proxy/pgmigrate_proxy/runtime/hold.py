@@ -371,7 +371,6 @@ class Holder:
             statements=tuple(s for s in self._unit_statements if guarding.needs_guard(s)),
             expect=expect,
             retryable=expect == 1 and not control and guarding.redoable(self._unit_statements),
-            executes=executes,
         )
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
 
@@ -591,9 +590,9 @@ class Holder:
             await self._idle
             self._idle = None
 
-    async def exchange(self, data: bytes, expect: int, executes: int = 0) -> list[Frame]:
-        """Send data; return every server frame up to its `expect`-th ReadyForQuery (with
-        expect 0: up to the last reply of its `executes` Executes, for a batch to Flush)."""
+    async def exchange(self, data: bytes) -> list[Frame]:
+        """Send data as the proxy's own requests; return every server frame that answers them
+        (the reply queue knows what each of its messages expects, to Sync or to Flush)."""
         server = self.session.server
         if server is None:
             raise ConnectionError("the server connection was lost")
@@ -610,7 +609,7 @@ class Holder:
     async def inject(self, sql: str, params: Sequence[str | None] = ()) -> extended.QueryResult:
         """Run one query of the proxy's own on the session's server connection."""
         frames = await self.exchange(
-            extended.build_query(_INJECTED_NAME, sql, params) + extended.sync(), 1
+            extended.build_query(_INJECTED_NAME, sql, params) + extended.sync()
         )
         result = extended.QueryResult(rows=[])
         self.deliver(f for f in frames if f.type in _ASYNCHRONOUS)

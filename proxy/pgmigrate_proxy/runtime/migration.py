@@ -88,7 +88,7 @@ class MigrationRunner:
         had failed: the server was skipping to Sync, so the Query is dropped and the client's
         own Sync is answered by the runner, as PostgreSQL would answer them."""
         holder = self.holder
-        frames = await holder.exchange(extended.sync(), 1)
+        frames = await holder.exchange(extended.sync())
         holder.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
         failed = self.batch_failed or _error(frames) is not None
         self.batch_failed = False
@@ -138,7 +138,7 @@ class MigrationRunner:
     async def _send_real(self, reply: Reply) -> bytes | None:
         """The real BEGIN or COMMIT of an atomic stretch; its error (the block then fails)."""
         assert reply.server_sql is not None
-        frames = await self.holder.exchange(Query(reply.server_sql).encode(), 1)
+        frames = await self.holder.exchange(Query(reply.server_sql).encode())
         self.holder.deliver(f for f in frames if f.type in _ASYNCHRONOUS)
         error = _error(frames)
         if error is None and reply.server_sql == "COMMIT" and _tag(frames) == b"ROLLBACK":
@@ -166,7 +166,7 @@ class MigrationRunner:
         """The unit's replies: through the guard when it takes a guarded lock."""
         holder = self.holder
         if not unit.statements:
-            return await holder.exchange(unit.data, unit.expect)
+            return await holder.exchange(unit.data)
         captured: list[Frame] = []
         holder.capture = captured
         try:
@@ -192,7 +192,7 @@ class MigrationRunner:
             if holder.batch_open and not self.sent_sync:
                 # An earlier round to Flush (asyncpg's prepare) left the server mid-batch and
                 # nothing of this one reached it: its Sync must, as the client sent one.
-                await holder.exchange(extended.sync(), 1)
+                await holder.exchange(extended.sync())
             self.skipping = False
             holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
         self.sent_sync = False
@@ -263,7 +263,7 @@ class MigrationRunner:
             error = await self._send_real(reply)
         elif reply.kind is Kind.FORWARD:
             text = reply.server_sql or sql
-            replies = await holder.exchange(Query(text).encode(), 1)
+            replies = await holder.exchange(Query(text).encode())
             holder.deliver(f for f in replies if f.type in _ASYNCHRONOUS)
             error, tag = _error(replies), (_tag(replies) or b"").decode()
             self.virtual.forwarded(text, error is not None)
