@@ -2,7 +2,7 @@
 the atheris long runs (`scripts/fuzz inproc --runs 1000000`).
 
 Each target takes arbitrary bytes and may raise only the exceptions its layer documents:
-FrameScanner FramingError; Conversation ProtocolViolation; Handshake DecodeError and
+FrameScanner FramingError; ReplyQueue UnexpectedReply; Handshake DecodeError and
 ChannelBindingMismatch; the virtual transaction and the extended-protocol decoders nothing but
 DecodeError. Anything else (IndexError, struct.error, RecursionError...) is a crash.
 """
@@ -17,7 +17,7 @@ from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import FrameScanner, FramingError
 from pgmigrate_proxy.protocol.handshake import ChannelBindingMismatch, Handshake
 from pgmigrate_proxy.protocol.messages import DecodeError
-from pgmigrate_proxy.protocol.state import Conversation, ProtocolViolation
+from pgmigrate_proxy.protocol.replies import Expect, Owner, ReplyQueue, UnexpectedReply
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime.autocommit import Kind, State, VirtualTransaction
 
@@ -50,24 +50,34 @@ def framing(data: bytes) -> None:
         assert whole.at_boundary == chunked.at_boundary
 
 
-def state(data: bytes) -> None:
-    """Any interleaving of frontend and backend messages: only ProtocolViolation, and the
-    queue's invariants hold after each step."""
-    conversation = Conversation.ready() if data[:1] != b"\0" else Conversation()
-    for i in range(1, len(data) - 1, 2):
-        side, mtype = data[i], data[i + 1]
-        payload = bytes([data[i + 1]]) if mtype == BackendType.READY_FOR_QUERY else b""
+_FRONTEND = tuple(FrontendType)
+_BACKEND = tuple(BackendType)
+
+
+def replies(data: bytes) -> None:
+    """Any interleaving of forwarded frontend messages (the client's or the proxy's) and backend
+    messages: only UnexpectedReply, and the queue's counts stay consistent after each step."""
+    queue = ReplyQueue()
+    for i in range(0, len(data) - 1, 2):
+        side, code = data[i], data[i + 1]
         try:
             if side & 1:
-                conversation.frontend(mtype, payload)
+                owner = Owner.PROXY if side & 2 else Owner.CLIENT
+                queue.sent(_FRONTEND[code % len(_FRONTEND)], owner)
             else:
-                conversation.backend(mtype, payload)
-        except (ProtocolViolation, DecodeError):
+                queue.received(_BACKEND[code % len(_BACKEND)])
+        except UnexpectedReply:
             continue
-        assert conversation.pending >= 0
-        assert conversation.idle == (
-            not conversation.expected and conversation.client.value == "ready"
-        )
+        if not side & 4:
+            continue  # pending() counts the open batch one by one: not after every step
+        pending = queue.pending()
+        assert all(count > 0 for _, _, count in pending), pending
+        assert queue.proxy_owed == any(owner is Owner.PROXY for _, owner, _ in pending)
+        ready = (Expect.QUERY, Expect.SYNC)
+        assert queue.readies == sum(c for kind, _, c in pending if kind in ready)
+        assert queue.empty == (not pending)
+        if queue.idle:
+            assert not pending and not queue.batch_open and not queue.copy_in
 
 
 def handshake(data: bytes) -> None:
@@ -124,7 +134,7 @@ def autocommit(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "framing": framing,
-    "state": state,
+    "replies": replies,
     "handshake": handshake,
     "extended": extended_decoders,
     "autocommit": autocommit,

@@ -223,6 +223,23 @@ def test_syncs_sent_during_copy_in_expect_nothing() -> None:
     assert queue.idle
 
 
+def test_an_extended_copy_whose_data_fails_skips_to_the_next_sync() -> None:
+    """The Sync sent behind the Execute was ignored during COPY IN; after the error the server
+    discards the client's messages up to its next Sync (found by the in-process fuzzer)."""
+    queue = ReplyQueue()
+    for kind in (F.PARSE, F.BIND, F.EXECUTE, F.SYNC):
+        queue.sent(kind)
+    queue.received(B.COPY_IN_RESPONSE)
+    queue.sent(F.COPY_DATA)
+    assert queue.received(B.ERROR_RESPONSE) is C  # bad data: the COPY fails
+    assert not queue.idle
+    queue.sent(F.COPY_DONE)  # discarded by the server, as everything up to the Sync
+    queue.sent(F.SYNC)
+    assert queue.readies == 1
+    queue.received(B.READY_FOR_QUERY)
+    assert queue.idle
+
+
 def test_a_simple_query_copy_that_fails() -> None:
     queue = ReplyQueue()
     queue.sent(F.QUERY)

@@ -309,9 +309,13 @@ class ReplyQueue:
         if not entries:
             return None
         if self.copy_in:  # the COPY failed: the Syncs sent during it were ignored
+            owner = entries[0].owner
             self.copy_in = False
             self._forget_syncs(self._syncs_since_statement)
             self._syncs_since_statement = 0
+            if not entries:  # an Execute's COPY: the server discards up to the next Sync
+                self._skipping = self.batch_open = True
+                return owner
         head = entries[0]
         owner, kind = head.owner, head.kind
         if kind in _READY:
