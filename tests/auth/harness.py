@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from pgmigrate_proxy.auth.backend import ServerLogin
+from pgmigrate_proxy.auth.channel_binding import tls_server_end_point
 from pgmigrate_proxy.auth.credentials import LoginSecret, MockVerifiers, StoredCredential, Unknown
 from pgmigrate_proxy.auth.frontend import ClientAuthenticator, Outcome
 from pgmigrate_proxy.protocol import schema
@@ -22,6 +24,7 @@ from pgmigrate_proxy.protocol.messages import (
     ParameterStatus,
     Query,
     ReadyForQuery,
+    SSLRequest,
     StartupMessage,
     decode_startup_packet,
 )
@@ -65,6 +68,8 @@ class AuthHarness:
     mocks: MockVerifiers = field(default_factory=MockVerifiers)
     logins: list[Login] = field(default_factory=list)
     port: int = 0
+    tls: ssl.SSLContext | None = None  # answers SSLRequest with S and this context
+    tls_end_point: bytes | None = None  # given: SCRAM-SHA-256-PLUS is offered too
 
     async def _startup(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         while True:
@@ -73,7 +78,12 @@ class AuthHarness:
             startup = decode_startup_packet(packet)
             if isinstance(startup, StartupMessage):
                 return startup.parameters["user"]
-            writer.write(b"N")  # no TLS, no GSS encryption here
+            if isinstance(startup, SSLRequest) and self.tls is not None:
+                writer.write(b"S")
+                await writer.drain()
+                await writer.start_tls(self.tls)
+            else:
+                writer.write(b"N")
 
     async def _frame(self, reader: asyncio.StreamReader) -> tuple[int, bytes]:
         header = await reader.readexactly(HEADER_SIZE)
@@ -84,7 +94,9 @@ class AuthHarness:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             user = await self._startup(reader, writer)
-            auth = ClientAuthenticator(user, self.lookup(user), self.mocks)
+            auth = ClientAuthenticator(
+                user, self.lookup(user), self.mocks, tls_end_point=self.tls_end_point
+            )
             first = auth.start()
             method = Authentication.decode(first[HEADER_SIZE:]).code
             writer.write(first)
@@ -116,11 +128,21 @@ class AuthHarness:
             yield self
 
 
-def login_raw(host: str, port: int, user: str, secret: LoginSecret) -> str:
-    """Log in to PostgreSQL over a raw socket with ServerLogin; return `SELECT current_user`."""
+def login_raw(
+    host: str, port: int, user: str, secret: LoginSecret, tls: ssl.SSLContext | None = None
+) -> tuple[str, str]:
+    """Log in to PostgreSQL over a raw socket with ServerLogin (over TLS with channel binding
+    when given a context); return the SASL mechanism used and `SELECT current_user`."""
     with WireClient(host, port) as wire:
+        end_point = None
+        if tls is not None:
+            wire.start_tls(tls, host)
+            assert isinstance(wire.sock, ssl.SSLSocket)
+            certificate = wire.sock.getpeercert(binary_form=True)
+            assert certificate is not None
+            end_point = tls_server_end_point(certificate)
         wire.send(StartupMessage(PROTOCOL_3_0, {"user": user, "database": "postgres"}).encode())
-        login = ServerLogin(user, secret)
+        login = ServerLogin(user, secret, tls=tls is not None, channel_binding=end_point)
         while not login.done:
             mtype, payload = wire.read_message()
             if mtype == BackendType.ERROR_RESPONSE:
@@ -133,4 +155,4 @@ def login_raw(host: str, port: int, user: str, secret: LoginSecret) -> str:
         (column,) = schema.parse_payload("DataRow", rows[0]).columns
         assert isinstance(column, bytes)
         wire.send(schema.build("Terminate"))
-        return column.decode()
+        return login.mechanism, column.decode()

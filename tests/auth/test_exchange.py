@@ -257,7 +257,7 @@ def scram_initial(data: bytes, mechanism: str = "SCRAM-SHA-256") -> bytes:
         (ord("p"), scram_initial(b"n,,r=abc"), "malformed SCRAM message"),
         (ord("p"), scram_initial(b"n,,n=,r=a,bc"), "malformed SCRAM message"),
         (ord("p"), b"\xff", "malformed message"),
-        (ord("Q"), b"SELECT 1\0", "expected SASLInitialResponse, got message type 81"),
+        (ord("Q"), b"SELECT 1\0", "expected SASL response, got message type 81"),
     ],
 )
 def test_malformed_client_messages_are_protocol_violations(

@@ -7,11 +7,13 @@ PostgreSQL's own 28P01 error, after the same exchange."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+import trustme
 from pgmigrate_proxy.auth import scram
 from pgmigrate_proxy.auth.authquery import (
     DEFAULT_AUTH_QUERY,
@@ -19,7 +21,14 @@ from pgmigrate_proxy.auth.authquery import (
     LOOKUP_FUNCTION_SQL,
     credential_from_row,
 )
-from pgmigrate_proxy.auth.credentials import UNKNOWN, Md5Hash, StoredCredential, Unknown
+from pgmigrate_proxy.auth.channel_binding import tls_server_end_point
+from pgmigrate_proxy.auth.credentials import (
+    UNKNOWN,
+    Md5Hash,
+    Plain,
+    StoredCredential,
+    Unknown,
+)
 from pgmigrate_proxy.auth.frontend import Outcome
 from pgmigrate_proxy.auth.scram import ScramKeys, ScramVerifier
 from pgmigrate_proxy.protocol.types import AuthCode
@@ -119,7 +128,7 @@ def test_scram_login_recovers_the_client_key_that_logs_in_to_postgresql(pg: PgIn
     verifier = ScramVerifier.parse(auth_query(pg, "u_scram")[1])
     salted = scram.salted_password(password, verifier.salt, verifier.iterations)
     assert keys == verifier.keys(scram.client_key(salted))
-    assert login_raw(pg.host, pg.port, "u_scram", keys) == "u_scram"
+    assert login_raw(pg.host, pg.port, "u_scram", keys) == ("SCRAM-SHA-256", "u_scram")
 
 
 def test_md5_login_and_the_stored_hash_logs_in_to_postgresql(pg: PgInfo) -> None:
@@ -127,7 +136,7 @@ def test_md5_login_and_the_stored_hash_logs_in_to_postgresql(pg: PgInfo) -> None
     assert error == ""
     assert (login.outcome, login.method) == (Outcome.ACCEPTED, AuthCode.MD5_PASSWORD)
     assert login.secret == Md5Hash(auth_query(pg, "u_md5")[1])
-    assert login_raw(pg.host, pg.port, "u_md5", login.secret) == "u_md5"
+    assert login_raw(pg.host, pg.port, "u_md5", login.secret) == ("", "u_md5")
 
 
 @pytest.mark.parametrize(
@@ -179,3 +188,51 @@ def test_the_security_definer_function_answers_as_the_default_query(roles: PgInf
     refused = pytest.raises(psycopg.errors.InsufficientPrivilege)
     with psycopg.connect(other, autocommit=True) as conn, refused:
         psycopg.RawCursor(conn).execute(FUNCTION_AUTH_QUERY, ("u_scram",))
+
+
+@pytest.mark.parametrize(
+    ("user", "mechanism"),
+    [("u_scram", "SCRAM-SHA-256"), ("u_md5", ""), ("u_password", "")],
+)
+def test_clear_text_auth_file_passwords_log_in_with_every_method(
+    pg: PgInfo, user: str, mechanism: str
+) -> None:
+    """An auth_file password in clear text answers SCRAM, md5 and password requests."""
+    secret = Plain(pg.password(user))
+    assert login_raw(pg.host, pg.port, user, secret) == (mechanism, user)
+
+
+def test_recovered_client_key_logs_in_with_channel_binding(pg_tls: PgInfo) -> None:
+    """Over TLS, PostgreSQL offers SCRAM-SHA-256-PLUS: the keys bind to its certificate."""
+    verifier = ScramVerifier.parse(auth_query(pg_tls, "u_scram")[1])
+    salted = scram.salted_password(pg_tls.password("u_scram"), verifier.salt, verifier.iterations)
+    keys = verifier.keys(scram.client_key(salted))
+    assert pg_tls.ca_file is not None
+    context = ssl.create_default_context(cafile=str(pg_tls.ca_file))
+    used = login_raw(pg_tls.host, pg_tls.port, "u_scram", keys, tls=context)
+    assert used == ("SCRAM-SHA-256-PLUS", "u_scram")
+
+
+def test_libpq_requiring_channel_binding_logs_in_over_tls(pg: PgInfo) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+    async def scenario(info: str) -> AuthHarness:
+        harness = AuthHarness(lookup(pg), tls=context, tls_end_point=tls_server_end_point(der))
+        async with harness.running():
+            info = make_conninfo(info, port=harness.port)
+            conn = await psycopg.AsyncConnection.connect(info)
+            assert conn.pgconn.ssl_in_use
+            await conn.close()
+        return harness
+
+    with ca.cert_pem.tempfile() as ca_file:
+        info = conninfo(0, "u_scram", pg.password("u_scram"))
+        tls = {"sslmode": "verify-full", "sslrootcert": ca_file, "channel_binding": "require"}
+        harness = asyncio.run(scenario(make_conninfo(info, **tls)))
+    (login,) = harness.logins
+    assert login.outcome is Outcome.ACCEPTED and isinstance(login.secret, ScramKeys)
+    assert login_raw(pg.host, pg.port, "u_scram", login.secret)[1] == "u_scram"

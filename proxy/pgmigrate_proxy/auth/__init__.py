@@ -7,6 +7,7 @@ configured.
 - `credentials`: stored credentials, login secrets, UNKNOWN, fake verifiers, the 28P01 error;
 - `frontend`: ClientAuthenticator, the server side of a client's login;
 - `backend`: ServerLogin, the proxy's login to PostgreSQL;
+- `channel_binding`: the tls-server-end-point hash of a certificate, for SCRAM-SHA-256-PLUS;
 - `authfile`: pgbouncer's auth_file format;
 - `authquery`: the default auth_query, the SECURITY DEFINER function, a row to a credential.
 """

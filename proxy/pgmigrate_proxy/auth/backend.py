@@ -61,6 +61,7 @@ class ServerLogin:
         self._secret = secret
         self._tls = tls
         self._channel_binding = channel_binding
+        self.mechanism = ""  # the SASL mechanism chosen, once the server offered some
         self._gs2 = ""
         self._nonce = ""
         self._bare = ""
@@ -112,6 +113,7 @@ class ServerLogin:
             mechanism = scram.MECHANISM
             # "y": we could bind, but the server offered no PLUS (libpq's rule over TLS)
             self._gs2 = "y,," if self._tls and self._channel_binding is not None else "n,,"
+        self.mechanism = mechanism
         self._nonce = scram.b64(secrets.token_bytes(scram.RAW_NONCE_LEN))
         self._bare = f"n=,r={self._nonce}"
         first = (self._gs2 + self._bare).encode("ascii")

@@ -147,7 +147,8 @@ class ClientAuthenticator:
         if expected is _Await.NOTHING:
             return _violation("unexpected authentication message")
         if mtype != FrontendType.PASSWORD_MESSAGE:
-            return _violation(f"expected {expected.value}, got message type {mtype}")
+            what = "password" if expected is _Await.MD5_PASSWORD else "SASL"
+            return _violation(f"expected {what} response, got message type {mtype}")
         try:
             if expected is _Await.MD5_PASSWORD:
                 return self._md5_password(payload)
