@@ -28,7 +28,9 @@ work after the client's proof (one HMAC, one SHA-256 and a constant-time compari
 full for a fake verifier too). Not equalized, and small next to a network round trip: deriving
 the fake verifier costs three HMACs of a short string, and the runtime's lookup (auth_query's
 round trip is paid for both, returning a row or none). A user with a clear-text auth_file
-password pays PBKDF2 once per process, at its first login.
+password pays PBKDF2 once per process, at its first login. One thing tells: a user with an
+md5 hash is asked for md5, so asking shows that such a user exists, as PostgreSQL shows it
+under an md5 pg_hba line; `allow_md5=False` (SCRAM only) closes that too.
 """
 
 from __future__ import annotations
