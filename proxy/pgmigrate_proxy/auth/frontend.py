@@ -25,9 +25,11 @@ What is equalized between a wrong password and an unknown user (no enumeration):
 (the same AuthenticationSASL offer, a server-first-message with a salt that is stable for the
 name and the same iteration count as real verifiers, then the same FATAL 28P01 text) and the
 work after the client's proof (one HMAC, one SHA-256 and a constant-time comparison, run in
-full for a fake verifier too). Not equalized, and small next to a network round trip: deriving
-the fake verifier costs three HMACs of a short string, and the runtime's lookup (auth_query's
-round trip is paid for both, returning a row or none). A user with a clear-text auth_file
+full for a fake verifier too); the fake verifier (three HMACs) is derived for every login,
+real users' too. Measured in memory, both sides of a failed login: 230-275 us for a wrong
+password and for an unknown user alike, run to run (timeit, best of 7 runs of 3000 exchanges).
+Not equalized, and small next to a network round trip: the runtime's lookup (auth_query's
+round trip is paid by both, returning a row or none). A user with a clear-text auth_file
 password pays PBKDF2 once per process, at its first login. One thing tells: a user with an
 md5 hash is asked for md5, so asking shows that such a user exists, as PostgreSQL shows it
 under an md5 pg_hba line; `allow_md5=False` (SCRAM only) closes that too.
