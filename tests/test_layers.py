@@ -13,7 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"pgmigrate_proxy": ROOT / "proxy", "pgmigrate": ROOT / "django_integration"}
 #: Layers that are pure: bytes and values in, bytes and values out.
-SANS_IO = ("pgmigrate_proxy.protocol", "pgmigrate_proxy.sql", "pgmigrate_proxy.guard")
+SANS_IO = (
+    "pgmigrate_proxy.protocol",
+    "pgmigrate_proxy.sql",
+    "pgmigrate_proxy.guard",
+    "pgmigrate_proxy.auth",
+)
 IO_MODULES = {
     "asyncio", "socket", "ssl", "time", "logging", "selectors", "threading", "subprocess",
     "psycopg", "uvloop", "os",
