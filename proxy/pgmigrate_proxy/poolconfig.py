@@ -94,7 +94,7 @@ def parse_section(section: str, table: object) -> dict[str, dict[str, Any]]:
             if key not in allowed_keys:
                 allowed = ", ".join(allowed_keys)
                 raise OverrideError(f"{where}.{key}", value, allowed, unknown=True)
-            rule = SETTINGS[_RULE.get(key, key)]
+            rule = SETTINGS[_RULE.get(str(key), str(key))]
             try:
                 values[key] = rule.parse(value)
             except Rejected as exc:
