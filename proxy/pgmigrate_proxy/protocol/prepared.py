@@ -31,7 +31,8 @@ import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse
@@ -46,10 +47,10 @@ _STATEMENT = b"S"
 _INT16 = struct.Struct("!h")
 
 
-@dataclass(frozen=True, slots=True)
-class StatementKey:
+class StatementKey(NamedTuple):
     """What makes two Parse messages the same statement: the query text and the parameter
-    type OIDs, both as raw bytes of the Parse (`param_types`: the int16 count and the OIDs)."""
+    type OIDs, both as raw bytes of the Parse (`param_types`: the int16 count and the OIDs).
+    A tuple: hashed and compared at C speed (it is looked up for every Parse)."""
 
     query: bytes
     param_types: bytes
@@ -207,11 +208,12 @@ class ServerStatements:
         return list(self._lru)
 
     def ensure(
-        self, key: StatementKey, parse_reply: Reply = Reply.SWALLOW
+        self, key: StatementKey, parse_reply: Reply = Reply.SWALLOW, client_name: bytes = b""
     ) -> tuple[bytes, list[bytes], list[Expect]]:
         """Make `key` prepared here: its proxy name, and the frames to send first (the Close of
         the statement the LRU evicts, SWALLOW; then the Parse, whose ParseComplete gets
-        `parse_reply`) with their expectations; no frames when it is prepared already."""
+        `parse_reply`; `client_name` when it is the client's own Parse) with their
+        expectations; no frames when it is prepared already."""
         name = self.registry.name(key)
         if name in self._lru:
             self._lru.move_to_end(name)
@@ -224,7 +226,7 @@ class ServerStatements:
             frames.append(close_frame(old))
             expect.append(Expect(Reply.SWALLOW, closed=old, key=old_key))
         frames.append(key.parse_frame(name))
-        expect.append(Expect(parse_reply, prepared=name, key=key))
+        expect.append(Expect(parse_reply, prepared=name, key=key, client_name=client_name))
         self._lru[name] = key
         self.registry.hold(key)
         return name, frames, expect
@@ -311,10 +313,9 @@ class ClientStatements:
         key = StatementKey(query, payload[pos:])
         self._names[name] = key
         self.registry.hold(key)
-        _, frames, expect = server.ensure(key, Reply.FORWARD)
+        _, frames, expect = server.ensure(key, Reply.FORWARD, name)
         if not frames:  # the server has it: the proxy answers the client's Parse
             return Step((), (Expect(Reply.ANSWER, PARSE_COMPLETE, key=key, client_name=name),))
-        expect[-1] = replace(expect[-1], client_name=name)
         return Step(tuple(frames), tuple(expect))
 
     def undo(self, expect: Expect) -> None:
