@@ -154,6 +154,31 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "exclude_users": ("postgres", ("postgres",)),
     "admin_upstream": ("host=db user=admin", "host=db user=admin"),
     "migration_application_names": ("migrate", ("migrate",)),
+    "pool_mode": ("Transaction", "transaction"),
+    "max_client_conn": ("1000", 1000),
+    "default_pool_size": ("16", 16),
+    "min_pool_size": ("2", 2),
+    "reserve_pool_size": ("4", 4),
+    "reserve_pool_timeout": ("500ms", 0.5),
+    "max_db_connections": ("50", 50),
+    "max_user_connections": ("40", 40),
+    "server_lifetime": ("1h", 3600.0),
+    "server_idle_timeout": ("0", 0.0),
+    "server_connect_timeout": ("5s", 5.0),
+    "server_check_delay": ("0", 0.0),
+    "server_check_query": ("select 1", "select 1"),
+    "server_reset_query": ("", ""),
+    "query_wait_timeout": ("2min", 120.0),
+    "client_idle_timeout": ("10min", 600.0),
+    "idle_transaction_timeout": ("30s", 30.0),
+    "max_prepared_statements": ("0", 0),
+    "session_state": ("refuse", "refuse"),
+    "auth_type": ("trust", "trust"),
+    "auth_file": ("/etc/pgmigrate-proxy/userlist.txt", "/etc/pgmigrate-proxy/userlist.txt"),
+    "auth_query": (
+        "SELECT * FROM pgbouncer.user_lookup($1)",
+        "SELECT * FROM pgbouncer.user_lookup($1)",
+    ),
 }
 
 
@@ -213,6 +238,16 @@ BAD_VALUES = [
     ("blocker_states", "starting"),
     ("admin_upstream", "not a conninfo"),
     ("admin_upstream", "host=db sslmode=sometimes"),
+    ("pool_mode", "statement"),
+    ("max_client_conn", "0"),
+    ("default_pool_size", "0"),
+    ("min_pool_size", "-1"),
+    ("reserve_pool_timeout", "5 parsecs"),
+    ("server_connect_timeout", "0"),
+    ("query_wait_timeout", "-1"),
+    ("max_prepared_statements", "lots"),
+    ("session_state", "ignore"),
+    ("auth_type", "md5"),
 ]
 
 
@@ -928,3 +963,4 @@ def test_the_readme_tables_are_the_schemas() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert settings.markdown_table(settings.PROXY_KEYS) in readme
     assert settings.markdown_table(settings.GUARD_KEYS) in readme
+    assert settings.markdown_table(settings.POOL_KEYS) in readme

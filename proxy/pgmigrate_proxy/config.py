@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
 from psycopg.conninfo import conninfo_to_dict
@@ -16,11 +16,13 @@ from psycopg.conninfo import conninfo_to_dict
 from pgmigrate_proxy import __version__
 from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import MASK, redact
+from pgmigrate_proxy.poolconfig import SECTIONS, OverrideError, PoolOverrides, parse_section
 from pgmigrate_proxy.settings import (
     BLOCKER_STATES as BLOCKER_STATES,
 )
 from pgmigrate_proxy.settings import (
     GUARD_KEYS,
+    POOL_KEYS,
     SETTINGS,
     Rejected,
     Setting,
@@ -134,6 +136,31 @@ class Config:
     exclude_users: tuple[str, ...] = default("exclude_users")
     admin_upstream: str | None = default("admin_upstream")
     migration_application_names: tuple[str, ...] = default("migration_application_names")
+    pool_mode: str = default("pool_mode")
+    max_client_conn: int = default("max_client_conn")
+    default_pool_size: int = default("default_pool_size")
+    min_pool_size: int = default("min_pool_size")
+    reserve_pool_size: int = default("reserve_pool_size")
+    reserve_pool_timeout: float = default("reserve_pool_timeout")
+    max_db_connections: int = default("max_db_connections")
+    max_user_connections: int = default("max_user_connections")
+    server_lifetime: float = default("server_lifetime")
+    server_idle_timeout: float = default("server_idle_timeout")
+    server_connect_timeout: float = default("server_connect_timeout")
+    server_check_delay: float = default("server_check_delay")
+    server_check_query: str = default("server_check_query")
+    server_reset_query: str = default("server_reset_query")
+    query_wait_timeout: float = default("query_wait_timeout")
+    client_idle_timeout: float = default("client_idle_timeout")
+    idle_transaction_timeout: float = default("idle_transaction_timeout")
+    max_prepared_statements: int = default("max_prepared_statements")
+    session_state: str = default("session_state")
+    auth_type: str = default("auth_type")
+    auth_file: str | None = default("auth_file")
+    auth_query: str = default("auth_query")
+    #: The TOML file's [databases.NAME] / [users.NAME] entries (poolconfig.pool_settings reads
+    #: them); not a setting of its own: no flag or environment variable.
+    pool_overrides: PoolOverrides = field(default_factory=PoolOverrides)
 
     def __post_init__(self) -> None:
         for key in RULES:
@@ -191,8 +218,9 @@ class Config:
         return "allow" if self.client_tls_cert_file else "disable"
 
 
-KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config))
-RELOADABLE: frozenset[str] = frozenset(KEYS) - {
+#: The settings (one flag and environment variable each), in the schema's order.
+KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.name != "pool_overrides")
+RELOADABLE: frozenset[str] = frozenset((*KEYS, "pool_overrides")) - {
     "listen_host",
     "listen_port",
     "embedded_data_dir",
@@ -255,8 +283,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help=f"TOML settings file (env {CONFIG_ENV})")
     proxy = parser.add_argument_group("proxy settings")
     guard = parser.add_argument_group("guard settings (also per session: -c pgmigrate.<name>)")
+    pool = parser.add_argument_group("pool settings (also per database and user in the file)")
     for key in KEYS:
-        group = guard if key in GUARD_KEYS else proxy
+        group = guard if key in GUARD_KEYS else pool if key in POOL_KEYS else proxy
         group.add_argument(flag(key), dest=key, metavar=key.upper(), help=_help(key))
     return parser
 
@@ -306,8 +335,25 @@ def _read_toml(path: str) -> dict[str, Any]:
         ) from None
 
 
-def _file_layer(path: str) -> dict[str, tuple[object, str]]:
+def _overrides(data: dict[str, Any], path: str) -> PoolOverrides:
+    """Pop the [databases.NAME] / [users.NAME] tables (a dict under `users` is pool overrides,
+    a list or string the guard's filter) and check them."""
+    found: dict[str, Any] = {}
+    for section in SECTIONS:
+        if section in data and (section != "users" or isinstance(data[section], dict)):
+            try:
+                found[section] = parse_section(section, data.pop(section))
+            except OverrideError as exc:
+                if exc.unknown:
+                    message = f"unknown key in {path}: {exc.key} (allowed: {exc.allowed})"
+                    raise ConfigError(message, key=exc.key, allowed=exc.allowed) from None
+                raise ConfigError.invalid(exc.key, exc.value, exc.allowed, path) from None
+    return PoolOverrides(**found)
+
+
+def _file_layer(path: str) -> tuple[dict[str, tuple[object, str]], PoolOverrides]:
     data = _read_toml(path)
+    overrides = _overrides(data, path)
     table: dict[str, Any] = {}
     if isinstance(data.get(TOML_TABLE), dict):
         table = data.pop(TOML_TABLE)
@@ -319,7 +365,7 @@ def _file_layer(path: str) -> dict[str, tuple[object, str]]:
         raise ConfigError(
             f"{twice[0]} is set twice in {path}: at the top and in [{TOML_TABLE}]", key=twice[0]
         )
-    return {key: (value, path) for key, value in {**data, **table}.items()}
+    return {key: (value, path) for key, value in {**data, **table}.items()}, overrides
 
 
 def _readable(path: str) -> bool:
@@ -364,6 +410,14 @@ def _check_embedded_pg(config: Config, source: str | None) -> None:
     raise ConfigError.invalid("embedded_pg", choice, RULES["embedded_pg"].allowed, source)
 
 
+def _check_auth(config: Config, sources: Mapping[str, str]) -> None:
+    """auth_type auth_file needs auth_file, auth_query needs auth_query."""
+    needed = config.auth_type if config.auth_type in ("auth_file", "auth_query") else None
+    if needed and not getattr(config, needed):
+        allowed = f"a non-empty value when auth_type is {needed}"
+        raise ConfigError.invalid(needed, getattr(config, needed), allowed, sources.get(needed))
+
+
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """Build the Config from flags in `argv`, `environ` and the TOML file they name.
 
@@ -372,8 +426,9 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """
     options = _parse_flags(argv)
     config_path = options.pop("config", None) or environ.get(CONFIG_ENV) or None
+    file_layer, overrides = _file_layer(config_path) if config_path else ({}, PoolOverrides())
     layers: list[Mapping[str, tuple[object, str]]] = [
-        _file_layer(config_path) if config_path else {},
+        file_layer,
         _env_layer(environ),
         {key: (value, flag(key)) for key, value in options.items()},
     ]
@@ -386,7 +441,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     defaults = Config()
     delay = values.get("retry_delay", defaults.retry_delay)
     _check_delays(delay, values.get("retry_max_delay", defaults.retry_max_delay), sources)
-    config = Config(**values)
+    config = Config(**values, pool_overrides=overrides)
+    _check_auth(config, sources)
     for key in ("upstream", "admin_upstream"):
         _check_upstream_tls(config, key, sources.get(key))
     _check_client_tls(config, sources)
@@ -413,5 +469,7 @@ def passwords_on_command_line(argv: Sequence[str]) -> list[str]:
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """The keys whose values differ between two configs, in field order."""
-    return [key for key in KEYS if getattr(old, key) != getattr(new, key)]
+    """The keys whose values differ between two configs, in field order (`pool_overrides` for
+    the file's [databases.NAME] / [users.NAME] entries)."""
+    names = (f.name for f in fields(Config))
+    return [key for key in names if getattr(old, key) != getattr(new, key)]

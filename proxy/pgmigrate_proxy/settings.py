@@ -25,6 +25,17 @@ LOG_FORMATS = ("text", "json")
 CLIENT_TLS_MODES = ("auto", "disable", "allow", "require")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 BLOCKING_ACTIONS = ("terminate", "cancel", "show", "none")
+#: poolconfig.py's enums must agree (a test checks it).
+POOL_MODES = ("session", "transaction")
+AUTH_TYPES = ("passthrough", "auth_query", "auth_file", "trust")
+SESSION_STATE_ACTIONS = ("pin", "refuse")
+#: pgbouncer's default auth_query (1.21+), schema-qualified so that no search_path can redirect it.
+DEFAULT_AUTH_QUERY = (
+    "SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END "
+    "FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
+)
+#: server_check_query's value for "send an empty query" (pgbouncer's default).
+EMPTY_QUERY = "<empty>"
 #: The pg_stat_activity states blocker_states may name ("starting" sessions hold no locks).
 BLOCKER_STATES = (
     "active",
@@ -206,6 +217,15 @@ def optional_text(value: object) -> str | None:
     return value
 
 
+def _query(value: object) -> str:
+    """SQL text; None and empty (after stripping) are "" (pgbouncer's "disabled")."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise Rejected
+    return value.strip()
+
+
 def _port(text: str) -> bool:
     return text.isdigit() and 1 <= int(text) <= 65535
 
@@ -244,6 +264,123 @@ def _text(
 
 
 _CONNINFO = "a libpq URL or key=value conninfo, or empty for "
+_MANY = 1000000
+
+
+def _pool_duration(name: str, default: float, help: str, low: float = 0.0) -> Setting:
+    return _duration(name, default, low, 7 * DAY, help, session=False)
+
+
+#: The pooler's settings: pgbouncer's names, defaults and meanings (0 disables a timeout or a
+#: limit, as there), except auth_type's values and session_state (ours).
+_POOL: tuple[Setting, ...] = (
+    _choice(
+        "pool_mode",
+        "session",
+        POOL_MODES,
+        "when a server connection goes back to the pool: when its client leaves (`session`) or "
+        "at the end of each transaction (`transaction`)",
+    ),
+    _integer("max_client_conn", 100, 1, _MANY, "clients at once; the next gets `53300`"),
+    _integer(
+        "default_pool_size",
+        20,
+        1,
+        _MANY,
+        "server connections per (database, user) pool, unless `pool_size` overrides it",
+    ),
+    _integer("min_pool_size", 0, 0, _MANY, "keep at least this many server connections a pool"),
+    _integer(
+        "reserve_pool_size",
+        0,
+        0,
+        _MANY,
+        "extra server connections a pool may open when a client waits long",
+    ),
+    _pool_duration(
+        "reserve_pool_timeout",
+        5.0,
+        "a client waiting this long lets its pool use the reserve (`0`: at once)",
+    ),
+    _integer("max_db_connections", 0, 0, _MANY, "server connections per database (`0`: no limit)"),
+    _integer("max_user_connections", 0, 0, _MANY, "server connections per user (`0`: no limit)"),
+    _pool_duration(
+        "server_lifetime",
+        3600.0,
+        "close an unused server connection connected longer than this (`0`: use it once)",
+    ),
+    _pool_duration(
+        "server_idle_timeout", 600.0, "close a server connection idle this long (`0`: never)"
+    ),
+    _pool_duration(
+        "server_connect_timeout", 15.0, "time for a server connection and login", low=0.001
+    ),
+    _pool_duration(
+        "server_check_delay",
+        30.0,
+        "run `server_check_query` on a server idle longer than this before reuse (`0`: always)",
+    ),
+    Setting(
+        "server_check_query",
+        "text",
+        EMPTY_QUERY,
+        "query that checks a server before reuse; `<empty>`: an empty query; empty: no check",
+        "SQL text, `<empty>` for an empty query, or empty for no check",
+        _query,
+    ),
+    Setting(
+        "server_reset_query",
+        "text",
+        "DISCARD ALL",
+        "query run on a server when its client leaves, in session mode; empty: none",
+        "SQL text, or empty for none",
+        _query,
+    ),
+    _pool_duration(
+        "query_wait_timeout",
+        120.0,
+        "a client waiting this long for a server gets an error and is closed (`0`: no limit)",
+    ),
+    _pool_duration("client_idle_timeout", 0.0, "close a client idle this long (`0`: never)"),
+    _pool_duration(
+        "idle_transaction_timeout",
+        0.0,
+        "close a client idle in a transaction this long (`0`: never)",
+    ),
+    _integer(
+        "max_prepared_statements",
+        200,
+        0,
+        _MANY,
+        "protocol-level prepared statements kept per server in transaction mode (LRU; `0`: off)",
+    ),
+    _choice(
+        "session_state",
+        "pin",
+        SESSION_STATE_ACTIONS,
+        "in transaction mode, a statement that leaves session state (`SET`, `LISTEN`, ...) pins "
+        "its client to its server (`pin`) or is refused (`refuse`)",
+    ),
+    _choice(
+        "auth_type",
+        "passthrough",
+        AUTH_TYPES,
+        "how pooled clients log in: relayed to PostgreSQL (`passthrough`), checked against "
+        "`auth_query` or `auth_file`, or `trust`",
+    ),
+    _text(
+        "auth_file",
+        "a path, or empty for none",
+        "pgbouncer-format file of users and password hashes, for `auth_type = auth_file`",
+    ),
+    _text(
+        "auth_query",
+        "SQL text taking the user name as $1",
+        "query run on the admin connection for a user's name and password hash",
+        _query,
+        DEFAULT_AUTH_QUERY,
+    ),
+)
 
 _ALL: tuple[Setting, ...] = (
     _text(
@@ -402,15 +539,17 @@ _ALL: tuple[Setting, ...] = (
         "application_name patterns of migration sessions",
         session=False,
     ),
+    *_POOL,
 )
 
 #: Every setting by name, in the order of the README and --help.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _ALL}
 #: What a session may set as `-c pgmigrate.<name>=<value>` (besides `role`).
 SESSION_NAMES: tuple[str, ...] = tuple(s.name for s in _ALL if s.session)
-#: The README's two tables: the proxy's own settings, then the guard's.
+#: The README's three tables: the proxy's own settings, the guard's, then the pooler's.
 PROXY_KEYS: tuple[str, ...] = tuple(SETTINGS)[: tuple(SETTINGS).index("guard")]
-GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) :]
+POOL_KEYS: tuple[str, ...] = tuple(s.name for s in _POOL)
+GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) : -len(POOL_KEYS)]
 
 
 def default(name: str) -> Any:
@@ -430,4 +569,4 @@ def markdown_table(names: Iterable[str]) -> str:
 
 
 if __name__ == "__main__":  # python -m pgmigrate_proxy.settings: the README's tables
-    print(markdown_table(PROXY_KEYS), markdown_table(GUARD_KEYS), sep="\n\n")
+    print(*(markdown_table(keys) for keys in (PROXY_KEYS, GUARD_KEYS, POOL_KEYS)), sep="\n\n")
