@@ -85,11 +85,6 @@ def test_the_proxy_never_imports_django(module: str) -> None:
     assert not found, f"{module} imports {found}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/hold.py, migration.py and session.py import each other until the runtime "
-    "restructure (issue 7, item 1) lands; strict: the marker goes when they no longer do",
-)
 def test_no_import_cycles() -> None:
     edges = {
         name: {target for target in targets if target in MODULES and target != name}

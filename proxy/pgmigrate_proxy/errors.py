@@ -22,3 +22,7 @@ class ProtocolViolation(ProxyError):
     """A peer sent bytes that break the wire protocol (malformed, oversized, out of place)."""
 
     sqlstate = SqlState.PROTOCOL_VIOLATION
+
+
+class ServerBusy(ProxyError):
+    """A server connection was to change hands while it still owed replies or was held."""

@@ -163,8 +163,8 @@ def _server_ports(proxy: RunningProxy) -> list[int]:
     async def read() -> list[int]:
         ports = []
         for session in proxy.server._sessions:
-            if session.server is not None:
-                ports.append(session.server.get_extra_info("sockname")[1])
+            if session.server is not None and session.server.transport is not None:
+                ports.append(session.server.transport.get_extra_info("sockname")[1])
         return ports
 
     return proxy.call(read())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pgmigrate_proxy.protocol.framing import frame
+from pgmigrate_proxy.protocol.framing import Frame, frame
 from pgmigrate_proxy.protocol.messages import DecodeError
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType
 
@@ -77,6 +77,9 @@ class QueryResult:
 
     rows: list[tuple[str | None, ...]]
     error: dict[str, str] | None = None
+    #: NoticeResponse, ParameterStatus, NotificationResponse that came amid its replies: the
+    #: client's to see (whoever ran the query passes them on)
+    asynchronous: list[Frame] = field(default_factory=list)
 
 
 def data_row(payload: bytes) -> tuple[str | None, ...]:

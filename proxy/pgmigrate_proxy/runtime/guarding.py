@@ -1,13 +1,14 @@
 """The asyncio driver of the DDL pipeline: carries out the steps that guard/pipeline.py yields
-against the session's server connection, the admin connection, the client and the clock."""
+against a server connection, the admin connection, a client writer and the clock (a unit
+runner: it is given those, and knows no client session)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 
@@ -40,17 +41,18 @@ from pgmigrate_proxy.guard.unit import (
     needs_guard,
     redoable,
 )
-from pgmigrate_proxy.protocol.extended import QueryResult
 from pgmigrate_proxy.protocol.framing import Frame
+from pgmigrate_proxy.protocol.types import TransactionStatus
+from pgmigrate_proxy.runtime.ports import ClientWriter, ServerPort
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
     "UNRESOLVED",
     "GuardServices",
     "GuardSettings",
-    "GuardedSession",
     "HeldUnit",
     "Resolution",
+    "TargetMemory",
     "needs_guard",
     "redoable",
     "resolve_targets",
@@ -58,6 +60,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("pgmigrate_proxy.guard")
+#: Statement texts whose resolved targets are kept for Executes that come mid-batch.
+_KNOWN_TARGETS = 64
 
 
 @dataclass
@@ -81,41 +85,101 @@ class GuardServices:
         return context
 
 
-class GuardedSession(pipeline.SessionView, Protocol):
-    """What the driver needs from the session it runs the pipeline for."""
+class TargetMemory:
+    """What was resolved for the statements a session prepared, kept per statement text (a
+    few, bounded) for the Executes that come mid-batch, when nothing can be asked."""
 
-    async def wait_idle(self) -> None: ...
-    async def inject(self, sql: str, params: Sequence[str | None] = ()) -> QueryResult: ...
-    async def exchange(self, data: bytes) -> list[Frame]: ...
-    def deliver(self, frames: Iterable[Frame]) -> None: ...
-    def notice(self, severity: str, message: str, detail: str | None = None) -> None: ...
+    __slots__ = ("_targets",)
+
+    def __init__(self) -> None:
+        self._targets: dict[str, Resolution] = {}
+
+    def known_targets(self, statements: Iterable[Statement]) -> Resolution:
+        """A statement never resolved makes the whole unresolved (it goes out untouched)."""
+        known = [self._targets.get(statement.text) for statement in statements]
+        if any(part is None for part in known):
+            return UNRESOLVED
+        return Resolution.merge(part for part in known if part is not None)
+
+    def remember_targets(self, statements: Iterable[Statement], resolved: Resolution) -> None:
+        for statement in statements:
+            if len(self._targets) >= _KNOWN_TARGETS:
+                self._targets.pop(next(iter(self._targets)))
+            self._targets[statement.text] = resolved
+
+
+class _View:
+    """What the pipeline reads (pipeline.SessionView): the server connection's state, the
+    client's presence, the session's remembered targets."""
+
+    __slots__ = ("client", "server", "targets")
+
+    def __init__(self, server: ServerPort, client: ClientWriter, targets: TargetMemory) -> None:
+        self.server = server
+        self.client = client
+        self.targets = targets
+
+    @property
+    def server_pid(self) -> int:
+        return self.server.server_pid
+
+    @property
+    def database(self) -> str:
+        return self.server.database
+
+    @property
+    def status(self) -> TransactionStatus:
+        return self.server.status
+
+    @property
+    def can_inject(self) -> bool:
+        return self.server.can_inject
+
+    @property
+    def gone(self) -> bool:
+        return self.client.gone or self.server.gone
+
+    def known_targets(self, statements: Iterable[Statement]) -> Resolution:
+        return self.targets.known_targets(statements)
+
+    def remember_targets(self, statements: Iterable[Statement], resolved: Resolution) -> None:
+        self.targets.remember_targets(statements, resolved)
 
 
 async def run(
-    session: GuardedSession, services: GuardServices, settings: GuardSettings, unit: HeldUnit
+    server: ServerPort,
+    client: ClientWriter,
+    services: GuardServices,
+    settings: GuardSettings,
+    unit: HeldUnit,
+    targets: TargetMemory,
 ) -> None:
     """Take one held unit through the pipeline; the client gets exactly the replies of one run."""
     context = services.refreshed()
-    pid = session.server_pid
+    pid = server.server_pid
     context.in_flight.add(pid)
     try:
-        await drive(pipeline.run(session, context, settings, unit), session, services)
+        view = _View(server, client, targets)
+        await drive(pipeline.run(view, context, settings, unit), server, client, services)
     finally:
         context.in_flight.discard(pid)
 
 
 async def resolve_targets(
-    session: GuardedSession, services: GuardServices, statements: Iterable[Statement]
-) -> Resolution:
+    server: ServerPort, client: ClientWriter, services: GuardServices,
+    statements: Iterable[Statement],
+) -> Resolution:  # fmt: skip
     """The statements' targets and the client's rights, asked on its own server connection."""
-    resolved: Resolution = await drive(pipeline.resolve(statements), session, services)
+    resolved: Resolution = await drive(pipeline.resolve(statements), server, client, services)
     return resolved
 
 
-async def drive(steps: Steps, session: GuardedSession, services: GuardServices) -> Any:
+async def drive(
+    steps: Steps, server: ServerPort, client: ClientWriter, services: GuardServices
+) -> Any:
     """Carry out `steps` until they return; their return value. A failed admin step is thrown
     into them as AdminDown; a lost server connection (ConnectionError) ends the run."""
-    driver = _Driver(session, services)
+    driver = _Driver(server, client, services)
     reply: Any = None
     failure: AdminDown | None = None
     try:
@@ -137,31 +201,34 @@ async def drive(steps: Steps, session: GuardedSession, services: GuardServices) 
 class _Driver:
     """One run's I/O: the step kinds and what each does."""
 
-    def __init__(self, session: GuardedSession, services: GuardServices) -> None:
-        self.session = session
+    def __init__(self, server: ServerPort, client: ClientWriter, services: GuardServices) -> None:
+        self.server = server
+        self.client = client
         self.services = services
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
 
     async def do(self, step: object) -> Any:
-        session = self.session
+        server, client = self.server, self.client
         match step:
             case Now():
                 return self.loop.time()
             case Sleep(seconds=seconds):
                 await asyncio.sleep(seconds)
             case WaitIdle():
-                await session.wait_idle()
+                await server.wait_idle()
             case Inject(sql=sql, params=params):
-                return await session.inject(sql, params)
+                result = await server.inject(sql, params)
+                client.deliver(result.asynchronous)
+                return result
             case Send(data=data):
-                self.exchange = self.loop.create_task(session.exchange(data))
+                self.exchange = self.loop.create_task(server.exchange(data))
             case Replies(timeout=timeout):
                 return await self._replies(timeout)
             case Notice(severity=severity, message=message, detail=detail):
-                session.notice(severity, message, detail)
+                client.notice(severity, message, detail)
             case Deliver(frames=frames):
-                session.deliver(frames)
+                client.deliver(frames)
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
             case _:

@@ -1,9 +1,9 @@
 """What a session holds back for the DDL guard: units of client messages, the backlog behind
-them, the server's replies taken aside, and the bookkeeping that says when injecting is safe.
+them, and launching the unit runners (the guard's driver, the migration runner) on the
+session's server connection (runtime/backend.py), which keeps the replies owed.
 
 The relay hands every scanned chunk with watched frames to `Holder.pump`. Ordinary frames
-only update the bookkeeping (replies pending, extended batch open, COPY) and the chunk goes
-out with one write. A frame that starts a guarded statement begins a unit: it and everything
+only feed the server connection's reply queue and the chunk goes out with one write. A frame that starts a guarded statement begins a unit: it and everything
 after it wait until the unit is complete (the Query itself, or the batch up to Sync or
 Flush) and the guard pipeline has run it; then the backlog is pumped again, in order.
 """
@@ -14,23 +14,21 @@ import asyncio
 import logging
 import sys
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from pgmigrate_proxy.protocol import extended
-from pgmigrate_proxy.protocol.framing import Cut, Frame, message_types
-from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse, ReadyForQuery
-from pgmigrate_proxy.protocol.replies import Owner, ReplyQueue, UnexpectedReply
+from pgmigrate_proxy.protocol.framing import Cut, Frame
+from pgmigrate_proxy.protocol.messages import DecodeError
 from pgmigrate_proxy.protocol.sqlstate import SqlState
-from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
+from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
+from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.migration import MigrationRunner
+from pgmigrate_proxy.runtime.ports import ClientWriter
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 from pgmigrate_proxy.sql.cache import ByteLRU
-
-if TYPE_CHECKING:
-    from pgmigrate_proxy.runtime.session import ClientSession
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
@@ -42,14 +40,6 @@ FRONTEND_WATCH = (
     FrontendType.CLOSE, FrontendType.EXECUTE, FrontendType.SYNC, FrontendType.FLUSH,
     FrontendType.FUNCTION_CALL, FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
 )  # fmt: skip
-#: Backend frames the reply queue must always see (protocol/replies.py); every frame while it
-#: says it needs every reply. Migration sessions also read the errors that stream past (COPY):
-#: they fail the virtual block.
-BACKEND_WATCH = (
-    BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE, BackendType.ERROR_RESPONSE,
-)  # fmt: skip
-MIGRATION_BACKEND_WATCH = BACKEND_WATCH
-_INJECTED_NAME = "pgmigrate_proxy"
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
 _BACKLOG_PAUSE = 1 << 20
 _TRANSACTION_CONTROL = "TransactionStmt"
@@ -57,8 +47,6 @@ _SYNC = FrontendType.SYNC.value
 _QUERY = FrontendType.QUERY.value
 #: First words of a Query that, alone in it, cannot take a lock that queues traffic.
 _PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"with ", b"values ")
-_READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
-_STATUSES = {bytes([s]): s for s in TransactionStatus}
 _EXECUTE = FrontendType.EXECUTE.value
 _BIND = FrontendType.BIND.value
 #: Messages that have no body (Flush, Sync).
@@ -68,13 +56,6 @@ _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.
 #: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
 #: at most 4 MB of them, all sessions together, none over 64 kB (a long one is parsed again).
 _PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
-#: Statement texts whose resolved targets are kept for Executes that come mid-batch.
-_KNOWN_TARGETS = 64
-_COPY_IN = (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE)
-#: Server messages that may come at any time: passed on even amid an injected query's replies.
-_ASYNCHRONOUS = (
-    BackendType.NOTIFICATION_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTICE_RESPONSE,
-)  # fmt: skip
 
 
 def plain_query(payload: bytes) -> bool:
@@ -97,30 +78,37 @@ def _check(item: Frame) -> None:
         extended.bind_names(item.payload)
 
 
-def _fatal(item: Frame) -> bool:
-    """An ErrorResponse that ends the session (FATAL or PANIC)."""
-    if item.type != BackendType.ERROR_RESPONSE:
-        return False
-    try:
-        return ErrorResponse.decode(item.payload).severity in ("FATAL", "PANIC")
-    except DecodeError:
-        return False
+class HolderOwner(ClientWriter, Protocol):
+    """The client session a Holder works for: how it writes to the client and closes."""
+
+    peer: str
+
+    @property
+    def relaying(self) -> bool: ...
+    def fail(self, code: str, message: str) -> None: ...
+    def pause_client_reading(self) -> None: ...
+    def resume_client_reading(self) -> None: ...
 
 
 class Holder:
     """The guard's side of one session (see the module docstring)."""
 
     def __init__(
-        self, session: ClientSession, settings: guarding.GuardSettings, *, migration: bool = False
+        self,
+        session: HolderOwner,
+        server: ServerConnection,
+        services: guarding.GuardServices,
+        settings: guarding.GuardSettings,
+        *,
+        migration: bool = False,
     ) -> None:
         self.session = session
+        self.server = server  # the session's server connection (see attach)
+        self.services = services
         self.settings = settings
-        self.migration = MigrationRunner(self) if migration else None
-        self.capture: list[Frame] | None = None  # replies the migration runner takes aside
-        self.replies = ReplyQueue()  # what the server still owes, and to whom
-        self._every_reply = False  # the backend scanner shows every frame (see _watch)
+        self.migration = MigrationRunner(server, session, self._run_guarded) if migration else None
         self._statements: dict[str, tuple[Statement, ...]] = {}  # guarded prepared statements
-        self._targets: dict[str, guarding.Resolution] = {}  # see remember_targets
+        self.targets = guarding.TargetMemory()
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
         self._unit: list[bytes] | None = None  # a unit being collected
@@ -134,6 +122,12 @@ class Holder:
     @property
     def holding(self) -> bool:
         return self._backlog is not None
+
+    def attach(self, server: ServerConnection) -> None:
+        """Work on another server connection from the next unit on (the session's)."""
+        self.server = server
+        if self.migration is not None:
+            self.migration.server = server
 
     # --- frontend -------------------------------------------------------------------------
 
@@ -149,8 +143,8 @@ class Holder:
         """Run a step over client data; see pump for what a failure does."""
         try:
             step(*args)
-            if self.replies.needs_every_reply is not self._every_reply:
-                self._watch()
+            if self.server.every_reply_changed:
+                self.server.watch()
         except DecodeError as exc:
             self.abandon(SqlState.PROTOCOL_VIOLATION, f"invalid message from the client: {exc}")
         except Exception:
@@ -177,7 +171,8 @@ class Holder:
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
         data = cut.data
         frames = cut.frames
-        replies = self.replies
+        server = self.server
+        replies = server.replies
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
@@ -215,29 +210,22 @@ class Holder:
                 out.append(item.raw)
                 pos = item.end
         if not out and pos == 0 and cut.tail == len(data):
-            server = self.session.server
-            if server is not None:
-                server.write(data)  # the usual case: the chunk as it came
+            transport = server.transport
+            if transport is not None:
+                transport.write(data)  # the usual case: the chunk as it came
             return
         out.append(data[pos : cut.tail])
         self._write_server(out)
 
-    def _watch(self) -> None:
-        """Show the backend scanner every frame while the reply queue needs every reply (or
-        the proxy takes replies aside), only those it must always see otherwise."""
-        every = self.sinking or self.replies.needs_every_reply
-        self._every_reply = every
-        self.session.watch_backend(every=every)
-
     def _write_server(self, out: list[bytes]) -> None:
-        server = self.session.server
-        if server is None:
+        transport = self.server.transport
+        if transport is None:
             return
         if len(out) == 1:
             if out[0]:
-                server.write(out[0])
+                transport.write(out[0])
         else:
-            server.write(b"".join(out))
+            transport.write(b"".join(out))
 
     def _guarded(self, item: Frame) -> tuple[Statement, ...] | None:
         """The guarded statements a frame starts (None: it passes)."""
@@ -278,7 +266,7 @@ class Holder:
     def _parse(self, payload: bytes) -> tuple[str, tuple[Statement, ...] | None]:
         """A Parse's statement name and guarded statements; the same Parse comes again and
         again (one per execution, for most drivers): keep the answer by its bytes."""
-        if self.session.status is TransactionStatus.FAILED:
+        if self.server.status is TransactionStatus.FAILED:
             return extended.parse_statement(payload)[0], None
         known = _PARSES.get(payload)
         if known is None:
@@ -288,7 +276,7 @@ class Holder:
         return known
 
     def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:
-        if self.session.status is TransactionStatus.FAILED or is_plain(sql):
+        if self.server.status is TransactionStatus.FAILED or is_plain(sql):
             return None
         statements = classify(sql)
         return statements if any(guarding.needs_guard(s) for s in statements) else None
@@ -410,14 +398,17 @@ class Holder:
         is the last batch boundary before its Execute (asyncpg's prepare): resolve its
         targets now, then send the round on."""
         statements = [s for s in self._parsed_statements(frames) if guarding.needs_guard(s)]
+        server = self.server
         if statements:
-            await self.wait_idle()
-            if self.can_inject:
-                resolved = await guarding.resolve_targets(self, self.session.hub.guard, statements)
-                self.remember_targets(statements, resolved)
+            await server.wait_idle()
+            if server.can_inject:
+                resolved = await guarding.resolve_targets(
+                    server, self.session, self.services, statements
+                )
+                self.targets.remember_targets(statements, resolved)
         for item in frames:
-            self.replies.sent(item.type)
-        self._watch()
+            server.replies.sent(item.type)
+        server.watch()
         self._write_server([data])
 
     def _parsed_statements(self, frames: list[Frame]) -> list[Statement]:
@@ -432,28 +423,15 @@ class Holder:
                     found.extend(classify(sql))
         return found
 
-    def known_targets(self, statements: Iterable[Statement]) -> guarding.Resolution:
-        """What was resolved for these statements when they were prepared; a statement never
-        resolved makes the whole unresolved (it goes out untouched)."""
-        known = [self._targets.get(statement.text) for statement in statements]
-        if any(part is None for part in known):
-            return guarding.UNRESOLVED
-        return guarding.Resolution.merge(part for part in known if part is not None)
-
-    def remember_targets(
-        self, statements: Iterable[Statement], resolved: guarding.Resolution
-    ) -> None:
-        """Kept per statement text (a few, bounded) for Executes that come mid-batch."""
-        for statement in statements:
-            if len(self._targets) >= _KNOWN_TARGETS:
-                self._targets.pop(next(iter(self._targets)))
-            self._targets[statement.text] = resolved
-
     async def _guard(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
         await self._run_unit(self._guard_unit(unit, frames), "the DDL guard")
 
     async def _guard_unit(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
-        await guarding.run(self, self.session.hub.guard, self.settings, unit)
+        await self._run_guarded(unit, self.session)
+
+    async def _run_guarded(self, unit: guarding.HeldUnit, client: ClientWriter) -> None:
+        """One unit through the guard, on the session's server connection of the moment."""
+        await guarding.run(self.server, client, self.services, self.settings, unit, self.targets)
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""
@@ -467,191 +445,3 @@ class Holder:
                 if self._unit is not None:
                     self._safely(self._collect)  # a bad message in it ends the session
                 return
-
-    # --- backend --------------------------------------------------------------------------------
-
-    def backend_frames(self, frames: list[Frame]) -> None:
-        """Bookkeeping for watched server frames passed on to the client."""
-        replies = self.replies
-        for item in frames:
-            mtype = item.type
-            try:
-                replies.received(mtype)
-            except UnexpectedReply as exc:
-                raise DecodeError(str(exc)) from None
-            if mtype == _READY_FOR_QUERY:
-                status = _STATUSES.get(item.payload[:1])
-                if status is None:
-                    raise DecodeError("malformed ReadyForQuery")
-                self.session.status = status
-                if self.migration is not None:
-                    self.migration.batch_failed = False
-            elif mtype == BackendType.ERROR_RESPONSE and self.migration is not None:
-                self.migration.passed_error(in_batch=replies.batch_open)
-        idle = self._idle
-        if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
-            idle.set_result(None)
-        if self._every_reply and not replies.needs_every_reply:
-            self._watch()
-
-    @property
-    def sinking(self) -> bool:
-        return self._sink is not None
-
-    def sink_frames(self, frames: list[Frame]) -> None:
-        """Server frames while the proxy has requests of its own out: the replies to those
-        (and what comes amid them) are kept from the client, the client's pass on."""
-        sink = self._sink
-        assert sink is not None
-        replies = self.replies
-        passed: list[bytes] = []
-        for item in frames:
-            try:
-                owner = replies.received(item.type)
-            except UnexpectedReply as exc:
-                raise DecodeError(str(exc)) from None
-            if item.type == BackendType.READY_FOR_QUERY:
-                self.session.status = ReadyForQuery.decode(item.payload).status
-            if owner is Owner.PROXY and item.type in _COPY_IN:
-                # the client's held unit entered COPY FROM STDIN: the data must come from the
-                # client, which waits behind the unit; the unit ends here and what is left of
-                # its replies is the client's
-                sink.append(item)
-                replies.hand_over()
-                continue
-            if owner is Owner.CLIENT or (owner is None and not replies.proxy_owed):
-                passed.append(item.raw)  # a reply to the client's request, sent before ours
-                if item.type == BackendType.ERROR_RESPONSE and self.migration is not None:
-                    # (ours go out only once the client's Syncs are answered: this is an
-                    # error of a batch the client left open)
-                    self.migration.passed_error(in_batch=True)
-            else:
-                sink.append(item)
-        if passed:
-            self.deliver_raw(b"".join(passed))
-        if not replies.proxy_owed:
-            taken, self._sink = sink, None
-            done, self._sink_done = self._sink_done, None
-            self._watch()
-            if self._idle is not None and not self._idle.done() and not replies.readies:
-                self._idle.set_result(None)
-            if done is not None and not done.done():
-                done.set_result(taken)
-
-    def server_lost(self) -> bytes:
-        """The server connection is gone: fail the waits; return the server's last words
-        taken aside (its FATAL: the statement's backend was terminated, the server is
-        shutting down) for the client, who must see them as a relayed statement would."""
-        last_words = b""
-        if self._sink is not None:
-            last_words = b"".join(f.raw for f in self._sink if _fatal(f))
-        for waiter in (self._sink_done, self._idle):
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(ConnectionError("the server connection was lost"))
-        return last_words
-
-    # --- what the guard pipeline uses (guarding.GuardedSession) ----------------------------------
-
-    @property
-    def server_pid(self) -> int:
-        key = self.session.server_key
-        return key.process_id if key is not None else 0
-
-    @property
-    def database(self) -> str:
-        params = self.session.parameters
-        return params.get("database") or params.get("user", "")
-
-    @property
-    def status(self) -> TransactionStatus:
-        return self.session.status
-
-    @property
-    def can_inject(self) -> bool:
-        return self.replies.idle and self.session.status is not TransactionStatus.FAILED
-
-    @property
-    def batch_open(self) -> bool:
-        """Extended-protocol messages went to the server since the last Sync."""
-        return self.replies.batch_open
-
-    @property
-    def gone(self) -> bool:
-        return self.session.client is None or self.session.server is None
-
-    async def wait_idle(self) -> None:
-        """Until the server has answered everything sent before the unit up to its last Sync:
-        what follows in an open batch is answered only once a Sync or Flush goes out (the
-        server holds those replies back), so it cannot be waited for; nor can a COPY FROM
-        STDIN, which waits for the client's data (the unit then goes into the COPY stream, and
-        PostgreSQL judges it there)."""
-        while self.replies.readies and not self.replies.copy_in:
-            self._idle = asyncio.get_running_loop().create_future()
-            await self._idle
-            self._idle = None
-
-    async def exchange(self, data: bytes) -> list[Frame]:
-        """Send data as the proxy's own requests; return every server frame that answers them
-        (the reply queue knows what each of its messages expects, to Sync or to Flush)."""
-        server = self.session.server
-        if server is None:
-            raise ConnectionError("the server connection was lost")
-        for mtype in message_types(data):
-            self.replies.sent(mtype, Owner.PROXY)
-        if not self.replies.proxy_owed:
-            return []  # nothing in it expects a reply (a Flush alone)
-        self._sink = []
-        self._sink_done = asyncio.get_running_loop().create_future()
-        self._watch()
-        server.write(data)
-        return await self._sink_done
-
-    async def inject(self, sql: str, params: Sequence[str | None] = ()) -> extended.QueryResult:
-        """Run one query of the proxy's own on the session's server connection."""
-        frames = await self.exchange(
-            extended.build_query(_INJECTED_NAME, sql, params) + extended.sync()
-        )
-        result = extended.QueryResult(rows=[])
-        self.deliver(f for f in frames if f.type in _ASYNCHRONOUS)
-        for item in frames:
-            if item.type == BackendType.DATA_ROW:
-                result.rows.append(extended.data_row(item.payload))
-            elif item.type == BackendType.ERROR_RESPONSE:
-                result.error = dict(ErrorResponse.decode(item.payload).fields)
-                log.warning(
-                    "session %s: injected query failed: %s",
-                    self.session.peer,
-                    result.error.get("M"),
-                )
-        return result
-
-    def deliver(self, frames: Iterable[Frame]) -> None:
-        if self.capture is not None:
-            self.capture.extend(frames)
-            return
-        self.deliver_raw(b"".join(f.raw for f in frames))
-
-    def deliver_raw(self, data: bytes) -> None:
-        client = self.session.client
-        if client is not None and data:
-            client.write(data)
-
-    def rewrite_status(self, frames: list[Frame], data: bytes) -> bytes:
-        """In a migration session, ReadyForQuery passed on raw carries the virtual status."""
-        if self.migration is None:
-            return data
-        status = self.migration.client_status()
-        changed = bytearray(data)
-        for item in frames:
-            if item.type == BackendType.READY_FOR_QUERY:
-                changed[item.end - 1] = status
-        return bytes(changed)
-
-    def notice(self, severity: str, message: str, detail: str | None = None) -> None:
-        client = self.session.client
-        if client is None:
-            return
-        extra = {"detail": detail} if detail else None
-        code = SqlState.WARNING if severity == "WARNING" else SqlState.SUCCESSFUL_COMPLETION
-        notice = ErrorResponse.build(severity, code, message, notice=True, extra=extra)
-        client.write(notice.encode())

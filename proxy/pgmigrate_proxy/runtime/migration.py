@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
+from pgmigrate_proxy.guard.unit import HeldUnit, needs_guard, redoable
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Frame, frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse, Query, ReadyForQuery
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
-from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
+from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, RunGuarded, ServerPort
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED, MAX_SCRIPT_STATEMENTS, classify_script
-
-if TYPE_CHECKING:
-    from pgmigrate_proxy.runtime.hold import Holder
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
@@ -38,10 +35,14 @@ def error_frame(code: str, message: str) -> bytes:
 
 
 class MigrationRunner:
-    """The migration-session side of a Holder."""
+    """The units of one migration session, run on the server connection it is given (`server`
+    follows the session's: the pooler may change it between units), replies written to
+    `client`; statements that take a guarded lock go through `guard`."""
 
-    def __init__(self, holder: Holder) -> None:
-        self.holder = holder
+    def __init__(self, server: ServerPort, client: ClientWriter, guard: RunGuarded) -> None:
+        self.server = server
+        self.client = client
+        self.guard = guard
         self.virtual = VirtualTransaction()
         self.prepared: dict[str, str] = {}  # statement name -> SQL, for Binds of later batches
         self.skipping = False  # an error in a batch sent to Flush: skip to the client's Sync
@@ -55,41 +56,43 @@ class MigrationRunner:
         if in_batch:
             self.batch_failed = True
 
+    def ready(self) -> None:
+        """A ReadyForQuery passed on: no batch of the client's is left failed."""
+        self.batch_failed = False
+
     def client_status(self) -> TransactionStatus:
         """What ReadyForQuery tells the client: the real status inside an atomic stretch."""
         if self.virtual.state is State.ATOMIC:
-            return self.holder.status
+            return self.server.status
         return self.virtual.status
 
     # --- simple Query ----------------------------------------------------------------------
 
     async def run_query(self, sql: str) -> None:
         """One Query message: its statements one by one, then one ReadyForQuery."""
-        holder = self.holder
-        await holder.wait_idle()
-        if self.skipping or (holder.batch_open and not await self._end_client_batch()):
+        await self.server.wait_idle()
+        if self.skipping or (self.server.batch_open and not await self._end_client_batch()):
             return  # after an error in a batch, PostgreSQL discards a Query without a reply
         pieces = await _split_off_loop(sql) if len(sql) > MAX_CLASSIFIED else _split(sql)
         if pieces is None:
-            holder.deliver_raw(error_frame(SqlState.PROGRAM_LIMIT_EXCEEDED, _TOO_MANY))
+            self.client.deliver_raw(error_frame(SqlState.PROGRAM_LIMIT_EXCEEDED, _TOO_MANY))
             pieces = []
         for text, statements in pieces:
             if len(pieces) > 1 and first_keyword(text) == "COPY":
-                holder.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
+                self.client.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
                 self.virtual.forwarded(text, True)
                 break
             if not await self._statement(text, statements):
                 break  # PostgreSQL stops a Query at its first error
-        holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
+        self.client.deliver_raw(ReadyForQuery(self.client_status()).encode())
 
     async def _end_client_batch(self) -> bool:
         """The client left an extended batch open (no Sync: asyncpg's prepare ends with a
         Flush) and sends a Query: end the batch with a Sync of ours first. False when the batch
         had failed: the server was skipping to Sync, so the Query is dropped and the client's
         own Sync is answered by the runner, as PostgreSQL would answer them."""
-        holder = self.holder
-        frames = await holder.exchange(extended.sync())
-        holder.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
+        frames = await self.server.exchange(extended.sync())
+        self.client.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
         failed = self.batch_failed or _error(frames) is not None
         self.batch_failed = False
         if failed:
@@ -100,22 +103,21 @@ class MigrationRunner:
     async def _statement(self, text: str, statements: tuple[Statement, ...]) -> bool:
         """Run one statement; False when it failed."""
         reply = self.virtual.statement(text)
-        holder = self.holder
         await self._settings(reply)
         if reply.notice is not None:
-            holder.notice("WARNING", reply.notice)
+            self.client.notice("WARNING", reply.notice)
         if reply.kind is Kind.ANSWER:
-            holder.deliver_raw(command_complete(reply.tag))
+            self.client.deliver_raw(command_complete(reply.tag))
             return True
         if reply.kind is Kind.REJECT:
             assert reply.error is not None
-            holder.deliver_raw(error_frame(*reply.error))
+            self.client.deliver_raw(error_frame(*reply.error))
             if self.virtual.state is State.OPEN:
                 self.virtual.state = State.FAILED
             return False
         if reply.kind is Kind.SEND_REAL:
             error = await self._send_real(reply)
-            holder.deliver_raw(error or command_complete(reply.tag))
+            self.client.deliver_raw(error or command_complete(reply.tag))
             return error is None
         ok = await self._forward(reply.server_sql or text, statements)
         await self._restore(reply.restore)  # after the real transaction that ended
@@ -123,23 +125,24 @@ class MigrationRunner:
 
     async def _settings(self, reply: Reply) -> None:
         """SET LOCAL turned into SET: save the value first; put it back when the block ends."""
-        holder = self.holder
         if reply.kind is not Kind.FORWARD:
             await self._restore(reply.restore)
         if reply.setting is not None and reply.setting not in self.virtual.saved:
-            result = await holder.inject("SELECT current_setting($1, true)", [reply.setting])
+            result = await self.server.inject("SELECT current_setting($1, true)", [reply.setting])
+            self.client.deliver(result.asynchronous)
             if result.rows and result.rows[0][0] is not None:
                 self.virtual.saved[reply.setting] = result.rows[0][0]
 
     async def _restore(self, settings: tuple[tuple[str, str], ...]) -> None:
         for name, value in settings:
-            await self.holder.inject("SELECT set_config($1, $2, false)", [name, value])
+            result = await self.server.inject("SELECT set_config($1, $2, false)", [name, value])
+            self.client.deliver(result.asynchronous)
 
     async def _send_real(self, reply: Reply) -> bytes | None:
         """The real BEGIN or COMMIT of an atomic stretch; its error (the block then fails)."""
         assert reply.server_sql is not None
-        frames = await self.holder.exchange(Query(reply.server_sql).encode())
-        self.holder.deliver(f for f in frames if f.type in _ASYNCHRONOUS)
+        frames = await self.server.exchange(Query(reply.server_sql).encode())
+        self.client.deliver(f for f in frames if f.type in _ASYNCHRONOUS)
         error = _error(frames)
         if error is None and reply.server_sql == "COMMIT" and _tag(frames) == b"ROLLBACK":
             # The stretch had failed (the client saw E): the server rolled it back. Like any
@@ -150,38 +153,32 @@ class MigrationRunner:
         return error
 
     async def _forward(self, text: str, statements: tuple[Statement, ...]) -> bool:
-        unit = guarding.HeldUnit(
+        unit = HeldUnit(
             data=Query(text).encode(),
-            statements=tuple(s for s in statements if guarding.needs_guard(s)),
+            statements=tuple(s for s in statements if needs_guard(s)),
             expect=1,
-            retryable=self.virtual.state is not State.ATOMIC and guarding.redoable(statements),
+            retryable=self.virtual.state is not State.ATOMIC and redoable(statements),
         )
         frames = await self._run(unit)
         failed = any(f.type == BackendType.ERROR_RESPONSE for f in frames)
-        self.holder.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
+        self.client.deliver(f for f in frames if f.type != BackendType.READY_FOR_QUERY)
         self.virtual.forwarded(text, failed)
         return not failed
 
-    async def _run(self, unit: guarding.HeldUnit) -> list[Frame]:
+    async def _run(self, unit: HeldUnit) -> list[Frame]:
         """The unit's replies: through the guard when it takes a guarded lock."""
-        holder = self.holder
         if not unit.statements:
-            return await holder.exchange(unit.data)
-        captured: list[Frame] = []
-        holder.capture = captured
-        try:
-            await guarding.run(holder, holder.session.hub.guard, holder.settings, unit)
-        finally:
-            holder.capture = None
-        return captured
+            return await self.server.exchange(unit.data)
+        captured = Capture(self.client)
+        await self.guard(unit, captured)
+        return captured.frames
 
     # --- extended-query batches ------------------------------------------------------------------
 
     async def run_batch(self, data: bytes, frames: list[Frame], *, final: bool = True) -> None:
         """A batch up to Sync (final) or Flush, statement by statement, each with a Sync of
         its own; after an error the rest of the batch is skipped up to the client's Sync."""
-        holder = self.holder
-        await holder.wait_idle()
+        await self.server.wait_idle()
         if not self.skipping:
             for group in _statements_of(frames):
                 sql = self._sql_of(group)
@@ -189,12 +186,12 @@ class MigrationRunner:
                     self.skipping = True  # PostgreSQL skips the rest of the batch
                     break
         if final:
-            if holder.batch_open and not self.sent_sync:
+            if self.server.batch_open and not self.sent_sync:
                 # An earlier round to Flush (asyncpg's prepare) left the server mid-batch and
                 # nothing of this one reached it: its Sync must, as the client sent one.
-                await holder.exchange(extended.sync())
+                await self.server.exchange(extended.sync())
             self.skipping = False
-            holder.deliver_raw(ReadyForQuery(self.client_status()).encode())
+            self.client.deliver_raw(ReadyForQuery(self.client_status()).encode())
         self.sent_sync = False
 
     def note_parses(self, frames: list[Frame]) -> None:
@@ -216,29 +213,28 @@ class MigrationRunner:
 
     async def _group(self, sql: str | None, group: list[Frame]) -> bool:
         """One statement's messages of a batch; False when it failed."""
-        holder = self.holder
         if sql is not None and is_control(sql):
             return await self._answer_batch(sql, group)
         if self.virtual.state is State.FAILED:
-            holder.deliver_raw(error_frame(SqlState.IN_FAILED_SQL_TRANSACTION, _ABORTED))
+            self.client.deliver_raw(error_frame(SqlState.IN_FAILED_SQL_TRANSACTION, _ABORTED))
             return False
         if sql is not None and first_keyword(sql) == "COPY":
-            holder.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
+            self.client.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
             self.virtual.forwarded(sql, True)
             return False
         statements = classify(sql) if sql and not is_plain(sql) else ()
-        unit = guarding.HeldUnit(
+        unit = HeldUnit(
             data=b"".join(f.raw for f in group) + extended.sync(),
-            statements=tuple(s for s in statements if guarding.needs_guard(s)),
+            statements=tuple(s for s in statements if needs_guard(s)),
             expect=1,
-            retryable=self.virtual.state is not State.ATOMIC and guarding.redoable(statements),
+            retryable=self.virtual.state is not State.ATOMIC and redoable(statements),
         )
         replies = await self._run(unit)
         self.sent_sync = True
         failed = any(f.type == BackendType.ERROR_RESPONSE for f in replies)
         if any(f.type == FrontendType.EXECUTE for f in group):
             self.virtual.forwarded(sql or "(prepared statement)", failed)
-        holder.deliver(f for f in replies if f.type != BackendType.READY_FOR_QUERY)
+        self.client.deliver(f for f in replies if f.type != BackendType.READY_FOR_QUERY)
         return not failed
 
     async def _answer_batch(self, sql: str, frames: list[Frame]) -> bool:
@@ -251,10 +247,9 @@ class MigrationRunner:
         """
         executes = any(f.type == FrontendType.EXECUTE for f in frames)
         reply = self.virtual.statement(sql) if executes else Reply(Kind.ANSWER)
-        holder = self.holder
         await self._settings(reply)
         if reply.notice is not None:
-            holder.notice("WARNING", reply.notice)
+            self.client.notice("WARNING", reply.notice)
         tag, error = reply.tag, None
         if reply.kind is Kind.REJECT:
             assert reply.error is not None
@@ -263,8 +258,8 @@ class MigrationRunner:
             error = await self._send_real(reply)
         elif reply.kind is Kind.FORWARD:
             text = reply.server_sql or sql
-            replies = await holder.exchange(Query(text).encode())
-            holder.deliver(f for f in replies if f.type in _ASYNCHRONOUS)
+            replies = await self.server.exchange(Query(text).encode())
+            self.client.deliver(f for f in replies if f.type in _ASYNCHRONOUS)
             error, tag = _error(replies), (_tag(replies) or b"").decode()
             self.virtual.forwarded(text, error is not None)
             await self._restore(reply.restore)
@@ -289,7 +284,7 @@ class MigrationRunner:
                     failed = True
                 else:
                     out.append(command_complete(tag))
-        holder.deliver_raw(b"".join(out))
+        self.client.deliver_raw(b"".join(out))
         return not failed
 
 

@@ -1,9 +1,11 @@
-"""One client session: startup, TLS, the relayed authentication, then the chunk relay.
+"""One client session: startup, TLS, the relayed authentication, then the chunk relay, and
+closing; the server connection it is given (runtime/backend.py) is a separate object.
 
 The hot path (phase RELAY) forwards every received chunk with one write, after a
-FrameScanner has walked its headers: that validates what the client sends, tracks the
-server's transaction status, and knows where the message boundaries are so that the proxy
-can put an ErrorResponse of its own between two server messages.
+FrameScanner has walked its headers: that validates what the client sends and knows where
+the message boundaries are. The server's chunks go from the server connection straight to
+the client transport (it tracks the status and the replies owed, and knows the server's
+message boundaries, so that the proxy can put an ErrorResponse of its own between two).
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol, cast
 
+from pgmigrate_proxy.errors import ServerBusy
 from pgmigrate_proxy.protocol.framing import (
+    Frame,
     FrameScanner,
     FramingError,
     type_table,
@@ -23,6 +28,7 @@ from pgmigrate_proxy.protocol.messages import (
     BackendKeyData,
     CancelRequest,
     DecodeError,
+    ErrorResponse,
     GSSENCRequest,
     NegotiateProtocolVersion,
     ParameterStatus,
@@ -43,16 +49,12 @@ from pgmigrate_proxy.protocol.types import (
     PROXY_PARAMETER,
     SSL_ACCEPT,
     SSL_REJECT,
-    BackendType,
     TransactionStatus,
 )
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
-from pgmigrate_proxy.runtime.hold import (
-    BACKEND_WATCH,
-    FRONTEND_WATCH,
-    Holder,
-)
+from pgmigrate_proxy.runtime.backend import ALL_TYPES, ServerConnection
+from pgmigrate_proxy.runtime.hold import FRONTEND_WATCH, Holder
 from pgmigrate_proxy.runtime.options import (
     INVALID_PARAMETER_VALUE,
     OptionError,
@@ -62,7 +64,6 @@ from pgmigrate_proxy.runtime.options import (
 from pgmigrate_proxy.runtime.upstream import (
     CLIENT_RCVBUF,
     UpstreamError,
-    UpstreamProtocol,
     limit_kernel_buffering,
     open_upstream,
 )
@@ -73,8 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgmigrate_proxy.session")
 
 _FRONTEND_VALID = type_table(FRONTEND_TYPES)
-_ALL_TYPES = range(256)
-_RELAY_BACKEND_WATCH = (BackendType.READY_FOR_QUERY,)
 #: Bytes a client may send ahead before the proxy reads them as messages (then it pauses).
 _STARTUP_BUFFER = MAX_STARTUP_PACKET + MAX_AUTH_TOKEN
 #: How long a session closing on an error waits for the server to reach a message boundary.
@@ -107,39 +106,13 @@ class SessionHub(Protocol):
     def cancel(self, request: CancelRequest) -> asyncio.Future[None] | None: ...
 
 
-class ServerSide(UpstreamProtocol):
-    """The server connection of one session: hands everything it reads to the session."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: ClientSession) -> None:
-        super().__init__()
-        self.session = session
-
-    def data_received(self, data: bytes) -> None:
-        if self._byte_waiter is not None:
-            super().data_received(data)
-        else:
-            self.session.backend_data(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.session.server_lost()
-
-    def pause_writing(self) -> None:
-        self.session.pause_client_reading()
-
-    def resume_writing(self) -> None:
-        self.session.resume_client_reading()
-
-
 class ClientSession(asyncio.Protocol):
     """The client connection of one session, and the session itself."""
 
     __slots__ = (
-        "__weakref__", "_be", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
-        "_timer", "_tls", "_waiter", "client", "handshake", "holder", "hub", "parameters", "peer",
-        "phase", "secret_key", "server", "server_key", "settings", "status",
+        "__weakref__", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
+        "_timer", "_tls", "_to_server", "_waiter", "client", "handshake", "holder", "hub",
+        "parameters", "peer", "phase", "secret_key", "server", "settings",
     )  # fmt: skip
 
     def __init__(self, hub: SessionHub) -> None:
@@ -148,11 +121,10 @@ class ClientSession(asyncio.Protocol):
         self.phase = Phase.STARTUP
         self.peer = "?"
         self.client: asyncio.Transport | None = None
-        self.server: asyncio.Transport | None = None
-        self.status = TransactionStatus.IDLE
+        self.server: ServerConnection | None = None  # attached (see attach)
+        self._to_server: Callable[[bytes], object] | None = None  # its transport's write
         self.secret_key = b""
         self.handshake: Handshake | None = None  # only until the first ReadyForQuery
-        self.server_key: BackendKeyData | None = None
         self.parameters: dict[str, str] = {}
         self._inbuf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -163,7 +135,6 @@ class ClientSession(asyncio.Protocol):
         self._server_tls = False
         self._broken = False
         self._fe = FrameScanner(valid=_FRONTEND_VALID, max_size=self.settings.max_message_size)
-        self._be = FrameScanner(watched=_ALL_TYPES)
         self.holder: Holder | None = None  # the DDL guard's side, when the guard is on
 
     # --- asyncio.Protocol, client side ---------------------------------------------------
@@ -194,8 +165,8 @@ class ClientSession(asyncio.Protocol):
                 return
             if holder is not None and (not cut.plain or holder.holding):
                 holder.pump(cut)
-            elif self.server is not None:
-                self.server.write(data)
+            elif self._to_server is not None:
+                self._to_server(data)
         elif self.phase is Phase.AUTHENTICATING:
             self._auth_frontend(data)
         elif self.phase in (Phase.STARTUP, Phase.CONNECTING):
@@ -210,19 +181,21 @@ class ClientSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client = None
-        if self.server is not None:
+        server = self.server
+        if server is not None:
+            server.unrelay()
             if self.phase is Phase.RELAY and self._fe.at_boundary:
-                self.server.write(terminate())
-            self.server.close()
+                server.write(terminate())
+            server.close()
         self._close()
 
     def pause_writing(self) -> None:
-        if self.server is not None:
-            self.server.pause_reading()
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.server is not None:
-            self.server.resume_reading()
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
 
     def pause_client_reading(self) -> None:
         if self.client is not None:
@@ -232,42 +205,49 @@ class ClientSession(asyncio.Protocol):
         if self.client is not None and self.phase is not Phase.DRAINING:
             self.client.resume_reading()
 
-    # --- server side -------------------------------------------------------------------------
+    # --- the server connection (ServerListener) ----------------------------------------------
 
-    def backend_data(self, data: bytes) -> None:
-        client = self.client
-        if client is None:
-            return
-        if self.phase is Phase.RELAY:
+    def attach(self, server: ServerConnection) -> None:
+        """Take a server connection: a logged-in session relays through it at once."""
+        server.attach(self)
+        self.server = server
+        self._to_server = server.transport.write if server.transport is not None else None
+        if self.holder is not None:
+            self.holder.attach(server)
+        if self.phase is Phase.RELAY and self.client is not None:
             holder = self.holder
-            try:
-                frames = self._be.feed(data)
-                if holder is not None:
-                    if holder.sinking:
-                        holder.sink_frames(frames)
-                        return
-                    if frames:
-                        holder.backend_frames(frames)
-                        if holder.migration is not None:
-                            data = holder.rewrite_status(frames, data)
-                elif frames:
-                    self.status = ReadyForQuery.decode(frames[-1].payload).status
-            except (FramingError, DecodeError) as exc:
-                self._server_violation(exc)
-                return
-            client.write(data)
-        elif self.phase is Phase.AUTHENTICATING:
+            server.relay(
+                self.client.write,
+                tracking=holder is not None,
+                observer=holder.migration if holder is not None else None,
+            )
+
+    def detach(self) -> ServerConnection:
+        """Hand the server connection back (refused with ServerBusy unless it owes nothing
+        and no unit of this session is held)."""
+        server = self.server
+        assert server is not None, "no server connection attached"
+        if self.holder is not None and (self.holder.holding or self.holder.task is not None):
+            raise ServerBusy("cannot detach the server connection: a statement is held")
+        server.detach()
+        self.server = None
+        self._to_server = None
+        return server
+
+    def server_data(self, data: bytes) -> None:
+        if self.client is None:
+            return
+        if self.phase is Phase.AUTHENTICATING:
             self._auth_backend(data)
         elif self.phase is Phase.DRAINING:
             self._drain(data)
 
-    def watch_backend(self, *, every: bool) -> None:
-        """Which server frames the relay shows the holder: all, or those it must always see."""
-        self._be.watch(_ALL_TYPES if every else BACKEND_WATCH)
+    def server_violation(self, exc: Exception) -> None:
+        self._server_violation(exc)
 
-    def server_lost(self) -> None:
+    def server_lost(self, last_words: bytes) -> None:
         self.server = None
-        last_words = self.holder.server_lost() if self.holder is not None else b""
+        self._to_server = None
         if self.phase is Phase.CONNECTING:
             return  # open_upstream fails or _connect notices: _startup tells the client why
         if self.client is not None:
@@ -275,6 +255,39 @@ class ClientSession(asyncio.Protocol):
                 self.client.write(last_words)  # the FATAL the guard had taken aside
             self.client.close()
         self._close()
+
+    @property
+    def server_key(self) -> BackendKeyData | None:
+        """The attached server's own key (cancel requests are forwarded with it)."""
+        return self.server.key if self.server is not None else None
+
+    @property
+    def status(self) -> TransactionStatus:
+        """The attached server's transaction status."""
+        return self.server.status if self.server is not None else TransactionStatus.IDLE
+
+    # --- writing to the client (ClientWriter, for the unit runners) -----------------------------
+
+    @property
+    def gone(self) -> bool:
+        return self.client is None
+
+    def deliver(self, frames: Iterable[Frame]) -> None:
+        self.deliver_raw(b"".join(f.raw for f in frames))
+
+    def deliver_raw(self, data: bytes) -> None:
+        client = self.client
+        if client is not None and data:
+            client.write(data)
+
+    def notice(self, severity: str, message: str, detail: str | None = None) -> None:
+        client = self.client
+        if client is None:
+            return
+        extra = {"detail": detail} if detail else None
+        code = SqlState.WARNING if severity == "WARNING" else SqlState.SUCCESSFUL_COMPLETION
+        notice = ErrorResponse.build(severity, code, message, notice=True, extra=extra)
+        client.write(notice.encode())
 
     @property
     def relaying(self) -> bool:
@@ -387,18 +400,20 @@ class ClientSession(asyncio.Protocol):
     async def _connect(self, startup: StartupMessage) -> None:
         self.phase = Phase.CONNECTING
         self.secret_key = self.hub.register(self)
-        side = ServerSide(self)
-        target = self.settings.upstream
-        self.server = await open_upstream(target, side)
-        if self.phase is not Phase.CONNECTING:  # the client went away meanwhile
-            self.server.close()
-            return
-        if self.server.is_closing():
-            raise UpstreamError(f"PostgreSQL at {target.describe()} closed the connection")
-        self._server_tls = self.server.get_extra_info("sslcontext") is not None
         params = {k: v for k, v in startup.parameters.items() if not k.startswith("_pq_.")}
+        server = ServerConnection(database=params.get("database") or params.get("user", ""))
+        server.attach(self)
+        target = self.settings.upstream
+        transport = await open_upstream(target, server)
+        if self.phase is not Phase.CONNECTING:  # the client went away meanwhile
+            transport.close()
+            return
+        if transport.is_closing():
+            raise UpstreamError(f"PostgreSQL at {target.describe()} closed the connection")
+        self.attach(server)
+        self._server_tls = transport.get_extra_info("sslcontext") is not None
         self.parameters = params
-        self.server.write(StartupMessage(PROTOCOL_3_0, params).encode())
+        server.write(StartupMessage(PROTOCOL_3_0, params).encode())
         unknown = tuple(k for k in startup.parameters if k.startswith("_pq_."))
         if startup.protocol != PROTOCOL_3_0 or unknown:
             # the Int32 is a full version (major << 16 | minor), as PostgreSQL sends it
@@ -409,7 +424,7 @@ class ClientSession(asyncio.Protocol):
             server_tls=self._server_tls,
         )
         self.phase = Phase.AUTHENTICATING
-        self._fe.watch(_ALL_TYPES)
+        self._fe.watch(ALL_TYPES)
         self._limit_client_messages()
         if self._inbuf:
             pending, self._inbuf = bytes(self._inbuf), bytearray()
@@ -454,12 +469,14 @@ class ClientSession(asyncio.Protocol):
         assert handshake is not None and client is not None
         out = []
         try:
-            frames = self._be.feed(data)
+            assert self.server is not None
+            scanner = self.server.scanner
+            frames = scanner.feed(data)
             for i, complete in enumerate(frames):
                 out.append(handshake.backend(complete.type, complete.payload))
                 if handshake.outcome is HandshakeOutcome.READY:
                     out.extend(f.raw for f in frames[i + 1 :])
-                    out.append(self._be.release())
+                    out.append(scanner.release())
                     self._enter_relay(ReadyForQuery.decode(complete.payload))
                     break
         except (FramingError, DecodeError) as exc:
@@ -472,25 +489,27 @@ class ClientSession(asyncio.Protocol):
 
     def _enter_relay(self, ready: ReadyForQuery) -> None:
         self.phase = Phase.RELAY
+        server = self.server
+        assert self.handshake is not None and server is not None
+        server.status = ready.status
+        server.key = self.handshake.server_key
         self.hub.logged_in(self)
-        self.status = ready.status
-        assert self.handshake is not None
-        self.server_key = self.handshake.server_key
         self.handshake = None
         self._fe.limit(self.settings.max_message_size)
         held = self._fe.release()  # a client frame begun before the server was ready
-        if held and self.server is not None:
-            self.server.write(held)
+        if held:
+            server.write(held)
         guard = self.hub.guard_settings
         if guard is not None:
             options = self.parameters.get("options", "")
             migration = is_migration_session(self.parameters, self.hub.migration_patterns)
-            self.holder = Holder(self, applied(guard, options), migration=migration)
-            self._fe.watch(_ALL_TYPES if migration else FRONTEND_WATCH)
-            self._be.watch(BACKEND_WATCH)
+            self.holder = Holder(
+                self, server, self.hub.guard, applied(guard, options), migration=migration
+            )
+            self._fe.watch(ALL_TYPES if migration else FRONTEND_WATCH)
         else:
             self._fe.watch(())
-            self._be.watch(_RELAY_BACKEND_WATCH)
+        self.attach(server)  # (again: now the relay starts)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -507,7 +526,9 @@ class ClientSession(asyncio.Protocol):
         error = fatal(code, message, **extra)
         if self.client is not None:
             self.client.pause_reading()
-        if self.phase is Phase.RELAY and not self._be.at_boundary and self.server is not None:
+        server = self.server
+        if self.phase is Phase.RELAY and server is not None and not server.scanner.at_boundary:
+            server.unrelay()  # its bytes come to _drain now
             self.phase = Phase.DRAINING
             self._pending_error = error
             loop = asyncio.get_running_loop()
@@ -526,7 +547,8 @@ class ClientSession(asyncio.Protocol):
     def _drain(self, data: bytes) -> None:
         """Pass server bytes up to the next message boundary, then our error, then close."""
         assert self.client is not None
-        cut = self._be.consume_to_boundary(data)
+        assert self.server is not None
+        cut = self.server.scanner.consume_to_boundary(data)
         if cut is None:
             self.client.write(data)
             return
