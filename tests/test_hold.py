@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pgmigrate_proxy.runtime.hold import plain_query
+from pgmigrate_proxy.runtime.detect import plain_query
 from pgmigrate_proxy.sql import classify
 
 

@@ -3,16 +3,16 @@ them, and launching the unit runners (the guard's driver, the migration runner) 
 session's server connection (runtime/backend.py), which keeps the replies owed.
 
 The relay hands every scanned chunk with watched frames to `Holder.pump`. Ordinary frames
-only feed the server connection's reply queue and the chunk goes out with one write. A frame that starts a guarded statement begins a unit: it and everything
-after it wait until the unit is complete (the Query itself, or the batch up to Sync or
-Flush) and the guard pipeline has run it; then the backlog is pumped again, in order.
+only feed the server connection's reply queue and the chunk goes out with one write. A frame
+that starts a guarded statement (runtime/detect.py) begins a unit: it and everything after it
+wait until the unit is complete (the Query itself, or the batch up to Sync or Flush) and its
+runner has run it; then the backlog is pumped again, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -25,10 +25,10 @@ from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
+from pgmigrate_proxy.runtime.detect import Detector, check_readable, parsed_statements, plain_query
 from pgmigrate_proxy.runtime.migration import MigrationRunner
 from pgmigrate_proxy.runtime.ports import ClientWriter
-from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
-from pgmigrate_proxy.sql.cache import ByteLRU
+from pgmigrate_proxy.sql import Statement, first_keyword
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
@@ -45,37 +45,12 @@ _BACKLOG_PAUSE = 1 << 20
 _TRANSACTION_CONTROL = "TransactionStmt"
 _SYNC = FrontendType.SYNC.value
 _QUERY = FrontendType.QUERY.value
-#: First words of a Query that, alone in it, cannot take a lock that queues traffic.
-_PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"with ", b"values ")
 _EXECUTE = FrontendType.EXECUTE.value
 _BIND = FrontendType.BIND.value
 #: Messages that have no body (Flush, Sync).
 _EMPTY_MESSAGES = frozenset({FrontendType.FLUSH.value, FrontendType.SYNC.value})
 #: Frontend messages of an ordinary session that never start a guarded statement.
 _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
-#: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
-#: at most 4 MB of them, all sessions together, none over 64 kB (a long one is parsed again).
-_PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
-
-
-def plain_query(payload: bytes) -> bool:
-    """The cheapest test, on the Query's bytes: one ordinary DML statement (a SELECT, INSERT,
-    UPDATE, DELETE, WITH or VALUES, with at most a final semicolon). Anything else goes to
-    the full prefilter and the parser."""
-    if not payload[:7].lower().startswith(_PLAIN_HEADS):
-        return False
-    semicolon = payload.find(b";")
-    return semicolon < 0 or not payload[semicolon + 1 : -1].strip()
-
-
-def _check(item: Frame) -> None:
-    """Raise DecodeError when a frame the migration runner reads is malformed."""
-    if item.type == FrontendType.QUERY:
-        extended.query_text(item.payload)
-    elif item.type == FrontendType.PARSE:
-        extended.parse_statement(item.payload)
-    elif item.type == FrontendType.BIND:
-        extended.bind_names(item.payload)
 
 
 class HolderOwner(ClientWriter, Protocol):
@@ -107,7 +82,7 @@ class Holder:
         self.services = services
         self.settings = settings
         self.migration = MigrationRunner(server, session, self._run_guarded) if migration else None
-        self._statements: dict[str, tuple[Statement, ...]] = {}  # guarded prepared statements
+        self.detect = Detector()
         self.targets = guarding.TargetMemory()
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
@@ -186,7 +161,7 @@ class Holder:
                 replies.sent(mtype)  # Execute, Describe, Close: they start no statement
                 continue
             bind = mtype == _BIND and item.start >= 0 and self.migration is None
-            if bind and not self._statements:
+            if bind and not self.detect.statements:
                 replies.sent(mtype)  # no guarded prepared statement it could bind
                 continue
             # (a migration session sees every statement: no shortcut there)
@@ -231,25 +206,11 @@ class Holder:
         """The guarded statements a frame starts (None: it passes)."""
         if self.migration is not None:
             return self._migration_unit(item)
-        try:
-            if item.type == FrontendType.QUERY:
-                return self._guarded_sql(extended.query_text(item.payload))
-            if item.type == FrontendType.PARSE:
-                name, found = self._parse(item.payload)
-                if found:
-                    self._statements[name] = found
-                elif self._statements:
-                    self._statements.pop(name, None)
-                return found
-            if item.type == FrontendType.BIND and self._statements:
-                return self._statements.get(extended.bind_names(item.payload)[1])
-        except DecodeError:
-            return None  # PostgreSQL will reject it in its own words
-        return None
+        return self.detect.guarded(item, failed=self.server.status is TransactionStatus.FAILED)
 
     def _migration_unit(self, item: Frame) -> tuple[Statement, ...] | None:
         """In a migration session every statement is a unit, COPY aside (it streams)."""
-        _check(item)
+        check_readable(item)
         if item.type == FrontendType.QUERY:
             copy = first_keyword(extended.query_text(item.payload)) == "COPY"
             failed = self.migration is not None and self.migration.virtual.state is State.FAILED
@@ -262,24 +223,6 @@ class Holder:
         if item.type == FrontendType.SYNC and skipping:
             return ()  # the Sync that ends the skipping: answered by the runner
         return None
-
-    def _parse(self, payload: bytes) -> tuple[str, tuple[Statement, ...] | None]:
-        """A Parse's statement name and guarded statements; the same Parse comes again and
-        again (one per execution, for most drivers): keep the answer by its bytes."""
-        if self.server.status is TransactionStatus.FAILED:
-            return extended.parse_statement(payload)[0], None
-        known = _PARSES.get(payload)
-        if known is None:
-            name, sql = extended.parse_statement(payload)
-            known = (name, self._guarded_sql(sql))
-            _PARSES.put(payload, known, 2 * sys.getsizeof(payload))  # the key, and the text
-        return known
-
-    def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:
-        if self.server.status is TransactionStatus.FAILED or is_plain(sql):
-            return None
-        statements = classify(sql)
-        return statements if any(guarding.needs_guard(s) for s in statements) else None
 
     # --- units ----------------------------------------------------------------------------------
 
@@ -319,7 +262,7 @@ class Holder:
                 self._unit_frames.append(item)
                 pos = item.end
                 if self.migration is not None:
-                    _check(item)  # the runner reads them: a bad one ends the session now
+                    check_readable(item)  # the runner reads them: a bad one ends the session now
                 elif item.type == FrontendType.PARSE:
                     self._guarded(item)  # keep the prepared-statement map right
                 if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
@@ -397,7 +340,7 @@ class Holder:
         """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
         is the last batch boundary before its Execute (asyncpg's prepare): resolve its
         targets now, then send the round on."""
-        statements = [s for s in self._parsed_statements(frames) if guarding.needs_guard(s)]
+        statements = [s for s in parsed_statements(frames) if guarding.needs_guard(s)]
         server = self.server
         if statements:
             await server.wait_idle()
@@ -410,18 +353,6 @@ class Holder:
             server.replies.sent(item.type)
         server.watch()
         self._write_server([data])
-
-    def _parsed_statements(self, frames: list[Frame]) -> list[Statement]:
-        found: list[Statement] = []
-        for item in frames:
-            if item.type == FrontendType.PARSE:
-                try:
-                    sql = extended.parse_statement(item.payload)[1]
-                except DecodeError:
-                    continue  # PostgreSQL will reject it in its own words
-                if not is_plain(sql):
-                    found.extend(classify(sql))
-        return found
 
     async def _guard(self, unit: guarding.HeldUnit, frames: list[Frame]) -> None:
         await self._run_unit(self._guard_unit(unit, frames), "the DDL guard")
