@@ -95,8 +95,8 @@ class ServerConnection(UpstreamProtocol):
     """The asyncio protocol of one server connection, and its state (module docstring)."""
 
     __slots__ = (
-        "_every_reply", "_idle", "_observer", "_sink", "_sink_done", "_to_client", "_tracking",
-        "database", "key", "listener", "replies", "scanner", "status",
+        "_idle", "_observer", "_sink", "_sink_done", "_to_client", "_tracking",
+        "database", "every_reply", "key", "listener", "replies", "scanner", "status",
     )  # fmt: skip
 
     def __init__(self, database: str = "") -> None:
@@ -110,7 +110,7 @@ class ServerConnection(UpstreamProtocol):
         self._to_client: Callable[[bytes], object] | None = None  # set while relaying
         self._observer: ReplyObserver | None = None
         self._tracking = False  # the reply queue is fed (the client's messages are watched)
-        self._every_reply = False  # the scanner shows every frame (see watch)
+        self.every_reply = False  # the scanner shows every frame (see watch)
         self._sink: list[Frame] | None = None
         self._sink_done: asyncio.Future[list[Frame]] | None = None
         self._idle: asyncio.Future[None] | None = None
@@ -136,7 +136,7 @@ class ServerConnection(UpstreamProtocol):
         self._to_client = to_client
         self._tracking = tracking
         self._observer = observer
-        self._every_reply = False
+        self.every_reply = False
         self.scanner.watch(BACKEND_WATCH if tracking else STATUS_WATCH)
 
     def unrelay(self) -> None:
@@ -218,20 +218,17 @@ class ServerConnection(UpstreamProtocol):
         idle = self._idle
         if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
             idle.set_result(None)
-        if self._every_reply and not replies.needs_every_reply:
+        if self.every_reply and not replies.needs_every_reply:
             self.watch()
 
     def watch(self) -> None:
         """Show the scanner every frame while the reply queue needs every reply (or the proxy
         takes replies aside), only those it must always see otherwise. The holder calls it
-        when what it sent may have changed that (`every_reply_changed`)."""
+        when what it sent changed that (`replies.needs_every_reply is not every_reply`: read
+        inline on the hot path, not through a property)."""
         every = self._sink is not None or self.replies.needs_every_reply
-        self._every_reply = every
+        self.every_reply = every
         self.scanner.watch(ALL_TYPES if every else BACKEND_WATCH)
-
-    @property
-    def every_reply_changed(self) -> bool:
-        return self.replies.needs_every_reply is not self._every_reply
 
     def write(self, data: bytes) -> None:
         """Off the hot path (the relay writes to `transport` itself)."""

@@ -118,8 +118,9 @@ class Holder:
         """Run a step over client data; see pump for what a failure does."""
         try:
             step(*args)
-            if self.server.every_reply_changed:
-                self.server.watch()
+            server = self.server
+            if server.replies.needs_every_reply is not server.every_reply:
+                server.watch()
         except DecodeError as exc:
             self.abandon(SqlState.PROTOCOL_VIOLATION, f"invalid message from the client: {exc}")
         except Exception:
