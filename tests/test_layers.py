@@ -85,6 +85,23 @@ def test_the_proxy_never_imports_django(module: str) -> None:
     assert not found, f"{module} imports {found}"
 
 
+#: The client side of the runtime, the unit runners, and the server side: a runner is given a
+#: server connection and a client writer (runtime/ports.py), and imports neither the client
+#: session nor the other runner; the server connection knows none of them.
+CLIENT_SIDE = ("pgmigrate_proxy.runtime.session", "pgmigrate_proxy.runtime.hold")
+RUNNERS = ("pgmigrate_proxy.runtime.guarding", "pgmigrate_proxy.runtime.migration")
+SERVER_SIDE = ("pgmigrate_proxy.runtime.backend", "pgmigrate_proxy.runtime.ports")
+
+
+@pytest.mark.parametrize("module", [*RUNNERS, *SERVER_SIDE])
+def test_runners_and_the_server_connection_know_no_client_session(module: str) -> None:
+    forbidden = (*CLIENT_SIDE, *(r for r in RUNNERS if r != module))
+    if module in SERVER_SIDE:
+        forbidden = (*CLIENT_SIDE, *RUNNERS)
+    found = sorted(n for n in GRAPH[module] if _inside(n, forbidden))
+    assert not found, f"{module} imports {found}"
+
+
 def test_no_import_cycles() -> None:
     edges = {
         name: {target for target in targets if target in MODULES and target != name}
