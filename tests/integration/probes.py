@@ -66,6 +66,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def close_idle_servers(proxy: RunningProxy) -> bool:
+    """Close the servers idle in the proxy's pools (a client that left cleanly leaves its
+    server there); True, for use inside a wait_until condition."""
+
+    async def close() -> bool:
+        proxy.server.pools.close_idle()
+        return True
+
+    return proxy.call(close())
+
+
 def backend_exists(admin: psycopg.Connection[Any], pid: int) -> bool:
     row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
     return bool(row and row[0])
@@ -91,8 +102,12 @@ def assert_proxy_settles(
     wait_until(lambda: active_sessions(proxy) == 0, "active_sessions to return to 0")
     if backend_pid is not None:
         pid = backend_pid
-        wait_until(lambda: not backend_exists(admin, pid), f"backend {pid} to exit")
+        wait_until(
+            lambda: close_idle_servers(proxy) and not backend_exists(admin, pid),
+            f"backend {pid} to exit",
+        )
     wait_until(lambda: not proxy_tasks(proxy), "the proxy's tasks to finish")
+    close_idle_servers(proxy)
     try:
         wait_until(lambda: open_fds() <= fd_baseline, f"open fds to return to {fd_baseline}")
     except AssertionError:

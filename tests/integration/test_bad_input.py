@@ -18,7 +18,13 @@ from pgmigrate_proxy.protocol.messages import BackendKeyData, ErrorResponse, Que
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType
 
 from tests.fixtures.proxy import RunningProxy
-from tests.integration.probes import active_sessions, backend_exists, proxy_tasks, wait_until
+from tests.integration.probes import (
+    active_sessions,
+    backend_exists,
+    close_idle_servers,
+    proxy_tasks,
+    wait_until,
+)
 from tests.integration.wire import Message, WireClient, WireClosed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -109,7 +115,10 @@ def final_error(messages: list[Message]) -> ErrorResponse:
 
 def assert_settled(proxy: RunningProxy, admin: Conn, pid: int, log: list[str]) -> None:
     wait_until(lambda: active_sessions(proxy) == 0, "the session to close")
-    wait_until(lambda: not backend_exists(admin, pid), f"backend {pid} to exit")
+    wait_until(
+        lambda: close_idle_servers(proxy) and not backend_exists(admin, pid),
+        f"backend {pid} to exit",
+    )
     wait_until(lambda: not proxy_tasks(proxy), "the proxy's tasks to finish")
     tracebacks = [line for line in log if "Traceback" in line or "never retrieved" in line]
     assert not tracebacks, tracebacks

@@ -22,7 +22,12 @@ from psycopg import errors, sql
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
 from tests.fixtures.tunnel import Direction, Tunnel
-from tests.integration.probes import assert_proxy_settles, open_fds, wait_until
+from tests.integration.probes import (
+    assert_proxy_settles,
+    close_idle_servers,
+    open_fds,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -87,7 +92,10 @@ def assert_lost(exc: BaseException) -> None:
 
 def settles(proxy: RunningProxy, admin: Conn, app: str, tunnel: Tunnel, fds: int) -> None:
     """No backend of `app`, nothing through the tunnel, and the proxy back to its baseline."""
-    wait_until(lambda: backends(admin, app) == 0, f"the backends of {app} to exit")
+    wait_until(
+        lambda: close_idle_servers(proxy) and backends(admin, app) == 0,
+        f"the backends of {app} to exit",
+    )
     wait_until(lambda: tunnel.connections == 0, "the tunnel's connections to close")
     assert_proxy_settles(proxy, admin, None, fds)
 
@@ -288,7 +296,10 @@ def test_server_gone_while_guarded_statement_forwarded(
     own queries, the statement, its answer): the client hears of it and nothing runs twice."""
     params = SESSIONS[session]
     total = _measure(tunneled, tunnel, app, add_column(table, "m"), **params)
-    wait_until(lambda: backends(admin, app) == 0, "the measuring session to end")
+    wait_until(
+        lambda: close_idle_servers(tunneled) and backends(admin, app) == 0,
+        "the measuring session to end",
+    )
     fds = open_fds()
     with connect(tunneled, app, **params) as conn:
         tunnel.cut_after(int(total * fraction), Direction.TO_CLIENT)
@@ -331,5 +342,8 @@ def test_admin_connection_stalled_while_looking_up_blockers(
         blocker.execute("ROLLBACK")
         conn.execute(add_column(table, "c"))  # the session carries on
     assert columns(admin, table, "c") == 1
-    wait_until(lambda: backends(admin, app) == 0, f"the backends of {app} to exit")
+    wait_until(
+        lambda: close_idle_servers(proxy) and backends(admin, app) == 0,
+        f"the backends of {app} to exit",
+    )
     assert_proxy_settles(proxy, admin, None, fds)

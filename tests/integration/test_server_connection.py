@@ -5,12 +5,14 @@ refused, and the replies to the proxy's own queries never reach a client."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 from pgmigrate_proxy.errors import ServerBusy
 from pgmigrate_proxy.protocol.extended import data_row
 from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType
+from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.session import ClientSession
 
 from tests.fixtures.proxy import RunningProxy
@@ -116,13 +118,14 @@ def test_injected_replies_never_reach_the_client(proxy: RunningProxy) -> None:
         assert only_row(a.query("SELECT 'mine'")) == ("mine",)
 
 
-def test_an_untracked_connection_is_not_handed_back(
+def test_without_the_guard_replies_are_tracked_too(
     proxy_factory: Callable[..., RunningProxy],
 ) -> None:
-    proxy = proxy_factory(guard=False)  # the relay then reads only the transaction status
+    """The pooler needs to know what a server owes whether the guard is on or off."""
+    proxy = proxy_factory(guard=False)
     with WireClient(proxy.host, proxy.port) as a:
         a.login()
         session = session_of(proxy, a.backend_pid)
-        with pytest.raises(ServerBusy, match="not tracked"):
-            on_loop(proxy, session.detach)
+        server = on_loop(proxy, session.detach)
+        on_loop(proxy, lambda: session.attach(cast(ServerConnection, server)))
         assert only_row(a.query("SELECT 1")) == ("1",)

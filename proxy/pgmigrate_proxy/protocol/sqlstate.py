@@ -27,6 +27,8 @@ class SqlState(str, enum.Enum):
     LOCK_NOT_AVAILABLE = "55P03"
     QUERY_CANCELED = "57014"
     ADMIN_SHUTDOWN = "57P01"
+    IDLE_SESSION_TIMEOUT = "57P05"
+    IDLE_IN_TRANSACTION_SESSION_TIMEOUT = "25P03"
     INTERNAL_ERROR = "XX000"
 
     def __str__(self) -> str:

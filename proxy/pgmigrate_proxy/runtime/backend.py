@@ -43,6 +43,7 @@ log = logging.getLogger("pgmigrate_proxy.session")
 _INJECTED_NAME = "pgmigrate_proxy"
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
 _ERROR_RESPONSE = BackendType.ERROR_RESPONSE.value
+_IDLE = TransactionStatus.IDLE
 _STATUSES = {bytes([s]): s for s in TransactionStatus}
 _COPY_IN = (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE)
 #: Server messages that may come at any time: passed on even amid an injected query's replies.
@@ -96,7 +97,7 @@ class ServerConnection(UpstreamProtocol):
 
     __slots__ = (
         "_idle", "_observer", "_sink", "_sink_done", "_to_client", "_tracking",
-        "database", "every_reply", "key", "listener", "replies", "scanner", "status",
+        "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "status",
     )  # fmt: skip
 
     def __init__(self, database: str = "") -> None:
@@ -114,6 +115,8 @@ class ServerConnection(UpstreamProtocol):
         self._sink: list[Frame] | None = None
         self._sink_done: asyncio.Future[list[Frame]] | None = None
         self._idle: asyncio.Future[None] | None = None
+        #: called after a ReadyForQuery 'I' passed on with nothing owed (transaction pooling)
+        self.on_idle: Callable[[], None] | None = None
 
     # --- who holds it ---------------------------------------------------------------------------
 
@@ -195,6 +198,9 @@ class ServerConnection(UpstreamProtocol):
                 self.listener.server_violation(exc)
             return
         to_client(data)
+        on_idle = self.on_idle
+        if on_idle is not None and frames and self.status is _IDLE and self.replies.idle:
+            on_idle()  # (the holder checks the rest: see PoolLink.server_idle)
 
     def _received(self, frames: list[Frame]) -> None:
         """Bookkeeping for watched server frames passed on to the client."""

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from pgmigrate_proxy.errors import ProxyError
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError
@@ -39,6 +40,7 @@ FRONTEND_WATCH = (
     FrontendType.QUERY, FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
     FrontendType.CLOSE, FrontendType.EXECUTE, FrontendType.SYNC, FrontendType.FLUSH,
     FrontendType.FUNCTION_CALL, FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
+    FrontendType.TERMINATE,
 )  # fmt: skip
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
 _BACKLOG_PAUSE = 1 << 20
@@ -50,6 +52,9 @@ _BIND = FrontendType.BIND.value
 #: Messages that have no body (Flush, Sync).
 _EMPTY_MESSAGES = frozenset({FrontendType.FLUSH.value, FrontendType.SYNC.value})
 #: Frontend messages of an ordinary session that never start a guarded statement.
+#: Frontend messages read for session state in transaction pooling.
+_TERMINATE = FrontendType.TERMINATE.value
+_STATEFUL = frozenset({_QUERY, FrontendType.PARSE.value})
 _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 
 
@@ -61,6 +66,8 @@ class HolderOwner(ClientWriter, Protocol):
     @property
     def relaying(self) -> bool: ...
     def fail(self, code: str, message: str) -> None: ...
+    def units_done(self) -> None: ...
+    def terminated(self) -> None: ...
     def pause_client_reading(self) -> None: ...
     def resume_client_reading(self) -> None: ...
 
@@ -73,7 +80,7 @@ class Holder:
         session: HolderOwner,
         server: ServerConnection,
         services: guarding.GuardServices,
-        settings: guarding.GuardSettings,
+        settings: guarding.GuardSettings | None,
         *,
         migration: bool = False,
     ) -> None:
@@ -93,6 +100,10 @@ class Holder:
         self._sink_done: asyncio.Future[list[Frame]] | None = None
         self._idle: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        #: transaction pooling: reads each Query and Parse for session state (runtime/pooling.py)
+        self.state_watch: Callable[[Frame], None] | None = None
+        #: set while the session has no server: gets one (started by the client's next data)
+        self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     @property
     def holding(self) -> bool:
@@ -103,6 +114,25 @@ class Holder:
         self.server = server
         if self.migration is not None:
             self.migration.server = server
+
+    def wait_for_server(
+        self, acquire: Callable[[], Coroutine[Any, Any, None]], *, now: bool = False
+    ) -> None:
+        """The session gave its server back: hold what the client sends until `acquire` has
+        attached another (run at the client's next data, or `now`)."""
+        self._backlog = deque()
+        self._backlog_bytes = 0
+        self._acquire = acquire
+        if now:
+            self._start_acquire()
+
+    def _start_acquire(self) -> None:
+        work, self._acquire = self._acquire, None
+        assert work is not None
+        task = asyncio.get_running_loop().create_task(
+            self._run_unit(work(), "acquiring a server connection")
+        )
+        self.task = task
 
     # --- frontend -------------------------------------------------------------------------
 
@@ -123,6 +153,8 @@ class Holder:
                 server.watch()
         except DecodeError as exc:
             self.abandon(SqlState.PROTOCOL_VIOLATION, f"invalid message from the client: {exc}")
+        except ProxyError as exc:  # a statement refused (runtime/pooling.py)
+            self.abandon(exc.sqlstate, str(exc))
         except Exception:
             log.exception("session %s: guard failed on client data", self.session.peer)
             self.abandon(
@@ -143,15 +175,30 @@ class Holder:
                 self.session.pause_client_reading()
             if self._unit is not None:
                 self._collect()
+            elif self._acquire is not None and self.task is None:
+                if cut.frames and cut.frames[0].type == _TERMINATE and cut.frames[0].start == 0:
+                    self.session.terminated()  # a client without a server leaves: none needed
+                    return
+                self._start_acquire()
             return
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
         data = cut.data
         frames = cut.frames
         server = self.server
         replies = server.replies
+        state_watch = self.state_watch
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
+            if state_watch is not None and mtype in _STATEFUL:
+                state_watch(item)
+                state_watch = self.state_watch
+            if mtype == _TERMINATE:  # kept: the session decides whether its server goes back
+                if item.start >= 0:
+                    out.append(data[pos : item.start])
+                self._write_server(out)
+                self.session.terminated()
+                return
             # the most frequent frames, inline (a migration session's Sync may end its skipping)
             if mtype == _SYNC and item.start >= 0 and self.migration is None:
                 if item.payload:
@@ -207,6 +254,8 @@ class Holder:
         """The guarded statements a frame starts (None: it passes)."""
         if self.migration is not None:
             return self._migration_unit(item)
+        if self.settings is None:
+            return None  # the guard is off: the holder only tracks replies (pooling)
         return self.detect.guarded(item, failed=self.server.status is TransactionStatus.FAILED)
 
     def _migration_unit(self, item: Frame) -> tuple[Statement, ...] | None:
@@ -336,6 +385,8 @@ class Holder:
         # (cleared before release: it may start the next unit's task)
         self.task = None
         self.release()  # pump() catches its own errors
+        if self.task is None and not self.holding:
+            self.session.units_done()
 
     async def _prepare(self, data: bytes, frames: list[Frame]) -> None:
         """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
@@ -363,6 +414,7 @@ class Holder:
 
     async def _run_guarded(self, unit: guarding.HeldUnit, client: ClientWriter) -> None:
         """One unit through the guard, on the session's server connection of the moment."""
+        assert self.settings is not None
         await guarding.run(self.server, client, self.services, self.settings, unit, self.targets)
 
     def release(self) -> None:

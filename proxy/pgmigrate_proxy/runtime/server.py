@@ -11,10 +11,12 @@ from dataclasses import replace
 from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
+from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.context import SessionSettings
+from pgmigrate_proxy.runtime.pool import PoolRegistry
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
@@ -83,6 +85,7 @@ class ProxyServer:
         self.guard = guarding.GuardServices(admin=None)
         self.guard_settings = guard_settings(config)
         self.migration_patterns = config.migration_application_names
+        self.pools = PoolRegistry(lambda db, user: pool_settings(self.config, db, user))
 
     @property
     def active_sessions(self) -> int:
@@ -134,6 +137,10 @@ class ProxyServer:
         self._starting.add(session)
         return True
 
+    def client_limit_reached(self) -> bool:
+        """More clients than max_client_conn (this one counted)."""
+        return len(self._sessions) > self.config.max_client_conn
+
     def logged_in(self, session: ClientSession) -> None:
         self._starting.discard(session)
 
@@ -153,7 +160,7 @@ class ProxyServer:
         """
         session = self._keys.get(request.secret_key)
         key = session.server_key if session is not None else None
-        if session is None or key is None or key.process_id != request.process_id:
+        if session is None or key is None or session.client_pid != request.process_id:
             return None
         forward = CancelRequest(key.process_id, key.secret_key)
         task = asyncio.get_running_loop().create_task(
@@ -161,6 +168,10 @@ class ProxyServer:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        lease = session.link.lease if session.link is not None else None
+        if lease is not None:  # not handed to another client until delivered (pgbouncer's rule)
+            lease.cancels += 1
+            task.add_done_callback(lambda _: lease.pool.cancel_done(lease))
         return task
 
     @staticmethod
@@ -184,6 +195,8 @@ class ProxyServer:
         self.settings = session_settings(self.config)
         self.guard_settings = guard_settings(self.config)
         self.migration_patterns = self.config.migration_application_names
+        for pool in self.pools.pools.values():
+            pool.settings = pool_settings(self.config, *pool.key)
         return fixed
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -206,6 +219,7 @@ class ProxyServer:
                 session.abort()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pools.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
         if self.guard.admin is not None:

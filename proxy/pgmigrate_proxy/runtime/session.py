@@ -61,6 +61,7 @@ from pgmigrate_proxy.runtime.options import (
     applied,
     with_options,
 )
+from pgmigrate_proxy.runtime.pooling import PoolLink
 from pgmigrate_proxy.runtime.upstream import (
     CLIENT_RCVBUF,
     UpstreamError,
@@ -70,6 +71,7 @@ from pgmigrate_proxy.runtime.upstream import (
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.context import SessionSettings
+    from pgmigrate_proxy.runtime.pool import PoolRegistry
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
@@ -98,12 +100,14 @@ class SessionHub(Protocol):
     guard: guarding.GuardServices
     guard_settings: guarding.GuardSettings | None
     migration_patterns: tuple[str, ...]
+    pools: PoolRegistry
 
     def register(self, session: ClientSession) -> bytes: ...
     def admit(self, session: ClientSession) -> bool: ...
     def logged_in(self, session: ClientSession) -> None: ...
     def session_closed(self, session: ClientSession) -> None: ...
     def cancel(self, request: CancelRequest) -> asyncio.Future[None] | None: ...
+    def client_limit_reached(self) -> bool: ...
 
 
 class ClientSession(asyncio.Protocol):
@@ -111,8 +115,8 @@ class ClientSession(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
-        "_timer", "_tls", "_to_server", "_waiter", "client", "handshake", "holder", "hub",
-        "parameters", "peer", "phase", "secret_key", "server", "settings",
+        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_pid", "handshake", "holder",
+        "hub", "link", "parameters", "peer", "phase", "secret_key", "server", "settings",
     )  # fmt: skip
 
     def __init__(self, hub: SessionHub) -> None:
@@ -124,6 +128,7 @@ class ClientSession(asyncio.Protocol):
         self.server: ServerConnection | None = None  # attached (see attach)
         self._to_server: Callable[[bytes], object] | None = None  # its transport's write
         self.secret_key = b""
+        self.client_pid = 0  # the process id its BackendKeyData gave (its login server's)
         self.handshake: Handshake | None = None  # only until the first ReadyForQuery
         self.parameters: dict[str, str] = {}
         self._inbuf = bytearray()
@@ -135,7 +140,9 @@ class ClientSession(asyncio.Protocol):
         self._server_tls = False
         self._broken = False
         self._fe = FrameScanner(valid=_FRONTEND_VALID, max_size=self.settings.max_message_size)
-        self.holder: Holder | None = None  # the DDL guard's side, when the guard is on
+        self.holder: Holder | None = None  # the DDL guard's side (and the reply tracking)
+        self.link: PoolLink | None = None  # its pool, once logged in
+        self.chunks = 0  # chunks received while relaying (the idle timeouts read it)
 
     # --- asyncio.Protocol, client side ---------------------------------------------------
 
@@ -151,6 +158,7 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.RELAY:
+            self.chunks += 1
             holder = self.holder
             try:
                 if holder is None:
@@ -184,9 +192,11 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         if server is not None:
             server.unrelay()
-            if self.phase is Phase.RELAY and self._fe.at_boundary:
-                server.write(terminate())
-            server.close()
+            clean = self.phase is Phase.RELAY and self._fe.at_boundary
+            if self.link is None or not self.link.client_left(clean=clean and not self._broken):
+                if clean:
+                    server.write(terminate())
+                server.close()
         self._close()
 
     def pause_writing(self) -> None:
@@ -255,6 +265,21 @@ class ClientSession(asyncio.Protocol):
                 self.client.write(last_words)  # the FATAL the guard had taken aside
             self.client.close()
         self._close()
+
+    @property
+    def at_boundary(self) -> bool:
+        """The client's messages so far are whole (none half sent)."""
+        return self._fe.at_boundary
+
+    def units_done(self) -> None:
+        """The holder ran what it held: in transaction mode the server may go back now."""
+        if self.link is not None and self.phase is Phase.RELAY:
+            self.link.server_idle()
+
+    def terminated(self) -> None:
+        """The client sent Terminate: close its side (connection_lost checks its server in)."""
+        if self.client is not None:
+            self.client.close()
 
     @property
     def server_key(self) -> BackendKeyData | None:
@@ -356,6 +381,11 @@ class ClientSession(asyncio.Protocol):
                 log.info("session %s: refused: %s", self.peer, exc)
                 self.fail(INVALID_PARAMETER_VALUE, str(exc))
                 return None
+        if self.hub.client_limit_reached():
+            log.warning("session %s: max_client_conn reached: refused", self.peer)
+            message = "no more connections allowed (max_client_conn)"
+            self.fail(SqlState.TOO_MANY_CONNECTIONS, message)
+            return None
         if not self.hub.admit(self):
             # PostgreSQL's words when it has no slot left (after the startup packet, as it does)
             log.warning("session %s: max_startup_clients reached: refused", self.peer)
@@ -493,6 +523,7 @@ class ClientSession(asyncio.Protocol):
         assert self.handshake is not None and server is not None
         server.status = ready.status
         server.key = self.handshake.server_key
+        self.client_pid = server.server_pid
         self.hub.logged_in(self)
         self.handshake = None
         self._fe.limit(self.settings.max_message_size)
@@ -500,16 +531,22 @@ class ClientSession(asyncio.Protocol):
         if held:
             server.write(held)
         guard = self.hub.guard_settings
-        if guard is not None:
-            options = self.parameters.get("options", "")
-            migration = is_migration_session(self.parameters, self.hub.migration_patterns)
-            self.holder = Holder(
-                self, server, self.hub.guard, applied(guard, options), migration=migration
-            )
-            self._fe.watch(ALL_TYPES if migration else FRONTEND_WATCH)
-        else:
-            self._fe.watch(())
+        options = self.parameters.get("options", "")
+        keep = is_migration_session(self.parameters, self.hub.migration_patterns)
+        migration = keep and guard is not None
+        self.holder = Holder(
+            self,
+            server,
+            self.hub.guard,
+            applied(guard, options) if guard is not None else None,
+            migration=migration,
+        )
+        self._fe.watch(ALL_TYPES if migration else FRONTEND_WATCH)
         self.attach(server)  # (again: now the relay starts)
+        database = self.parameters.get("database") or self.parameters.get("user", "")
+        pool = self.hub.pools.pool(database, self.parameters.get("user", ""))
+        self.link = PoolLink(self, pool, self.parameters, keep=keep)
+        self.link.logged_in(server, self.parameters)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -591,6 +628,8 @@ class ClientSession(asyncio.Protocol):
         holder = self.holder
         if holder is not None and holder.task is not None:
             holder.task.cancel()  # a held statement is dropped, never sent later
+        if self.link is not None:
+            self.link.closed()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
         self.hub.session_closed(self)

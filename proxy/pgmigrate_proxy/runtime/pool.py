@@ -1,0 +1,442 @@
+"""The server-connection pools, one per (database, user): idle servers, clients waiting for
+one, the counts that the pool, database and user limits bound, check-in (rollback and reset
+query), the check on reuse, and closing what outlived server_lifetime or server_idle_timeout.
+
+A server in a pool (idle, or between its client and the next) is parked: the pool is its
+listener and its relay drops what the server sends unasked (notices), so that the proxy's own
+requests (`ServerConnection.exchange`) work on it and a lost one is noticed at once. With
+passthrough authentication the pool never opens servers itself (`opener` None): it grows
+only by the logins of its clients; an opener (another auth type) lets it open one on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pgmigrate_proxy.errors import ProxyError
+from pgmigrate_proxy.poolconfig import PoolSettings
+from pgmigrate_proxy.protocol.framing import frame
+from pgmigrate_proxy.protocol.messages import ErrorResponse
+from pgmigrate_proxy.protocol.sqlstate import SqlState
+from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime.backend import ServerConnection
+from pgmigrate_proxy.settings import EMPTY_QUERY
+
+log = logging.getLogger("pgmigrate_proxy.pool")
+
+#: Opens a logged-in, idle server connection for a pool (auth types other than passthrough).
+Opener = Callable[[], Awaitable[ServerConnection]]
+#: The startup parameters kept per client and set on the server it gets when they differ.
+SYNCED_PARAMETERS = (
+    "application_name", "client_encoding", "datestyle", "timezone", "search_path",
+    "intervalstyle", "standard_conforming_strings",
+)  # fmt: skip
+#: How often a pool looks for servers past server_idle_timeout or server_lifetime (at most).
+_REAP_SECONDS = 1.0
+
+
+class QueryWaitTimeout(ProxyError):
+    """A client waited longer than query_wait_timeout for a server (pgbouncer's words)."""
+
+    sqlstate = SqlState.PROTOCOL_VIOLATION
+
+
+def synced(parameters: dict[str, str]) -> dict[str, str]:
+    """The startup parameters a pooled server must carry for this client (names lowercased)."""
+    lowered = {k.lower(): v for k, v in parameters.items()}
+    return {k: lowered[k] for k in SYNCED_PARAMETERS if k in lowered}
+
+
+@dataclass(eq=False)
+class Lease:
+    """What a pool keeps about one of its servers."""
+
+    server: ServerConnection
+    pool: Pool
+    born: float
+    login: dict[str, str]  # its login client's synced parameters (what RESET ALL returns to)
+    current: dict[str, str] = field(default_factory=dict)  # what they are now
+    idle_since: float = 0.0
+    cancels: int = 0  # cancel requests in flight for it: not handed out meanwhile
+
+    def __post_init__(self) -> None:
+        self.current = dict(self.login)
+
+    # --- ServerListener while parked --------------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        pass
+
+    def server_violation(self, exc: Exception) -> None:
+        log.warning("server %s: invalid message while pooled: %s", self.server.server_pid, exc)
+        self.server.abort()
+
+    def server_lost(self, last_words: bytes) -> None:
+        self.pool.lost(self)
+
+    def pause_client_reading(self) -> None:
+        pass
+
+    def resume_client_reading(self) -> None:
+        pass
+
+
+def _idle(server: ServerConnection) -> bool:
+    return server.status is TransactionStatus.IDLE
+
+
+def _drop(data: bytes) -> None:
+    """Where a parked server's unasked messages go."""
+
+
+def park(lease: Lease) -> None:
+    """Make the pool the server's listener (it owes nothing: see ServerConnection.detach)."""
+    server = lease.server
+    server.attach(lease)
+    server.relay(_drop, tracking=True)
+
+
+def unpark(lease: Lease) -> None:
+    lease.server.detach()
+
+
+async def simple_query(server: ServerConnection, sql: str) -> str | None:
+    """Run `sql` as a simple Query of the proxy's own; the error's message, or None."""
+    frames = await server.exchange(frame(FrontendType.QUERY, sql.encode() + b"\0"))
+    for item in frames:
+        if item.type == BackendType.ERROR_RESPONSE:
+            return dict(ErrorResponse.decode(item.payload).fields).get("M", "error")
+    return None
+
+
+class Pool:
+    """The servers of one (database, user)."""
+
+    def __init__(
+        self, registry: PoolRegistry, key: tuple[str, str], settings: PoolSettings,
+        opener: Opener | None,
+    ) -> None:  # fmt: skip
+        self.registry = registry
+        self.key = key
+        self.settings = settings
+        self.opener = opener
+        self.idle: deque[Lease] = deque()  # most recently used last (handed out LIFO)
+        self.leases: dict[ServerConnection, Lease] = {}  # every server counted here
+        self.waiters: deque[asyncio.Future[Lease]] = deque()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.TimerHandle | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.leases)
+
+    def room(self, extra: int = 0) -> bool:
+        """Whether one more server may be counted (pool_size + `extra`, database, user)."""
+        if self.size >= self.settings.pool_size + extra:
+            return False
+        return self.registry.room(self.key, self.settings)
+
+    # --- servers coming in ----------------------------------------------------------------------
+
+    def join(self, server: ServerConnection, parameters: dict[str, str]) -> Lease:
+        """A server just logged in for a client of this pool: count it (the client holds it)."""
+        lease = Lease(server, self, time.monotonic(), synced(parameters))
+        self.leases[server] = lease
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """A server that owes nothing and is idle comes back: to a waiter, idle, or closed."""
+        if lease.server.gone or lease.server.status is not TransactionStatus.IDLE:
+            self.close(lease)
+            return
+        now = time.monotonic()
+        lifetime = self.settings.server_lifetime
+        if lifetime == 0 or now - lease.born > lifetime:
+            self.close(lease)
+            return
+        park(lease)
+        lease.idle_since = now
+        if lease.cancels:
+            self.idle.append(lease)  # handed out once its cancel is delivered
+            return
+        over = self.size > self.settings.pool_size + self.settings.reserve_pool_size
+        if over or self.registry.over(self.key, self.settings):
+            self.close(lease)  # a login beyond the pool's size or a limit (passthrough)
+            return
+        if not self._hand_over(lease):
+            self.idle.append(lease)
+            self._schedule_reap()
+
+    def check_in(self, lease: Lease, *, reset: bool) -> None:
+        """The client left: roll back what it left open, run server_reset_query (`reset`),
+        then release; a server that fails any of it is closed."""
+        park(lease)
+        task = asyncio.get_running_loop().create_task(self._check_in(lease, reset))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _check_in(self, lease: Lease, reset: bool) -> None:
+        server = lease.server
+        try:
+            if server.status is not TransactionStatus.IDLE:
+                error = await simple_query(server, "ROLLBACK")
+                if error is not None or not _idle(server):
+                    raise ConnectionError(f"ROLLBACK failed: {error}")
+            query = self.settings.server_reset_query
+            if reset and query:
+                error = await simple_query(server, query)
+                if error is not None:
+                    raise ConnectionError(f"server_reset_query failed: {error}")
+                lease.current = dict(lease.login)
+        except (ConnectionError, ProxyError) as exc:
+            log.info("server %s: closed on check-in: %s", server.server_pid, exc)
+            self.close(lease)
+            return
+        unpark(lease)
+        self.release(lease)
+
+    def _hand_over(self, lease: Lease) -> bool:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(lease)
+                return True
+        return False
+
+    # --- servers going out ----------------------------------------------------------------------
+
+    def take_idle(self) -> Lease | None:
+        """An idle server, unparked, or None (the most recently used: LIFO, as pgbouncer)."""
+        for lease in reversed(self.idle):
+            if lease.cancels:
+                continue
+            self.idle.remove(lease)
+            if lease.server.gone:
+                self.leases.pop(lease.server, None)
+                continue
+            unpark(lease)
+            return lease
+        return None
+
+    async def acquire(self) -> Lease:
+        """A server for a client: an idle one (checked if idle past server_check_delay), a
+        new one (with an opener, within the limits), or the next released; QueryWaitTimeout
+        after query_wait_timeout."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            lease = self.take_idle()
+            if lease is not None:
+                if await self.checked(lease):
+                    return lease
+                continue
+            if self.opener is not None and self.room():
+                return await self._open()
+            waiter: asyncio.Future[Lease] = loop.create_future()
+            self.waiters.append(waiter)
+            timeout = self._wait_limit(start, loop.time())
+            try:
+                lease = await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except asyncio.TimeoutError:
+                if waiter.done() and not waiter.cancelled():
+                    lease = waiter.result()  # it came just now
+                else:
+                    waiter.cancel()
+                    if self._reserve_due(start, loop.time()):
+                        return await self._open()
+                    raise QueryWaitTimeout("query_wait_timeout") from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.release(waiter.result())  # not ours to keep: the client left
+                waiter.cancel()
+                raise
+            unpark(lease)
+            if not lease.server.gone and await self.checked(lease):
+                return lease
+            if lease.server.gone:
+                self.leases.pop(lease.server, None)
+            start = start if settings.query_wait_timeout else loop.time()
+
+    def _wait_limit(self, start: float, now: float) -> float | None:
+        """How long to wait for a release now: up to the reserve's turn or query_wait_timeout."""
+        limits = []
+        if self.settings.query_wait_timeout:
+            limits.append(start + self.settings.query_wait_timeout - now)
+        if self.opener is not None and self.settings.reserve_pool_size:
+            reserve = start + self.settings.reserve_pool_timeout - now
+            if reserve > 0:
+                limits.append(reserve)
+        return max(0.0, min(limits)) if limits else None
+
+    def _reserve_due(self, start: float, now: float) -> bool:
+        settings = self.settings
+        if self.opener is None or not settings.reserve_pool_size:
+            return False
+        if now - start < settings.reserve_pool_timeout:
+            return False
+        if settings.query_wait_timeout and now - start >= settings.query_wait_timeout:
+            return False
+        return self.room(settings.reserve_pool_size)
+
+    async def _open(self) -> Lease:
+        assert self.opener is not None
+        server = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
+        return self.join(server, {})
+
+    async def checked(self, lease: Lease) -> bool:
+        """Run server_check_query on a server idle past server_check_delay; False: closed."""
+        query = self.settings.server_check_query
+        if not query or time.monotonic() - lease.idle_since < self.settings.server_check_delay:
+            return True
+        park(lease)
+        try:
+            error = await simple_query(lease.server, "" if query == EMPTY_QUERY else query)
+        except ConnectionError:
+            error = "connection lost"
+        except BaseException:  # the client left meanwhile: its answer would be owed
+            self.close(lease)
+            raise
+        if error is not None or lease.server.status is not TransactionStatus.IDLE:
+            log.info("server %s: failed its check (%s): closed", lease.server.server_pid, error)
+            self.close(lease)
+            return False
+        unpark(lease)
+        return True
+
+    # --- closing --------------------------------------------------------------------------------
+
+    def close(self, lease: Lease) -> None:
+        """Stop counting a server and close it (a Terminate first when it is at a boundary)."""
+        self.leases.pop(lease.server, None)
+        if lease in self.idle:
+            self.idle.remove(lease)
+        server = lease.server
+        if not server.gone:
+            if server.busy is None:
+                server.write(frame(FrontendType.TERMINATE))
+            server.close()
+
+    def lost(self, lease: Lease) -> None:
+        """A parked server's connection went away."""
+        self.leases.pop(lease.server, None)
+        if lease in self.idle:
+            self.idle.remove(lease)
+
+    def forget(self, server: ServerConnection) -> None:
+        """A client's server was closed with the client."""
+        lease = self.leases.pop(server, None)
+        if lease is not None and lease in self.idle:
+            self.idle.remove(lease)
+
+    def cancel_done(self, lease: Lease) -> None:
+        """A cancel request for it was delivered: it may be handed out again."""
+        lease.cancels -= 1
+        if not lease.cancels and lease in self.idle and self.waiters:
+            self.idle.remove(lease)
+            unpark(lease)
+            self.release(lease)
+
+    def _schedule_reap(self) -> None:
+        if self._reaper is None and (self.settings.server_idle_timeout or
+                                     self.settings.server_lifetime):  # fmt: skip
+            loop = asyncio.get_running_loop()
+            delay = min(_REAP_SECONDS, self.settings.server_idle_timeout or _REAP_SECONDS)
+            self._reaper = loop.call_later(delay, self._reap)
+
+    def _reap(self) -> None:
+        """Close idle servers past server_idle_timeout or server_lifetime (min_pool_size kept
+        against the idle timeout)."""
+        self._reaper = None
+        now = time.monotonic()
+        settings = self.settings
+        for lease in list(self.idle):
+            old = settings.server_lifetime and now - lease.born > settings.server_lifetime
+            unused = settings.server_idle_timeout and now - lease.idle_since > (
+                settings.server_idle_timeout
+            )
+            if old or (unused and self.size > settings.min_pool_size):
+                log.debug("server %s: closed (idle or lifetime)", lease.server.server_pid)
+                self.close(lease)
+        if self.idle:
+            self._schedule_reap()
+
+    async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        for waiter in self.waiters:
+            waiter.cancel()
+        for lease in list(self.idle):
+            self.close(lease)
+
+
+class PoolRegistry:
+    """Every pool of the proxy, and the counts per database and per user."""
+
+    def __init__(self, settings_for: Callable[[str, str], PoolSettings]) -> None:
+        self.settings_for = settings_for
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.openers: dict[tuple[str, str], Opener] = {}
+
+    def pool(self, database: str, user: str) -> Pool:
+        key = (database, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(self, key, self.settings_for(database, user), self.openers.get(key))
+            self.pools[key] = pool
+        return pool
+
+    def set_opener(self, database: str, user: str, opener: Opener | None) -> None:
+        """Let the pool of (database, user) open logged-in servers itself (None: passthrough)."""
+        if opener is None:
+            self.openers.pop((database, user), None)
+        else:
+            self.openers[(database, user)] = opener
+        pool = self.pools.get((database, user))
+        if pool is not None:
+            pool.opener = opener
+
+    def room(self, key: tuple[str, str], settings: PoolSettings) -> bool:
+        """Whether max_db_connections and max_user_connections allow one more server."""
+        database, user = key
+        if settings.max_db_connections:
+            count = sum(p.size for (db, _), p in self.pools.items() if db == database)
+            if count >= settings.max_db_connections:
+                return False
+        if settings.max_user_connections:
+            count = sum(p.size for (_, u), p in self.pools.items() if u == user)
+            if count >= settings.max_user_connections:
+                return False
+        return True
+
+    def close_idle(self) -> int:
+        """Close every idle server (pgbouncer's RECONNECT for idle ones); how many were."""
+        count = 0
+        for pool in self.pools.values():
+            for lease in list(pool.idle):
+                pool.close(lease)
+                count += 1
+        return count
+
+    def over(self, key: tuple[str, str], settings: PoolSettings) -> bool:
+        """More servers than max_db_connections or max_user_connections (logins counted)."""
+        database, user = key
+        limit = settings.max_db_connections
+        if limit and sum(p.size for (db, _), p in self.pools.items() if db == database) > limit:
+            return True
+        limit = settings.max_user_connections
+        return bool(limit) and sum(p.size for (_, u), p in self.pools.items() if u == user) > limit
+
+    async def shutdown(self) -> None:
+        for pool in list(self.pools.values()):
+            await pool.shutdown()

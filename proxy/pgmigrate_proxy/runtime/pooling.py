@@ -1,0 +1,262 @@
+"""A client session's link to its pool: what it does with its login server, when it gives its
+server back (client gone in session mode; each ReadyForQuery 'I' with nothing owed in
+transaction mode), how it gets one again (its client's data waits in the holder meanwhile),
+the startup parameters set on the server it gets, and the session-state pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from pgmigrate_proxy.errors import ProxyError
+from pgmigrate_proxy.poolconfig import PoolMode, SessionStateAction
+from pgmigrate_proxy.protocol import extended
+from pgmigrate_proxy.protocol.framing import Frame
+from pgmigrate_proxy.protocol.sqlstate import SqlState
+from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime.pool import SYNCED_PARAMETERS, Lease, Pool, park, synced, unpark
+from pgmigrate_proxy.sql.session_state import session_state
+
+if TYPE_CHECKING:
+    from pgmigrate_proxy.runtime.backend import ServerConnection
+    from pgmigrate_proxy.runtime.hold import Holder
+
+log = logging.getLogger("pgmigrate_proxy.pool")
+
+#: Clients pinned to their server so far (session state in transaction mode), by reason.
+PINS: dict[str, int] = {}
+
+
+class Refused(ProxyError):
+    """A statement that leaves session state, in transaction mode with session_state refuse."""
+
+    sqlstate = SqlState.FEATURE_NOT_SUPPORTED
+
+
+class PooledSession(Protocol):
+    """What the link needs of its client session."""
+
+    peer: str
+    chunks: int
+    holder: Holder | None
+    server: ServerConnection | None
+
+    @property
+    def at_boundary(self) -> bool: ...
+    def attach(self, server: ServerConnection) -> None: ...
+    def detach(self) -> ServerConnection: ...
+    def fail(self, code: str, message: str, **extra: str) -> None: ...
+
+
+class PoolLink:
+    """One client's side of its pool (module docstring)."""
+
+    __slots__ = (
+        "_idle_since", "_seen", "_timer", "lease", "pinned", "pool", "reserved", "session",
+        "transaction", "wanted",
+    )  # fmt: skip
+
+    def __init__(
+        self, session: PooledSession, pool: Pool, parameters: dict[str, str], *, keep: bool
+    ) -> None:
+        self.session = session
+        self.pool = pool
+        #: gives its server back at each transaction's end (not a migration session: `keep`)
+        self.transaction = pool.settings.pool_mode is PoolMode.TRANSACTION and not keep
+        self.pinned: str | None = None  # why it keeps its server (transaction mode)
+        self.wanted = synced(parameters)
+        self.lease: Lease | None = None
+        self.reserved: Lease | None = None  # an idle server taken for it at login
+        self._timer: asyncio.TimerHandle | None = None  # client_idle / idle_transaction_timeout
+        self._seen = -1
+        self._idle_since = 0.0
+
+    # --- login ----------------------------------------------------------------------------------
+
+    def logged_in(self, server: ServerConnection, parameters: dict[str, str]) -> None:
+        """The login server counts in the pool. Transaction mode gives it back at once (the
+        client gets one at its first message); session mode swaps it for an idle one."""
+        self.lease = self.pool.join(server, parameters)
+        self._arm()
+        holder = self.session.holder
+        assert holder is not None
+        if self.transaction:
+            holder.state_watch = self.watch_state
+            self._give_back(at_once=False)
+            return
+        self.reserved = self.pool.take_idle()
+        if self.reserved is not None:
+            self._give_back(at_once=True)
+
+    def _give_back(self, *, at_once: bool) -> None:
+        lease, self.lease = self.lease, None
+        assert lease is not None
+        server = self.session.detach()
+        server.on_idle = None
+        self.pool.release(lease)
+        holder = self.session.holder
+        assert holder is not None
+        holder.wait_for_server(self.acquire, now=at_once)
+
+    async def acquire(self) -> None:
+        """Get a server (the reserved one, or from the pool), set the client's parameters on
+        it, attach it. A client that waited too long gets query_wait_timeout."""
+        lease, self.reserved = self.reserved, None
+        try:
+            while lease is None or not await self.pool.checked(lease):
+                lease = await self.pool.acquire()
+        except ProxyError as exc:
+            log.info("session %s: %s", self.session.peer, exc)
+            self.session.fail(
+                exc.sqlstate, str(exc), detail="no server connection became free in time"
+            )
+            return
+        park(lease)  # (the proxy's own queries need the relay on: the pool's, dropping)
+        try:
+            await self._sync_parameters(lease)
+        except BaseException:
+            self.pool.close(lease)
+            raise
+        unpark(lease)
+        self.lease = lease
+        self.session.attach(lease.server)
+        if self.transaction:
+            lease.server.on_idle = self.server_idle
+
+    async def _sync_parameters(self, lease: Lease) -> None:
+        """SET the client's startup parameters that differ on the server; the ParameterStatus
+        replies are not passed on (the client has its own values from its login)."""
+        for name in SYNCED_PARAMETERS:
+            value = self.wanted.get(name)
+            if value is None or lease.current.get(name) == value:
+                continue
+            result = await lease.server.inject("SELECT set_config($1, $2, false)", (name, value))
+            if result.error is not None:
+                raise ConnectionError(f"could not set {name}: {result.error.get('M')}")
+            lease.current[name] = value
+
+    # --- giving the server back -----------------------------------------------------------------
+
+    def server_idle(self) -> None:
+        """ReadyForQuery 'I' with nothing owed (transaction mode): back to the pool, unless
+        pinned, a statement is held, or the client is amid a message."""
+        holder = self.session.holder
+        if not self.transaction or self.pinned is not None or self.lease is None:
+            return
+        if holder is None:
+            return
+        if holder.holding or holder.task is not None or not self.session.at_boundary:
+            return
+        server = self.lease.server
+        if server.status is not TransactionStatus.IDLE or server.busy is not None:
+            return
+        self._give_back(at_once=False)
+
+    def client_left(self, *, clean: bool) -> bool:
+        """The client is gone: check its server in (rolled back, reset when it carries a
+        session's state) if `clean` and it owes nothing; True when the pool took it."""
+        lease = self.lease
+        if lease is None:
+            return False
+        server = lease.server
+        holder = self.session.holder
+        held = holder is not None and (holder.holding or holder.task is not None)
+        if not clean or held or server.busy is not None:
+            return False
+        self.lease = None
+        server.unrelay()
+        server.on_idle = None
+        self.session.detach()
+        self.pool.check_in(lease, reset=not self.transaction or self.pinned is not None)
+        return True
+
+    def closed(self) -> None:
+        """The session ended with its server closed by it (not checked in)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            self.pool.forget(lease.server)
+        if self.reserved is not None:
+            self.pool.release(self.reserved)
+            self.reserved = None
+
+    # --- idle clients -------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        settings = self.pool.settings
+        limits = [t for t in (settings.client_idle_timeout, settings.idle_transaction_timeout) if t]
+        if limits:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(min(limits) / 2, self._tick)
+
+    def _tick(self) -> None:
+        """Close a client silent past client_idle_timeout, or past idle_transaction_timeout
+        in an open transaction (checked every half of the shorter: up to 1.5 times late)."""
+        self._timer = None
+        session, settings = self.session, self.pool.settings
+        now = asyncio.get_running_loop().time()
+        server, holder = session.server, session.holder
+        waiting = holder is not None and (holder.holding or holder.task is not None)
+        owed = server is not None and not server.replies.idle
+        if session.chunks != self._seen or waiting or owed:
+            self._seen, self._idle_since = session.chunks, now
+        idle = now - self._idle_since
+        in_transaction = server is not None and server.status is not TransactionStatus.IDLE
+        limit = settings.idle_transaction_timeout
+        if limit and in_transaction and idle >= limit:
+            session.fail(
+                SqlState.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                "idle transaction timeout",
+                detail=f"idle in a transaction longer than idle_transaction_timeout ({limit:g} s)",
+            )
+            return
+        limit = settings.client_idle_timeout
+        if limit and idle >= limit:
+            session.fail(
+                SqlState.IDLE_SESSION_TIMEOUT,
+                "client_idle_timeout",
+                detail=f"idle longer than client_idle_timeout ({limit:g} s)",
+            )
+            return
+        self._arm()
+
+    # --- session state (transaction mode) -------------------------------------------------------
+
+    def watch_state(self, item: Frame) -> None:
+        """A Query or Parse going out: pin on session state (or refuse it: a FATAL)."""
+        if item.type == FrontendType.QUERY:
+            sql = extended.query_text(item.payload)
+            kinds = session_state(sql)
+            reason = ", ".join(sorted(k.value for k in kinds)) if kinds else None
+        else:
+            name, sql = extended.parse_statement(item.payload)
+            if name:
+                reason = "a named prepared statement"
+            else:
+                kinds = session_state(sql)
+                reason = ", ".join(sorted(k.value for k in kinds)) if kinds else None
+        if reason is None:
+            return
+        if self.pool.settings.session_state is SessionStateAction.REFUSE:
+            raise Refused(
+                f"pgmigrate-proxy: {reason} leaves session state, refused in transaction "
+                "pooling mode (session_state = refuse)"
+            )
+        self.pin(reason)
+
+    def pin(self, reason: str) -> None:
+        if self.pinned is not None:
+            return
+        self.pinned = reason
+        PINS[reason] = PINS.get(reason, 0) + 1
+        holder = self.session.holder
+        if holder is not None:
+            holder.state_watch = None
+        log.info(
+            "session %s: pinned to its server connection for the rest of its session: %s",
+            self.session.peer, reason,
+        )  # fmt: skip

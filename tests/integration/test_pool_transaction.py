@@ -1,0 +1,202 @@
+"""Transaction pooling with real clients: many psycopg clients (threads and asyncio tasks) share
+a few server connections, each transaction on whichever is free; startup parameters follow the
+client; a client killed mid-transaction leaves nothing behind; query_wait_timeout and
+max_client_conn answer with clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors, pq
+
+from tests.fixtures.proxy import RunningProxy
+from tests.integration.probes import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+Factory = Callable[..., RunningProxy]
+
+
+def connect(proxy: RunningProxy, user: str = "u_trust", **kwargs: Any) -> psycopg.Connection[Any]:
+    """psycopg without server-side prepared statements (a named Parse pins its client until
+    the pooler maps prepared statements)."""
+    conn = psycopg.connect(proxy.conninfo(user, connect_timeout="10"), **kwargs)
+    conn.prepare_threshold = None
+    return conn
+
+
+def server_pids(admin: psycopg.Connection[Any], user: str = "u_trust") -> set[int]:
+    rows = admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'",
+        [user],
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def test_threads_share_a_small_pool(proxy_factory: Factory, admin: psycopg.Connection[Any]) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=3)
+    clients = [connect(proxy, autocommit=True) for _ in range(12)]  # logins first
+    wait_until(lambda: len(server_pids(admin)) <= 3, "the pool to shrink to its size")
+    seen: set[int] = set()
+    errors_seen: list[BaseException] = []
+    most = [0]
+
+    def work(n: int, conn: psycopg.Connection[Any]) -> None:
+        try:
+            for i in range(40):
+                with conn.transaction():
+                    row = conn.execute("SELECT %s::int * 2, pg_backend_pid()", [n * 100 + i])
+                    found = row.fetchone()
+                    assert found is not None and found[0] == (n * 100 + i) * 2
+                    seen.add(found[1])
+                most[0] = max(most[0], len(server_pids(admin)))
+        except BaseException as exc:
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n, c)) for n, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors_seen, errors_seen[:3]
+    assert 1 < len(seen) <= 3
+    assert most[0] <= 3
+    for conn in clients:
+        conn.close()
+
+
+def test_async_tasks_share_a_small_pool(proxy_factory: Factory) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    conninfo = proxy.conninfo("u_trust", connect_timeout="10")
+
+    async def one(n: int, pids: set[int]) -> None:
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as aconn:
+            aconn.prepare_threshold = None
+            for i in range(20):
+                async with aconn.transaction():
+                    cur = await aconn.execute("SELECT %s::int + 1, pg_backend_pid()", [n + i])
+                    row = await cur.fetchone()
+                    assert row is not None and row[0] == n + i + 1
+                    pids.add(row[1])
+                assert aconn.info.transaction_status is pq.TransactionStatus.IDLE
+
+    async def main() -> set[int]:
+        pids: set[int] = set()
+        await asyncio.gather(*(one(n * 1000, pids) for n in range(16)))
+        return pids
+
+    pids = asyncio.run(main())
+    assert 1 <= len(pids) <= 2
+
+
+def test_killed_mid_transaction_leaves_nothing(
+    proxy_factory: Factory, admin: psycopg.Connection[Any]
+) -> None:
+    admin.execute("DROP TABLE IF EXISTS pool_killed")
+    admin.execute("CREATE TABLE pool_killed (x int)")
+    admin.execute("GRANT ALL ON pool_killed TO PUBLIC")
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    victim = connect(proxy)
+    victim.execute("INSERT INTO pool_killed VALUES (1)")
+    with pytest.raises(errors.DivisionByZero):
+        victim.execute("SELECT 1 / 0")  # the transaction is aborted, too
+    victim.pgconn.finish()
+    with connect(proxy, autocommit=True) as next_client:
+        assert next_client.execute("SELECT count(*) FROM pool_killed").fetchone() == (0,)
+        assert next_client.execute("SELECT 1").fetchone() == (1,)
+        assert next_client.info.transaction_status is pq.TransactionStatus.IDLE
+
+
+def test_startup_parameters_follow_the_client(proxy_factory: Factory) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    one = psycopg.connect(  # (a few queries each: psycopg prepares none)
+        proxy.conninfo("u_trust", application_name="app_one", options="-c TimeZone=UTC"),
+        autocommit=True,
+    )
+    two = psycopg.connect(
+        proxy.conninfo("u_trust", application_name="app_two", options="-c TimeZone=UTC"),
+        autocommit=True,
+    )
+    for _ in range(3):
+        for conn, name in ((one, "app_one"), (two, "app_two")):
+            assert conn.execute("SHOW application_name").fetchone() == (name,)
+            assert conn.info.parameter_status("application_name") == name
+    assert (
+        one.execute("SELECT pg_backend_pid()").fetchone()
+        == two.execute("SELECT pg_backend_pid()").fetchone()
+    )
+    one.close()
+    two.close()
+
+
+def test_query_wait_timeout(proxy_factory: Factory) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1, query_wait_timeout=0.5)
+    holder = connect(proxy)
+    holder.execute("SELECT 1")  # in a transaction: keeps the only server
+    with connect(proxy, autocommit=True) as waiter:
+        with pytest.raises(psycopg.OperationalError, match="query_wait_timeout") as info:
+            waiter.execute("SELECT 1")
+        assert info.value.sqlstate == "08P01"
+    holder.rollback()
+    assert holder.execute("SELECT 2").fetchone() == (2,)
+    holder.close()
+
+
+def test_max_client_conn(proxy_factory: Factory) -> None:
+    proxy = proxy_factory(pool_mode="transaction", max_client_conn=2)
+    first, second = connect(proxy), connect(proxy)
+    with pytest.raises(psycopg.OperationalError, match="max_client_conn"):
+        connect(proxy)  # (FATAL 53300: psycopg keeps no sqlstate for a failed connection)
+    first.close()
+    wait_until(lambda: _can_connect(proxy), "a slot after a client left")
+    second.close()
+
+
+def _can_connect(proxy: RunningProxy) -> bool:
+    try:
+        connect(proxy).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def test_set_pins_the_client(proxy_factory: Factory, proxy_log: list[str]) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    pinned = connect(proxy, autocommit=True)
+    pinned.execute("SET work_mem = '9MB'")
+    other = connect(proxy, autocommit=True)
+    pid = pinned.execute("SELECT pg_backend_pid()").fetchone()
+    for _ in range(5):
+        assert other.execute("SELECT pg_backend_pid()").fetchone() != pid
+        assert pinned.execute("SHOW work_mem").fetchone() == ("9MB",)
+        assert pinned.execute("SELECT pg_backend_pid()").fetchone() == pid
+    assert any("pinned" in line and "SET" in line for line in proxy_log)
+    pinned.close()
+    other.close()
+
+
+def test_listen_pins_and_notifications_arrive(proxy_factory: Factory) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    listener = connect(proxy, autocommit=True)
+    listener.execute("LISTEN pool_channel")
+    with connect(proxy, autocommit=True) as sender:
+        sender.execute("NOTIFY pool_channel, 'hello'")
+    gen = listener.notifies(timeout=10, stop_after=1)
+    assert [n.payload for n in gen] == ["hello"]
+    listener.close()
+
+
+def test_refused_session_state(proxy_factory: Factory) -> None:
+    proxy = proxy_factory(pool_mode="transaction", session_state="refuse")
+    conn = connect(proxy, autocommit=True)
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="session_state = refuse"):
+        conn.execute("SET work_mem = '9MB'")
+    conn.close()
+    with connect(proxy, autocommit=True) as fine:
+        row = fine.execute("SELECT set_config('work_mem', '9MB', true)").fetchone()
+        assert row == ("9MB",)
