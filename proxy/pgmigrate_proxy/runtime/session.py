@@ -115,8 +115,8 @@ class ClientSession(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
-        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_pid", "handshake", "holder",
-        "hub", "link", "parameters", "peer", "phase", "secret_key", "server", "settings",
+        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_pid", "handshake",
+        "holder", "hub", "link", "parameters", "peer", "phase", "secret_key", "server", "settings",
     )  # fmt: skip
 
     def __init__(self, hub: SessionHub) -> None:
