@@ -90,3 +90,29 @@ def test_server_reset_query_can_be_turned_off(
     with connect(proxy, autocommit=True) as second:
         assert second.execute("SELECT pg_backend_pid()").fetchone() == pid
         assert second.execute("SHOW work_mem").fetchone() == ("7MB",)
+
+
+def test_reuse_with_the_guard_off(proxy_factory: Any) -> None:
+    proxy = proxy_factory(guard=False)
+    with connect(proxy, autocommit=True) as first:
+        pid = first.execute("SELECT pg_backend_pid()").fetchone()
+        first.execute("SET work_mem = '7MB'")
+    wait_until(lambda: pooled(proxy) == 1, "the server back in the pool")
+    with connect(proxy, autocommit=True) as second:
+        assert second.execute("SELECT pg_backend_pid()").fetchone() == pid
+        assert second.execute("SHOW work_mem").fetchone() != ("7MB",)
+
+
+def test_client_gone_mid_query_closes_its_server(
+    proxy: RunningProxy, admin: psycopg.Connection[Any]
+) -> None:
+    conn = connect(proxy, autocommit=True, application_name="pool-mid-query")
+    conn.pgconn.send_query(b"SELECT pg_sleep(0.3)")
+    conn.pgconn.finish()  # gone while its statement runs: replies are owed
+    wait_until(
+        lambda: not admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pool-mid-query'"
+        ).fetchone(),
+        "its server closed",
+    )
+    assert pooled(proxy) == 0

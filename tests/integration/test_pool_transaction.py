@@ -200,3 +200,53 @@ def test_refused_session_state(proxy_factory: Factory) -> None:
     with connect(proxy, autocommit=True) as fine:
         row = fine.execute("SELECT set_config('work_mem', '9MB', true)").fetchone()
         assert row == ("9MB",)
+
+
+def test_named_prepared_statement_pins(proxy_factory: Factory, proxy_log: list[str]) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    conn = connect(proxy, autocommit=True)
+    conn.prepare_threshold = 0  # every query a named prepared statement
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()
+    with connect(proxy, autocommit=True) as other:
+        for _ in range(3):
+            assert other.execute("SELECT pg_backend_pid()").fetchone() != pid
+            assert conn.execute("SELECT pg_backend_pid()").fetchone() == pid
+    assert any("pinned" in line and "named prepared" in line for line in proxy_log)
+    conn.close()
+
+
+def test_migration_session_keeps_its_server(proxy_factory: Factory) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    migration = psycopg.connect(
+        proxy.conninfo("u_trust", options="-c pgmigrate.role=migrate"), autocommit=True
+    )
+    pid = migration.execute("SELECT pg_backend_pid()").fetchone()
+    with connect(proxy, autocommit=True) as other:
+        for _ in range(3):
+            assert other.execute("SELECT pg_backend_pid()").fetchone() != pid
+            assert migration.execute("SELECT pg_backend_pid()").fetchone() == pid
+    migration.close()
+
+
+def test_guarded_ddl_from_a_pooled_client(
+    proxy_factory: Factory, admin: psycopg.Connection[Any], proxy_log: list[str]
+) -> None:
+    """A pooled client's ALTER waits behind an idle-in-transaction reader: the guard ends the
+    reader, the ALTER runs, and the client carries on in the pool."""
+    admin.execute("DROP TABLE IF EXISTS pool_guarded")
+    admin.execute("CREATE TABLE pool_guarded (id int)")
+    admin.execute("ALTER TABLE pool_guarded OWNER TO u_trust")
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    blocker = psycopg.connect(proxy.pg.url("u_trust"))  # straight to PostgreSQL
+    blocker.execute("SELECT * FROM pool_guarded")  # holds ACCESS SHARE, idle in transaction
+    conn = connect(proxy, autocommit=True)
+    conn.execute("ALTER TABLE pool_guarded ADD COLUMN extra int")
+    row = admin.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'pool_guarded'"
+    ).fetchone()
+    assert row == (2,)
+    assert conn.execute("SELECT 5").fetchone() == (5,)
+    assert any("guard applied" in line for line in proxy_log)
+    conn.close()
+    blocker.close()
+    admin.execute("DROP TABLE pool_guarded")
