@@ -48,6 +48,7 @@ def test_pgbench_32_clients_on_4_servers(
     processed = re.search(r"actually processed: (\d+)/(\d+)", report)
     expected = str(CLIENTS * 50)
     assert processed is not None and processed.groups() == (expected, expected), report
+    print(mode, re.findall(r"tps = [\d.]+", report))  # (shown with -s: not asserted)
     failed = re.search(r"number of failed transactions: (\d+)", report)
     assert failed is not None and failed.group(1) == "0", report
     row = admin.execute(
