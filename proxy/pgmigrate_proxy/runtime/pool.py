@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pgmigrate_proxy.errors import ProxyError
+from pgmigrate_proxy.errors import ConnectionFailure, ProxyError
 from pgmigrate_proxy.poolconfig import PoolSettings
 from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse
@@ -130,10 +130,11 @@ class Pool:
         self.waiters: deque[asyncio.Future[Lease]] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.TimerHandle | None = None
+        self.size_opening = 0  # servers its opener is logging in
 
     @property
     def size(self) -> int:
-        return len(self.leases)
+        return len(self.leases) + self.size_opening
 
     def room(self, extra: int = 0) -> bool:
         """Whether one more server may be counted (pool_size + `extra`, database, user)."""
@@ -286,7 +287,13 @@ class Pool:
 
     async def _open(self) -> Lease:
         assert self.opener is not None
-        server = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
+        self.size_opening += 1  # counted while it logs in
+        try:
+            server = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionFailure("server_connect_timeout: no server connection") from None
+        finally:
+            self.size_opening -= 1
         return self.join(server, {})
 
     async def checked(self, lease: Lease) -> bool:

@@ -16,7 +16,15 @@ from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
-from pgmigrate_proxy.runtime.pool import SYNCED_PARAMETERS, Lease, Pool, park, synced, unpark
+from pgmigrate_proxy.runtime.pool import (
+    SYNCED_PARAMETERS,
+    Lease,
+    Pool,
+    QueryWaitTimeout,
+    park,
+    synced,
+    unpark,
+)
 from pgmigrate_proxy.sql.session_state import session_state
 
 if TYPE_CHECKING:
@@ -109,9 +117,10 @@ class PoolLink:
                 lease = await self.pool.acquire()
         except ProxyError as exc:
             log.info("session %s: %s", self.session.peer, exc)
-            self.session.fail(
-                exc.sqlstate, str(exc), detail="no server connection became free in time"
-            )
+            extra = {}
+            if isinstance(exc, QueryWaitTimeout):
+                extra["detail"] = "no server connection became free in time"
+            self.session.fail(exc.sqlstate, str(exc), **extra)
             return
         park(lease)  # (the proxy's own queries need the relay on: the pool's, dropping)
         try:

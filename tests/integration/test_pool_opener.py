@@ -1,0 +1,74 @@
+"""A pool with an opener (what auth types other than passthrough give it): it opens server
+connections itself when a client needs one, within its size, and for min_pool_size; here a
+test opener logs in as a trust user, as the proxy's own authentication will."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from pgmigrate_proxy.protocol.messages import StartupMessage
+from pgmigrate_proxy.protocol.types import PROTOCOL_3_0
+from pgmigrate_proxy.runtime.backend import ServerConnection
+from pgmigrate_proxy.runtime.upstream import open_upstream
+
+from tests.fixtures.proxy import RunningProxy
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+class _Login:
+    """A listener that waits for the login's ReadyForQuery."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def server_data(self, data: bytes) -> None:
+        self.data += data
+        if b"Z\x00\x00\x00\x05I" in self.data and not self.ready.done():
+            self.ready.set_result(None)
+
+    def server_violation(self, exc: Exception) -> None: ...
+    def server_lost(self, last_words: bytes) -> None: ...
+    def pause_client_reading(self) -> None: ...
+    def resume_client_reading(self) -> None: ...
+
+
+def trust_opener(proxy: RunningProxy, opened: list[int]) -> Callable[[], Any]:
+    async def open_server() -> ServerConnection:
+        server = ServerConnection(database="postgres")
+        login = _Login()
+        server.attach(login)
+        await open_upstream(proxy.server.settings.upstream, server)
+        params = {"user": "u_trust", "database": "postgres"}
+        server.write(StartupMessage(PROTOCOL_3_0, params).encode())
+        await login.ready
+        server.detach()
+        opened.append(1)
+        return server
+
+    return open_server
+
+
+def test_pool_opens_servers_itself(proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    opened: list[int] = []
+
+    async def install() -> None:
+        proxy.server.pools.set_opener("postgres", "u_trust", trust_opener(proxy, opened))
+
+    proxy.call(install())
+    conn = psycopg.connect(proxy.conninfo("u_trust"), autocommit=True)
+    conn.prepare_threshold = None
+
+    async def close_idle() -> int:
+        return proxy.server.pools.close_idle()
+
+    proxy.call(close_idle())  # its login server gone: the next query needs a new one
+    assert conn.execute("SELECT current_user").fetchone() == ("u_trust",)
+    assert opened == [1]
+    conn.close()
