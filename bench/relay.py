@@ -575,6 +575,8 @@ def start_proxy(
     port = free_port()
     argv = [sys.executable, "-m", "pgmigrate_proxy"]
     argv += f"--listen-host 127.0.0.1 --listen-port {port} --log-level warning".split()
+    # as pgbouncer's max_client_conn here: the idle-memory test opens up to 1000 clients
+    argv += ["--max-client-conn", "2000"]
     path = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH")) if p)
     # The upstream URL holds the password: pass it in the environment, not on the command line.
     upstream = server.url(password=password)
