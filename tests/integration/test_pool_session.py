@@ -116,3 +116,21 @@ def test_client_gone_mid_query_closes_its_server(
         "its server closed",
     )
     assert pooled(proxy) == 0
+
+
+def test_no_swap_onto_another_clients_startup_values(
+    proxy: RunningProxy, admin: psycopg.Connection[Any]
+) -> None:
+    """DISCARD ALL returns a server to its login client's startup values: a client that did
+    not set them (or set other options) keeps its own login server."""
+    first = psycopg.connect(
+        proxy.conninfo("u_trust", options="-c work_mem=7MB", application_name="first"),
+        autocommit=True,
+    )
+    pid = first.execute("SELECT pg_backend_pid()").fetchone()
+    first.close()
+    wait_until(lambda: pooled(proxy) == 1, "the server back in the pool")
+    with connect(proxy, autocommit=True) as second:
+        assert second.execute("SELECT pg_backend_pid()").fetchone() != pid
+        assert second.execute("SHOW work_mem").fetchone() != ("7MB",)
+        assert second.execute("SHOW application_name").fetchone() != ("first",)

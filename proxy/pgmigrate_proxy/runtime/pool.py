@@ -60,6 +60,7 @@ class Lease:
     pool: Pool
     born: float
     login: dict[str, str]  # its login client's synced parameters (what RESET ALL returns to)
+    options: str = ""  # its login client's startup `options` (RESET ALL returns to them too)
     current: dict[str, str] = field(default_factory=dict)  # what they are now
     idle_since: float = 0.0
     cancels: int = 0  # cancel requests in flight for it: not handed out meanwhile
@@ -146,7 +147,8 @@ class Pool:
 
     def join(self, server: ServerConnection, parameters: dict[str, str]) -> Lease:
         """A server just logged in for a client of this pool: count it (the client holds it)."""
-        lease = Lease(server, self, time.monotonic(), synced(parameters))
+        options = parameters.get("options", "")
+        lease = Lease(server, self, time.monotonic(), synced(parameters), options)
         self.leases[server] = lease
         return lease
 
@@ -211,10 +213,11 @@ class Pool:
 
     # --- servers going out ----------------------------------------------------------------------
 
-    def take_idle(self) -> Lease | None:
-        """An idle server, unparked, or None (the most recently used: LIFO, as pgbouncer)."""
+    def take_idle(self, accept: Callable[[Lease], bool] | None = None) -> Lease | None:
+        """An idle server (that `accept`s), unparked, or None (the most recently used: LIFO,
+        as pgbouncer)."""
         for lease in reversed(self.idle):
-            if lease.cancels:
+            if lease.cancels or (accept is not None and not accept(lease)):
                 continue
             self.idle.remove(lease)
             if lease.server.gone:

@@ -62,8 +62,8 @@ class PoolLink:
     """One client's side of its pool (module docstring)."""
 
     __slots__ = (
-        "_idle_since", "_seen", "_timer", "lease", "pinned", "pool", "reserved", "session",
-        "transaction", "wanted",
+        "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
+        "session", "transaction", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -75,6 +75,7 @@ class PoolLink:
         self.transaction = pool.settings.pool_mode is PoolMode.TRANSACTION and not keep
         self.pinned: str | None = None  # why it keeps its server (transaction mode)
         self.wanted = synced(parameters)
+        self.options = parameters.get("options", "")
         self.lease: Lease | None = None
         self.reserved: Lease | None = None  # an idle server taken for it at login
         self._timer: asyncio.TimerHandle | None = None  # client_idle / idle_transaction_timeout
@@ -94,7 +95,7 @@ class PoolLink:
             holder.state_watch = self.watch_state
             self._give_back(at_once=False)
             return
-        self.reserved = self.pool.take_idle()
+        self.reserved = self.pool.take_idle(self._same_defaults)
         if self.reserved is not None:
             self._give_back(at_once=True)
 
@@ -107,6 +108,13 @@ class PoolLink:
         holder = self.session.holder
         assert holder is not None
         holder.wait_for_server(self.acquire, now=at_once)
+
+    def _same_defaults(self, lease: Lease) -> bool:
+        """Session mode swaps only onto a server whose reset values this client would have
+        too: the same startup `options`, no synced parameter the client left unset."""
+        if lease.options != self.options:
+            return False
+        return all(name in self.wanted for name in lease.login)
 
     async def acquire(self) -> None:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
