@@ -326,6 +326,10 @@ class Holder:
                     self._backlog.appendleft((cut, index, start))
                     self._launch()
                     return
+                if item.type in _EMPTY_MESSAGES and item.payload:
+                    # as in _pump: PostgreSQL's error for it skips to the next Sync, Queries
+                    # included, which the proxy cannot follow (08P01, the session ends)
+                    raise DecodeError(f"{chr(item.type)!r} message with a body")
                 self._unit.append(cut.data[pos:start])
                 self._unit.append(item.raw)
                 self._unit_frames.append(item)
