@@ -25,7 +25,7 @@ from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
-from pgmigrate_proxy.runtime.migration import MigrationRunner
+from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 from pgmigrate_proxy.sql.cache import ByteLRU
 
@@ -263,10 +263,15 @@ class Holder:
         """In a migration session every statement is a unit, COPY aside (it streams)."""
         _check(item)
         if item.type == FrontendType.QUERY:
-            copy = first_keyword(extended.query_text(item.payload)) == "COPY"
-            failed = self.migration is not None and self.migration.virtual.state is State.FAILED
-            if copy and not failed:
-                return None  # COPY streams: its replies pass by (an error fails the block)
+            sql = extended.query_text(item.payload)
+            runner = self.migration
+            assert runner is not None
+            if (first_keyword(sql) == "COPY" and runner.virtual.state is not State.FAILED
+                    and not runner.skipping and single_statement(sql)):  # fmt: skip
+                # COPY streams: its replies pass by (an error fails the block). Not after an
+                # error in a batch (the runner drops the Query, as PostgreSQL skips it), nor
+                # with other statements (a BEGIN in them would open a real transaction)
+                return None
             return ()
         if item.type in (FrontendType.PARSE, FrontendType.BIND):
             return ()
