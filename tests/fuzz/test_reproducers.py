@@ -24,7 +24,7 @@ from pgmigrate_proxy.protocol.messages import ErrorResponse
 from pgmigrate_proxy.protocol.types import BackendType
 
 from fuzz.streams import TABLE, Case
-from fuzz.wire import Closed, Target, _login, _Reader, load_case, token_row
+from fuzz.wire import Closed, Target, _login, load_case, token_row
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
 
