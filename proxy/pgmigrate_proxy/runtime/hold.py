@@ -371,7 +371,11 @@ class Holder:
         elif self.migration is not None:
             work = self.migration.run_batch(data, frames, final=synced)
         if work is not None:
-            self.task = asyncio.get_running_loop().create_task(self._migration(work))
+            task = asyncio.get_running_loop().create_task(self._migration(work))
+            # cancelled before its first step (the client left in the same read), the task
+            # never awaits `work`: close it, so it is dropped without a RuntimeWarning
+            task.add_done_callback(lambda _: work.close())
+            self.task = task
             return
         expect = sum(1 for f in frames if f.type in (FrontendType.SYNC, FrontendType.QUERY))
         control = any(s.kind == _TRANSACTION_CONTROL for s in self._unit_statements)
