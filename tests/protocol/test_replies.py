@@ -240,6 +240,51 @@ def test_an_extended_copy_whose_data_fails_skips_to_the_next_sync() -> None:
     assert queue.idle
 
 
+def test_copy_done_sent_before_the_copy_in_response_came() -> None:
+    """The client ends a COPY FROM STDIN before the server's CopyInResponse reaches the proxy
+    (one write: COPY, Sync, CopyDone): the Sync was ignored all the same (socket fuzzer,
+    hang-migration-1-89203, hang-migration-1-88803, hang-1-186198)."""
+    queue = ReplyQueue()
+    for kind in (F.QUERY, F.SYNC, F.COPY_DONE, F.QUERY):
+        queue.sent(kind)
+    assert queue.readies == 3
+    queue.received(B.COPY_IN_RESPONSE)
+    assert queue.readies == 2 and not queue.copy_in  # the Sync went; the client ended it
+    queue.received(B.COMMAND_COMPLETE)
+    queue.received(B.READY_FOR_QUERY)
+    queue.received(B.READY_FOR_QUERY)
+    assert queue.idle
+
+
+def test_copy_done_sent_early_after_an_extended_copy() -> None:
+    queue = ReplyQueue()
+    for kind in (F.SYNC, F.PARSE, F.BIND, F.EXECUTE, F.SYNC, F.COPY_DONE, F.SYNC):
+        queue.sent(kind)
+    queue.received(B.READY_FOR_QUERY)  # the first Sync's
+    queue.received(B.PARSE_COMPLETE)
+    queue.received(B.BIND_COMPLETE)
+    queue.received(B.COPY_IN_RESPONSE)
+    assert queue.readies == 1 and not queue.copy_in
+    queue.received(B.COMMAND_COMPLETE)
+    queue.received(B.READY_FOR_QUERY)
+    assert queue.idle
+
+
+def test_a_stray_copy_done_changes_nothing() -> None:
+    """A CopyDone after a statement that is no COPY (PostgreSQL ignores it): a later COPY's
+    Syncs still count."""
+    queue = ReplyQueue()
+    for kind in (F.QUERY, F.SYNC, F.COPY_DONE):
+        queue.sent(kind)
+    queue.received(B.COMMAND_COMPLETE)
+    queue.received(B.READY_FOR_QUERY)  # the Query ended: no COPY came
+    queue.received(B.READY_FOR_QUERY)
+    assert queue.idle
+    queue.sent(F.QUERY)
+    queue.received(B.COPY_IN_RESPONSE)
+    assert queue.copy_in and queue.readies == 1
+
+
 def test_a_simple_query_copy_that_fails() -> None:
     queue = ReplyQueue()
     queue.sent(F.QUERY)

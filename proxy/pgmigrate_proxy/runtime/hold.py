@@ -26,7 +26,7 @@ from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.detect import Detector, check_readable, parsed_statements, plain_query
-from pgmigrate_proxy.runtime.migration import MigrationRunner
+from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.ports import ClientWriter
 from pgmigrate_proxy.sql import Statement, first_keyword
 
@@ -213,10 +213,15 @@ class Holder:
         """In a migration session every statement is a unit, COPY aside (it streams)."""
         check_readable(item)
         if item.type == FrontendType.QUERY:
-            copy = first_keyword(extended.query_text(item.payload)) == "COPY"
-            failed = self.migration is not None and self.migration.virtual.state is State.FAILED
-            if copy and not failed:
-                return None  # COPY streams: its replies pass by (an error fails the block)
+            sql = extended.query_text(item.payload)
+            runner = self.migration
+            assert runner is not None
+            if (first_keyword(sql) == "COPY" and runner.virtual.state is not State.FAILED
+                    and not runner.skipping and single_statement(sql)):  # fmt: skip
+                # COPY streams: its replies pass by (an error fails the block). Not after an
+                # error in a batch (the runner drops the Query, as PostgreSQL skips it), nor
+                # with other statements (a BEGIN in them would open a real transaction)
+                return None
             return ()
         if item.type in (FrontendType.PARSE, FrontendType.BIND):
             return ()
@@ -258,6 +263,10 @@ class Holder:
                     self._backlog.appendleft((cut, index, start))
                     self._launch()
                     return
+                if item.type in _EMPTY_MESSAGES and item.payload:
+                    # as in _pump: PostgreSQL's error for it skips to the next Sync, Queries
+                    # included, which the proxy cannot follow (08P01, the session ends)
+                    raise DecodeError(f"{chr(item.type)!r} message with a body")
                 self._unit.append(cut.data[pos:start])
                 self._unit.append(item.raw)
                 self._unit_frames.append(item)
@@ -294,7 +303,11 @@ class Holder:
         elif self.migration is not None:
             work = self.migration.run_batch(data, frames, final=synced)
         if work is not None:
-            self.task = asyncio.get_running_loop().create_task(self._migration(work))
+            task = asyncio.get_running_loop().create_task(self._migration(work))
+            # cancelled before its first step (the client left in the same read), the task
+            # never awaits `work`: close it, so it is dropped without a RuntimeWarning
+            task.add_done_callback(lambda _: work.close())
+            self.task = task
             return
         expect = sum(1 for f in frames if f.type in (FrontendType.SYNC, FrontendType.QUERY))
         control = any(s.kind == _TRANSACTION_CONTROL for s in self._unit_statements)

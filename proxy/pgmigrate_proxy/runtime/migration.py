@@ -213,7 +213,7 @@ class MigrationRunner:
 
     async def _group(self, sql: str | None, group: list[Frame]) -> bool:
         """One statement's messages of a batch; False when it failed."""
-        if sql is not None and is_control(sql):
+        if sql is not None and is_control(sql) and single_statement(sql):
             return await self._answer_batch(sql, group)
         if self.virtual.state is State.FAILED:
             self.client.deliver_raw(error_frame(SqlState.IN_FAILED_SQL_TRANSACTION, _ABORTED))
@@ -223,6 +223,8 @@ class MigrationRunner:
             self.virtual.forwarded(sql, True)
             return False
         statements = classify(sql) if sql and not is_plain(sql) else ()
+        if len(statements) > 1:
+            statements = ()  # PostgreSQL rejects a Parse of several (42601): nothing to guard
         unit = HeldUnit(
             data=b"".join(f.raw for f in group) + extended.sync(),
             statements=tuple(s for s in statements if needs_guard(s)),
@@ -301,6 +303,15 @@ _TOO_MANY = (
     f"pgmigrate: a Query of more than {MAX_SCRIPT_STATEMENTS} statements in a migration "
     "session: send its statements in several Query messages"
 )
+
+
+def single_statement(sql: str) -> bool:
+    """Whether a text holds at most one statement (a semicolon only at its end, or the parser
+    finds one): a COPY that passes by, or a control statement the runner answers, must be
+    alone, else the rest would run on the server unseen (or PostgreSQL rejects the Parse)."""
+    if ";" not in sql.rstrip().rstrip(";"):
+        return True
+    return len(classify(sql)) <= 1
 
 
 def _split(sql: str) -> list[tuple[str, tuple[Statement, ...]]]:
