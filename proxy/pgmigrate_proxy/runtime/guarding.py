@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import psycopg
@@ -59,6 +60,10 @@ __all__ = [
 
 log = logging.getLogger("pgmigrate_proxy.guard")
 
+#: Called with each guard event as the JSON log writes it (ts, event, then its fields), in the
+#: proxy's thread; what it raises is logged and forgotten.
+EventListener = Callable[[dict[str, object]], None]
+
 
 @dataclass
 class GuardServices:
@@ -66,6 +71,7 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
+    listeners: list[EventListener] = field(default_factory=list)
 
     @property
     def in_flight(self) -> set[int]:
@@ -99,7 +105,8 @@ async def run(
     pid = session.server_pid
     context.in_flight.add(pid)
     try:
-        await drive(pipeline.run(session, context, settings, unit), session, services)
+        steps = pipeline.run(session, context, settings, unit, _client(session))
+        await drive(steps, session, services)
     finally:
         context.in_flight.discard(pid)
 
@@ -163,7 +170,7 @@ class _Driver:
             case Deliver(frames=frames):
                 session.deliver(frames)
             case Event(name=name, fields=fields, level=level):
-                _event(name, fields, level)
+                _event(name, fields, level, self.services.listeners)
             case _:
                 return await self._admin(step)
         return None
@@ -208,14 +215,40 @@ class _Driver:
             task.exception()  # retrieved: a lost connection is reported by whoever awaited it
 
 
-def _event(event: str, fields: Mapping[str, object], level: str = "INFO") -> None:
-    """One structured log line per pipeline event."""
+def _event(
+    event: str,
+    fields: Mapping[str, object],
+    level: str = "INFO",
+    listeners: Sequence[EventListener] = (),
+) -> None:
+    """One structured log line per pipeline event; the server's listeners get it too."""
     shown = {k: v for k, v in fields.items() if v is not None}
     text = " ".join(f"{k}={v!r}" for k, v in shown.items())
     log.log(
         logging.getLevelName(level), "guard %s %s", event, text,
         extra={"fields": {"event": event, **shown}},
     )  # fmt: skip
+    if not listeners:
+        return
+    ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    for listener in listeners:
+        try:
+            listener({"ts": ts, "event": event, **shown})
+        except Exception:
+            log.exception("a guard event listener failed")
+
+
+def _client(session: object) -> dict[str, object]:
+    """Who sent the held statement, for its events: the startup parameters `user` and
+    `application_name` and the peer address of the client session behind `session`."""
+    client = getattr(session, "session", None)
+    parameters = getattr(client, "parameters", None)
+    named = parameters if isinstance(parameters, dict) else {}
+    return {
+        "user": named.get("user"),
+        "application_name": named.get("application_name") or None,
+        "client": getattr(client, "peer", None),
+    }
 
 
 def _describe(exc: BaseException) -> str:
