@@ -455,6 +455,7 @@ class Pipeline:
                 "query": blocker.query,
                 "context": dict(blocker.context) if blocker.context else None,
                 "reason": decision.reason.value,
+                "visible": None if blocker.visible else False,  # to the client's role
                 "statement_pid": self.view.server_pid,
             },
         )
