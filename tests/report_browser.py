@@ -69,7 +69,9 @@ def open_report(page_file: Path, screenshot: Path | None = None) -> Opened:
             opened.sections = page.eval_on_selector_all(
                 "section.stmt",
                 """nodes => nodes.map(n => ({
+                    label: n.querySelector('h2 .label').innerText,
                     sql: n.querySelector('pre.sql').innerText,
+                    blockers: (n.querySelector('table.blockers') || {innerText: ''}).innerText,
                     outcome: n.querySelector('h2 .badge').innerText,
                     visible: n.getBoundingClientRect().height > 0,
                     bars: n.querySelectorAll('svg.timeline rect').length,

@@ -235,7 +235,8 @@ def _section(index: int, s: Statement, client_view: bool) -> str:
     who = ", ".join(f"{label} {_e(f[key])}" for key, label in _WHO if f.get(key))
     return (
         f'<section class="stmt" id="s{index}" data-outcome="{_e(s.outcome_class)}">'
-        f'<h2>{index}. {_e(s.label)}<span class="badge {s.outcome_class}">{_e(s.outcome)}'
+        f'<h2>{index}. <span class="label">{_e(s.label)}</span>'
+        f'<span class="badge {s.outcome_class}">{_e(s.outcome)}'
         f"</span></h2>"
         f'<pre class="sql">{_e(s.text)}</pre>'
         f'<div class="meta">held at {_e(s.held.isoformat(timespec="milliseconds"))}; {who}</div>'
