@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -145,7 +145,7 @@ margin:16px 0}
 .badge{display:inline-block;border-radius:10px;padding:1px 10px;font-weight:600;margin-left:8px}
 .ok{background:#d3f3dc;color:#14532d}.bad{background:#fde0e0;color:#7f1d1d}
 .open{background:#fff1c2;color:#6b4e00}
-.meta{color:#5c6670}.legend span{margin-right:14px}
+.meta{color:#5c6670}.legend{margin:10px 0 4px}.legend span{margin-right:14px}
 .sw{display:inline-block;width:12px;height:12px;vertical-align:-2px;margin-right:4px}
 svg{display:block;max-width:100%}
 """
@@ -192,6 +192,7 @@ def render(
         f" {applied} applied, {len(found) - applied} not</div>",
         _summary(found),
         _legend(),
+        _overview(found),
         *(_section(i, s, client_view) for i, s in enumerate(found, 1)),
         _others(other),
         "</body></html>",
@@ -245,45 +246,89 @@ def _section(index: int, s: Statement, client_view: bool) -> str:
 
 
 def _timeline(s: Statement) -> str:
+    """The statement on its own time axis: held, then each attempt, with the blocker marks."""
     width, left, right, span = 900.0, 10.0, 10.0, max(s.elapsed, 0.001)
     scale = (width - left - right) / span
 
     def x(at: float) -> float:
         return round(left + max(0.0, min(at, span)) * scale, 1)
 
-    first = s.attempts[0].start if s.attempts else span
-    shapes = [_rect(x(0), x(first), 14, _COLORS["hold"], f"held {_ms(first)}")]
-    for a in s.attempts:
-        end_wait = a.start + a.lock_wait
-        tip = f"attempt {a.number}: lock wait {_ms(a.lock_wait)}"
-        shapes.append(_rect(x(a.start), x(end_wait), 14, _COLORS["wait"], tip))
-        color = _COLORS["error"] if a.code else _COLORS["run"]
-        tip = f"attempt {a.number}: ran {_ms(a.run)}" + (f", {a.code}" if a.code else "")
-        shapes.append(_rect(x(end_wait), x(end_wait + a.run), 14, color, tip))
-    for at, name, fields in s.events:
-        if name in _MARKS:
-            tip = f"{name} at +{_ms(at)}" + (f": pid {fields['pid']}" if "pid" in fields else "")
-            shapes.append(
-                f'<circle cx="{x(at)}" cy="44" r="5" fill="{_MARKS[name]}">'
-                f"<title>{_e(tip)}</title></circle>"
-            )
-    ticks = [
-        f'<text x="{x(at)}" y="70" font-size="11" text-anchor="{anchor}" fill="#5c6670">'
-        f"+{_e(_ms(at))}</text>"
-        for at, anchor in ((0.0, "start"), (span / 2, "middle"), (span, "end"))
-    ]
+    ticks = _ticks(x, 0.0, span, 70)
     return (
         f'<svg class="timeline" viewBox="0 0 {width:g} 76" width="{width:g}" height="76" '
         f'role="img" aria-label="timeline">'
         f'<line x1="{left}" y1="44" x2="{width - right}" y2="44" stroke="#d9dee3"/>'
-        f"{''.join(shapes)}{''.join(ticks)}</svg>"
+        f"{''.join(_shapes(s, x, 14, 18, 44))}{ticks}</svg>"
     )
 
 
-def _rect(x0: float, x1: float, y: float, color: str, tip: str) -> str:
+def _overview(found: list[Statement]) -> str:
+    """Every statement on the run's time axis, one row each, linked to its section."""
+    if not found:
+        return ""
+    width, left, right, row = 900.0, 34.0, 10.0, 22
+    origin = min(s.held for s in found)
+    offsets = [(s.held - origin).total_seconds() for s in found]
+    span = max(max(o + s.elapsed for o, s in zip(offsets, found, strict=True)), 0.001)
+    scale = (width - left - right) / span
+    rows = []
+    for i, (offset, s) in enumerate(zip(offsets, found, strict=True)):
+
+        def x(at: float, offset: float = offset) -> float:
+            return round(left + max(0.0, min(offset + at, span)) * scale, 1)
+
+        y = 6 + i * row
+        shapes = "".join(_shapes(s, x, y, 12, y + 6))
+        rows.append(
+            f'<a href="#s{i + 1}"><text x="4" y="{y + 11}" font-size="12">{i + 1}</text>'
+            f"{shapes}</a>"
+        )
+    height = 6 + len(found) * row + 18
+
+    def axis(at: float) -> float:
+        return round(left + at * scale, 1)
+
+    return (
+        f'<svg class="overview" viewBox="0 0 {width:g} {height}" width="{width:g}" '
+        f'height="{height}" role="img" aria-label="the run\'s timeline">'
+        f"{''.join(rows)}{_ticks(axis, 0.0, span, height - 4)}</svg>"
+    )
+
+
+def _shapes(
+    s: Statement, x: Callable[[float], float], y: float, height: float, marks_y: float
+) -> list[str]:
+    first = s.attempts[0].start if s.attempts else s.elapsed
+    shapes = [_rect(x(0), x(first), y, height, _COLORS["hold"], f"held {_ms(first)}")]
+    for a in s.attempts:
+        end_wait = a.start + a.lock_wait
+        tip = f"attempt {a.number}: lock wait {_ms(a.lock_wait)}"
+        shapes.append(_rect(x(a.start), x(end_wait), y, height, _COLORS["wait"], tip))
+        color = _COLORS["error"] if a.code else _COLORS["run"]
+        tip = f"attempt {a.number}: ran {_ms(a.run)}" + (f", {a.code}" if a.code else "")
+        shapes.append(_rect(x(end_wait), x(end_wait + a.run), y, height, color, tip))
+    for at, name, fields in s.events:
+        if name in _MARKS:
+            tip = f"{name} at +{_ms(at)}" + (f": pid {fields['pid']}" if "pid" in fields else "")
+            shapes.append(
+                f'<circle cx="{x(at)}" cy="{marks_y}" r="{min(5.0, height / 3):g}" '
+                f'fill="{_MARKS[name]}" stroke="#fff"><title>{_e(tip)}</title></circle>'
+            )
+    return shapes
+
+
+def _ticks(x: Callable[[float], float], start: float, span: float, y: float) -> str:
+    return "".join(
+        f'<text x="{x(at)}" y="{y}" font-size="11" text-anchor="{anchor}" fill="#5c6670">'
+        f"+{_e(_ms(at))}</text>"
+        for at, anchor in ((start, "start"), (start + span / 2, "middle"), (start + span, "end"))
+    )
+
+
+def _rect(x0: float, x1: float, y: float, height: float, color: str, tip: str) -> str:
     w = max(x1 - x0, 1.0)
     return (
-        f'<rect x="{x0}" y="{y}" width="{w:.1f}" height="18" fill="{color}">'
+        f'<rect x="{x0}" y="{y}" width="{w:.1f}" height="{height:g}" fill="{color}">'
         f"<title>{_e(tip)}</title></rect>"
     )
 
