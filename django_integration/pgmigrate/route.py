@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import CommandError
 from django.db.backends.base.base import BaseDatabaseWrapper
 from pgmigrate_proxy.config import Config, ConfigError
-from pgmigrate_proxy.embedded_proxy import EmbeddedProxy, EventListener, is_proxy
+from pgmigrate_proxy.embedded_proxy import EmbeddedProxy, is_proxy
 from psycopg.conninfo import make_conninfo
 
 from pgmigrate import conf
@@ -142,11 +142,8 @@ def _find(connection: BaseDatabaseWrapper, mode: str) -> str | None:
 
 
 @contextlib.contextmanager
-def routed(
-    connection: BaseDatabaseWrapper, plan: Plan, on_event: EventListener | None = None
-) -> Iterator[Route]:
-    """Route `connection` through a proxy for the duration of the block; an embedded proxy
-    gives `on_event` its guard events."""
+def routed(connection: BaseDatabaseWrapper, plan: Plan) -> Iterator[Route]:
+    """Route `connection` through a proxy for the duration of the block."""
     original = connection.settings_dict
     proxy: EmbeddedProxy | None = None
     try:
@@ -156,7 +153,7 @@ def routed(
             route = Route(Kind.EXTERNAL, plan.autocommit, proxy_version=version)
             _reconnect(connection, session_settings(original, options, None))
         else:
-            proxy = EmbeddedProxy(embedded_config(original, plan), on_event).start()
+            proxy = EmbeddedProxy(embedded_config(original, plan)).start()
             route = Route(Kind.EMBEDDED, plan.autocommit, port=proxy.port)
             _reconnect(connection, session_settings(original, options, (proxy.host, proxy.port)))
         setattr(connection, ROUTE_ATTRIBUTE, route)

@@ -5,10 +5,6 @@
     ... connect to proxy.host:proxy.port ...
     proxy.stop()
 
-`EmbeddedProxy(config, on_event=callback)` calls `callback` with each guard event (a dict, as
-the JSON log writes it: ts, event, then its fields; in the proxy's thread), the input of
-`pgmigrate_proxy.report.render`, the migration report.
-
 `is_proxy(info)` tells from a connection's ParameterStatus whether it goes through a
 pgmigrate-proxy, and `SESSION_OPTIONS` names what a session may set with
 `-c pgmigrate.<name>=<value>` in its startup options. `SETTINGS` is the settings schema (each
@@ -24,7 +20,6 @@ from collections.abc import Callable
 
 from pgmigrate_proxy.config import Config
 from pgmigrate_proxy.protocol.types import PROXY_PARAMETER
-from pgmigrate_proxy.runtime.guarding import EventListener
 from pgmigrate_proxy.runtime.options import NAMES
 from pgmigrate_proxy.runtime.server import ProxyServer
 from pgmigrate_proxy.settings import SETTINGS, Rejected, format_duration, parse_duration
@@ -34,7 +29,6 @@ __all__ = [
     "SESSION_OPTIONS",
     "SETTINGS",
     "EmbeddedProxy",
-    "EventListener",
     "Rejected",
     "format_duration",
     "is_proxy",
@@ -69,9 +63,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class EmbeddedProxy:
     """A ProxyServer running in a background thread, on an event loop of its own."""
 
-    def __init__(self, config: Config, on_event: EventListener | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.on_event = on_event
         self.host = config.listen_host
         self.port = config.listen_port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -118,8 +111,6 @@ class EmbeddedProxy:
         self._loop = loop
         try:
             server = ProxyServer(self.config)
-            if self.on_event is not None:
-                server.guard.listeners.append(self.on_event)
             loop.run_until_complete(server.start())
         except BaseException as exc:  # report it to start(), in the caller's thread
             self._error = exc

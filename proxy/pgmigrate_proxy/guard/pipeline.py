@@ -495,10 +495,11 @@ class Pipeline:
         after = TransactionStatus.FAILED if status is not TransactionStatus.IDLE else status
         frames = [Frame(BackendType.ERROR_RESPONSE, error.encode()[5:], 0)]
         frames += [Frame(BackendType.READY_FOR_QUERY, bytes([after]), 0)] * self.unit.expect
-        yield Deliver(tuple(frames))
         elapsed = yield from self._elapsed()
         fields = {"attempts": attempts, "elapsed_ms": round(elapsed * 1000)}
+        # (before the replies, as a notice of it reaches a client that asked for events)
         yield self.event("gave_up", {**fields, "code": SqlState.LOCK_NOT_AVAILABLE.value})
+        yield Deliver(tuple(frames))
 
     def _admin_lost(self, exc: Exception) -> Steps:
         now: float = yield Now()

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import psycopg
 
+from pgmigrate_proxy import notices
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard import pipeline
+from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE
 from pgmigrate_proxy.guard.pipeline import GuardContext, Steps
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.guard.steps import (
@@ -59,10 +61,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("pgmigrate_proxy.guard")
-
-#: Called with each guard event as the JSON log writes it (ts, event, then its fields), in the
-#: proxy's thread; what it raises is logged and forgotten.
-EventListener = Callable[[dict[str, object]], None]
+#: What a client may not see of a blocker session its role may not see (Blocker.as_seen).
+_HIDDEN = ("state", "xact_age", "query_age", "context", "client_addr")
 
 
 @dataclass
@@ -71,7 +71,6 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
-    listeners: list[EventListener] = field(default_factory=list)
 
     @property
     def in_flight(self) -> set[int]:
@@ -106,7 +105,7 @@ async def run(
     context.in_flight.add(pid)
     try:
         steps = pipeline.run(session, context, settings, unit, _client(session))
-        await drive(steps, session, services)
+        await drive(steps, session, services, report_events=settings.report_events)
     finally:
         context.in_flight.discard(pid)
 
@@ -119,10 +118,13 @@ async def resolve_targets(
     return resolved
 
 
-async def drive(steps: Steps, session: GuardedSession, services: GuardServices) -> Any:
+async def drive(
+    steps: Steps, session: GuardedSession, services: GuardServices, *, report_events: bool = False
+) -> Any:
     """Carry out `steps` until they return; their return value. A failed admin step is thrown
-    into them as AdminDown; a lost server connection (ConnectionError) ends the run."""
-    driver = _Driver(session, services)
+    into them as AdminDown; a lost server connection (ConnectionError) ends the run.
+    `report_events`: each event goes to the client too, as a notice (notices.event)."""
+    driver = _Driver(session, services, report_events)
     reply: Any = None
     failure: AdminDown | None = None
     try:
@@ -144,9 +146,12 @@ async def drive(steps: Steps, session: GuardedSession, services: GuardServices) 
 class _Driver:
     """One run's I/O: the step kinds and what each does."""
 
-    def __init__(self, session: GuardedSession, services: GuardServices) -> None:
+    def __init__(
+        self, session: GuardedSession, services: GuardServices, report_events: bool = False
+    ) -> None:
         self.session = session
         self.services = services
+        self.report_events = report_events
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
 
@@ -170,7 +175,10 @@ class _Driver:
             case Deliver(frames=frames):
                 session.deliver(frames)
             case Event(name=name, fields=fields, level=level):
-                _event(name, fields, level, self.services.listeners)
+                _event(name, fields, level)
+                if self.report_events:
+                    text = notices.event(_for_client(name, fields))
+                    session.notice(notices.EVENT_SEVERITY, text)
             case _:
                 return await self._admin(step)
         return None
@@ -215,27 +223,25 @@ class _Driver:
             task.exception()  # retrieved: a lost connection is reported by whoever awaited it
 
 
-def _event(
-    event: str,
-    fields: Mapping[str, object],
-    level: str = "INFO",
-    listeners: Sequence[EventListener] = (),
-) -> None:
-    """One structured log line per pipeline event; the server's listeners get it too."""
+def _event(event: str, fields: Mapping[str, object], level: str = "INFO") -> None:
+    """One structured log line per pipeline event."""
     shown = {k: v for k, v in fields.items() if v is not None}
     text = " ".join(f"{k}={v!r}" for k, v in shown.items())
     log.log(
         logging.getLevelName(level), "guard %s %s", event, text,
         extra={"fields": {"event": event, **shown}},
     )  # fmt: skip
-    if not listeners:
-        return
+
+
+def _for_client(event: str, fields: Mapping[str, object]) -> dict[str, object]:
+    """An event as its client may have it: what the JSON log has (ts, event, fields), but of a
+    blocker its role may not see in pg_stat_activity only what PostgreSQL would show it."""
     ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-    for listener in listeners:
-        try:
-            listener({"ts": ts, "event": event, **shown})
-        except Exception:
-            log.exception("a guard event listener failed")
+    shown = {k: v for k, v in fields.items() if v is not None}
+    if shown.get("visible") is False:
+        shown = {k: v for k, v in shown.items() if k not in _HIDDEN}
+        shown["query"] = INSUFFICIENT_PRIVILEGE
+    return {"ts": ts, "event": event, **shown}
 
 
 def _client(session: object) -> dict[str, object]:

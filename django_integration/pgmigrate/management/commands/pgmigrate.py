@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from typing import Any
 
@@ -91,11 +92,14 @@ class Command(MigrateCommand):
     def _migrate(self, plan: guard.Plan, args: Any, options: dict[str, Any]) -> None:
         alias = options["database"]
         connection = connections[alias]
-        printer = notices.NoticePrinter(self, show_blocked=plan.shows_blockers)
         collector = self.collector
-        on_event = collector.on_event if collector is not None else None
+        on_event = None
+        if collector is not None:  # the proxy sends the guard events as notices
+            plan = dataclasses.replace(plan, guard={**plan.guard, "report_events": True})
+            on_event = collector.on_event
+        printer = notices.NoticePrinter(self, show_blocked=plan.shows_blockers, on_event=on_event)
         with (
-            route.routed(connection, plan, on_event) as path,
+            route.routed(connection, plan) as path,
             notices.printed(connection, printer),
             atomic.bracketing(),
         ):
@@ -104,8 +108,6 @@ class Command(MigrateCommand):
                 self.stdout.write(self.style.MIGRATE_HEADING("Postgres process ID: ") + str(pid))
             if self.verbosity >= 2:
                 self.stdout.write(f"Through the {path.describe()}")
-            if collector is not None and path.kind is route.Kind.EXTERNAL:
-                collector.note = report.EXTERNAL
             polling: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
             if plan.worker:
                 assert plan.action is not None
