@@ -121,6 +121,8 @@ def test_report_command_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     text_log.write_text("2026-01-01 10:00:00 INFO pgmigrate_proxy.guard: guard held unit=1\n")
     assert main(["report", str(text_log), "-o", str(tmp_path / "out.html")]) == 0
     assert 'log_format = "json"' in capsys.readouterr().err
+    assert main(["report", str(text_log), "-o", str(tmp_path / "no" / "out.html")]) == 2
+    assert "cannot write" in capsys.readouterr().err
 
 
 # --- a real run: the proxy's JSON log, the report command, chromium ---------------------------

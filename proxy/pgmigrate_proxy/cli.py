@@ -85,7 +85,11 @@ def _report(argv: list[str]) -> int:
     if args.output is None:
         sys.stdout.write(page)
         return EXIT_OK
-    Path(args.output).write_text(page, encoding="utf-8")
+    try:
+        Path(args.output).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        print(f"{PROG} report: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
