@@ -74,3 +74,15 @@ def test_asyncio_logger_writes_through_the_proxy_handler(json_log: io.StringIO) 
     (entry,) = _entries(json_log)
     assert entry["logger"] == "asyncio" and entry["msg"] == "Fatal error on transport"
     assert "Traceback" in str(entry["exc"]) and SECRET not in json_log.getvalue()
+
+
+def test_json_fields_are_redacted_like_the_text_line(json_log: io.StringIO) -> None:
+    """A guard event's fields hold user data (a blocker's query, a statement): a password in
+    them is masked in the JSON log as in the text one."""
+    query = f"SELECT dblink_connect('{DSN}'), dblink_connect('host=h password={SECRET}')"
+    logging.getLogger("pgmigrate_proxy.guard").info(
+        "guard terminated", extra={"fields": {"event": "terminated", "query": query, "pid": 7}}
+    )
+    (entry,) = _entries(json_log)
+    assert SECRET not in json_log.getvalue()
+    assert entry["pid"] == 7 and "dblink_connect" in str(entry["query"])

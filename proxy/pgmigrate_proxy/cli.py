@@ -57,8 +57,44 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    """`pgmigrate-proxy report EVENTS.jsonl [-o FILE.html]`: the migration report of the guard
+    events in a JSON log (log_format = "json"), as one self-contained HTML page."""
+    import argparse
+
+    from pgmigrate_proxy import report
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} report", description=_report.__doc__)
+    parser.add_argument("events", help='the proxy\'s log, written with log_format = "json"')
+    parser.add_argument("-o", "--output", help="the HTML file to write (default: stdout)")
+    parser.add_argument("--title", default="Migration report")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.events, encoding="utf-8", errors="replace") as lines:
+            events = report.read_jsonl(lines)
+    except OSError as exc:
+        print(f"{PROG} report: cannot read {args.events}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    if not events:
+        print(
+            f"{PROG} report: no guard events in {args.events} (the proxy writes them as JSON "
+            'lines with log_format = "json" and log_level info or debug)',
+            file=sys.stderr,
+        )
+    page = report.render(events, title=args.title, source=os.path.basename(args.events))
+    if args.output is None:
+        sys.stdout.write(page)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        print(f"{PROG} report: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 #: Subcommands by name; the proxy itself runs when the first argument names none of them.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo, "report": _report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,6 +127,7 @@ class Config:
     max_hold: float = default("max_hold")
     watch_interval: float = default("watch_interval")
     cancel_grace: float = default("cancel_grace")
+    report_events: bool = default("report_events")
     min_transaction_age: float = default("min_transaction_age")
     min_query_age: float = default("min_query_age")
     blocker_states: tuple[str, ...] = default("blocker_states")

@@ -53,8 +53,8 @@ class JsonLinesFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        for key, value in _fields(record).items():
-            entry.setdefault(str(key), value)
+        for key, value in _fields(record).items():  # user data too (queries): redacted
+            entry.setdefault(str(key), redact(value) if isinstance(value, str) else value)
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, ensure_ascii=False)

@@ -62,6 +62,7 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
         max_hold=config.max_hold,
         watch_interval=config.watch_interval,
         cancel_grace=config.cancel_grace,
+        report_events=config.report_events,
     )
 
 
