@@ -23,7 +23,7 @@ from pgmigrate_proxy.protocol.messages import DecodeError, ErrorResponse, ReadyF
 from pgmigrate_proxy.protocol.replies import Owner, ReplyQueue, UnexpectedReply
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
-from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime import guarding, offload
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.migration import MigrationRunner
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
@@ -107,6 +107,13 @@ def _fatal(item: Frame) -> bool:
         return False
 
 
+class _Deferred(Exception):
+    """Not an error: a text to classify off the loop before its frame can go on."""
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+
+
 class Holder:
     """The guard's side of one session (see the module docstring)."""
 
@@ -130,6 +137,8 @@ class Holder:
         self._sink_done: asyncio.Future[list[Frame]] | None = None
         self._idle: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self.budget = offload.LoopBudget()  # on-loop classification (runtime/offload.py)
+        self._classified: tuple[str, tuple[Statement, ...]] | None = None  # the last done apart
 
     @property
     def holding(self) -> bool:
@@ -204,7 +213,13 @@ class Holder:
                 # Query included, unlike a Flush or Sync: the proxy cannot follow that; 08P01)
                 raise DecodeError(f"{chr(mtype)!r} message with a body")
             start = pos if item.start < 0 else item.start
-            statements = self._guarded(item)
+            try:
+                statements = self._guarded(item)
+            except _Deferred as deferred:  # this frame and the rest wait for its classification
+                out.append(data[pos:start])
+                self._write_server(out)
+                self._defer(deferred.sql, cut, index, start)
+                return
             if statements is not None and (statements or self.migration is not None):
                 out.append(data[pos:start])
                 self._write_server(out)
@@ -290,8 +305,30 @@ class Holder:
     def _guarded_sql(self, sql: str) -> tuple[Statement, ...] | None:
         if self.session.status is TransactionStatus.FAILED or is_plain(sql):
             return None
-        statements = classify(sql)
+        statements = self._classify(sql)
         return statements if any(guarding.needs_guard(s) for s in statements) else None
+
+    def _classify(self, sql: str) -> tuple[Statement, ...]:
+        """classify(sql) within the loop budget; _Deferred when it must be done apart."""
+        done = self._classified
+        if done is not None and done[0] == sql:
+            return done[1]
+        if not self.budget.take(sql):
+            raise _Deferred(sql)
+        return classify(sql)
+
+    def _defer(self, sql: str, cut: Cut, index: int, start: int) -> None:
+        """Hold the chunk from frame `index` on while `sql` is classified in a worker thread;
+        then pump it again (the frame finds its classification in _classified)."""
+        self._backlog = deque([(cut, index, start)])
+        self._backlog_bytes = cut.tail - start
+        self.task = asyncio.get_running_loop().create_task(self._classify_apart(sql))
+
+    async def _classify_apart(self, sql: str) -> None:
+        async def work() -> None:
+            self._classified = (sql, await offload.classify_off_loop(sql))
+
+        await self._run_unit(work(), "classification")
 
     # --- units ----------------------------------------------------------------------------------
 
@@ -333,12 +370,21 @@ class Holder:
                 if self.migration is not None:
                     _check(item)  # the runner reads them: a bad one ends the session now
                 elif item.type == FrontendType.PARSE:
-                    self._guarded(item)  # keep the prepared-statement map right
+                    self._parse_in_unit(item)
                 if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
                     self._backlog.appendleft((cut, index + 1, pos))
                     self._launch()
                     return
             self._unit.append(cut.data[pos : cut.tail])
+
+    def _parse_in_unit(self, item: Frame) -> None:
+        """Keep the prepared-statement map right for a Parse inside a held unit: classified on
+        the loop even past the budget (at most MAX_CLASSIFIED: the unit cannot wait here)."""
+        try:
+            self._guarded(item)
+        except _Deferred as deferred:
+            self._classified = (deferred.sql, classify(deferred.sql))
+            self._guarded(item)
 
     def _launch(self) -> None:
         assert self._unit is not None
@@ -409,7 +455,8 @@ class Holder:
         """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
         is the last batch boundary before its Execute (asyncpg's prepare): resolve its
         targets now, then send the round on."""
-        statements = [s for s in self._parsed_statements(frames) if guarding.needs_guard(s)]
+        parsed = await self._parsed_statements(frames)
+        statements = [s for s in parsed if guarding.needs_guard(s)]
         if statements:
             await self.wait_idle()
             if self.can_inject:
@@ -420,7 +467,7 @@ class Holder:
         self._watch()
         self._write_server([data])
 
-    def _parsed_statements(self, frames: list[Frame]) -> list[Statement]:
+    async def _parsed_statements(self, frames: list[Frame]) -> list[Statement]:
         found: list[Statement] = []
         for item in frames:
             if item.type == FrontendType.PARSE:
@@ -428,8 +475,11 @@ class Holder:
                     sql = extended.parse_statement(item.payload)[1]
                 except DecodeError:
                     continue  # PostgreSQL will reject it in its own words
-                if not is_plain(sql):
-                    found.extend(classify(sql))
+                done = self._classified
+                if done is not None and done[0] == sql:
+                    found.extend(done[1])
+                elif not is_plain(sql):
+                    found.extend(await offload.classify_bounded(sql, self.budget))
         return found
 
     def known_targets(self, statements: Iterable[Statement]) -> guarding.Resolution:

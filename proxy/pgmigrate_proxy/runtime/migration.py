@@ -18,7 +18,7 @@ from pgmigrate_proxy.protocol.framing import Frame, frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse, Query, ReadyForQuery
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
-from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime import guarding, offload
 from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED, MAX_SCRIPT_STATEMENTS, classify_script
@@ -69,7 +69,8 @@ class MigrationRunner:
         await holder.wait_idle()
         if self.skipping or (holder.batch_open and not await self._end_client_batch()):
             return  # after an error in a batch, PostgreSQL discards a Query without a reply
-        pieces = await _split_off_loop(sql) if len(sql) > MAX_CLASSIFIED else _split(sql)
+        cheap = len(sql) <= MAX_CLASSIFIED and holder.budget.take(sql)
+        pieces = _split(sql) if cheap else await _split_off_loop(sql)
         if pieces is None:
             holder.deliver_raw(error_frame(SqlState.PROGRAM_LIMIT_EXCEEDED, _TOO_MANY))
             pieces = []
@@ -226,7 +227,7 @@ class MigrationRunner:
             holder.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
             self.virtual.forwarded(sql, True)
             return False
-        statements = classify(sql) if sql and not is_plain(sql) else ()
+        statements = await self._classify(sql) if sql and not is_plain(sql) else ()
         unit = guarding.HeldUnit(
             data=b"".join(f.raw for f in group) + extended.sync(),
             statements=tuple(s for s in statements if guarding.needs_guard(s)),
@@ -240,6 +241,9 @@ class MigrationRunner:
             self.virtual.forwarded(sql or "(prepared statement)", failed)
         holder.deliver(f for f in replies if f.type != BackendType.READY_FOR_QUERY)
         return not failed
+
+    async def _classify(self, sql: str) -> tuple[Statement, ...]:
+        return await offload.classify_bounded(sql, self.holder.budget)
 
     async def _answer_batch(self, sql: str, frames: list[Frame]) -> bool:
         """Reply to each message of a transaction-control batch as PostgreSQL would.
