@@ -5,26 +5,33 @@ A proxy (a subprocess, `python -m pgmigrate_proxy`) in front of an embedded Post
 through the proxy for the whole run and records the longest gap between two answers. For each
 kind of hostile input, a sender writes the raw messages on a logged-in connection and drains
 the replies up to the last ReadyForQuery (cheaply, so that its own CPU stays out of the
-figures); the pinger's worst gap over that window is printed:
+figures). Printed for each kind, the worst over --repeat runs:
 
-- through the proxy (the figure that counts: the target is tens of milliseconds),
-- sent straight to PostgreSQL while the pinger still goes through the proxy (what the load
-  itself costs on this machine: PostgreSQL's CPU, the replies; the proxy is not to blame),
-- and idle, for the noise floor.
+- `worst gap`: the pinger's longest wait while the input went through the proxy (what other
+  clients see: the target is tens of milliseconds);
+- `loop late`: how late the proxy's own event loop was at worst (a probe in the proxy: a
+  heartbeat every 2 ms; --stacks also prints where the main thread was while it was late
+  over 20 ms). This is the proxy's share: the gap also holds the machine's load;
+- `direct`: the pinger's worst gap (still through the proxy) while the same input goes
+  straight to PostgreSQL: what the load itself costs on this machine, not the proxy's doing;
+- and, first, the same figures idle, for the noise floor.
 
     python bench/classify_stall.py                 # every kind
     python bench/classify_stall.py --kinds query-10mb,deep --repeat 3
-    python bench/classify_stall.py --with-profile  # also: where the proxy's loop was late
+    python bench/classify_stall.py --stacks        # also: where the proxy's loop was late
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -175,17 +182,33 @@ def send(url: str, kind: Kind) -> float:
 
 PROBE = textwrap.dedent(
     """
-    # The proxy with a loop-stall sampler: where the main thread was while the loop was late.
-    import asyncio, atexit, collections, os, sys, threading, time, traceback
+    # The proxy with a loop-lateness probe: a heartbeat every 2 ms records how late the loop
+    # was (the worst of the window), a thread samples the main thread's stack while it is
+    # late; SIGUSR1 writes both to $PROBE_OUT and starts a new window.
+    import asyncio, collections, os, signal, sys, threading, time, traceback
     from pgmigrate_proxy import cli
-    beat, samples, main = [None], collections.Counter(), threading.get_ident()
+    beat, worst, samples = [None], [0.0], collections.Counter()
+    main = threading.get_ident()
     async def heartbeat():
         while True:
-            beat[0] = time.perf_counter()
+            now = time.perf_counter()
+            if beat[0] is not None:
+                worst[0] = max(worst[0], now - beat[0] - 0.002)
+            beat[0] = now
             await asyncio.sleep(0.002)
+    def report():
+        lines = [f"{worst[0] * 1000:.1f}"]
+        lines += [f"{n * 3} ms: {where}" for where, n in samples.most_common(5)]
+        with open(os.environ["PROBE_OUT"] + ".tmp", "w") as out:
+            out.write("\\n".join(lines))
+        os.replace(os.environ["PROBE_OUT"] + ".tmp", os.environ["PROBE_OUT"])
+        worst[0] = 0.0
+        samples.clear()
     run = cli.Service.run
     async def patched(self):
-        asyncio.get_running_loop().create_task(heartbeat())
+        loop = asyncio.get_running_loop()
+        loop.create_task(heartbeat())
+        loop.add_signal_handler(signal.SIGUSR1, report)
         return await run(self)
     cli.Service.run = patched
     def watch():
@@ -193,18 +216,34 @@ PROBE = textwrap.dedent(
             time.sleep(0.003)
             if beat[0] is not None and time.perf_counter() - beat[0] > 0.02:
                 frame = sys._current_frames().get(main)
-                stack = traceback.extract_stack(frame)[-6:] if frame else []
+                stack = traceback.extract_stack(frame)[-5:] if frame else []
                 where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}"
                                     for f in reversed(stack))
                 samples[where] += 1
-    def dump():
-        for where, n in samples.most_common(15):
-            print(f"  loop late ({n * 3} ms): {where}", file=sys.stderr)
-    atexit.register(dump)
     threading.Thread(target=watch, daemon=True).start()
     sys.exit(cli.main())
     """
 )
+
+
+class Probe:
+    """The proxy's own lateness, read from the probe above (with --with-profile)."""
+
+    def __init__(self, pid: int, path: str) -> None:
+        self.pid = pid
+        self.path = path
+
+    def window(self) -> tuple[float, list[str]]:
+        """The loop's worst lateness (seconds) since the last call, and where it was late."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.kill(self.pid, signal.SIGUSR1)
+        for _ in range(1000):
+            with contextlib.suppress(FileNotFoundError), open(self.path) as report:
+                first, *stacks = report.read().splitlines()
+                return float(first) / 1000, stacks
+            time.sleep(0.01)
+        raise RuntimeError("the probe did not answer")
 
 
 def _free_port() -> int:
@@ -224,25 +263,27 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each kind (worst kept)")
     parser.add_argument("--no-direct", action="store_true", help="skip the direct reference")
     parser.add_argument(
-        "--with-profile",
+        "--no-probe",
         action="store_true",
-        help="run the proxy with a sampler that prints where its loop was late",
+        help="run the proxy as it is, without the loop-lateness probe (no 'loop late' column)",
     )
+    parser.add_argument("--stacks", action="store_true", help="print where the loop was late")
     args = parser.parse_args()  # fmt: skip
     by_name = {k.name: k for k in KINDS}
     wanted = [name.strip() for name in args.kinds.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in by_name]
     if unknown:
         parser.error(f"unknown kinds: {', '.join(unknown)}")
-    with PostgresServer(password="bench") as pg:
+    with PostgresServer(password="bench") as pg, tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
-        upstream = pg.url()
-        program = ["-c", PROBE] if args.with_profile else ["-m", "pgmigrate_proxy"]
-        env = dict(os.environ, PGMIGRATE_PROXY_UPSTREAM=upstream)
+        probe_out = os.path.join(tmp, "probe")
+        program = ["-m", "pgmigrate_proxy"] if args.no_probe else ["-c", PROBE]
+        env = dict(os.environ, PGMIGRATE_PROXY_UPSTREAM=pg.url(), PROBE_OUT=probe_out)
         proxy = subprocess.Popen(
             [sys.executable, *program, "--listen-port", str(port), "--log-level", "error"],
             env=env,
         )  # fmt: skip
+        probe = None if args.no_probe else Probe(proxy.pid, probe_out)
         pinger = None
         try:
             url = libpq_url("127.0.0.1", port, "postgres", "bench", "postgres")
@@ -257,23 +298,40 @@ def main() -> int:
             pinger = Pinger(url)
             time.sleep(0.5)
             pinger.window()
+            late = probe.window()[0] if probe else 0.0
             time.sleep(2.0)
             idle, count = pinger.window()
-            print(f"idle (2 s): worst gap {idle * 1000:.1f} ms over {count} round trips")
-            print(f"{'kind':<22} {'proxy worst gap':>16} {'direct worst gap':>17} {'sent in':>9}")
+            late = probe.window()[0] if probe else 0.0
+            print(
+                f"idle (2 s): worst gap {idle * 1000:.1f} ms over {count} round trips; "
+                f"the proxy's loop at worst {late * 1000:.1f} ms late"
+            )
+            print(f"{'kind':<22} {'worst gap':>10} {'loop late':>10} {'direct':>9} {'sent in':>8}")
             for name in wanted:
                 kind = by_name[name]
-                gaps, direct, took = [], [], 0.0
+                gaps, lates, direct, took, stacks = [], [], [], 0.0, []
                 for _ in range(args.repeat):
                     pinger.window()
+                    if probe:
+                        probe.window()
                     took = send(url, kind)
                     gaps.append(pinger.window()[0])
+                    if probe:
+                        late, where = probe.window()
+                        lates.append(late)
+                        stacks.extend(where)
                     if not args.no_direct:
                         send(pg.url(), kind)
                         direct.append(pinger.window()[0])
+                shown_late = f"{max(lates) * 1000:.1f} ms" if lates else "-"
                 shown = f"{max(direct) * 1000:.1f} ms" if direct else "-"
-                print(f"{name:<22} {max(gaps) * 1000:>13.1f} ms {shown:>17} {took:>8.2f}s"
-                      f"   {kind.note}")  # fmt: skip
+                print(
+                    f"{name:<22} {max(gaps) * 1000:>7.1f} ms {shown_late:>10} {shown:>9} "
+                    f"{took:>7.2f}s  {kind.note}"
+                )
+                if args.stacks:
+                    for line in stacks:
+                        print(f"    loop late {line}")
         finally:
             if pinger is not None:
                 pinger.close()
