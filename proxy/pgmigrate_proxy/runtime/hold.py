@@ -18,14 +18,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from pgmigrate_proxy.protocol import extended
-from pgmigrate_proxy.protocol.framing import Cut, Frame
+from pgmigrate_proxy.protocol.framing import HEADER, Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
-from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime import guarding, offload
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
-from pgmigrate_proxy.runtime.detect import Detector, check_readable, parsed_statements, plain_query
+from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, plain_query
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.ports import ClientWriter
 from pgmigrate_proxy.sql import Statement, first_keyword
@@ -42,6 +42,8 @@ FRONTEND_WATCH = (
 )  # fmt: skip
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
 _BACKLOG_PAUSE = 1 << 20
+#: Pieces of a write up to this size are joined into one; larger ones go out as they are.
+_JOIN_LIMIT = 64 * 1024
 _TRANSACTION_CONTROL = "TransactionStmt"
 _SYNC = FrontendType.SYNC.value
 _QUERY = FrontendType.QUERY.value
@@ -81,8 +83,12 @@ class Holder:
         self.server = server  # the session's server connection (see attach)
         self.services = services
         self.settings = settings
-        self.migration = MigrationRunner(server, session, self._run_guarded) if migration else None
         self.detect = Detector()
+        self.migration = (
+            MigrationRunner(server, session, self._run_guarded, self.detect.budget)
+            if migration
+            else None
+        )
         self.targets = guarding.TargetMemory()
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
@@ -175,15 +181,22 @@ class Holder:
                 # Query included, unlike a Flush or Sync: the proxy cannot follow that; 08P01)
                 raise DecodeError(f"{chr(mtype)!r} message with a body")
             start = pos if item.start < 0 else item.start
-            statements = self._guarded(item)
+            try:
+                statements = self._guarded(item)
+            except Deferred as deferred:  # this frame and the rest wait for its classification
+                out.append(data[pos:start])
+                self._write_server(out)
+                self._defer(deferred.sql, cut, index, start)
+                return
             if statements is not None and (statements or self.migration is not None):
                 out.append(data[pos:start])
                 self._write_server(out)
                 self._begin(item, statements, cut, index)
                 return
             replies.sent(mtype)
-            if item.start < 0:
-                out.append(item.raw)
+            if item.start < 0:  # (its header and payload as they are: a copy of 100 MB is 30 ms)
+                out.append(HEADER.pack(mtype, len(item.payload) + 4))
+                out.append(item.payload)
                 pos = item.end
         if not out and pos == 0 and cut.tail == len(data):
             transport = server.transport
@@ -200,8 +213,23 @@ class Holder:
         if len(out) == 1:
             if out[0]:
                 transport.write(out[0])
+        elif sum(map(len, out)) > _JOIN_LIMIT:
+            transport.writelines(out)  # a large message: written from where it lies, not copied
         else:
             transport.write(b"".join(out))
+
+    def _defer(self, sql: str, cut: Cut, index: int, start: int) -> None:
+        """Hold the chunk from frame `index` on while `sql` is classified in a worker thread;
+        then pump it again (the frame finds its classification in detect.classified)."""
+        self._backlog = deque([(cut, index, start)])
+        self._backlog_bytes = cut.tail - start
+        self.task = asyncio.get_running_loop().create_task(self._classify_apart(sql))
+
+    async def _classify_apart(self, sql: str) -> None:
+        async def work() -> None:
+            self.detect.classified = (sql, await offload.classify_off_loop(sql))
+
+        await self._run_unit(work(), "classification")
 
     def _guarded(self, item: Frame) -> tuple[Statement, ...] | None:
         """The guarded statements a frame starts (None: it passes)."""
@@ -273,8 +301,9 @@ class Holder:
                 pos = item.end
                 if self.migration is not None:
                     check_readable(item)  # the runner reads them: a bad one ends the session now
-                elif item.type == FrontendType.PARSE:
-                    self._guarded(item)  # keep the prepared-statement map right
+                elif item.type == FrontendType.PARSE:  # keep the prepared-statement map right
+                    failed = self.server.status is TransactionStatus.FAILED
+                    self.detect.guarded_in_unit(item, failed=failed)
                 if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
                     self._backlog.appendleft((cut, index + 1, pos))
                     self._launch()
@@ -354,7 +383,8 @@ class Holder:
         """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
         is the last batch boundary before its Execute (asyncpg's prepare): resolve its
         targets now, then send the round on."""
-        statements = [s for s in parsed_statements(frames) if guarding.needs_guard(s)]
+        parsed = await self.detect.parsed_statements(frames)
+        statements = [s for s in parsed if guarding.needs_guard(s)]
         server = self.server
         if statements:
             await server.wait_idle()

@@ -18,6 +18,7 @@ from pgmigrate_proxy.protocol.framing import Frame, frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse, Query, ReadyForQuery
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime import offload
 from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, RunGuarded, ServerPort
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
@@ -39,8 +40,15 @@ class MigrationRunner:
     follows the session's: the pooler may change it between units), replies written to
     `client`; statements that take a guarded lock go through `guard`."""
 
-    def __init__(self, server: ServerPort, client: ClientWriter, guard: RunGuarded) -> None:
+    def __init__(
+        self,
+        server: ServerPort,
+        client: ClientWriter,
+        guard: RunGuarded,
+        budget: offload.LoopBudget | None = None,
+    ) -> None:
         self.server = server
+        self.budget = budget or offload.LoopBudget()  # the session's on-loop classification
         self.client = client
         self.guard = guard
         self.virtual = VirtualTransaction()
@@ -73,7 +81,8 @@ class MigrationRunner:
         await self.server.wait_idle()
         if self.skipping or (self.server.batch_open and not await self._end_client_batch()):
             return  # after an error in a batch, PostgreSQL discards a Query without a reply
-        pieces = await _split_off_loop(sql) if len(sql) > MAX_CLASSIFIED else _split(sql)
+        cheap = len(sql) <= MAX_CLASSIFIED and self.budget.take(sql)
+        pieces = _split(sql) if cheap else await _split_off_loop(sql)
         if pieces is None:
             self.client.deliver_raw(error_frame(SqlState.PROGRAM_LIMIT_EXCEEDED, _TOO_MANY))
             pieces = []
@@ -222,7 +231,7 @@ class MigrationRunner:
             self.client.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
             self.virtual.forwarded(sql, True)
             return False
-        statements = classify(sql) if sql and not is_plain(sql) else ()
+        statements = await self._classify(sql) if sql and not is_plain(sql) else ()
         if len(statements) > 1:
             statements = ()  # PostgreSQL rejects a Parse of several (42601): nothing to guard
         unit = HeldUnit(
@@ -238,6 +247,9 @@ class MigrationRunner:
             self.virtual.forwarded(sql or "(prepared statement)", failed)
         self.client.deliver(f for f in replies if f.type != BackendType.READY_FOR_QUERY)
         return not failed
+
+    async def _classify(self, sql: str) -> tuple[Statement, ...]:
+        return await offload.classify_bounded(sql, self.budget)
 
     async def _answer_batch(self, sql: str, frames: list[Frame]) -> bool:
         """Reply to each message of a transaction-control batch as PostgreSQL would.
