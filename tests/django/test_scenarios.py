@@ -98,7 +98,8 @@ def test_show(mode: str, settings: SettingsWrapper) -> None:
 @pytest.mark.usefixtures("auth_0007")
 def test_lock_timeout(mode: str, settings: SettingsWrapper) -> None:
     settings.PGMIGRATE_BLOCKING_ACTION = None
-    settings.PGMIGRATE_LOCK_TIMEOUT = dt.timedelta(milliseconds=100)
+    # a budget with room for a retry on a loaded machine (100 ms was spent by one attempt)
+    settings.PGMIGRATE_LOCK_TIMEOUT = dt.timedelta(seconds=1)
     with Blocker(pglock.ACCESS_SHARE) as blocker:
         run = Migrate("auth", "0008")
         run.start()
