@@ -42,3 +42,27 @@ def test_judged_as_the_whole_text(text: str) -> None:
 def test_the_finding_is_judged_by_its_head() -> None:
     assert _passes_by_head(("SELECT 1;" * 1_000_000 + "ALTER TABLE t ADD c int").encode() + b"\0")
     assert not _passes_by_head(b"SELECT 1; DROP TABLE t\0" + b"x" * LONG)
+
+
+@pytest.mark.parametrize("kind", ["query", "parse"])
+def test_a_long_guarded_text_is_held_by_its_head_without_decoding_the_rest(kind: str) -> None:
+    """A 10 MB ALTER is guarded as classify judges it (unknown targets), and the statement the
+    guard logs and shows is its head: the whole text is never decoded on the loop (a 100 MB one
+    stalled every client for 600 ms)."""
+    from pgmigrate_proxy.protocol.framing import Frame
+    from pgmigrate_proxy.protocol.types import FrontendType
+    from pgmigrate_proxy.runtime.detect import Detector
+    from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED
+
+    text = "ALTER TABLE t ADD c int /* " + "x" * 10_000_000 + " */"
+    payload = text.encode() + b"\0"
+    if kind == "parse":
+        frame = Frame(FrontendType.PARSE, b"stmt\0" + payload + b"\0\0", 0)
+    else:
+        frame = Frame(FrontendType.QUERY, payload, 0)
+    found = Detector().guarded(frame, failed=False)
+    assert found is not None and len(found) == 1
+    whole = classify(text)
+    assert found[0].kind == whole[0].kind and found[0].unknown_targets
+    assert found[0].text == text[:MAX_CLASSIFIED]
+    assert Detector().guarded(frame, failed=True) is None  # the server rejects it anyway

@@ -13,7 +13,7 @@ from pgmigrate_proxy.protocol.types import FrontendType
 from pgmigrate_proxy.runtime import offload
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 from pgmigrate_proxy.sql.cache import ByteLRU
-from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED
+from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED, unclassified
 from pgmigrate_proxy.sql.prefilter import PLAIN_KEYWORDS
 
 #: First words of a Query that, alone in it, cannot take a lock that queues traffic.
@@ -32,15 +32,31 @@ class Deferred(Exception):
         self.sql = sql
 
 
-def passes_by_head(payload: bytes, start: int = 0) -> bool:
-    """True for a text (from byte `start`) so long that sql.classify judges it by the first
-    keyword of its first MAX_CLASSIFIED characters alone, when that keyword lets it pass: such
-    a text is never decoded whole on the loop (100 MB took 330 ms)."""
+def long_head(payload: bytes, start: int = 0) -> str | None:
+    """The first MAX_CLASSIFIED characters of a text (from byte `start`) so long that
+    sql.classify judges it by them alone; None for a text that is not that long. Such a text
+    is never decoded whole on the loop (100 MB took 330 ms, and its Statement would hold it):
+    what the guard logs and shows of it is this head."""
     if payload.find(b"\0", start, start + _LONG_TEXT + 1) >= 0:
-        return False  # the text ends early (or is not that long): the usual path
-    head = payload[start : start + _LONG_TEXT].decode("utf-8", "replace")[:MAX_CLASSIFIED]
+        return None  # the text ends early (or is not that long): the usual path
+    return payload[start : start + _LONG_TEXT].decode("utf-8", "replace")[:MAX_CLASSIFIED]
+
+
+def passes_by_head(payload: bytes, start: int = 0) -> bool:
+    """True for a text so long that it is judged by its head (long_head), when the first
+    keyword there lets it pass."""
+    head = long_head(payload, start)
+    if head is None:
+        return False
     keyword = first_keyword(head)
     return keyword is None or keyword in PLAIN_KEYWORDS
+
+
+def _judged_by_head(head: str) -> tuple[Statement, ...] | None:
+    """What classify gives a text longer than MAX_CLASSIFIED that begins with `head`, when it
+    needs the guard (None: it passes)."""
+    statement = unclassified(head)
+    return (statement,) if needs_guard(statement) else None
 
 
 def plain_query(payload: bytes) -> bool:
@@ -81,8 +97,10 @@ class Detector:
         """The guarded statements a frame starts (None: it passes)."""
         try:
             if item.type == FrontendType.QUERY:
-                if len(item.payload) > _LONG_TEXT and passes_by_head(item.payload):
-                    return None
+                if len(item.payload) > _LONG_TEXT:
+                    head = long_head(item.payload)
+                    if head is not None:
+                        return None if failed else _judged_by_head(head)
                 return self._guarded_sql(extended.query_text(item.payload), failed)
             if item.type == FrontendType.PARSE:
                 name, found = self._parse(item.payload, failed)
@@ -104,8 +122,9 @@ class Detector:
             return extended.parse_statement(payload)[0], None
         if len(payload) > _LONG_TEXT:  # (nor hashed for the cache: it would not be kept)
             name_end = payload.find(b"\0")
-            if name_end >= 0 and passes_by_head(payload, name_end + 1):
-                return payload[:name_end].decode("utf-8", "replace"), None
+            head = long_head(payload, name_end + 1) if name_end >= 0 else None
+            if head is not None:
+                return payload[:name_end].decode("utf-8", "replace"), _judged_by_head(head)
         known = _PARSES.get(payload)
         if known is None:
             name, sql = extended.parse_statement(payload)
