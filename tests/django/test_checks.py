@@ -9,7 +9,7 @@ import pytest
 from django.core import checks as django_checks
 from django.core.management import get_commands, load_command_class
 from django.core.management.commands import migrate as django_migrate
-from pgmigrate import checks, filters
+from pgmigrate import checks, filters, guard
 from pgmigrate.management.commands import pgmigrate as pgmigrate_command
 from pytest_django.fixtures import Settings as SettingsWrapper
 
@@ -57,18 +57,18 @@ def test_required_apps(settings: SettingsWrapper, missing: str, check_id: str) -
 
 DURATION = "must be a datetime.timedelta, a number of seconds or a duration such as '5s'"
 PATTERNS = "must be a list of non-empty glob patterns without commas"
+BLOCKING_ACTION = (
+    "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, a "
+    "pgmigrate.BlockingAction subclass or instance, or one of 'terminate', 'cancel', 'show', "
+    "'none' (got "
+)
 
 
 @pytest.mark.parametrize(
     ("setting", "value", "check_id", "message"),
     [
-        (
-            "PGMIGRATE_BLOCKING_ACTION",
-            "terminate",
-            "pgmigrate.E003",
-            "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, or a "
-            "pgmigrate.BlockingAction subclass or instance",
-        ),
+        ("PGMIGRATE_BLOCKING_ACTION", "kill", "pgmigrate.E003", BLOCKING_ACTION + "'kill')"),
+        ("PGMIGRATE_BLOCKING_ACTION", 3, "pgmigrate.E003", BLOCKING_ACTION + "3)"),
         ("PGMIGRATE_BLOCKING_ACTION_INTERVAL", None, "pgmigrate.E005", DURATION),
         ("PGMIGRATE_BLOCKING_ACTION_INTERVAL", 0, "pgmigrate.E005", "must be from 1ms to 1d"),
         ("PGMIGRATE_LOCK_TIMEOUT", "soon", "pgmigrate.E006", DURATION),
@@ -107,6 +107,29 @@ def test_setting_errors(
     setattr(settings, setting, value)
     assert checks.settings() == [django_checks.Error(f"{setting} {message}", id=check_id)]
     assert checks.SETTING_IDS[setting] == check_id
+
+
+@pytest.mark.parametrize(
+    ("value", "proxy_action"),
+    [
+        ("terminate", "terminate"),
+        ("cancel", "cancel"),
+        ("show", "show"),
+        ("none", "none"),
+        ("Terminate", "terminate"),
+        ("pgmigrate.Show", "show"),
+        (pgmigrate.Cancel, "cancel"),
+        (pgmigrate.Show(), "show"),
+        (None, "none"),
+    ],
+)
+def test_blocking_action_names(
+    settings: SettingsWrapper, value: object, proxy_action: str
+) -> None:
+    """The proxy's own spelling is accepted as well as the objects, and means the same."""
+    settings.PGMIGRATE_BLOCKING_ACTION = value
+    assert checks.settings() == []
+    assert guard.plan().guard["blocking_action"] == proxy_action
 
 
 def test_retry_max_delay_below_retry_delay(settings: SettingsWrapper) -> None:
