@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pgmigrate
 import pytest
@@ -25,10 +29,6 @@ NOT_POSTGRESQL = django_checks.Warning(
     "database 'other' is not PostgreSQL (sqlite): migrate runs as plain Django for it",
     id="pgmigrate.W001",
 )
-PATCHED = django_checks.Debug(
-    "`manage.py migrate` is django-pgmigrate's (runs through pgmigrate-proxy)",
-    id="pgmigrate.D001",
-)
 
 
 def _ours() -> list[django_checks.CheckMessage]:
@@ -38,7 +38,7 @@ def _ours() -> list[django_checks.CheckMessage]:
 
 
 def test_defaults() -> None:
-    assert _ours() == sorted([NOT_POSTGRESQL, PATCHED], key=lambda m: str(m.id))
+    assert _ours() == [NOT_POSTGRESQL]
 
 
 @pytest.mark.parametrize(
@@ -205,7 +205,7 @@ def test_custom_actions_keep_their_filters(settings: SettingsWrapper) -> None:
 def test_patch_migrate(settings: SettingsWrapper) -> None:
     assert get_commands()["migrate"] == "pgmigrate"
     assert type(load_command_class("pgmigrate", "migrate")) is pgmigrate_command.Command
-    assert checks.migrate_command() == [PATCHED]
+    assert checks.migrate_command() == []
     settings.PGMIGRATE_PATCH_MIGRATE = False
     assert type(load_command_class("pgmigrate", "migrate")) is django_migrate.Command
     assert checks.migrate_command() == [
@@ -215,3 +215,32 @@ def test_patch_migrate(settings: SettingsWrapper) -> None:
             id="pgmigrate.I001",
         )
     ]
+
+
+MANAGE_PY = Path(__file__).with_name("manage.py")
+
+
+@pytest.mark.parametrize(
+    ("settings_module", "output"),
+    [
+        ("tests.django.settings_postgres", "System check identified no issues (0 silenced).\n"),
+        (
+            "tests.django.settings",
+            "System check identified some issues:\n\nWARNINGS:\n?: (pgmigrate.W001) database "
+            "'other' is not PostgreSQL (sqlite): migrate runs as plain Django for it\n\n"
+            "System check identified 1 issue (0 silenced).\n",
+        ),
+    ],
+)
+def test_manage_py_check(settings_module: str, output: str) -> None:
+    """A real `manage.py check`: a correct setup prints no issue, only problems are reported."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings_module}
+    done = subprocess.run(
+        [sys.executable, str(MANAGE_PY), "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout + done.stderr) == (0, output)
