@@ -161,6 +161,29 @@ def test_sighup_reload_then_sigterm_waits_for_the_session(
     assert pg.superuser_password not in proxy.output()
 
 
+def test_second_sigint_stops_at_once(
+    pg: PgInfo, tmp_path: Path, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    """Ctrl-C twice: the first begins the graceful shutdown (10 minutes of grace here), the
+    second ends it, while a client sits idle: the process exits without waiting the grace."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('listen_port = 0\nshutdown_grace = 600\n')
+    proxy = start_proxy("--config", str(config), PGMIGRATE_PROXY_UPSTREAM=pg.url())
+    conn: psycopg.Connection[Any]
+    with psycopg.connect(proxy_url(pg, proxy.port()), autocommit=True, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        proxy.send(signal.SIGINT)
+        proxy.wait_for(r"SIGINT: shutting down, sessions get up to 600 s")
+        proxy.wait_for(r"waiting up to 600 s for 1 session\(s\) to end")
+        assert proxy.proc.poll() is None  # the idle session keeps it running
+        proxy.send(signal.SIGINT)
+        assert proxy.proc.wait(STEP_SECONDS) == 0  # STEP_SECONDS: far below the grace
+        proxy.wait_for(r"SIGINT again: ending the open sessions now")
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            conn.execute("SELECT 2")
+    proxy.wait_for(r"stopped$")
+
+
 def test_sd_notify_ready_reloading_stopping(
     pg: PgInfo,
     start_proxy: Callable[..., ProxyProcess],

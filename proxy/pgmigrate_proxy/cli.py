@@ -45,6 +45,7 @@ class Server(Protocol):
 
     async def start(self) -> None: ...
     async def shutdown(self, grace: float | None = None) -> None: ...
+    def hurry(self) -> None: ...
     def reload(self, config: Config) -> list[str]: ...
 
 
@@ -246,10 +247,12 @@ class Service:
                 loop.remove_signal_handler(signum)
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Begin the graceful shutdown (SIGTERM, SIGINT)."""
+        """Begin the graceful shutdown (SIGTERM, SIGINT); a second one ends its grace."""
         assert self._stop is not None, "run() has not started"
-        if self._stop.is_set():
-            log.info("%s: already shutting down", reason)
+        if self._stop.is_set():  # a second Ctrl-C: stop at once
+            log.warning("%s again: ending the open sessions now", reason)
+            if self.server is not None:
+                self.server.hurry()
             return
         log.info("%s: shutting down, sessions get up to %g s", reason, self.config.shutdown_grace)
         self._stop.set()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from dataclasses import replace
@@ -80,6 +79,7 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._grace_over = asyncio.Event()  # hurry(): the shutdown stops waiting for sessions
         self.guard = guarding.GuardServices(admin=None)
         self.guard_settings = guard_settings(config)
         self.migration_patterns = config.migration_application_names
@@ -193,8 +193,11 @@ class ProxyServer:
             self._server.close()
         if self._sessions:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+            ends = (self._idle, self._grace_over)
+            waits = [asyncio.ensure_future(event.wait()) for event in ends]
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
         for session in list(self._sessions):
             session.fail(
                 SqlState.ADMIN_SHUTDOWN, "terminating connection due to administrator command"
@@ -210,6 +213,10 @@ class ProxyServer:
             await self._server.wait_closed()
         if self.guard.admin is not None:
             await self.guard.admin.close()
+
+    def hurry(self) -> None:
+        """End the shutdown's grace now (a second SIGINT/SIGTERM): open sessions are closed."""
+        self._grace_over.set()
 
     async def wait_closed(self) -> None:
         if self._server is not None:
