@@ -25,6 +25,7 @@ from pgmigrate_proxy.config import (
     load_config,
     passwords_on_command_line,
 )
+from pgmigrate_proxy.errors import ConnectionFailure
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.embedded_postgres import PostgresServer
@@ -225,6 +226,9 @@ class Service:
                 where = _address(self.config.listen_host, self.config.listen_port)
                 log.error("cannot listen on %s: %s", where, exc)
                 return EXIT_FAILURE
+            except ConnectionFailure as exc:  # the admin login refused: a setup error
+                log.error("%s", exc)
+                return EXIT_USAGE
             log.info("listening on %s (%s)", self._where(), self.loop_name)
             sdnotify.ready(f"listening on {self._where()}")
             await self._stop.wait()

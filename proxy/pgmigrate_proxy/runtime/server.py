@@ -8,7 +8,7 @@ import secrets
 from dataclasses import replace
 
 from pgmigrate_proxy import __version__, logsetup
-from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
+from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
@@ -99,7 +99,8 @@ class ProxyServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _open_admin(self) -> None:
-        """The admin connection the guard finds and ends blockers through."""
+        """The admin connection the guard finds and ends blockers through; raises
+        AdminLoginRefused when PostgreSQL refuses its login."""
         conninfo = self.config.admin_upstream or self.config.upstream or ""
         # One try per use: the guard backs off by itself while the connection is down, so
         # that statements never wait on reconnects.
@@ -107,7 +108,11 @@ class ProxyServer:
         self.guard.admin = admin
         try:
             await admin.connect()
-        except AdminUnavailable as exc:
+        except AdminLoginRefused:  # a setup error at start: the proxy does not start
+            self.guard.admin = None
+            await admin.close()
+            raise
+        except AdminUnavailable as exc:  # PostgreSQL unreachable: tried again when needed
             log.warning("%s: guarded statements use lock_timeout and retries until it is back", exc)
 
     def _accept(self) -> ClientSession:
