@@ -53,3 +53,9 @@ def test_the_tree_names_every_module_where_it_is() -> None:
             if path.name not in SKIPPED
         }
         assert {_top(entry) for entry in named[package]} == actual, package
+
+
+def test_the_django_section_comes_first() -> None:
+    """A Django user finds the app's section first, not after the proxy's internals."""
+    sections = re.findall(r"^## (.*)$", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert sections[0] == "The Django app", sections
