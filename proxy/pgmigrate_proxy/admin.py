@@ -12,6 +12,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
+from pgmigrate_proxy import adminlogin
 from pgmigrate_proxy.errors import ConnectionFailure
 from pgmigrate_proxy.guard.blockers import (
     BackendState,
@@ -131,6 +132,17 @@ class AdminUnavailable(ConnectionFailure):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
 
 
+class AdminLoginRefused(AdminUnavailable):
+    """PostgreSQL refused the admin login (user, password, database, pg_hba.conf): at start a
+    setup error; later an outage like any other. `user` and `reason` (the server's words) let
+    a caller say it in its own terms."""
+
+    def __init__(self, conninfo: str, libpq_message: str) -> None:
+        super().__init__(adminlogin.refusal(conninfo, libpq_message))
+        self.user = adminlogin.conninfo_user(conninfo)
+        self.reason = adminlogin.server_reason(libpq_message)
+
+
 def _blocker(row: DictRow) -> Blocker:
     locks = tuple(
         RelationLock(int(lock["relation"]), LockMode[lock["mode"]], bool(lock["granted"]))
@@ -223,11 +235,16 @@ class AdminConnection:
         return conn is not None and not conn.closed and not conn.broken
 
     async def connect(self) -> None:
-        """Open the connection (once; see ensure() for retries), replacing any previous one."""
+        """Open the connection (once; see ensure() for retries), replacing any previous one.
+        Raises AdminLoginRefused when PostgreSQL refuses the login, else AdminUnavailable."""
         await self._discard()
         try:
             self._conn = await _within(self._open(), self._connect_timeout)
-        except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
+        except psycopg.Error as exc:
+            if adminlogin.refused(str(exc)):
+                raise AdminLoginRefused(self._conninfo, str(exc)) from exc
+            raise AdminUnavailable(f"cannot open the admin connection: {_describe(exc)}") from exc
+        except (OSError, asyncio.TimeoutError) as exc:
             raise AdminUnavailable(f"cannot open the admin connection: {_describe(exc)}") from exc
         self._pid = self._conn.info.backend_pid
         log.info("admin connection open (backend pid %d)", self._pid)

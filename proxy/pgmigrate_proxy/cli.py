@@ -25,6 +25,7 @@ from pgmigrate_proxy.config import (
     load_config,
     passwords_on_command_line,
 )
+from pgmigrate_proxy.errors import ConnectionFailure
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.embedded_postgres import PostgresServer
@@ -45,6 +46,7 @@ class Server(Protocol):
 
     async def start(self) -> None: ...
     async def shutdown(self, grace: float | None = None) -> None: ...
+    def hurry(self) -> None: ...
     def reload(self, config: Config) -> list[str]: ...
 
 
@@ -260,6 +262,9 @@ class Service:
                 where = _address(self.config.listen_host, self.config.listen_port)
                 log.error("cannot listen on %s: %s", where, exc)
                 return EXIT_FAILURE
+            except ConnectionFailure as exc:  # the admin login refused: a setup error
+                log.error("%s", exc)
+                return EXIT_USAGE
             log.info("listening on %s (%s)", self._where(), self.loop_name)
             sdnotify.ready(f"listening on {self._where()}")
             await self._stop.wait()
@@ -282,10 +287,12 @@ class Service:
                 loop.remove_signal_handler(signum)
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Begin the graceful shutdown (SIGTERM, SIGINT)."""
+        """Begin the graceful shutdown (SIGTERM, SIGINT); a second one ends its grace."""
         assert self._stop is not None, "run() has not started"
-        if self._stop.is_set():
-            log.info("%s: already shutting down", reason)
+        if self._stop.is_set():  # a second Ctrl-C: stop at once
+            log.warning("%s again: ending the open sessions now", reason)
+            if self.server is not None:
+                self.server.hurry()
             return
         log.info("%s: shutting down, sessions get up to %g s", reason, self.config.shutdown_grace)
         self._stop.set()

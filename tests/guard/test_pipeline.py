@@ -374,11 +374,13 @@ def test_an_admin_outage_is_one_backoff_and_the_statement_is_never_held_for_it()
     run(fake, context=context)
     assert fake.sent == 1 and fake.codes() == []
     assert context.health.backoff == 1.0  # one failure seen, one backoff: not doubled twice
-    assert sum("admin connection down" in m for m in fake.notices()) == 1
-    # a second statement within the back-off does not even try the admin connection
-    again = Fake(admin_down=lambda now: True)
+    assert sum("admin connection down: connection refused" in m for m in fake.notices()) == 1
+    # a second statement within the back-off does not even try the admin connection, and its
+    # notice says why as well
+    again = Fake(admin_down=lambda now: True, blockers=lambda now: [blocker(7)])
     run(again, context=context)
     assert again.of(FindBlockers) == [] and context.health.backoff == 1.0
+    assert sum("admin connection down: connection refused" in m for m in again.notices()) == 1
     # once it answers again, the back-off is forgotten
     later = Fake(now=5.0)
     run(later, context=context)

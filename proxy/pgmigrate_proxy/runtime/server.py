@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from dataclasses import replace
 
 from pgmigrate_proxy import __version__, logsetup
-from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
+from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
@@ -81,6 +80,7 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._grace_over = asyncio.Event()  # hurry(): the shutdown stops waiting for sessions
         self.guard = guarding.GuardServices(admin=None)
         self.guard_settings = guard_settings(config)
         self.migration_patterns = config.migration_application_names
@@ -100,7 +100,8 @@ class ProxyServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _open_admin(self) -> None:
-        """The admin connection the guard finds and ends blockers through."""
+        """The admin connection the guard finds and ends blockers through; raises
+        AdminLoginRefused when PostgreSQL refuses its login."""
         conninfo = self.config.admin_upstream or self.config.upstream or ""
         # One try per use: the guard backs off by itself while the connection is down, so
         # that statements never wait on reconnects.
@@ -108,7 +109,11 @@ class ProxyServer:
         self.guard.admin = admin
         try:
             await admin.connect()
-        except AdminUnavailable as exc:
+        except AdminLoginRefused:  # a setup error at start: the proxy does not start
+            self.guard.admin = None
+            await admin.close()
+            raise
+        except AdminUnavailable as exc:  # PostgreSQL unreachable: tried again when needed
             log.warning("%s: guarded statements use lock_timeout and retries until it is back", exc)
 
     def _accept(self) -> ClientSession:
@@ -194,8 +199,11 @@ class ProxyServer:
             self._server.close()
         if self._sessions:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+            ends = (self._idle, self._grace_over)
+            waits = [asyncio.ensure_future(event.wait()) for event in ends]
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
         for session in list(self._sessions):
             session.fail(
                 SqlState.ADMIN_SHUTDOWN, "terminating connection due to administrator command"
@@ -211,6 +219,10 @@ class ProxyServer:
             await self._server.wait_closed()
         if self.guard.admin is not None:
             await self.guard.admin.close()
+
+    def hurry(self) -> None:
+        """End the shutdown's grace now (a second SIGINT/SIGTERM): open sessions are closed."""
+        self._grace_over.set()
 
     async def wait_closed(self) -> None:
         if self._server is not None:
