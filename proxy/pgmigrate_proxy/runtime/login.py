@@ -11,6 +11,7 @@ proof, or the md5 hash or clear password of an auth_file line): it lives in memo
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from pgmigrate_proxy.protocol.messages import (
 from pgmigrate_proxy.protocol.types import PROTOCOL_3_0, AuthCode, BackendType
 from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, open_upstream
+
+log = logging.getLogger("pgmigrate_proxy.login")
 
 #: A pool's way to grow: a logged-in, idle server connection (issue 8's pool opener).
 ServerOpener = Callable[[], Awaitable[ServerConnection]]
@@ -157,6 +160,8 @@ async def _login(
                 else:
                     after.append(item)
                     if item.type == BackendType.READY_FOR_QUERY:
+                        how = answer.mechanism or "md5/password" if answer else "no password"
+                        log.debug("server login as %s on %s: %s", user, server.database, how)
                         return _logged_in(server, after)
     except DecodeError as exc:
         raise UpstreamError(f"invalid message from PostgreSQL during login: {exc}") from None
