@@ -32,6 +32,7 @@ from psycopg import sql
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
 from tests.integration.wire import WireClient
+from tests.test_cli import run_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -336,3 +337,15 @@ def test_trust(proxy_factory: ProxyFactory, roles: PgInfo, tmp_path: Path) -> No
     assert current_user(proxy, "u_md5", "") == "u_md5"
     code, message = login_error(proxy.url("u_scram", password=""))
     assert code == "08001" and "holds none" in message
+
+
+def test_a_bad_auth_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "userlist.txt"
+    path.write_text('"u_scram" "s3cret-in-file"\n"u_md5" s3cret-unquoted\n')
+    done = run_module("--auth-type", "auth_file", "--auth-file", str(path), "--listen-port", "0")
+    assert done.returncode == 2, done
+    assert done.stderr == (
+        f"pgmigrate-proxy: invalid auth_file: {path}:2: expected "
+        '"user" "password" (a double-quoted password after the user)\n'
+    )
+    assert "s3cret" not in done.stderr + done.stdout

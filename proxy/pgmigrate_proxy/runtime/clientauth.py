@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
-from pgmigrate_proxy.auth.authfile import AuthFileError, parse_auth_file
 from pgmigrate_proxy.auth.authquery import credential_from_row
 from pgmigrate_proxy.auth.backend import LoginFailed
 from pgmigrate_proxy.auth.channel_binding import tls_server_end_point
@@ -33,7 +32,7 @@ from pgmigrate_proxy.auth.credentials import (
     Unknown,
 )
 from pgmigrate_proxy.auth.frontend import ClientAuthenticator, Outcome
-from pgmigrate_proxy.config import Config, ConfigError
+from pgmigrate_proxy.config import Config, load_auth_file
 from pgmigrate_proxy.errors import ConnectionFailure
 from pgmigrate_proxy.poolconfig import AuthType
 from pgmigrate_proxy.protocol.framing import FramingError
@@ -125,22 +124,6 @@ class AuthService:
 
     def forget(self, user: str) -> None:
         self._secrets.pop(user, None)
-
-
-def load_auth_file(path: str) -> dict[str, StoredCredential]:
-    """The users of an auth_file; ConfigError (one line, no password) when it is unusable."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-        raise ConfigError(
-            f"invalid auth_file: cannot read {path}: {reason}", key="auth_file"
-        ) from None
-    try:
-        return parse_auth_file(text, path)
-    except AuthFileError as exc:
-        raise ConfigError(f"invalid auth_file: {exc}", key="auth_file") from None
 
 
 def certificate_end_point(cert_file: str | None) -> bytes | None:
