@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -242,8 +243,46 @@ def test_admin_connection_down(proxy_factory: ProxyFactory, roles: PgInfo) -> No
         auth_type="auth_query", admin_upstream="host=127.0.0.1 port=1 user=nobody connect_timeout=2"
     )
     code, message = login_error(proxy.url("u_scram"))
-    assert code == "08006"
-    assert 'could not look up user "u_scram"' in message
+    assert (code, message) == (
+        "08006",
+        'pgmigrate-proxy could not look up user "u_scram": the admin connection is unavailable',
+    )
+
+
+def test_auth_query_that_fails(proxy_factory: ProxyFactory, roles: PgInfo) -> None:
+    proxy = proxy_factory(auth_type="auth_query", auth_query="SELECT * FROM no_such_fn($1)")
+    code, message = login_error(proxy.url("u_scram"))
+    assert (code, message) == (
+        "08006",
+        'pgmigrate-proxy could not look up user "u_scram": auth_query failed',
+    )
+
+
+def test_cancel_reaches_a_session_the_proxy_logged_in(
+    auth_query_proxy: RunningProxy, pg: PgInfo
+) -> None:
+    app = "pgm-auth-cancel"
+    conninfo = auth_query_proxy.conninfo("u_scram", connect_timeout="10", application_name=app)
+
+    def cancel_once_running(conn: psycopg.Connection[Any]) -> None:
+        with pg.connect() as watcher:
+            while not watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
+                " AND state = 'active' AND query LIKE 'SELECT pg_sleep%%'",
+                (app,),
+            ).fetchone():
+                pass
+        conn.cancel_safe(timeout=10)  # cancel() holds the GIL: the in-process proxy would stall
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        canceller = threading.Thread(target=cancel_once_running, args=(conn,))
+        canceller.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(30)")
+        finally:
+            canceller.join(30)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_cached_secret_is_dropped_when_it_no_longer_logs_in(

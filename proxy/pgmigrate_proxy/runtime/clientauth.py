@@ -100,13 +100,15 @@ class AuthService:
             return self.users.get(user, UNKNOWN)
         admin = self._admin()
         if admin is None:
-            raise LookupFailed("no admin connection")
+            raise LookupFailed("the admin connection is unavailable")
         try:
             row = await admin.lookup_user(self.auth_query, user)
         except AdminUnavailable as exc:
-            raise LookupFailed(str(exc)) from None
+            log.error("auth_query for user %s: %s", user, exc)
+            raise LookupFailed("the admin connection is unavailable") from None
         except Exception as exc:  # psycopg.Error: a bad query, a missing function, no rights
-            log.error("auth_query failed: %s", type(exc).__name__)
+            first = str(exc).strip().splitlines()[:1] or [type(exc).__name__]
+            log.error("auth_query for user %s failed: %s", user, first[0])
             raise LookupFailed("auth_query failed") from None
         return credential_from_row(user, row)
 
@@ -194,8 +196,7 @@ async def _check(
     """The SCRAM or md5 exchange; the secret it recovered, or None (refused, session closed)."""
     try:
         credential = await service.lookup(user)
-    except LookupFailed as exc:
-        log.error("session %s: cannot look user %s up: %s", client.peer, user, exc)
+    except LookupFailed as exc:  # the details (admin host, SQL error) are in the log only
         client.fail(
             SqlState.CONNECTION_FAILURE,
             f'pgmigrate-proxy could not look up user "{user}": {exc}',
