@@ -27,7 +27,6 @@ from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.messages import Authentication
 from pgmigrate_proxy.protocol.types import AuthCode, BackendType, FrontendType
 from pgmigrate_proxy.runtime.backend import ServerConnection
-from pgmigrate_proxy.runtime.login import server_opener
 from psycopg import sql
 
 from tests.fixtures.postgres import PgInfo
@@ -237,6 +236,12 @@ def test_oversized_sasl_message_is_a_protocol_violation(auth_query_proxy: Runnin
     assert error.code == "08P01"
 
 
+def test_the_servers_own_refusal_reaches_the_client(auth_query_proxy: RunningProxy) -> None:
+    """After AuthenticationOk, PostgreSQL's FATAL for the login (no such database) is relayed."""
+    url = auth_query_proxy.url("u_scram", dbname="no_such_db")
+    assert login_error(url) == ("3D000", 'database "no_such_db" does not exist')
+
+
 def test_admin_connection_down(proxy_factory: ProxyFactory, roles: PgInfo) -> None:
     """auth_query without its admin connection: a clear error at once, not a hang."""
     proxy = proxy_factory(
@@ -292,9 +297,7 @@ def test_cached_secret_is_dropped_when_it_no_longer_logs_in(
     auth = proxy.server.auth
     assert auth is not None
     assert current_user(proxy, PLAIN, PASSWORDS[PLAIN]) == PLAIN
-    opener = server_opener(
-        lambda: proxy.server.settings.upstream, auth.secret, auth.forget, "postgres", PLAIN
-    )
+    opener = auth.opener(lambda: proxy.server.settings.upstream, "postgres", PLAIN)
 
     async def open_one() -> ServerConnection:
         return await opener()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
@@ -39,7 +39,13 @@ from pgmigrate_proxy.protocol.framing import FramingError
 from pgmigrate_proxy.protocol.messages import Authentication
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import MAX_AUTH_TOKEN, MAX_SASL_MESSAGE, AuthCode
-from pgmigrate_proxy.runtime.login import Login, ServerRefused, login_server
+from pgmigrate_proxy.runtime.login import (
+    Login,
+    ServerOpener,
+    ServerRefused,
+    login_server,
+    server_opener,
+)
 from pgmigrate_proxy.runtime.upstream import UpstreamTarget
 
 log = logging.getLogger("pgmigrate_proxy.auth")
@@ -126,6 +132,17 @@ class AuthService:
 
     def forget(self, user: str) -> None:
         self._secrets.pop(user, None)
+
+    def opener(
+        self,
+        target: Callable[[], UpstreamTarget],
+        database: str,
+        user: str,
+        parameters: Mapping[str, str] | None = None,
+    ) -> ServerOpener:
+        """The opener of the pool for (database, user): new server connections logged in with
+        the user's cached secret (login.server_opener)."""
+        return server_opener(target, self.secret, self.forget, database, user, parameters)
 
 
 def certificate_end_point(cert_file: str | None) -> bytes | None:
