@@ -367,6 +367,13 @@ def test_auth_file_is_read_again_on_reload(
 
     assert proxy.call(reload()) == []
     assert current_user(proxy, "u_scram") == "u_scram"
+    auth = proxy.server.auth
+    assert auth is not None and auth.secret("u_scram") is not None
+    path.write_text(f'"u_md5" "{stored(roles, "u_md5")}"\n')  # u_scram taken out again
+    assert proxy.call(reload()) == []
+    assert proxy.server.auth is auth  # updated in place: the pools' openers hold it
+    assert auth.secret("u_scram") is None  # its cached keys went with its line
+    assert login_error(proxy.url("u_scram"))[0] == "28P01"
 
 
 def test_trust(proxy_factory: ProxyFactory, roles: PgInfo, tmp_path: Path) -> None:

@@ -67,7 +67,6 @@ class AuthService:
         admin: Callable[[], AdminConnection | None] = lambda: None,
         tls_end_point: bytes | None = None,
         mocks: MockVerifiers | None = None,
-        secrets: dict[str, LoginSecret] | None = None,
     ) -> None:
         self.auth_type = auth_type
         self.auth_query = auth_query
@@ -75,7 +74,7 @@ class AuthService:
         self._admin = admin
         self.tls_end_point = tls_end_point  # of the proxy's certificate (SCRAM-SHA-256-PLUS)
         self.mocks = mocks or MockVerifiers()
-        self._secrets = secrets if secrets is not None else {}
+        self._secrets: dict[str, LoginSecret] = {}
 
     @classmethod
     def from_config(
@@ -84,21 +83,29 @@ class AuthService:
         admin: Callable[[], AdminConnection | None],
         previous: AuthService | None = None,
     ) -> AuthService | None:
-        """The service for `config` (None: passthrough); `previous` lends its mock secret and
-        cached secrets across a reload. Raises ConfigError for an unreadable auth_file."""
+        """The service for `config` (None: passthrough). On a reload, `previous` is updated in
+        place (the pools' openers hold it) and returned: its mock secret and cached secrets
+        stay, but those of users an auth_file no longer lists are dropped. Raises ConfigError
+        for an unreadable auth_file (nothing changed then)."""
         auth_type = AuthType(config.auth_type)
         if auth_type is AuthType.PASSTHROUGH:
             return None
         users = load_auth_file(config.auth_file) if config.auth_file else {}
-        return cls(
-            auth_type,
-            auth_query=config.auth_query,
-            users=users,
-            admin=admin,
-            tls_end_point=certificate_end_point(config.client_tls_cert_file),
-            mocks=previous.mocks if previous is not None else None,
-            secrets=previous._secrets if previous is not None else None,
-        )
+        end_point = certificate_end_point(config.client_tls_cert_file)
+        if previous is None:
+            return cls(
+                auth_type,
+                auth_query=config.auth_query,
+                users=users,
+                admin=admin,
+                tls_end_point=end_point,
+            )
+        previous.auth_type, previous.auth_query = auth_type, config.auth_query
+        previous.users, previous.tls_end_point = users, end_point
+        if auth_type is AuthType.AUTH_FILE:
+            for user in [u for u in previous._secrets if u not in users]:
+                previous.forget(user)
+        return previous
 
     async def lookup(self, user: str) -> StoredCredential | Unknown:
         """The stored credential of `user`, or UNKNOWN. Raises LookupFailed."""
@@ -202,8 +209,8 @@ async def log_in(
             service.forget(user)
         client.refuse(exc.error)
         return None
-    if secret is not None:
-        service.remember(user, secret)
+    if secret is not None and service.auth_type is not AuthType.TRUST:
+        service.remember(user, secret)  # (trust: it came from the cache or the auth_file)
     return login
 
 
@@ -234,7 +241,7 @@ async def _check(
             return None
         step = auth.receive(mtype, payload)
         if step.outcome is Outcome.REFUSED:
-            log.info("session %s: password authentication failed for user %s", client.peer, user)
+            log.info("session %s: login refused for user %s", client.peer, user)
             client.refuse(step.reply)
             return None
         client.deliver_raw(step.reply)
