@@ -328,6 +328,11 @@ class AdminConnection:
         """pg_cancel_backend(pid): ends a running query, not an idle-in-transaction session."""
         return await self._signal("SELECT pg_cancel_backend(%(pid)s) AS ok", pid)
 
+    async def lookup_user(self, query: str, user: str) -> tuple[object, ...] | None:
+        """auth_query's first row for `user` (None: no row), the name bound as `$1`."""
+        rows = await self._fetch(query, (user,))
+        return tuple(rows[0].values()) if rows else None
+
     async def _signal(self, query: str, pid: int) -> bool:
         if pid <= 0 or pid == self._pid:
             return False
@@ -354,8 +359,11 @@ class AdminConnection:
             raise
         return conn
 
-    async def _fetch(self, query: str, params: Mapping[str, Any]) -> list[DictRow]:
-        """Run `query`, reconnecting and running it once more when the connection was lost."""
+    async def _fetch(
+        self, query: str, params: Mapping[str, Any] | tuple[Any, ...]
+    ) -> list[DictRow]:
+        """Run `query`, reconnecting and running it once more when the connection was lost
+        (a tuple of params: `query` takes them as `$1`, `$2`, ... through a raw cursor)."""
         for attempt in (1, 2):
             await self.ensure()
             conn = self._conn
@@ -381,8 +389,14 @@ class AdminConnection:
 
 
 async def _execute(
-    conn: psycopg.AsyncConnection[DictRow], query: str, params: Mapping[str, Any]
+    conn: psycopg.AsyncConnection[DictRow],
+    query: str,
+    params: Mapping[str, Any] | tuple[Any, ...],
 ) -> list[DictRow]:
+    if isinstance(params, tuple):
+        async with psycopg.AsyncRawCursor(conn, row_factory=dict_row) as raw:
+            await raw.execute(query, params)
+            return await raw.fetchall()
     async with conn.cursor() as cur:
         await cur.execute(query, params)
         return await cur.fetchall()

@@ -13,6 +13,7 @@ from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime.clientauth import AuthService
 from pgmigrate_proxy.runtime.context import SessionSettings
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
@@ -84,6 +85,7 @@ class ProxyServer:
         self.guard = guarding.GuardServices(admin=None)
         self.guard_settings = guard_settings(config)
         self.migration_patterns = config.migration_application_names
+        self.auth = AuthService.from_config(config, self._admin)
 
     @property
     def active_sessions(self) -> int:
@@ -92,7 +94,7 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(logsetup.loop_exception_handler)
-        if self.config.guard:
+        if self.config.guard or self.config.auth_type == "auth_query":
             await self._open_admin()
         self._server = await loop.create_server(
             self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
@@ -115,6 +117,13 @@ class ProxyServer:
             raise
         except AdminUnavailable as exc:  # PostgreSQL unreachable: tried again when needed
             log.warning("%s: guarded statements use lock_timeout and retries until it is back", exc)
+
+    def _admin(self) -> AdminConnection | None:
+        """The admin connection auth_query runs on (made on first use after a reload to it)."""
+        if self.guard.admin is None and self.config.auth_type == "auth_query":
+            conninfo = self.config.admin_upstream or self.config.upstream or ""
+            self.guard.admin = AdminConnection(conninfo, reconnect_attempts=1)
+        return self.guard.admin
 
     def _accept(self) -> ClientSession:
         session = ClientSession(self)
@@ -186,7 +195,9 @@ class ProxyServer:
             if key not in RELOADABLE and getattr(config, key) != getattr(self.config, key)
         ]
         keep = {key: getattr(self.config, key) for key in fixed}
+        auth = AuthService.from_config(replace(config, **keep), self._admin, self.auth)
         self.config = replace(config, **keep)
+        self.auth = auth  # the auth_file is read again
         self.settings = session_settings(self.config)
         self.guard_settings = guard_settings(self.config)
         self.migration_patterns = self.config.migration_application_names
