@@ -7,6 +7,7 @@ still count ReadyForQuery exactly."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -310,3 +311,33 @@ def test_flush_ends_nothing_and_leaves_the_batch_open() -> None:
     queue.sent(F.SYNC)
     queue.received(B.READY_FOR_QUERY)
     assert queue.idle
+
+
+_SENT = [F.PARSE, F.BIND, F.DESCRIBE, F.EXECUTE, F.CLOSE, F.SYNC, F.FLUSH, F.QUERY, F.COPY_DONE,
+         F.COPY_FAIL]  # fmt: skip
+_RECEIVED = [B.READY_FOR_QUERY, B.ERROR_RESPONSE, B.PARSE_COMPLETE, B.COPY_IN_RESPONSE,
+             B.COMMAND_COMPLETE]  # fmt: skip
+
+
+@given(
+    st.lists(st.sampled_from(_SENT), max_size=30),
+    st.lists(st.sampled_from(_RECEIVED), max_size=8),
+    st.integers(0, 30),
+)
+def test_sent_all_is_sent_one_by_one(
+    types: list[int], replies: list[int], split: int
+) -> None:
+    """The relay's one call per chunk leaves the queue as a call per message does."""
+    one, many = ReplyQueue(), ReplyQueue()
+    for queue in (one, many):  # a state with a reply or two already in
+        for kind in types[:split]:
+            queue.sent(kind)
+        for reply in replies:
+            with contextlib.suppress(UnexpectedReply):
+                queue.received(reply)
+    for kind in types[split:]:
+        one.sent(kind)
+    many.sent_all(list(types[split:]))
+    assert one.pending() == many.pending()
+    assert (one.batch_open, one.copy_in) == (many.batch_open, many.copy_in)
+    assert one.readies == many.readies

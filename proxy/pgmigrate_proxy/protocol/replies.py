@@ -82,6 +82,10 @@ _CLIENT = Owner.CLIENT
 _LAZY: dict[int, Expect] = {t: k for t, k in _PUSHES.items() if k in _EXTENDED}
 _EXECUTE_TYPE = int(F.EXECUTE)
 _SYNC_TYPE = int(F.SYNC)
+_QUERY_TYPE = int(F.QUERY)
+_READY_TYPE = int(B.READY_FOR_QUERY)
+_QUERY = Expect.QUERY
+_SYNC = Expect.SYNC
 
 
 class _Entry:
@@ -168,6 +172,17 @@ class ReplyQueue:
     def sent(self, message_type: int, owner: Owner = Owner.CLIENT) -> None:
         """A frontend message went to the server."""
         if owner is _CLIENT and not self._skipping:  # the relay's hot path, first
+            if message_type == _QUERY_TYPE and not self.batch_open:  # a Query between batches
+                self._syncs_since_statement = 0
+                self._last_query = True
+                entries = self._entries
+                if entries:
+                    tail = entries[-1]
+                    if tail.kind is _QUERY and tail.owner is _CLIENT and not tail.exact:
+                        tail.count += 1
+                        return
+                entries.append(_Entry(_QUERY, _CLIENT, False))
+                return
             if message_type in _LAZY and self._lazy:
                 self.batch_open = True
                 self._run.append(_LAZY[message_type])
@@ -224,6 +239,34 @@ class ReplyQueue:
             before = self.readies - syncs - self._last_query
             if before >= 0 and (self._entries or self._run):
                 self._early_copy_end = [before, syncs]
+
+    def sent_all(self, types: list[int]) -> None:
+        """sent() of the client's messages `types`, in order: the relay's one call per chunk
+        (Bind, Describe and Execute of a batch only join its plain list here)."""
+        run = self._run
+        for message_type in types:
+            if self._skipping:
+                self.sent(message_type)
+            elif message_type in _LAZY and self._lazy:
+                self.batch_open = True
+                run.append(_LAZY[message_type])
+                if message_type == _EXECUTE_TYPE:
+                    self._syncs_since_statement = 0
+                    self._last_query = False
+            elif message_type == _SYNC_TYPE:  # as sent() does it, inline
+                self.batch_open = False
+                self._syncs_since_statement += 1
+                run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
+                self._lazy = True
+                entries = self._entries
+                if entries:
+                    tail = entries[-1]
+                    if tail.kind is _SYNC and tail.owner is _CLIENT and not tail.exact:
+                        tail.count += 1
+                        continue
+                entries.append(_Entry(_SYNC, _CLIENT, False))
+            else:
+                self.sent(message_type)
 
     def _materialize(self) -> None:
         """The client's extended requests of the open batch, kept as a plain list until now
@@ -292,10 +335,21 @@ class ReplyQueue:
         """A backend message came: pop what it answers. Returns whose request it belongs to
         (for a message that completes nothing, such as a DataRow or a notice, the request
         being answered now); None when nothing is owed."""
-        if self._run and message_type != B.READY_FOR_QUERY:
-            self._materialize()
-        if message_type == B.READY_FOR_QUERY:
+        if message_type == _READY_TYPE:
+            entries = self._entries
+            if entries and self._early_copy_end is None:  # the relay's hot path
+                head = entries[0]
+                if head.kind is _QUERY or head.kind is Expect.SYNC:
+                    self.copy_in = False
+                    head.count -= 1
+                    if not head.count:
+                        entries.popleft()
+                        if head.exact or head.owner is not _CLIENT:
+                            self._drop(head)
+                    return head.owner
             return self._ready()
+        if self._run:
+            self._materialize()
         if message_type == B.ERROR_RESPONSE:
             return self._error()
         if message_type == B.COPY_IN_RESPONSE:

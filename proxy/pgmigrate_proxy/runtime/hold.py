@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -67,6 +68,12 @@ class HolderOwner(ClientWriter, Protocol):
     def resume_client_reading(self) -> None: ...
 
 
+def _reraise(exc: BaseException | None) -> None:
+    """For _safely: a failure of the hot path, handled as any step's."""
+    assert exc is not None
+    raise exc
+
+
 class Holder:
     """The guard's side of one session (see the module docstring)."""
 
@@ -118,7 +125,13 @@ class Holder:
         A message the proxy must read and cannot (a migration session's Query without its
         terminator) ends the session with 08P01, as PostgreSQL ends it; anything else that
         goes wrong here ends it with XX000: never a hang, never a reply out of order."""
-        self._safely(self._pump, cut, first, pos)
+        try:  # (_safely, inline: this is the relay's hot path)
+            self._pump(cut, first, pos)
+            server = self.server
+            if server.replies.needs_every_reply is not server.every_reply:
+                server.watch()
+        except Exception:
+            self._safely(_reraise, sys.exc_info()[1])
 
     def _safely(self, step: Callable[..., None], *args: Any) -> None:
         """Run a step over client data; see pump for what a failure does."""
@@ -154,50 +167,59 @@ class Holder:
         data = cut.data
         frames = cut.frames
         server = self.server
-        replies = server.replies
+        migration = self.migration
+        sent: list[int] = []  # types forwarded, for the reply queue (one call per chunk)
+        note = sent.append
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
-            # the most frequent frames, inline (a migration session's Sync may end its skipping)
-            if mtype == _SYNC and item.start >= 0 and self.migration is None:
-                if item.payload:
-                    raise DecodeError("Sync with a body")
-                replies.sent(mtype)
-                continue
-            if mtype in _PASSING and item.start >= 0 and self.migration is None:
-                replies.sent(mtype)  # Execute, Describe, Close: they start no statement
-                continue
-            bind = mtype == _BIND and item.start >= 0 and self.migration is None
-            if bind and not self.detect.statements:
-                replies.sent(mtype)  # no guarded prepared statement it could bind
-                continue
-            # (a migration session sees every statement: no shortcut there)
-            plain = mtype == _QUERY and item.start >= 0 and self.migration is None
-            if plain and plain_query(item.payload):
-                replies.sent(mtype)
-                continue
+            if item.start >= 0 and migration is None:
+                # the most frequent frames, inline (a migration session sees every statement,
+                # and its Sync may end its skipping: no shortcut there)
+                if mtype == _SYNC:
+                    if item.payload:
+                        raise DecodeError("Sync with a body")
+                    note(mtype)
+                    continue
+                if mtype in _PASSING:
+                    note(mtype)  # Execute, Describe, Close: they start no statement
+                    continue
+                if mtype == _BIND and not self.detect.statements:
+                    note(mtype)  # no guarded prepared statement it could bind
+                    continue
+                if mtype == _QUERY and plain_query(item.payload):
+                    note(mtype)
+                    continue
             if mtype in _EMPTY_MESSAGES and item.payload:
                 # (PostgreSQL answers it with an error that makes it skip to the next Sync, a
                 # Query included, unlike a Flush or Sync: the proxy cannot follow that; 08P01)
                 raise DecodeError(f"{chr(mtype)!r} message with a body")
             start = pos if item.start < 0 else item.start
-            try:
-                statements = self._guarded(item)
+            try:  # (self._guarded, inline)
+                if migration is not None:
+                    statements = self._migration_unit(item)
+                else:
+                    failed = server.status is TransactionStatus.FAILED
+                    statements = self.detect.guarded(item, failed=failed)
             except Deferred as deferred:  # this frame and the rest wait for its classification
+                server.replies.sent_all(sent)
                 out.append(data[pos:start])
                 self._write_server(out)
                 self._defer(deferred.sql, cut, index, start)
                 return
-            if statements is not None and (statements or self.migration is not None):
+            if statements is not None and (statements or migration is not None):
+                server.replies.sent_all(sent)
                 out.append(data[pos:start])
                 self._write_server(out)
                 self._begin(item, statements, cut, index)
                 return
-            replies.sent(mtype)
+            note(mtype)
             if item.start < 0:  # (its header and payload as they are: a copy of 100 MB is 30 ms)
                 out.append(HEADER.pack(mtype, len(item.payload) + 4))
                 out.append(item.payload)
                 pos = item.end
+        if sent:
+            server.replies.sent_all(sent)
         if not out and pos == 0 and cut.tail == len(data):
             transport = server.transport
             if transport is not None:
