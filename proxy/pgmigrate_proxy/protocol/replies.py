@@ -240,23 +240,42 @@ class ReplyQueue:
             if before >= 0 and (self._entries or self._run):
                 self._early_copy_end = [before, syncs]
 
-    def sent_all(self, types: list[int]) -> None:
+    def sent_all(self, types: list[int], extended: int = 0) -> None:
         """sent() of the client's messages `types`, in order: the relay's one call per chunk
-        (Bind, Describe and Execute of a batch only join its plain list here)."""
-        run = self._run
+        (Bind, Describe and Execute of a batch only join its plain list here). `extended`:
+        how many of them are Parse, Bind, Describe, Close or Execute (the relay counts them);
+        when all but a final Sync are, the batch is settled at once."""
+        if (extended and extended == len(types) - 1 and types[-1] == _SYNC_TYPE and self._lazy
+                and not self._skipping):  # fmt: skip
+            # one whole batch: its Sync's ReadyForQuery stands for all of it (see sent())
+            if _EXECUTE_TYPE in types:
+                self._syncs_since_statement = 1
+                self._last_query = False
+            else:
+                self._syncs_since_statement += 1
+            self.batch_open = False
+            self._run.clear()
+            entries = self._entries
+            if entries:
+                tail = entries[-1]
+                if tail.kind is _SYNC and tail.owner is _CLIENT and not tail.exact:
+                    tail.count += 1
+                    return
+            entries.append(_Entry(_SYNC, _CLIENT, False))
+            return
         for message_type in types:
             if self._skipping:
                 self.sent(message_type)
             elif message_type in _LAZY and self._lazy:
                 self.batch_open = True
-                run.append(_LAZY[message_type])
+                self._run.append(_LAZY[message_type])
                 if message_type == _EXECUTE_TYPE:
                     self._syncs_since_statement = 0
                     self._last_query = False
             elif message_type == _SYNC_TYPE:  # as sent() does it, inline
                 self.batch_open = False
                 self._syncs_since_statement += 1
-                run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
+                self._run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
                 self._lazy = True
                 entries = self._entries
                 if entries:

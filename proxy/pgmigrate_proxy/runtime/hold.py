@@ -45,6 +45,10 @@ FRONTEND_WATCH = (
 _BACKLOG_PAUSE = 1 << 20
 #: Pieces of a write up to this size are joined into one; larger ones go out as they are.
 _JOIN_LIMIT = 64 * 1024
+_EXTENDED_REQUESTS = frozenset(
+    t.value for t in (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
+                      FrontendType.CLOSE, FrontendType.EXECUTE)
+)  # fmt: skip
 _TRANSACTION_CONTROL = "TransactionStmt"
 _SYNC = FrontendType.SYNC.value
 _QUERY = FrontendType.QUERY.value
@@ -170,6 +174,7 @@ class Holder:
         migration = self.migration
         sent: list[int] = []  # types forwarded, for the reply queue (one call per chunk)
         note = sent.append
+        extended = 0  # how many of them are extended-protocol requests (ReplyQueue.sent_all)
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
@@ -183,9 +188,11 @@ class Holder:
                     continue
                 if mtype in _PASSING:
                     note(mtype)  # Execute, Describe, Close: they start no statement
+                    extended += 1
                     continue
                 if mtype == _BIND and not self.detect.statements:
                     note(mtype)  # no guarded prepared statement it could bind
+                    extended += 1
                     continue
                 if mtype == _QUERY and plain_query(item.payload):
                     note(mtype)
@@ -214,12 +221,14 @@ class Holder:
                 self._begin(item, statements, cut, index)
                 return
             note(mtype)
+            if mtype in _EXTENDED_REQUESTS:
+                extended += 1
             if item.start < 0:  # (its header and payload as they are: a copy of 100 MB is 30 ms)
                 out.append(HEADER.pack(mtype, len(item.payload) + 4))
                 out.append(item.payload)
                 pos = item.end
         if sent:
-            server.replies.sent_all(sent)
+            server.replies.sent_all(sent, extended)
         if not out and pos == 0 and cut.tail == len(data):
             transport = server.transport
             if transport is not None:
