@@ -1,6 +1,9 @@
 # pgmigrate-proxy image.
 #   docker build -t pgmigrate-proxy .
-#   docker run -p 6432:6432 -e PGMIGRATE_PROXY_UPSTREAM=postgresql://db.example.com/app pgmigrate-proxy
+#   docker run -p 6432:6432 -e PGMIGRATE_PROXY_UPSTREAM=postgresql://pgmigrate@db.example.com/app \
+#       -e PGPASSWORD=... pgmigrate-proxy
+# The URL's user is the guard's admin role (a superuser, or one granted pg_read_all_stats and
+# pg_signal_backend); without one libpq would log in as the image's user, and the proxy exits 2.
 # Settings: PGMIGRATE_PROXY_* variables, flags after the image name, or a TOML file mounted
 # and named with --config. SIGTERM shuts down gracefully within shutdown_grace (30 s by
 # default): give `docker stop -t` (10 s by default) more than that, or lower the grace.

@@ -27,9 +27,11 @@ from fuzz.streams import Case, cstr, make_case
 
 MIGRATE = "-c pgmigrate.role=migrate"
 APPLICATION = "pgmigrate-fuzz"
-#: Lines of the proxy's log (or of asyncio's) that mean an exception escaped somewhere.
+#: Lines of the proxy's log (or of asyncio's) that mean an exception escaped somewhere (or, on
+#: stderr, a coroutine was dropped unawaited).
 TRACEBACK_MARKS = ("Traceback (most recent call last)", "exception was never retrieved",
-                   "Exception in callback", "Unhandled exception", "RecursionError")  # fmt: skip
+                   "Exception in callback", "Unhandled exception", "RecursionError",
+                   "was never awaited")  # fmt: skip
 SETTLE_SECONDS = 0.2
 RSS_MARGIN_KB = 64 * 1024
 

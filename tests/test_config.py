@@ -145,6 +145,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "max_hold": ("10", 10.0),
     "watch_interval": ("0.1", 0.1),
     "cancel_grace": ("0", 0.0),
+    "report_events": ("on", True),
     "min_transaction_age": ("5", 5.0),
     "min_query_age": ("2.5", 2.5),
     "blocker_states": ("idle in transaction, active", ("idle in transaction", "active")),

@@ -34,3 +34,12 @@ def test_every_text_carries_the_prefix_the_app_recognises() -> None:
     ):
         match = notices.ANY_RE.match(text)
         assert match and match.group(1) == text.removeprefix(notices.PREFIX)
+
+
+def test_event_notices_round_trip_and_are_not_generic_notices() -> None:
+    fields = {"ts": "2026-01-01T00:00:00+00:00", "event": "held", "statement": "DROP TABLE t"}
+    text = notices.event(fields)
+    assert notices.read_event(text) == fields
+    assert notices.ANY_RE.match(text) is None  # the Django app does not print it
+    assert notices.read_event("pgmigrate: terminated pid 1") is None
+    assert notices.read_event(notices.EVENT_PREFIX + "[1]") is None

@@ -198,8 +198,10 @@ def test_auth_type_needs_its_source(toml: Path, auth: str) -> None:
 
 
 def test_auth_file_with_its_file(toml: Path) -> None:
-    config = load(toml, 'auth_type = "auth_file"\nauth_file = "/etc/userlist.txt"\n')
-    assert (config.auth_type, config.auth_file) == ("auth_file", "/etc/userlist.txt")
+    users = toml.parent / "userlist.txt"  # read and checked with the config
+    users.write_text('"app" "md5' + "0" * 32 + '"\n')
+    config = load(toml, f'auth_type = "auth_file"\nauth_file = "{users}"\n')
+    assert (config.auth_type, config.auth_file) == ("auth_file", str(users))
 
 
 def test_entries_are_compared_and_reported_on_reload(toml: Path) -> None:

@@ -161,6 +161,73 @@ def test_sighup_reload_then_sigterm_waits_for_the_session(
     assert pg.superuser_password not in proxy.output()
 
 
+def test_second_sigint_stops_at_once(
+    pg: PgInfo, tmp_path: Path, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    """Ctrl-C twice: the first begins the graceful shutdown (10 minutes of grace here), the
+    second ends it, while a client sits idle: the process exits without waiting the grace."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('listen_port = 0\nshutdown_grace = 600\n')
+    proxy = start_proxy("--config", str(config), PGMIGRATE_PROXY_UPSTREAM=pg.url())
+    conn: psycopg.Connection[Any]
+    with psycopg.connect(proxy_url(pg, proxy.port()), autocommit=True, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        proxy.send(signal.SIGINT)
+        proxy.wait_for(r"SIGINT: shutting down, sessions get up to 600 s")
+        proxy.wait_for(r"waiting up to 600 s for 1 session\(s\) to end")
+        assert proxy.proc.poll() is None  # the idle session keeps it running
+        proxy.send(signal.SIGINT)
+        assert proxy.proc.wait(STEP_SECONDS) == 0  # STEP_SECONDS: far below the grace
+        proxy.wait_for(r"SIGINT again: ending the open sessions now")
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            conn.execute("SELECT 2")
+    proxy.wait_for(r"stopped$")
+
+
+def test_a_refused_admin_login_stops_the_start(
+    pg: PgInfo, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    """The README's and the Dockerfile's URL without a user: libpq logs the admin connection in
+    as the OS user, which PostgreSQL refuses. The proxy says why and exits 2 (a setup error)."""
+    no_user = f"postgresql://{pg.host}:{pg.port}/postgres"
+    proxy = start_proxy("--listen-port", "0", PGMIGRATE_PROXY_UPSTREAM=no_user)
+    assert proxy.proc.wait(START_SECONDS) == 2
+    refused = r"ERROR pgmigrate_proxy\.cli: the admin connection's login as .*"
+    line = proxy.wait_for(refused).group(0)
+    assert "(the URL names no user: libpq took PGUSER or the OS user) was refused: " in line
+    assert "pg_read_all_stats and pg_signal_backend" in line
+    assert "listening on" not in proxy.output()
+
+
+def test_a_wrong_admin_password_stops_the_start(
+    pg: PgInfo, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    wrong = libpq_url(pg.host, pg.port, pg.superuser, "not-the-password")
+    proxy = start_proxy("--listen-port", "0", PGMIGRATE_PROXY_UPSTREAM=wrong)
+    assert proxy.proc.wait(START_SECONDS) == 2
+    proxy.wait_for(
+        f"the admin connection's login as '{pg.superuser}' was refused: password "
+        f'authentication failed for user "{pg.superuser}"; it logs in as the user of '
+        "admin_upstream, else of upstream"
+    )
+    assert "not-the-password" not in proxy.output()
+
+
+def test_an_unreachable_postgresql_at_start_is_a_warning(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """Not reachable yet (PostgreSQL starting after the proxy): the proxy starts, as before."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # a port nobody listens on
+        port = sock.getsockname()[1]
+        nobody = f"postgresql://u@127.0.0.1:{port}/db"
+        proxy = start_proxy("--listen-port", "0", PGMIGRATE_PROXY_UPSTREAM=nobody)
+        proxy.port()
+    proxy.wait_for(r"WARNING .*cannot open the admin connection: .*: guarded statements use")
+    proxy.send(signal.SIGTERM)
+    assert proxy.proc.wait(STEP_SECONDS) == 0
+
+
 def test_sd_notify_ready_reloading_stopping(
     pg: PgInfo,
     start_proxy: Callable[..., ProxyProcess],

@@ -13,6 +13,8 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+from pgmigrate_proxy.settings import BLOCKER_STATES
+
 _UNITS: dict[str, float] = {
     "us": 1e-6, "usec": 1e-6, "usecs": 1e-6, "microsecond": 1e-6, "microseconds": 1e-6,
     "ms": 1e-3, "msec": 1e-3, "msecs": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
@@ -24,15 +26,7 @@ _UNITS: dict[str, float] = {
 }  # fmt: skip
 _PART = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", re.IGNORECASE)
 _CLOCK = re.compile(r"\s*(?:([0-9]+):)?([0-9]+):([0-9]+(?:\.[0-9]*)?)\s*")
-#: django-pgactivity's state spellings (ACTIVE, IDLE_IN_TRANSACTION, ...) in the proxy's words.
-_STATES = (
-    "active",
-    "idle",
-    "idle in transaction",
-    "idle in transaction (aborted)",
-    "fastpath function call",
-    "disabled",
-)
+
 
 
 class Unmappable(ValueError):
@@ -78,7 +72,7 @@ def _interval_text(text: str) -> float:
 def _state(value: object) -> str:
     name = " ".join(str(value).lower().replace("_", " ").split()) if isinstance(value, str) else ""
     name = name.replace("( aborted)", "(aborted)").replace("(aborted )", "(aborted)")
-    if name not in _STATES:
+    if name not in BLOCKER_STATES:  # (django-pgactivity's ACTIVE, IDLE_IN_TRANSACTION, ...)
         raise ValueError(f"unknown state {value!r}")
     return name
 

@@ -89,15 +89,33 @@ def patterns(value: object) -> tuple[str, ...] | None:
     return items
 
 
+#: The string names PGMIGRATE_BLOCKING_ACTION accepts (the proxy's own spelling of
+#: blocking_action), each with the action it stands for.
+ACTION_NAMES: dict[str, type[actions.BlockingAction] | None] = {
+    "terminate": actions.Terminate,
+    "cancel": actions.Cancel,
+    "show": actions.Show,
+    "none": None,
+}
+
+
 def blocking_action(value: object) -> actions.BlockingAction | None:
-    """None, a pgmigrate.BlockingAction subclass (instantiated) or instance."""
+    """None, a pgmigrate.BlockingAction subclass (instantiated) or instance, or one of the
+    names "terminate", "cancel", "show", "none" (any case, or as "pgmigrate.Terminate")."""
+    if isinstance(value, str):
+        name = value.strip().lower().removeprefix("pgmigrate.")
+        if name in ACTION_NAMES:
+            action = ACTION_NAMES[name]
+            return None if action is None else action()
     if inspect.isclass(value) and issubclass(value, actions.BlockingAction):
         return value()
     if value is None or isinstance(value, actions.BlockingAction):
         return value
     raise ValueError(
-        "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, or a "
-        "pgmigrate.BlockingAction subclass or instance"
+        "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, a "
+        "pgmigrate.BlockingAction subclass or instance, or one of "
+        + ", ".join(repr(name) for name in ACTION_NAMES)
+        + f" (got {value!r})"
     )
 
 

@@ -28,9 +28,16 @@ def _plural(count: int) -> str:
 class NoticePrinter:
     """Turns the proxy's notices into the migrate command's output lines."""
 
-    def __init__(self, command: BaseCommand, *, show_blocked: bool) -> None:
+    def __init__(
+        self,
+        command: BaseCommand,
+        *,
+        show_blocked: bool,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.command = command
         self.show_blocked = show_blocked
+        self.on_event = on_event  # the guard events (report_events), for migrate --report
         self.terminated: list[int] = []
         self.cancelled: list[int] = []
         self.blocked: list[str] = []  # this statement's blockers, as shown
@@ -46,6 +53,11 @@ class NoticePrinter:
 
     def notice(self, severity: str, message: str) -> None:
         """One notice; those not from the proxy are left alone, as Django leaves them."""
+        event = texts.read_event(message)
+        if event is not None:
+            if self.on_event is not None:
+                self.on_event(event)
+            return
         for pattern, handle in self._table:
             match = pattern.match(message)
             if match is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import CommandError
 from django.db.backends.base.base import BaseDatabaseWrapper
 from pgmigrate_proxy.config import Config, ConfigError
-from pgmigrate_proxy.embedded_proxy import EmbeddedProxy, is_proxy
+from pgmigrate_proxy.embedded_proxy import PRIVILEGES, AdminLoginRefused, EmbeddedProxy, is_proxy
 from psycopg.conninfo import make_conninfo
 
 from pgmigrate import conf
@@ -141,6 +141,19 @@ def _find(connection: BaseDatabaseWrapper, mode: str) -> str | None:
     return version
 
 
+def _start_embedded(alias: str, config: Config) -> EmbeddedProxy:
+    """The embedded proxy, listening; a refused admin login stops migrate, saying why."""
+    try:
+        return EmbeddedProxy(config).start()
+    except AdminLoginRefused as exc:
+        user = f"USER {exc.user!r}" if exc.user else "no USER (libpq took PGUSER or the OS user)"
+        raise CommandError(
+            f"cannot start the embedded pgmigrate-proxy: PostgreSQL refused the login of its "
+            f"admin connection to database '{alias}' ({user}): {exc.reason}. It logs in as "
+            f"DATABASES['{alias}'] does; the guard needs {PRIVILEGES}"
+        ) from None
+
+
 @contextlib.contextmanager
 def routed(connection: BaseDatabaseWrapper, plan: Plan) -> Iterator[Route]:
     """Route `connection` through a proxy for the duration of the block."""
@@ -153,7 +166,7 @@ def routed(connection: BaseDatabaseWrapper, plan: Plan) -> Iterator[Route]:
             route = Route(Kind.EXTERNAL, plan.autocommit, proxy_version=version)
             _reconnect(connection, session_settings(original, options, None))
         else:
-            proxy = EmbeddedProxy(embedded_config(original, plan)).start()
+            proxy = _start_embedded(connection.alias, embedded_config(original, plan))
             route = Route(Kind.EMBEDDED, plan.autocommit, port=proxy.port)
             _reconnect(connection, session_settings(original, options, (proxy.host, proxy.port)))
         setattr(connection, ROUTE_ATTRIBUTE, route)

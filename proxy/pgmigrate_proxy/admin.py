@@ -12,6 +12,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
+from pgmigrate_proxy import adminlogin
 from pgmigrate_proxy.errors import ConnectionFailure
 from pgmigrate_proxy.guard.blockers import (
     BackendState,
@@ -131,6 +132,17 @@ class AdminUnavailable(ConnectionFailure):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
 
 
+class AdminLoginRefused(AdminUnavailable):
+    """PostgreSQL refused the admin login (user, password, database, pg_hba.conf): at start a
+    setup error; later an outage like any other. `user` and `reason` (the server's words) let
+    a caller say it in its own terms."""
+
+    def __init__(self, conninfo: str, libpq_message: str) -> None:
+        super().__init__(adminlogin.refusal(conninfo, libpq_message))
+        self.user = adminlogin.conninfo_user(conninfo)
+        self.reason = adminlogin.server_reason(libpq_message)
+
+
 def _blocker(row: DictRow) -> Blocker:
     locks = tuple(
         RelationLock(int(lock["relation"]), LockMode[lock["mode"]], bool(lock["granted"]))
@@ -223,11 +235,16 @@ class AdminConnection:
         return conn is not None and not conn.closed and not conn.broken
 
     async def connect(self) -> None:
-        """Open the connection (once; see ensure() for retries), replacing any previous one."""
+        """Open the connection (once; see ensure() for retries), replacing any previous one.
+        Raises AdminLoginRefused when PostgreSQL refuses the login, else AdminUnavailable."""
         await self._discard()
         try:
             self._conn = await _within(self._open(), self._connect_timeout)
-        except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
+        except psycopg.Error as exc:
+            if adminlogin.refused(str(exc)):
+                raise AdminLoginRefused(self._conninfo, str(exc)) from exc
+            raise AdminUnavailable(f"cannot open the admin connection: {_describe(exc)}") from exc
+        except (OSError, asyncio.TimeoutError) as exc:
             raise AdminUnavailable(f"cannot open the admin connection: {_describe(exc)}") from exc
         self._pid = self._conn.info.backend_pid
         log.info("admin connection open (backend pid %d)", self._pid)
@@ -311,6 +328,11 @@ class AdminConnection:
         """pg_cancel_backend(pid): ends a running query, not an idle-in-transaction session."""
         return await self._signal("SELECT pg_cancel_backend(%(pid)s) AS ok", pid)
 
+    async def lookup_user(self, query: str, user: str) -> tuple[object, ...] | None:
+        """auth_query's first row for `user` (None: no row), the name bound as `$1`."""
+        rows = await self._fetch(query, (user,))
+        return tuple(rows[0].values()) if rows else None
+
     async def _signal(self, query: str, pid: int) -> bool:
         if pid <= 0 or pid == self._pid:
             return False
@@ -337,8 +359,11 @@ class AdminConnection:
             raise
         return conn
 
-    async def _fetch(self, query: str, params: Mapping[str, Any]) -> list[DictRow]:
-        """Run `query`, reconnecting and running it once more when the connection was lost."""
+    async def _fetch(
+        self, query: str, params: Mapping[str, Any] | tuple[Any, ...]
+    ) -> list[DictRow]:
+        """Run `query`, reconnecting and running it once more when the connection was lost
+        (a tuple of params: `query` takes them as `$1`, `$2`, ... through a raw cursor)."""
         for attempt in (1, 2):
             await self.ensure()
             conn = self._conn
@@ -364,8 +389,14 @@ class AdminConnection:
 
 
 async def _execute(
-    conn: psycopg.AsyncConnection[DictRow], query: str, params: Mapping[str, Any]
+    conn: psycopg.AsyncConnection[DictRow],
+    query: str,
+    params: Mapping[str, Any] | tuple[Any, ...],
 ) -> list[DictRow]:
+    if isinstance(params, tuple):
+        async with psycopg.AsyncRawCursor(conn, row_factory=dict_row) as raw:
+            await raw.execute(query, params)
+            return await raw.fetchall()
     async with conn.cursor() as cur:
         await cur.execute(query, params)
         return await cur.fetchall()

@@ -25,6 +25,7 @@ from pgmigrate_proxy.config import (
     load_config,
     passwords_on_command_line,
 )
+from pgmigrate_proxy.errors import ConnectionFailure
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.embedded_postgres import PostgresServer
@@ -45,6 +46,7 @@ class Server(Protocol):
 
     async def start(self) -> None: ...
     async def shutdown(self, grace: float | None = None) -> None: ...
+    def hurry(self) -> None: ...
     def reload(self, config: Config) -> list[str]: ...
 
 
@@ -57,8 +59,44 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    """`pgmigrate-proxy report EVENTS.jsonl [-o FILE.html]`: the migration report of the guard
+    events in a JSON log (log_format = "json"), as one self-contained HTML page."""
+    import argparse
+
+    from pgmigrate_proxy import report
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} report", description=_report.__doc__)
+    parser.add_argument("events", help='the proxy\'s log, written with log_format = "json"')
+    parser.add_argument("-o", "--output", help="the HTML file to write (default: stdout)")
+    parser.add_argument("--title", default="Migration report")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.events, encoding="utf-8", errors="replace") as lines:
+            events = report.read_jsonl(lines)
+    except OSError as exc:
+        print(f"{PROG} report: cannot read {args.events}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    if not events:
+        print(
+            f"{PROG} report: no guard events in {args.events} (the proxy writes them as JSON "
+            'lines with log_format = "json" and log_level info or debug)',
+            file=sys.stderr,
+        )
+    page = report.render(events, title=args.title, source=os.path.basename(args.events))
+    if args.output is None:
+        sys.stdout.write(page)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        print(f"{PROG} report: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 #: Subcommands by name; the proxy itself runs when the first argument names none of them.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo, "report": _report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,6 +262,9 @@ class Service:
                 where = _address(self.config.listen_host, self.config.listen_port)
                 log.error("cannot listen on %s: %s", where, exc)
                 return EXIT_FAILURE
+            except ConnectionFailure as exc:  # the admin login refused: a setup error
+                log.error("%s", exc)
+                return EXIT_USAGE
             log.info("listening on %s (%s)", self._where(), self.loop_name)
             sdnotify.ready(f"listening on {self._where()}")
             await self._stop.wait()
@@ -246,10 +287,12 @@ class Service:
                 loop.remove_signal_handler(signum)
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Begin the graceful shutdown (SIGTERM, SIGINT)."""
+        """Begin the graceful shutdown (SIGTERM, SIGINT); a second one ends its grace."""
         assert self._stop is not None, "run() has not started"
-        if self._stop.is_set():
-            log.info("%s: already shutting down", reason)
+        if self._stop.is_set():  # a second Ctrl-C: stop at once
+            log.warning("%s again: ending the open sessions now", reason)
+            if self.server is not None:
+                self.server.hurry()
             return
         log.info("%s: shutting down, sessions get up to %g s", reason, self.config.shutdown_grace)
         self._stop.set()

@@ -14,6 +14,8 @@ from typing import Any, NoReturn
 from psycopg.conninfo import conninfo_to_dict
 
 from pgmigrate_proxy import __version__
+from pgmigrate_proxy.auth.authfile import AuthFileError, parse_auth_file
+from pgmigrate_proxy.auth.credentials import StoredCredential
 from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import MASK, redact
 from pgmigrate_proxy.poolconfig import SECTIONS, OverrideError, PoolOverrides, parse_section
@@ -127,6 +129,7 @@ class Config:
     max_hold: float = default("max_hold")
     watch_interval: float = default("watch_interval")
     cancel_grace: float = default("cancel_grace")
+    report_events: bool = default("report_events")
     min_transaction_age: float = default("min_transaction_age")
     min_query_age: float = default("min_query_age")
     blocker_states: tuple[str, ...] = default("blocker_states")
@@ -416,6 +419,24 @@ def _check_auth(config: Config, sources: Mapping[str, str]) -> None:
     if needed and not getattr(config, needed):
         allowed = f"a non-empty value when auth_type is {needed}"
         raise ConfigError.invalid(needed, getattr(config, needed), allowed, sources.get(needed))
+    if config.auth_file and config.auth_type in ("auth_file", "trust"):
+        load_auth_file(config.auth_file)
+
+
+def load_auth_file(path: str) -> dict[str, StoredCredential]:
+    """The users of an auth_file; ConfigError (one line, no password) when it is unusable.
+    Read at start and again at each reload."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        message = f"invalid auth_file: cannot read {path}: {reason}"
+        raise ConfigError(message, key="auth_file") from None
+    try:
+        return parse_auth_file(text, path)
+    except AuthFileError as exc:
+        raise ConfigError(f"invalid auth_file: {exc}", key="auth_file") from None
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:

@@ -9,6 +9,8 @@
 pgmigrate-proxy, and `SESSION_OPTIONS` names what a session may set with
 `-c pgmigrate.<name>=<value>` in its startup options. `SETTINGS` is the settings schema (each
 setting's default, range and parser), with `parse_duration` / `format_duration`.
+`start()` raises AdminLoginRefused when PostgreSQL refuses the guard's admin login (`PRIVILEGES`
+says what that role needs).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from pgmigrate_proxy.admin import AdminLoginRefused
+from pgmigrate_proxy.adminlogin import PRIVILEGES
 from pgmigrate_proxy.config import Config
 from pgmigrate_proxy.protocol.types import PROXY_PARAMETER
 from pgmigrate_proxy.runtime.options import NAMES
@@ -25,9 +29,11 @@ from pgmigrate_proxy.runtime.server import ProxyServer
 from pgmigrate_proxy.settings import SETTINGS, Rejected, format_duration, parse_duration
 
 __all__ = [
+    "PRIVILEGES",
     "PROXY_PARAMETER",
     "SESSION_OPTIONS",
     "SETTINGS",
+    "AdminLoginRefused",
     "EmbeddedProxy",
     "Rejected",
     "format_duration",

@@ -53,22 +53,28 @@ class JsonLinesFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        for key, value in _fields(record).items():
-            entry.setdefault(str(key), value)
+        for key, value in _fields(record).items():  # user data too (queries): redacted
+            entry.setdefault(str(key), redact(value) if isinstance(value, str) else value)
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
-    """`<ts> <LEVEL> <logger>: <msg> key=value ...`, redacted."""
+    """`<ts> <LEVEL> <logger>: <msg> key=value ...`, redacted: the record's `fields` that the
+    message does not already show as `key=...` (the guard's messages show theirs)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = " ".join(f"{key}={value!r}" for key, value in _fields(record).items())
+        shown = record.getMessage()
+        extra = " ".join(
+            f"{key}={value!r}"
+            for key, value in _fields(record).items()
+            if not re.search(rf"(?<![\w.]){re.escape(str(key))}=", shown)
+        )
         return redact(f"{line} {extra}" if extra else line)
 
 

@@ -3,8 +3,10 @@ prints them in django-pgmigrate 1.x's words): each built and matched here, and o
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 PREFIX: Final = "pgmigrate: "
 
@@ -45,6 +47,28 @@ def applied_despite_rollback(count: int, shown: str) -> str:
         f"{PREFIX}autocommit session: {count} statement(s) stay applied despite the rollback: "
         f"{shown}"
     )
+
+
+#: A guard event, to a session that asked for them (report_events): the prefix, then the event
+#: as one JSON object (ts, event, then its fields; what the JSON log has of it). No "pgmigrate: "
+#: prefix: a client that does not read them prints nothing for them.
+EVENT_PREFIX: Final = "pgmigrate-event: "
+EVENT_SEVERITY: Final = "LOG"
+
+
+def event(fields: Mapping[str, object]) -> str:
+    return EVENT_PREFIX + json.dumps(fields, default=str, ensure_ascii=False)
+
+
+def read_event(message: str) -> dict[str, Any] | None:
+    """The event in a notice's message, or None when it holds none."""
+    if not message.startswith(EVENT_PREFIX):
+        return None
+    try:
+        found = json.loads(message[len(EVENT_PREFIX) :])
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 # --- matching (the Django app) -------------------------------------------------------------------

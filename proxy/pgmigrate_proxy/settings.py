@@ -494,6 +494,16 @@ _ALL: tuple[Setting, ...] = (
         3600.0,
         "time before `cancel` escalates to terminate for an idle-in-transaction blocker",
     ),
+    Setting(
+        "report_events",
+        "boolean",
+        False,
+        "send each guard event of a session to its client too, as a LOG notice holding the "
+        "event as JSON (`migrate --report` sets it for its connection)",
+        "true or false (also on/off, yes/no, 1/0)",
+        _boolean,
+        session=True,
+    ),
     _duration(
         "min_transaction_age",
         0.0,

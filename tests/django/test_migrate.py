@@ -200,4 +200,28 @@ def test_bad_settings_stop_migrate(settings: SettingsWrapper) -> None:
     with pytest.raises(CommandError, match="PGMIGRATE_PROXY: must be one of"):
         migrate("testapp", "--plan", "--skip-checks")
     with pytest.raises(SystemCheckError, match=r"pgmigrate\.E008"):
-        call_command("check")
+        call_command("check", databases=[])  # Django 6.1 checks all databases by default
+
+
+def test_embedded_proxy_stops_migrate_on_a_refused_admin_login(settings: SettingsWrapper) -> None:
+    """A wrong PASSWORD: the embedded proxy's admin login is refused; migrate stops saying why
+    (it used to start anyway, the guard degraded to retries and said only "admin connection
+    down")."""
+    settings.PGMIGRATE_PROXY = "embedded"
+    original = connection.settings_dict
+    connection.close()
+    connection.settings_dict = {**original, "PASSWORD": "not-the-password"}
+    try:
+        with pytest.raises(CommandError) as info:
+            migrate("testapp", "0001", verbosity=0)
+    finally:
+        connection.close()
+        connection.settings_dict = original
+    user = original["USER"]
+    assert str(info.value) == (
+        "cannot start the embedded pgmigrate-proxy: PostgreSQL refused the login of its admin "
+        f"connection to database 'default' (USER {user!r}): password authentication failed for "
+        f"user \"{user}\". It logs in as DATABASES['default'] does; the guard needs a "
+        "superuser, or a role granted pg_read_all_stats and pg_signal_backend"
+    )
+    assert "not-the-password" not in str(info.value)

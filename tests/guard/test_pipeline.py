@@ -374,11 +374,13 @@ def test_an_admin_outage_is_one_backoff_and_the_statement_is_never_held_for_it()
     run(fake, context=context)
     assert fake.sent == 1 and fake.codes() == []
     assert context.health.backoff == 1.0  # one failure seen, one backoff: not doubled twice
-    assert sum("admin connection down" in m for m in fake.notices()) == 1
-    # a second statement within the back-off does not even try the admin connection
-    again = Fake(admin_down=lambda now: True)
+    assert sum("admin connection down: connection refused" in m for m in fake.notices()) == 1
+    # a second statement within the back-off does not even try the admin connection, and its
+    # notice says why as well
+    again = Fake(admin_down=lambda now: True, blockers=lambda now: [blocker(7)])
     run(again, context=context)
     assert again.of(FindBlockers) == [] and context.health.backoff == 1.0
+    assert sum("admin connection down: connection refused" in m for m in again.notices()) == 1
     # once it answers again, the back-off is forgotten
     later = Fake(now=5.0)
     run(later, context=context)
@@ -396,3 +398,52 @@ def test_a_client_that_leaves_while_held_gets_nothing_sent() -> None:
     fake.blockers = leaving
     run(fake, settings(action=BlockingAction.SHOW), view=view)
     assert fake.sent == 0 and fake.delivered() == []
+
+
+# --- the events (the log, the migration report) ---------------------------------------------------
+
+
+def test_events_tell_one_unit_from_held_to_applied_with_each_attempt() -> None:
+    """Each event carries the unit and the statement's backend; each attempt its lock wait (the
+    whole of a 55P03 attempt; else until the in-flight watch last saw it blocked) and run time."""
+    fake = Fake(
+        blockers=lambda now: [blocker(7)],
+        attempts=[(0.05, "55P03"), (0.3, None)],
+        blocking=lambda now: [9] if now > 0.1 else [],
+    )
+    client = {"user": "app", "application_name": "migrate"}
+    unit = HeldUnit(b"Q...", (ALTER,), expect=1, retryable=True)
+    context = GuardContext(rng=random.Random(0))
+    fake.run(pipeline.run(View(), context, settings(watch_interval=0.02), unit, client))
+    events = [(e.name, dict(e.fields)) for e in fake.of(Event)]
+    assert [name for name, _ in events] == [
+        "held", "terminated", "attempt", "retry", "terminated", "attempt", "applied",
+    ]  # fmt: skip
+    assert all(fields["unit"] == 1 and fields["statement_pid"] == PID for _, fields in events)
+    assert events[0][1] == {
+        "unit": 1,
+        "statement_pid": PID,
+        "statement": ALTER.text,
+        "database": "app",
+        "action": "terminate",
+        "user": "app",
+        "application_name": "migrate",
+    }
+    attempts = [fields for name, fields in events if name == "attempt"]
+    assert [(a["attempt"], a["lock_wait_ms"], a["run_ms"], a["code"]) for a in attempts] == [
+        (1, 50, 0, "55P03"),
+        (2, 20, 280, None),  # sent at 0.10, seen blocked at 0.12, done at 0.40
+    ]
+    assert events[-1][1]["attempts"] == 2
+
+
+def test_units_are_numbered_per_context_and_giving_up_says_so() -> None:
+    context = GuardContext(rng=random.Random(0))
+    first, second = Fake(), Fake(blockers=lambda now: [blocker(7)])
+    run(first, context=context)
+    run(second, settings(action=BlockingAction.SHOW, budget=0.3), context=context)
+    assert {e.fields["unit"] for e in first.of(Event)} == {1}
+    gave_up = [dict(e.fields) for e in second.of(Event) if e.name == "gave_up"]
+    assert gave_up == [
+        {"unit": 2, "statement_pid": PID, "attempts": 0, "elapsed_ms": 300, "code": "55P03"}
+    ]

@@ -295,3 +295,31 @@ def test_a_table_privilege_is_enough_where_postgresql_asks_for_no_more(
         client.conn.execute(q("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", selected))
     stays(lambda: alive(pg, holder), "the blocker of a refused LOCK lives", 0.3)
     client.conn.close()
+
+
+def test_report_events_show_an_owner_no_more_than_pg_stat_activity(
+    pg: PgInfo,
+    proxy_factory: ProxyFactory,
+    own_table: tuple[str, str],
+    holders: Callable[[str], psycopg.Connection[Any]],
+) -> None:
+    """A session that asks for its guard events (report_events, as migrate --report does) gets
+    each as a LOG notice; of another role's blocker only what pg_stat_activity shows it."""
+    from pgmigrate_proxy import notices
+
+    mine, _ = own_table
+    holder = holders(mine)
+    proxy = proxy_factory(blocking_action="terminate", lock_budget=5.0)
+    client = through(proxy, options="-c pgmigrate.report_events=on")
+    client.conn.execute(q("ALTER TABLE {} ADD COLUMN v int", mine))
+    events = [notices.read_event(n.message) for n in client.notices if n.severity == "LOG"]
+    assert [e["event"] for e in events if e] == ["held", "terminated", "attempt", "applied"]
+    terminated = next(e for e in events if e and e["event"] == "terminated")
+    assert terminated["pid"] == holder.info.backend_pid
+    assert terminated["query"] == "<insufficient privilege>" and "state" not in terminated
+    assert SECRET not in everything_said(client)
+    plain = through(proxy)  # without the option: no event notices
+    plain.conn.execute(q("ALTER TABLE {} ADD COLUMN u int", mine))
+    assert not any(n.message.startswith(notices.EVENT_PREFIX) for n in plain.notices)
+    client.conn.close()
+    plain.conn.close()

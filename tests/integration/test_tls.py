@@ -153,7 +153,11 @@ def test_client_tls_require_refuses_plain_clients(
 def test_upstream_sslmode_disable_is_rejected_by_the_server(
     proxy_factory: ProxyFactory, pg_tls: PgInfo
 ) -> None:
-    proxy = proxy_factory(upstream(pg_tls, sslmode="disable"), target=pg_tls)
+    proxy = proxy_factory(
+        upstream(pg_tls, sslmode="disable"),
+        target=pg_tls,
+        admin_upstream=upstream(pg_tls, sslmode="require"),  # else the proxy would not start
+    )
     code, message = refusal(proxy)
     assert code == "28000"
     assert "pg_hba.conf rejects connection" in message and "no encryption" in message

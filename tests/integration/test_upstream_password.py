@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pgmigrate_proxy.admin import AdminLoginRefused
 
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
@@ -51,8 +52,10 @@ def test_without_a_password_the_admin_connection_fails(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The control: the two tests above log in by their password routes, not by trust."""
+    """The control: the two tests above log in by their password routes, not by trust. A
+    refused admin login stops the start, naming the user."""
     monkeypatch.delenv("PGPASSWORD", raising=False)
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "absent"))
-    proxy_factory(f"postgresql://{pg.superuser}@{pg.host}:{pg.port}/postgres")
+    with pytest.raises(AdminLoginRefused, match=f"login as '{pg.superuser}' was refused"):
+        proxy_factory(f"postgresql://{pg.superuser}@{pg.host}:{pg.port}/postgres")
     assert not _admin_opened(proxy_log)

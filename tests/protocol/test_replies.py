@@ -7,6 +7,7 @@ still count ReadyForQuery exactly."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -240,6 +241,51 @@ def test_an_extended_copy_whose_data_fails_skips_to_the_next_sync() -> None:
     assert queue.idle
 
 
+def test_copy_done_sent_before_the_copy_in_response_came() -> None:
+    """The client ends a COPY FROM STDIN before the server's CopyInResponse reaches the proxy
+    (one write: COPY, Sync, CopyDone): the Sync was ignored all the same (socket fuzzer,
+    hang-migration-1-89203, hang-migration-1-88803, hang-1-186198)."""
+    queue = ReplyQueue()
+    for kind in (F.QUERY, F.SYNC, F.COPY_DONE, F.QUERY):
+        queue.sent(kind)
+    assert queue.readies == 3
+    queue.received(B.COPY_IN_RESPONSE)
+    assert queue.readies == 2 and not queue.copy_in  # the Sync went; the client ended it
+    queue.received(B.COMMAND_COMPLETE)
+    queue.received(B.READY_FOR_QUERY)
+    queue.received(B.READY_FOR_QUERY)
+    assert queue.idle
+
+
+def test_copy_done_sent_early_after_an_extended_copy() -> None:
+    queue = ReplyQueue()
+    for kind in (F.SYNC, F.PARSE, F.BIND, F.EXECUTE, F.SYNC, F.COPY_DONE, F.SYNC):
+        queue.sent(kind)
+    queue.received(B.READY_FOR_QUERY)  # the first Sync's
+    queue.received(B.PARSE_COMPLETE)
+    queue.received(B.BIND_COMPLETE)
+    queue.received(B.COPY_IN_RESPONSE)
+    assert queue.readies == 1 and not queue.copy_in
+    queue.received(B.COMMAND_COMPLETE)
+    queue.received(B.READY_FOR_QUERY)
+    assert queue.idle
+
+
+def test_a_stray_copy_done_changes_nothing() -> None:
+    """A CopyDone after a statement that is no COPY (PostgreSQL ignores it): a later COPY's
+    Syncs still count."""
+    queue = ReplyQueue()
+    for kind in (F.QUERY, F.SYNC, F.COPY_DONE):
+        queue.sent(kind)
+    queue.received(B.COMMAND_COMPLETE)
+    queue.received(B.READY_FOR_QUERY)  # the Query ended: no COPY came
+    queue.received(B.READY_FOR_QUERY)
+    assert queue.idle
+    queue.sent(F.QUERY)
+    queue.received(B.COPY_IN_RESPONSE)
+    assert queue.copy_in and queue.readies == 1
+
+
 def test_a_simple_query_copy_that_fails() -> None:
     queue = ReplyQueue()
     queue.sent(F.QUERY)
@@ -265,3 +311,36 @@ def test_flush_ends_nothing_and_leaves_the_batch_open() -> None:
     queue.sent(F.SYNC)
     queue.received(B.READY_FOR_QUERY)
     assert queue.idle
+
+
+_SENT = [F.PARSE, F.BIND, F.DESCRIBE, F.EXECUTE, F.CLOSE, F.SYNC, F.FLUSH, F.QUERY, F.COPY_DONE,
+         F.COPY_FAIL]  # fmt: skip
+_RECEIVED = [B.READY_FOR_QUERY, B.ERROR_RESPONSE, B.PARSE_COMPLETE, B.COPY_IN_RESPONSE,
+             B.COMMAND_COMPLETE]  # fmt: skip
+
+
+@settings(max_examples=1000)
+@given(
+    st.lists(st.sampled_from(_SENT), max_size=30),
+    st.lists(st.sampled_from(_RECEIVED), max_size=8),
+    st.integers(0, 30),
+)
+def test_sent_all_is_sent_one_by_one(
+    types: list[int], replies: list[int], split: int
+) -> None:
+    """The relay's one call per chunk leaves the queue as a call per message does."""
+    one, many = ReplyQueue(), ReplyQueue()
+    for queue in (one, many):  # a state with a reply or two already in
+        for kind in types[:split]:
+            queue.sent(kind)
+        for reply in replies:
+            with contextlib.suppress(UnexpectedReply):
+                queue.received(reply)
+    for kind in types[split:]:
+        one.sent(kind)
+    rest = list(types[split:])
+    extended = sum(t in (F.PARSE, F.BIND, F.DESCRIBE, F.CLOSE, F.EXECUTE) for t in rest)
+    many.sent_all(rest, extended)
+    assert one.pending() == many.pending()
+    assert (one.batch_open, one.copy_in) == (many.batch_open, many.copy_in)
+    assert one.readies == many.readies

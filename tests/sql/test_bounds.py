@@ -94,3 +94,31 @@ def test_classify_script_splits_each_statement() -> None:
     ]
     assert pieces[2][1][0].guarded
     assert classify_script("SELECT 'unterminated")[0][1][0].kind == "Unparsable"
+
+
+def test_classify_apart_gives_what_classify_gives() -> None:
+    """The worker thread's classification parses statement by statement; the answer is the
+    same as classify's for the whole text (kinds, texts, guard facts)."""
+    from pgmigrate_proxy.sql.classify import classify_apart
+
+    from tests.sql.classify_table import ROWS
+
+    script = "; ".join(row.sql for row in ROWS[:200])
+    cache_clear()
+    whole = classify(script)
+    apart = classify_apart(script)
+    assert len(whole) > 100
+    assert apart == whole
+    for sql in ("SELECT 'unterminated", "", "-- only a comment", "BEGIN; ALTER TABLE t ADD c int"):
+        assert classify_apart(sql) == classify(sql)
+
+
+def test_cost_is_zero_for_cached_and_unparsed_texts() -> None:
+    from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED, cost
+
+    cache_clear()
+    sql = "ALTER TABLE cost_t ADD c int"
+    assert cost(sql) == len(sql)
+    classify(sql)
+    assert cost(sql) == 0  # cached
+    assert cost("ALTER TABLE t ADD c int DEFAULT 1" + " " * MAX_CLASSIFIED) == 0  # not parsed

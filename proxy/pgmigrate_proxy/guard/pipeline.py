@@ -7,9 +7,10 @@ resolve, clear, forward, watch, retry, report: DESIGN.md section 4.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -98,6 +99,7 @@ class GuardContext:
     in_flight: set[int] = field(default_factory=set)  # backends running guarded statements
     admin_pid: int = 0  # the admin session's backend, never acted on
     rng: random.Random = field(default_factory=random.Random)
+    units: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
 
 class SessionView(Protocol):
@@ -150,20 +152,43 @@ class Pipeline:
     """One unit's trip: `steps()` is the generator; the rest are its parts."""
 
     def __init__(
-        self, view: SessionView, context: GuardContext, settings: GuardSettings, unit: HeldUnit
+        self,
+        view: SessionView,
+        context: GuardContext,
+        settings: GuardSettings,
+        unit: HeldUnit,
+        client: Mapping[str, object] | None = None,
     ) -> None:
         self.view = view
         self.context = context
         self.settings = settings
         self.unit = unit
+        self.client = client or {}  # who sent it (user, application_name, ...), for the events
+        self.unit_id = next(context.units)  # with statement_pid, ties a unit's events together
         self.started = 0.0
+        self.blocked_seen: float | None = None  # when the in-flight watch last saw it blocked
         self.resolution = UNRESOLVED
         self.first_seen: dict[int, float] = {}
         self.reported: set[tuple[int, Verdict]] = set()
         self.saved_lock_timeout: str | None = None
 
+    def event(self, name: str, fields: Mapping[str, object], level: str = "INFO") -> Event:
+        """A guard event of this unit: `unit` and `statement_pid` tie a unit's events together
+        (in the log, the migration report, the admin console)."""
+        tags = {"unit": self.unit_id, "statement_pid": self.view.server_pid}
+        return Event(name, {**fields, **tags}, level)
+
     def steps(self) -> Steps:
         self.started = yield Now()
+        yield self.event(
+            "held",
+            {
+                "statement": _summary(self.unit.statements),
+                "database": self.view.database,
+                "action": self.settings.action.value,
+                **self.client,
+            },
+        )
         yield WaitIdle()
         # The proxy's own queries need a batch boundary; after the unit there is one only
         # when the unit ends with Sync. Elsewhere (mid-batch) the targets come from when the
@@ -199,16 +224,22 @@ class Pipeline:
         while not self.view.gone:
             attempt += 1
             if not (yield from self._clear()):
-                yield from self._give_up()
+                yield from self._give_up(attempt - 1)
                 return
             if self.view.gone:
-                return  # the client left while its statement was held: it is never sent
+                # the client left while its statement was held: it is never sent
+                yield self.event("dropped", {"attempts": attempt - 1})
+                return
             timeout_ms = yield from self._timeout_ms(retryable)
             if injecting and timeout_ms is not None:
                 yield Inject(SET_LOCK_TIMEOUT, [f"{timeout_ms}ms"])
+            sent: float = yield Now()
+            self.blocked_seen = None
             frames = yield from self._attempt()
             error = _error(frames)
             elapsed = yield from self._elapsed()
+            took = self.started + elapsed - sent
+            yield self._attempt_event(attempt, timeout_ms, sent, took, error)
             schedule = self.settings.schedule
             again = retryable and error is not None and is_retryable(error.code)
             if error is None or not again or not schedule.attempts_left(elapsed):
@@ -217,12 +248,41 @@ class Pipeline:
             delay = schedule.next_delay(attempt, self.context.rng, elapsed=elapsed)
             delay_ms = round(delay * 1000)
             yield Notice("NOTICE", notices.retrying(error.message, delay_ms, attempt + 1))
-            yield Event("retry", {"attempt": attempt, "delay_ms": delay_ms, "code": error.code})
+            retry = {"attempt": attempt, "delay_ms": delay_ms, "code": error.code}
+            yield self.event("retry", retry)
             yield Sleep(delay)
 
     def _elapsed(self) -> Steps:
         now: float = yield Now()
         return now - self.started
+
+    def _attempt_event(
+        self,
+        attempt: int,
+        timeout_ms: int | None,
+        sent: float,
+        took: float,
+        error: ErrorResponse | None,
+    ) -> Event:
+        """One attempt: its lock wait (the whole attempt when it ended waiting for a lock, else
+        until the in-flight watch last saw it blocked: a lower bound, by one watch_interval at
+        most) and the rest, its run time."""
+        if error is not None and is_retryable(error.code):
+            waited = took
+        elif self.blocked_seen is not None:
+            waited = min(took, self.blocked_seen - sent)
+        else:
+            waited = 0.0
+        return self.event(
+            "attempt",
+            {
+                "attempt": attempt,
+                "lock_timeout_ms": timeout_ms,
+                "lock_wait_ms": round(waited * 1000),
+                "run_ms": round((took - waited) * 1000),
+                "code": error.code if error is not None else None,
+            },
+        )
 
     # --- the steps -------------------------------------------------------------------------
 
@@ -234,7 +294,7 @@ class Pipeline:
         yield Send(unit.data)
         frames: list[Frame] = yield Replies(None)
         reason = "the client lacks the rights to run it"
-        yield Event("not_guarded", {"reason": reason, "statement": _summary(unit.statements)})
+        yield self.event("not_guarded", {"reason": reason})
         yield Deliver(tuple(frames))
 
     def _admin_usable(self) -> Steps:
@@ -308,6 +368,7 @@ class Pipeline:
         pids = [p for p in (yield BlockingPids(pid)) if p > 0]
         if not pids:
             return True
+        self.blocked_seen = yield Now()
         viewer = self.resolution.viewer
         if not self.resolution.resolved:
             viewer, owns = yield WaiterOwns(pid)
@@ -382,7 +443,7 @@ class Pipeline:
         severity = "WARNING" if decision.acts else "NOTICE"
         detail = f"{decision.reason.value}; query: {seen.query}" if seen.query else None
         yield Notice(severity, notices.blocker(verb, describe(seen)), detail)
-        yield Event(
+        yield self.event(
             verb.replace(" ", "_"),
             {
                 "pid": blocker.pid,
@@ -394,6 +455,7 @@ class Pipeline:
                 "query": blocker.query,
                 "context": dict(blocker.context) if blocker.context else None,
                 "reason": decision.reason.value,
+                "visible": None if blocker.visible else False,  # to the client's role
                 "statement_pid": self.view.server_pid,
             },
         )
@@ -417,14 +479,14 @@ class Pipeline:
             "code": error.code if error is not None else None,
             "statement": _summary(self.unit.statements),
         }
-        yield Event("failed" if error is not None else "applied", fields)
+        yield self.event("failed" if error is not None else "applied", fields)
         if error is not None and is_retryable(error.code):
             # Before the replies: a notice after their ReadyForQuery would reach the client
             # between statements (unseen, or taken for the next statement's).
             yield Notice("WARNING", notices.budget_spent(attempts, elapsed))
         yield Deliver(tuple(frames))
 
-    def _give_up(self) -> Steps:
+    def _give_up(self, attempts: int) -> Steps:
         """The budget ran out while waiting for blockers: answer 55P03 without sending."""
         error = ErrorResponse.build(
             "ERROR", SqlState.LOCK_NOT_AVAILABLE, notices.gave_up(self.settings.schedule.budget)
@@ -433,9 +495,11 @@ class Pipeline:
         after = TransactionStatus.FAILED if status is not TransactionStatus.IDLE else status
         frames = [Frame(BackendType.ERROR_RESPONSE, error.encode()[5:], 0)]
         frames += [Frame(BackendType.READY_FOR_QUERY, bytes([after]), 0)] * self.unit.expect
-        yield Deliver(tuple(frames))
         elapsed = yield from self._elapsed()
-        yield Event("gave_up", {"elapsed_ms": round(elapsed * 1000)})
+        fields = {"attempts": attempts, "elapsed_ms": round(elapsed * 1000)}
+        # (before the replies, as a notice of it reaches a client that asked for events)
+        yield self.event("gave_up", {**fields, "code": SqlState.LOCK_NOT_AVAILABLE.value})
+        yield Deliver(tuple(frames))
 
     def _admin_lost(self, exc: Exception) -> Steps:
         now: float = yield Now()
@@ -449,9 +513,15 @@ class Pipeline:
             yield Notice("WARNING", notices.admin_down(reason))
 
 
-def run(view: SessionView, context: GuardContext, settings: GuardSettings, unit: HeldUnit) -> Steps:
+def run(
+    view: SessionView,
+    context: GuardContext,
+    settings: GuardSettings,
+    unit: HeldUnit,
+    client: Mapping[str, object] | None = None,
+) -> Steps:
     """The pipeline's steps for one unit; the client gets exactly the replies of one run."""
-    return Pipeline(view, context, settings, unit).steps()
+    return Pipeline(view, context, settings, unit, client).steps()
 
 
 _COPY_IN = (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE)

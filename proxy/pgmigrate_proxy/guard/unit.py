@@ -22,6 +22,7 @@ class GuardSettings:
     max_hold: float = default("max_hold")
     watch_interval: float = default("watch_interval")
     cancel_grace: float = default("cancel_grace")
+    report_events: bool = default("report_events")  # each event to the client too, as a notice
 
 
 def needs_guard(statement: Statement) -> bool:

@@ -12,7 +12,8 @@ following PostgreSQL's rules (postgres.c and the docs' "Message Flow"):
 - After an ErrorResponse to an extended-protocol message the server discards everything up to
   the next Sync (Query and FunctionCall included): their entries go.
 - During COPY IN the server ignores Sync and Flush: a Sync sent after the statement that
-  started the COPY expects nothing (settled when the client's CopyDone or CopyFail goes out).
+  started the COPY expects nothing (settled when the client's CopyDone or CopyFail goes out,
+  or, when that went out before the server's CopyInResponse came, when it comes).
 - A ReadyForQuery answers everything queued before it: replies come in order, so a completion
   the caller did not feed (the relay watches few message types) was answered before it.
   ReadyForQuery, ErrorResponse and CopyInResponse must always be fed: they change what is
@@ -81,6 +82,10 @@ _CLIENT = Owner.CLIENT
 _LAZY: dict[int, Expect] = {t: k for t, k in _PUSHES.items() if k in _EXTENDED}
 _EXECUTE_TYPE = int(F.EXECUTE)
 _SYNC_TYPE = int(F.SYNC)
+_QUERY_TYPE = int(F.QUERY)
+_READY_TYPE = int(B.READY_FOR_QUERY)
+_QUERY = Expect.QUERY
+_SYNC = Expect.SYNC
 
 
 class _Entry:
@@ -100,8 +105,8 @@ class ReplyQueue:
     """The expected replies of one server connection (see the module docstring)."""
 
     __slots__ = (
-        "_entries", "_exact", "_lazy", "_proxy", "_run", "_skipping", "_syncs_since_statement",
-        "batch_open", "copy_in",
+        "_early_copy_end", "_entries", "_exact", "_last_query", "_lazy", "_proxy", "_run",
+        "_skipping", "_syncs_since_statement", "batch_open", "copy_in",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -114,6 +119,10 @@ class ReplyQueue:
         self._proxy = 0  # entries of the proxy's requests
         self._run: list[Expect] = []  # the client's extended requests not yet entries
         self._lazy = True  # the open batch's client requests may wait in _run
+        self._last_query = False  # the last statement sent was a Query (not an Execute)
+        #: A CopyDone/CopyFail sent before the COPY's CopyInResponse came: [ReadyForQuery
+        #: messages still due before that statement's, Syncs sent after it (ignored if COPY)]
+        self._early_copy_end: list[int] | None = None
 
     # --- what is owed ---------------------------------------------------------------------------
 
@@ -163,11 +172,23 @@ class ReplyQueue:
     def sent(self, message_type: int, owner: Owner = Owner.CLIENT) -> None:
         """A frontend message went to the server."""
         if owner is _CLIENT and not self._skipping:  # the relay's hot path, first
+            if message_type == _QUERY_TYPE and not self.batch_open:  # a Query between batches
+                self._syncs_since_statement = 0
+                self._last_query = True
+                entries = self._entries
+                if entries:
+                    tail = entries[-1]
+                    if tail.kind is _QUERY and tail.owner is _CLIENT and not tail.exact:
+                        tail.count += 1
+                        return
+                entries.append(_Entry(_QUERY, _CLIENT, False))
+                return
             if message_type in _LAZY and self._lazy:
                 self.batch_open = True
                 self._run.append(_LAZY[message_type])
                 if message_type == _EXECUTE_TYPE:
                     self._syncs_since_statement = 0
+                    self._last_query = False
                 return
             if message_type == _SYNC_TYPE and self._run:
                 self._run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
@@ -190,16 +211,19 @@ class ReplyQueue:
                 self.batch_open = True
                 if kind is Expect.EXECUTE:
                     self._syncs_since_statement = 0
+                    self._last_query = False
                 if client and self._lazy:
                     self._run.append(kind)
                     return
             else:
                 self._syncs_since_statement = 0
+                self._last_query = True
                 if self._run:
                     self._materialize()  # a Query inside the batch: every request counts
             self._push(kind, owner)
         elif message_type == F.FUNCTION_CALL:
             self._syncs_since_statement = 0
+            self._last_query = True  # (never a COPY: its ReadyForQuery ends any early end)
             if self._run:
                 self._materialize()
             self._push(Expect.FUNCTION, owner)
@@ -208,6 +232,60 @@ class ReplyQueue:
             self.copy_in = False
             self._forget_syncs(self._syncs_since_statement)  # ignored during COPY IN
             self._syncs_since_statement = 0
+        elif message_type in (F.COPY_DONE, F.COPY_FAIL) and self._early_copy_end is None:
+            # the last statement may be a COPY whose CopyInResponse is still on its way: then
+            # this ends it, and the Syncs sent since the statement are ignored (received())
+            syncs = self._syncs_since_statement
+            before = self.readies - syncs - self._last_query
+            if before >= 0 and (self._entries or self._run):
+                self._early_copy_end = [before, syncs]
+
+    def sent_all(self, types: list[int], extended: int = 0) -> None:
+        """sent() of the client's messages `types`, in order: the relay's one call per chunk
+        (Bind, Describe and Execute of a batch only join its plain list here). `extended`:
+        how many of them are Parse, Bind, Describe, Close or Execute (the relay counts them);
+        when all but a final Sync are, the batch is settled at once."""
+        if (extended and extended == len(types) - 1 and types[-1] == _SYNC_TYPE and self._lazy
+                and not self._skipping):  # fmt: skip
+            # one whole batch: its Sync's ReadyForQuery stands for all of it (see sent())
+            if _EXECUTE_TYPE in types:
+                self._syncs_since_statement = 1
+                self._last_query = False
+            else:
+                self._syncs_since_statement += 1
+            self.batch_open = False
+            self._run.clear()
+            entries = self._entries
+            if entries:
+                tail = entries[-1]
+                if tail.kind is _SYNC and tail.owner is _CLIENT and not tail.exact:
+                    tail.count += 1
+                    return
+            entries.append(_Entry(_SYNC, _CLIENT, False))
+            return
+        for message_type in types:
+            if self._skipping:
+                self.sent(message_type)
+            elif message_type in _LAZY and self._lazy:
+                self.batch_open = True
+                self._run.append(_LAZY[message_type])
+                if message_type == _EXECUTE_TYPE:
+                    self._syncs_since_statement = 0
+                    self._last_query = False
+            elif message_type == _SYNC_TYPE:  # as sent() does it, inline
+                self.batch_open = False
+                self._syncs_since_statement += 1
+                self._run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
+                self._lazy = True
+                entries = self._entries
+                if entries:
+                    tail = entries[-1]
+                    if tail.kind is _SYNC and tail.owner is _CLIENT and not tail.exact:
+                        tail.count += 1
+                        continue
+                entries.append(_Entry(_SYNC, _CLIENT, False))
+            else:
+                self.sent(message_type)
 
     def _materialize(self) -> None:
         """The client's extended requests of the open batch, kept as a plain list until now
@@ -247,6 +325,21 @@ class ReplyQueue:
             if not tail.count:
                 self._drop(entries.pop())
 
+    def _forget_ignored_syncs(self, count: int) -> None:
+        """The first `count` Syncs after the statement being answered (the head, or the head
+        Sync's own when the statement was an Execute not counted apart) expect nothing."""
+        entries = self._entries
+        index = 0 if entries and entries[0].kind is Expect.SYNC else 1
+        while count and index < len(entries) and entries[index].kind is Expect.SYNC:
+            entry = entries[index]
+            taken = min(count, entry.count)
+            entry.count -= taken
+            count -= taken
+            if entry.count:
+                break
+            self._drop(entry)
+            del entries[index]
+
     def hand_over(self) -> None:
         """The proxy's requests become the client's: their remaining replies go to the client
         (a held unit that entered COPY FROM STDIN: only the client can finish it)."""
@@ -261,14 +354,29 @@ class ReplyQueue:
         """A backend message came: pop what it answers. Returns whose request it belongs to
         (for a message that completes nothing, such as a DataRow or a notice, the request
         being answered now); None when nothing is owed."""
-        if self._run and message_type != B.READY_FOR_QUERY:
-            self._materialize()
-        if message_type == B.READY_FOR_QUERY:
+        if message_type == _READY_TYPE:
+            entries = self._entries
+            if entries and self._early_copy_end is None:  # the relay's hot path
+                head = entries[0]
+                if head.kind is _QUERY or head.kind is Expect.SYNC:
+                    self.copy_in = False
+                    head.count -= 1
+                    if not head.count:
+                        entries.popleft()
+                        if head.exact or head.owner is not _CLIENT:
+                            self._drop(head)
+                    return head.owner
             return self._ready()
+        if self._run:
+            self._materialize()
         if message_type == B.ERROR_RESPONSE:
             return self._error()
         if message_type == B.COPY_IN_RESPONSE:
-            self.copy_in = True
+            early, self._early_copy_end = self._early_copy_end, None
+            if early is None:
+                self.copy_in = True
+            elif early[0] == 0:  # the client already ended this COPY (see sent())
+                self._forget_ignored_syncs(early[1])
             return self.head_owner
         kinds = _COMPLETES.get(message_type)
         if kinds is None:
@@ -302,6 +410,11 @@ class ReplyQueue:
         if not entries:
             raise UnexpectedReply("ReadyForQuery with nothing owed")
         self.copy_in = False
+        early = self._early_copy_end
+        if early is not None:
+            early[0] -= 1
+            if early[0] < 0:
+                self._early_copy_end = None  # that statement ended without entering COPY IN
         return self._take_one()
 
     def _error(self) -> Owner | None:

@@ -8,12 +8,15 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
 
+from pgmigrate_proxy import notices
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard import pipeline
+from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE
 from pgmigrate_proxy.guard.pipeline import GuardContext, Steps
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.guard.steps import (
@@ -43,7 +46,7 @@ from pgmigrate_proxy.guard.unit import (
 )
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
-from pgmigrate_proxy.runtime.ports import ClientWriter, ServerPort
+from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
@@ -62,6 +65,8 @@ __all__ = [
 log = logging.getLogger("pgmigrate_proxy.guard")
 #: Statement texts whose resolved targets are kept for Executes that come mid-batch.
 _KNOWN_TARGETS = 64
+#: What a client may not see of a blocker session its role may not see (Blocker.as_seen).
+_HIDDEN = ("state", "xact_age", "query_age", "context", "client_addr")
 
 
 @dataclass
@@ -160,7 +165,8 @@ async def run(
     context.in_flight.add(pid)
     try:
         view = _View(server, client, targets)
-        await drive(pipeline.run(view, context, settings, unit), server, client, services)
+        steps = pipeline.run(view, context, settings, unit, _client(client))
+        await drive(steps, server, client, services, report_events=settings.report_events)
     finally:
         context.in_flight.discard(pid)
 
@@ -175,11 +181,17 @@ async def resolve_targets(
 
 
 async def drive(
-    steps: Steps, server: ServerPort, client: ClientWriter, services: GuardServices
+    steps: Steps,
+    server: ServerPort,
+    client: ClientWriter,
+    services: GuardServices,
+    *,
+    report_events: bool = False,
 ) -> Any:
     """Carry out `steps` until they return; their return value. A failed admin step is thrown
-    into them as AdminDown; a lost server connection (ConnectionError) ends the run."""
-    driver = _Driver(server, client, services)
+    into them as AdminDown; a lost server connection (ConnectionError) ends the run.
+    `report_events`: each event goes to the client too, as a notice (notices.event)."""
+    driver = _Driver(server, client, services, report_events)
     reply: Any = None
     failure: AdminDown | None = None
     try:
@@ -201,10 +213,17 @@ async def drive(
 class _Driver:
     """One run's I/O: the step kinds and what each does."""
 
-    def __init__(self, server: ServerPort, client: ClientWriter, services: GuardServices) -> None:
+    def __init__(
+        self,
+        server: ServerPort,
+        client: ClientWriter,
+        services: GuardServices,
+        report_events: bool = False,
+    ) -> None:
         self.server = server
         self.client = client
         self.services = services
+        self.report_events = report_events
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
 
@@ -231,6 +250,9 @@ class _Driver:
                 client.deliver(frames)
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
+                if self.report_events:
+                    text = notices.event(_for_client(name, fields))
+                    client.notice(notices.EVENT_SEVERITY, text)
             case _:
                 return await self._admin(step)
         return None
@@ -283,6 +305,31 @@ def _event(event: str, fields: Mapping[str, object], level: str = "INFO") -> Non
         logging.getLevelName(level), "guard %s %s", event, text,
         extra={"fields": {"event": event, **shown}},
     )  # fmt: skip
+
+
+def _for_client(event: str, fields: Mapping[str, object]) -> dict[str, object]:
+    """An event as its client may have it: what the JSON log has (ts, event, fields), but of a
+    blocker its role may not see in pg_stat_activity only what PostgreSQL would show it."""
+    ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    shown = {k: v for k, v in fields.items() if v is not None}
+    if shown.get("visible") is False:
+        shown = {k: v for k, v in shown.items() if k not in _HIDDEN}
+        shown["query"] = INSUFFICIENT_PRIVILEGE
+    return {"ts": ts, "event": event, **shown}
+
+
+def _client(client: object) -> dict[str, object]:
+    """Who sent the held statement, for its events: the startup parameters `user` and
+    `application_name` and the peer address of the client session (the runner's writer)."""
+    while isinstance(client, Capture):  # a migration runner's: the session is behind it
+        client = client.client
+    parameters = getattr(client, "parameters", None)
+    named = parameters if isinstance(parameters, dict) else {}
+    return {
+        "user": named.get("user"),
+        "application_name": named.get("application_name") or None,
+        "client": getattr(client, "peer", None),
+    }
 
 
 def _describe(exc: BaseException) -> str:

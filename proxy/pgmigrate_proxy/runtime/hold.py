@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
 from pgmigrate_proxy.protocol import extended
-from pgmigrate_proxy.protocol.framing import Cut, Frame
+from pgmigrate_proxy.protocol.framing import HEADER, Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
-from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime import guarding, offload
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
-from pgmigrate_proxy.runtime.detect import Detector, check_readable, parsed_statements, plain_query
-from pgmigrate_proxy.runtime.migration import MigrationRunner
+from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, plain_query
+from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.ports import ClientWriter
 from pgmigrate_proxy.sql import Statement, first_keyword
 
@@ -44,6 +45,12 @@ FRONTEND_WATCH = (
 )  # fmt: skip
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
 _BACKLOG_PAUSE = 1 << 20
+#: Pieces of a write up to this size are joined into one; larger ones go out as they are.
+_JOIN_LIMIT = 64 * 1024
+_EXTENDED_REQUESTS = frozenset(
+    t.value for t in (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
+                      FrontendType.CLOSE, FrontendType.EXECUTE)
+)  # fmt: skip
 _TRANSACTION_CONTROL = "TransactionStmt"
 _SYNC = FrontendType.SYNC.value
 _QUERY = FrontendType.QUERY.value
@@ -72,6 +79,12 @@ class HolderOwner(ClientWriter, Protocol):
     def resume_client_reading(self) -> None: ...
 
 
+def _reraise(exc: BaseException | None) -> None:
+    """For _safely: a failure of the hot path, handled as any step's."""
+    assert exc is not None
+    raise exc
+
+
 class Holder:
     """The guard's side of one session (see the module docstring)."""
 
@@ -88,8 +101,12 @@ class Holder:
         self.server = server  # the session's server connection (see attach)
         self.services = services
         self.settings = settings
-        self.migration = MigrationRunner(server, session, self._run_guarded) if migration else None
         self.detect = Detector()
+        self.migration = (
+            MigrationRunner(server, session, self._run_guarded, self.detect.budget)
+            if migration
+            else None
+        )
         self.targets = guarding.TargetMemory()
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
@@ -142,7 +159,13 @@ class Holder:
         A message the proxy must read and cannot (a migration session's Query without its
         terminator) ends the session with 08P01, as PostgreSQL ends it; anything else that
         goes wrong here ends it with XX000: never a hang, never a reply out of order."""
-        self._safely(self._pump, cut, first, pos)
+        try:  # (_safely, inline: this is the relay's hot path)
+            self._pump(cut, first, pos)
+            server = self.server
+            if server.replies.needs_every_reply is not server.every_reply:
+                server.watch()
+        except Exception:
+            self._safely(_reraise, sys.exc_info()[1])
 
     def _safely(self, step: Callable[..., None], *args: Any) -> None:
         """Run a step over client data; see pump for what a failure does."""
@@ -185,8 +208,11 @@ class Holder:
         data = cut.data
         frames = cut.frames
         server = self.server
-        replies = server.replies
+        migration = self.migration
         state_watch = self.state_watch
+        sent: list[int] = []  # types forwarded, for the reply queue (one call per chunk)
+        note = sent.append
+        extended = 0  # how many of them are extended-protocol requests (ReplyQueue.sent_all)
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
@@ -194,44 +220,64 @@ class Holder:
                 state_watch(item)
                 state_watch = self.state_watch
             if mtype == _TERMINATE:  # kept: the session decides whether its server goes back
+                if sent:
+                    server.replies.sent_all(sent, extended)
                 if item.start >= 0:
                     out.append(data[pos : item.start])
                 self._write_server(out)
                 self.session.terminated()
                 return
-            # the most frequent frames, inline (a migration session's Sync may end its skipping)
-            if mtype == _SYNC and item.start >= 0 and self.migration is None:
-                if item.payload:
-                    raise DecodeError("Sync with a body")
-                replies.sent(mtype)
-                continue
-            if mtype in _PASSING and item.start >= 0 and self.migration is None:
-                replies.sent(mtype)  # Execute, Describe, Close: they start no statement
-                continue
-            bind = mtype == _BIND and item.start >= 0 and self.migration is None
-            if bind and not self.detect.statements:
-                replies.sent(mtype)  # no guarded prepared statement it could bind
-                continue
-            # (a migration session sees every statement: no shortcut there)
-            plain = mtype == _QUERY and item.start >= 0 and self.migration is None
-            if plain and plain_query(item.payload):
-                replies.sent(mtype)
-                continue
+            if item.start >= 0 and migration is None:
+                # the most frequent frames, inline (a migration session sees every statement,
+                # and its Sync may end its skipping: no shortcut there)
+                if mtype == _SYNC:
+                    if item.payload:
+                        raise DecodeError("Sync with a body")
+                    note(mtype)
+                    continue
+                if mtype in _PASSING:
+                    note(mtype)  # Execute, Describe, Close: they start no statement
+                    extended += 1
+                    continue
+                if mtype == _BIND and not self.detect.statements:
+                    note(mtype)  # no guarded prepared statement it could bind
+                    extended += 1
+                    continue
+                if mtype == _QUERY and plain_query(item.payload):
+                    note(mtype)
+                    continue
             if mtype in _EMPTY_MESSAGES and item.payload:
                 # (PostgreSQL answers it with an error that makes it skip to the next Sync, a
                 # Query included, unlike a Flush or Sync: the proxy cannot follow that; 08P01)
                 raise DecodeError(f"{chr(mtype)!r} message with a body")
             start = pos if item.start < 0 else item.start
-            statements = self._guarded(item)
-            if statements is not None and (statements or self.migration is not None):
+            try:  # (self._guarded, inline)
+                if migration is not None:
+                    statements = self._migration_unit(item)
+                else:
+                    failed = server.status is TransactionStatus.FAILED
+                    statements = self.detect.guarded(item, failed=failed)
+            except Deferred as deferred:  # this frame and the rest wait for its classification
+                server.replies.sent_all(sent)
+                out.append(data[pos:start])
+                self._write_server(out)
+                self._defer(deferred.sql, cut, index, start)
+                return
+            if statements is not None and (statements or migration is not None):
+                server.replies.sent_all(sent)
                 out.append(data[pos:start])
                 self._write_server(out)
                 self._begin(item, statements, cut, index)
                 return
-            replies.sent(mtype)
-            if item.start < 0:
-                out.append(item.raw)
+            note(mtype)
+            if mtype in _EXTENDED_REQUESTS:
+                extended += 1
+            if item.start < 0:  # (its header and payload as they are: a copy of 100 MB is 30 ms)
+                out.append(HEADER.pack(mtype, len(item.payload) + 4))
+                out.append(item.payload)
                 pos = item.end
+        if sent:
+            server.replies.sent_all(sent, extended)
         if not out and pos == 0 and cut.tail == len(data):
             transport = server.transport
             if transport is not None:
@@ -247,8 +293,23 @@ class Holder:
         if len(out) == 1:
             if out[0]:
                 transport.write(out[0])
+        elif sum(map(len, out)) > _JOIN_LIMIT:
+            transport.writelines(out)  # a large message: written from where it lies, not copied
         else:
             transport.write(b"".join(out))
+
+    def _defer(self, sql: str, cut: Cut, index: int, start: int) -> None:
+        """Hold the chunk from frame `index` on while `sql` is classified in a worker thread;
+        then pump it again (the frame finds its classification in detect.classified)."""
+        self._backlog = deque([(cut, index, start)])
+        self._backlog_bytes = cut.tail - start
+        self.task = asyncio.get_running_loop().create_task(self._classify_apart(sql))
+
+    async def _classify_apart(self, sql: str) -> None:
+        async def work() -> None:
+            self.detect.classified = (sql, await offload.classify_off_loop(sql))
+
+        await self._run_unit(work(), "classification")
 
     def _guarded(self, item: Frame) -> tuple[Statement, ...] | None:
         """The guarded statements a frame starts (None: it passes)."""
@@ -262,10 +323,15 @@ class Holder:
         """In a migration session every statement is a unit, COPY aside (it streams)."""
         check_readable(item)
         if item.type == FrontendType.QUERY:
-            copy = first_keyword(extended.query_text(item.payload)) == "COPY"
-            failed = self.migration is not None and self.migration.virtual.state is State.FAILED
-            if copy and not failed:
-                return None  # COPY streams: its replies pass by (an error fails the block)
+            sql = extended.query_text(item.payload)
+            runner = self.migration
+            assert runner is not None
+            if (first_keyword(sql) == "COPY" and runner.virtual.state is not State.FAILED
+                    and not runner.skipping and single_statement(sql)):  # fmt: skip
+                # COPY streams: its replies pass by (an error fails the block). Not after an
+                # error in a batch (the runner drops the Query, as PostgreSQL skips it), nor
+                # with other statements (a BEGIN in them would open a real transaction)
+                return None
             return ()
         if item.type in (FrontendType.PARSE, FrontendType.BIND):
             return ()
@@ -307,14 +373,19 @@ class Holder:
                     self._backlog.appendleft((cut, index, start))
                     self._launch()
                     return
+                if item.type in _EMPTY_MESSAGES and item.payload:
+                    # as in _pump: PostgreSQL's error for it skips to the next Sync, Queries
+                    # included, which the proxy cannot follow (08P01, the session ends)
+                    raise DecodeError(f"{chr(item.type)!r} message with a body")
                 self._unit.append(cut.data[pos:start])
                 self._unit.append(item.raw)
                 self._unit_frames.append(item)
                 pos = item.end
                 if self.migration is not None:
                     check_readable(item)  # the runner reads them: a bad one ends the session now
-                elif item.type == FrontendType.PARSE:
-                    self._guarded(item)  # keep the prepared-statement map right
+                elif item.type == FrontendType.PARSE:  # keep the prepared-statement map right
+                    failed = self.server.status is TransactionStatus.FAILED
+                    self.detect.guarded_in_unit(item, failed=failed)
                 if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
                     self._backlog.appendleft((cut, index + 1, pos))
                     self._launch()
@@ -343,7 +414,11 @@ class Holder:
         elif self.migration is not None:
             work = self.migration.run_batch(data, frames, final=synced)
         if work is not None:
-            self.task = asyncio.get_running_loop().create_task(self._migration(work))
+            task = asyncio.get_running_loop().create_task(self._migration(work))
+            # cancelled before its first step (the client left in the same read), the task
+            # never awaits `work`: close it, so it is dropped without a RuntimeWarning
+            task.add_done_callback(lambda _: work.close())
+            self.task = task
             return
         expect = sum(1 for f in frames if f.type in (FrontendType.SYNC, FrontendType.QUERY))
         control = any(s.kind == _TRANSACTION_CONTROL for s in self._unit_statements)
@@ -392,7 +467,8 @@ class Holder:
         """Parse (and Describe) of a guarded statement, to Flush: nothing locks yet, but this
         is the last batch boundary before its Execute (asyncpg's prepare): resolve its
         targets now, then send the round on."""
-        statements = [s for s in parsed_statements(frames) if guarding.needs_guard(s)]
+        parsed = await self.detect.parsed_statements(frames)
+        statements = [s for s in parsed if guarding.needs_guard(s)]
         server = self.server
         if statements:
             await server.wait_idle()

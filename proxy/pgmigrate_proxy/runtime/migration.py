@@ -18,6 +18,7 @@ from pgmigrate_proxy.protocol.framing import Frame, frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse, Query, ReadyForQuery
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime import offload
 from pgmigrate_proxy.runtime.autocommit import Kind, Reply, State, VirtualTransaction, is_control
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, RunGuarded, ServerPort
 from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
@@ -39,8 +40,15 @@ class MigrationRunner:
     follows the session's: the pooler may change it between units), replies written to
     `client`; statements that take a guarded lock go through `guard`."""
 
-    def __init__(self, server: ServerPort, client: ClientWriter, guard: RunGuarded) -> None:
+    def __init__(
+        self,
+        server: ServerPort,
+        client: ClientWriter,
+        guard: RunGuarded,
+        budget: offload.LoopBudget | None = None,
+    ) -> None:
         self.server = server
+        self.budget = budget or offload.LoopBudget()  # the session's on-loop classification
         self.client = client
         self.guard = guard
         self.virtual = VirtualTransaction()
@@ -73,7 +81,8 @@ class MigrationRunner:
         await self.server.wait_idle()
         if self.skipping or (self.server.batch_open and not await self._end_client_batch()):
             return  # after an error in a batch, PostgreSQL discards a Query without a reply
-        pieces = await _split_off_loop(sql) if len(sql) > MAX_CLASSIFIED else _split(sql)
+        cheap = len(sql) <= MAX_CLASSIFIED and self.budget.take(sql)
+        pieces = _split(sql) if cheap else await _split_off_loop(sql)
         if pieces is None:
             self.client.deliver_raw(error_frame(SqlState.PROGRAM_LIMIT_EXCEEDED, _TOO_MANY))
             pieces = []
@@ -213,7 +222,7 @@ class MigrationRunner:
 
     async def _group(self, sql: str | None, group: list[Frame]) -> bool:
         """One statement's messages of a batch; False when it failed."""
-        if sql is not None and is_control(sql):
+        if sql is not None and is_control(sql) and single_statement(sql):
             return await self._answer_batch(sql, group)
         if self.virtual.state is State.FAILED:
             self.client.deliver_raw(error_frame(SqlState.IN_FAILED_SQL_TRANSACTION, _ABORTED))
@@ -222,7 +231,9 @@ class MigrationRunner:
             self.client.deliver_raw(error_frame(SqlState.FEATURE_NOT_SUPPORTED, _COPY_ALONE))
             self.virtual.forwarded(sql, True)
             return False
-        statements = classify(sql) if sql and not is_plain(sql) else ()
+        statements = await self._classify(sql) if sql and not is_plain(sql) else ()
+        if len(statements) > 1:
+            statements = ()  # PostgreSQL rejects a Parse of several (42601): nothing to guard
         unit = HeldUnit(
             data=b"".join(f.raw for f in group) + extended.sync(),
             statements=tuple(s for s in statements if needs_guard(s)),
@@ -236,6 +247,9 @@ class MigrationRunner:
             self.virtual.forwarded(sql or "(prepared statement)", failed)
         self.client.deliver(f for f in replies if f.type != BackendType.READY_FOR_QUERY)
         return not failed
+
+    async def _classify(self, sql: str) -> tuple[Statement, ...]:
+        return await offload.classify_bounded(sql, self.budget)
 
     async def _answer_batch(self, sql: str, frames: list[Frame]) -> bool:
         """Reply to each message of a transaction-control batch as PostgreSQL would.
@@ -301,6 +315,15 @@ _TOO_MANY = (
     f"pgmigrate: a Query of more than {MAX_SCRIPT_STATEMENTS} statements in a migration "
     "session: send its statements in several Query messages"
 )
+
+
+def single_statement(sql: str) -> bool:
+    """Whether a text holds at most one statement (a semicolon only at its end, or the parser
+    finds one): a COPY that passes by, or a control statement the runner answers, must be
+    alone, else the rest would run on the server unseen (or PostgreSQL rejects the Parse)."""
+    if ";" not in sql.rstrip().rstrip(";"):
+        return True
+    return len(classify(sql)) <= 1
 
 
 def _split(sql: str) -> list[tuple[str, tuple[Statement, ...]]]:

@@ -136,6 +136,7 @@ _APPLY: dict[str, Apply] = {
     "max_hold": _setting("max_hold"),
     "watch_interval": _setting("watch_interval"),
     "cancel_grace": _setting("cancel_grace"),
+    "report_events": _setting("report_events"),
     "min_transaction_age": _filter("min_transaction_age"),
     "min_query_age": _filter("min_query_age"),
     "blocker_states": _filter("states", _states),

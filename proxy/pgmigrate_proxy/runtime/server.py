@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from dataclasses import replace
 
 from pgmigrate_proxy import __version__, logsetup
-from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
+from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime.clientauth import AuthService
 from pgmigrate_proxy.runtime.context import SessionSettings
 from pgmigrate_proxy.runtime.pool import PoolRegistry
 from pgmigrate_proxy.runtime.session import ClientSession
@@ -64,6 +64,7 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
         max_hold=config.max_hold,
         watch_interval=config.watch_interval,
         cancel_grace=config.cancel_grace,
+        report_events=config.report_events,
     )
 
 
@@ -82,10 +83,12 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._grace_over = asyncio.Event()  # hurry(): the shutdown stops waiting for sessions
         self.guard = guarding.GuardServices(admin=None)
         self.guard_settings = guard_settings(config)
         self.migration_patterns = config.migration_application_names
         self.pools = PoolRegistry(lambda db, user: pool_settings(self.config, db, user))
+        self.auth = AuthService.from_config(config, self._admin)
 
     @property
     def active_sessions(self) -> int:
@@ -94,7 +97,7 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(logsetup.loop_exception_handler)
-        if self.config.guard:
+        if self.config.guard or self.config.auth_type == "auth_query":
             await self._open_admin()
         self._server = await loop.create_server(
             self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
@@ -102,7 +105,8 @@ class ProxyServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _open_admin(self) -> None:
-        """The admin connection the guard finds and ends blockers through."""
+        """The admin connection the guard finds and ends blockers through; raises
+        AdminLoginRefused when PostgreSQL refuses its login."""
         conninfo = self.config.admin_upstream or self.config.upstream or ""
         # One try per use: the guard backs off by itself while the connection is down, so
         # that statements never wait on reconnects.
@@ -110,8 +114,19 @@ class ProxyServer:
         self.guard.admin = admin
         try:
             await admin.connect()
-        except AdminUnavailable as exc:
+        except AdminLoginRefused:  # a setup error at start: the proxy does not start
+            self.guard.admin = None
+            await admin.close()
+            raise
+        except AdminUnavailable as exc:  # PostgreSQL unreachable: tried again when needed
             log.warning("%s: guarded statements use lock_timeout and retries until it is back", exc)
+
+    def _admin(self) -> AdminConnection | None:
+        """The admin connection auth_query runs on (made on first use after a reload to it)."""
+        if self.guard.admin is None and self.config.auth_type == "auth_query":
+            conninfo = self.config.admin_upstream or self.config.upstream or ""
+            self.guard.admin = AdminConnection(conninfo, reconnect_attempts=1)
+        return self.guard.admin
 
     def _accept(self) -> ClientSession:
         session = ClientSession(self)
@@ -143,6 +158,13 @@ class ProxyServer:
 
     def logged_in(self, session: ClientSession) -> None:
         self._starting.discard(session)
+        if self.auth is not None:  # the proxy logs in servers for this pool from now on
+            user = session.parameters.get("user", "")
+            database = session.parameters.get("database") or user
+            if (database, user) not in self.pools.openers:
+                settings = session.settings
+                opener = self.auth.opener(lambda: settings.upstream, database, user)
+                self.pools.set_opener(database, user, opener)
 
     def session_closed(self, session: ClientSession) -> None:
         self._starting.discard(session)
@@ -191,7 +213,9 @@ class ProxyServer:
             if key not in RELOADABLE and getattr(config, key) != getattr(self.config, key)
         ]
         keep = {key: getattr(self.config, key) for key in fixed}
+        auth = AuthService.from_config(replace(config, **keep), self._admin, self.auth)
         self.config = replace(config, **keep)
+        self.auth = auth  # the auth_file is read again
         self.settings = session_settings(self.config)
         self.guard_settings = guard_settings(self.config)
         self.migration_patterns = self.config.migration_application_names
@@ -206,8 +230,11 @@ class ProxyServer:
             self._server.close()
         if self._sessions:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+            ends = (self._idle, self._grace_over)
+            waits = [asyncio.ensure_future(event.wait()) for event in ends]
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
         for session in list(self._sessions):
             session.fail(
                 SqlState.ADMIN_SHUTDOWN, "terminating connection due to administrator command"
@@ -224,6 +251,10 @@ class ProxyServer:
             await self._server.wait_closed()
         if self.guard.admin is not None:
             await self.guard.admin.close()
+
+    def hurry(self) -> None:
+        """End the shutdown's grace now (a second SIGINT/SIGTERM): open sessions are closed."""
+        self._grace_over.set()
 
     async def wait_closed(self) -> None:
         if self._server is not None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from pgmigrate_proxy.errors import ServerBusy
 from pgmigrate_proxy.protocol.framing import (
+    HEADER,
     Frame,
     FrameScanner,
     FramingError,
@@ -51,7 +52,7 @@ from pgmigrate_proxy.protocol.types import (
     SSL_REJECT,
     TransactionStatus,
 )
-from pgmigrate_proxy.runtime import guarding
+from pgmigrate_proxy.runtime import clientauth, guarding
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.backend import ALL_TYPES, ServerConnection
 from pgmigrate_proxy.runtime.hold import FRONTEND_WATCH, Holder
@@ -101,6 +102,7 @@ class SessionHub(Protocol):
     guard_settings: guarding.GuardSettings | None
     migration_patterns: tuple[str, ...]
     pools: PoolRegistry
+    auth: clientauth.AuthService | None  # None: passthrough (logins relayed)
 
     def register(self, session: ClientSession) -> bytes: ...
     def admit(self, session: ClientSession) -> bool: ...
@@ -431,6 +433,10 @@ class ClientSession(asyncio.Protocol):
         self.phase = Phase.CONNECTING
         self.secret_key = self.hub.register(self)
         params = {k: v for k, v in startup.parameters.items() if not k.startswith("_pq_.")}
+        if self.hub.auth is not None:  # the proxy checks the client itself (clientauth.py)
+            self._negotiate_version(startup)
+            await self._log_in_here(self.hub.auth, params)
+            return
         server = ServerConnection(database=params.get("database") or params.get("user", ""))
         server.attach(self)
         target = self.settings.upstream
@@ -444,10 +450,7 @@ class ClientSession(asyncio.Protocol):
         self._server_tls = transport.get_extra_info("sslcontext") is not None
         self.parameters = params
         server.write(StartupMessage(PROTOCOL_3_0, params).encode())
-        unknown = tuple(k for k in startup.parameters if k.startswith("_pq_."))
-        if startup.protocol != PROTOCOL_3_0 or unknown:
-            # the Int32 is a full version (major << 16 | minor), as PostgreSQL sends it
-            self._write(NegotiateProtocolVersion(PROTOCOL_3_0, unknown).encode())
+        self._negotiate_version(startup)
         self.handshake = Handshake(
             secret_key=self.secret_key,
             announce=(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version),),
@@ -460,6 +463,55 @@ class ClientSession(asyncio.Protocol):
             pending, self._inbuf = bytes(self._inbuf), bytearray()
             self._auth_frontend(pending)
         self.resume_client_reading()
+
+    def _negotiate_version(self, startup: StartupMessage) -> None:
+        unknown = tuple(k for k in startup.parameters if k.startswith("_pq_."))
+        if startup.protocol != PROTOCOL_3_0 or unknown:
+            # the Int32 is a full version (major << 16 | minor), as PostgreSQL sends it
+            self._write(NegotiateProtocolVersion(PROTOCOL_3_0, unknown).encode())
+
+    async def _log_in_here(self, auth: clientauth.AuthService, params: dict[str, str]) -> None:
+        """Check the client and log its server connection in (clientauth.py), then relay."""
+        self.parameters = params
+        target = self.settings.upstream
+        done = await clientauth.log_in(self, auth, target, params, tls=self._tls)
+        if done is None or self.phase is not Phase.CONNECTING:
+            if done is not None:
+                done.server.close()
+            return
+        self.attach(done.server)
+        self.handshake = Handshake(
+            secret_key=self.secret_key,
+            announce=(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version),),
+        )
+        self._write(b"".join(self.handshake.backend(f.type, f.payload) for f in done.frames))
+        self._enter_relay(ReadyForQuery.decode(done.frames[-1].payload))
+        if self._inbuf:  # what the client sent after its login, before the relay began
+            pending, self._inbuf = bytes(self._inbuf), bytearray()
+            self.data_received(pending)
+        self.resume_client_reading()
+
+    async def read_frame(self, limit: int) -> tuple[int, bytes]:
+        """The client's next message while the proxy checks its login (at most `limit` bytes,
+        as PostgreSQL caps them). Raises FramingError."""
+        while True:
+            if len(self._inbuf) >= HEADER.size:
+                mtype, length = HEADER.unpack_from(self._inbuf)
+                if length < 4 or length > limit:
+                    raise FramingError(f"invalid message length {length} during login", 0)
+                if len(self._inbuf) > length:
+                    payload = bytes(self._inbuf[HEADER.size : 1 + length])
+                    del self._inbuf[: 1 + length]
+                    return mtype, payload
+            self._waiter = asyncio.get_running_loop().create_future()
+            self.resume_client_reading()
+            await self._waiter
+            self._waiter = None
+
+    def refuse(self, error: bytes) -> None:
+        """Send the client this FATAL ErrorResponse frame and close the session."""
+        self._write(error)
+        self._finish()
 
     def _limit_client_messages(self) -> None:
         """Until login, client messages are capped as PostgreSQL caps them (a few kB)."""

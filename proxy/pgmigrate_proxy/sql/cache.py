@@ -25,6 +25,9 @@ class ByteLRU(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
     def get(self, key: K) -> V | None:
         entry = self._entries.get(key)
         if entry is None:

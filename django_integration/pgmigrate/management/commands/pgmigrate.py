@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from typing import Any
 
 import pgactivity  # type: ignore[import-untyped]
-from django.core.management.base import CommandError
+from django.core.management.base import CommandError, CommandParser
 from django.core.management.commands.migrate import Command as MigrateCommand
 from django.db import connections
 from django.db.utils import OperationalError
 
-from pgmigrate import atomic, guard, notices, route, worker
+from pgmigrate import atomic, guard, notices, report, route, worker
 
 #: SQLSTATE lock_not_available: the proxy's answer when the lock budget is spent.
 LOCK_NOT_AVAILABLE = "55P03"
@@ -33,7 +34,39 @@ class Command(MigrateCommand):
         "block each statement's locks before sending it."
     )
 
+    collector: report.Collector | None = None
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument(
+            "--report",
+            metavar="FILE.html",
+            help="Write a report of the guarded statements (held, blockers and what was done, "
+            "each attempt, the outcome) to FILE.html, one self-contained page.",
+        )
+
+    def migration_progress_callback(
+        self, action: str, migration: Any = None, fake: bool = False
+    ) -> None:
+        if self.collector is not None:
+            self.collector.progress(action, migration)
+        super().migration_progress_callback(action, migration, fake)
+
     def handle(self, *args: Any, **options: Any) -> None:
+        path = options.get("report")
+        if path is None:
+            self._handle(*args, **options)
+            return
+        self.collector = report.Collector(report.checked_path(path), options["database"])
+        try:
+            self._handle(*args, **options)
+        finally:
+            self.collector.write()
+            if options["verbosity"]:
+                self.stdout.write(f"Migration report: {path}")
+            self.collector = None
+
+    def _handle(self, *args: Any, **options: Any) -> None:
         connection = connections[options["database"]]
         if connection.vendor != "postgresql":
             super().handle(*args, **options)
@@ -59,7 +92,12 @@ class Command(MigrateCommand):
     def _migrate(self, plan: guard.Plan, args: Any, options: dict[str, Any]) -> None:
         alias = options["database"]
         connection = connections[alias]
-        printer = notices.NoticePrinter(self, show_blocked=plan.shows_blockers)
+        collector = self.collector
+        on_event = None
+        if collector is not None:  # the proxy sends the guard events as notices
+            plan = dataclasses.replace(plan, guard={**plan.guard, "report_events": True})
+            on_event = collector.on_event
+        printer = notices.NoticePrinter(self, show_blocked=plan.shows_blockers, on_event=on_event)
         with (
             route.routed(connection, plan) as path,
             notices.printed(connection, printer),
