@@ -47,6 +47,8 @@ def test_next_client_gets_the_server_reset(
     wait_until(lambda: pooled(proxy) == 1, "the server back in the pool")
     with connect(proxy, autocommit=True) as second:
         assert second.execute("SELECT pg_backend_pid()").fetchone() == pid
+        # the process id the client was told at login is that of the server it got
+        assert (second.info.backend_pid,) == pid
         assert second.execute("SHOW work_mem").fetchone() != ("7MB",)  # DISCARD ALL ran
         assert second.execute("SELECT to_regclass('pg_temp.scratch')").fetchone() == (None,)
 

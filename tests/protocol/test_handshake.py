@@ -67,10 +67,22 @@ def test_other_messages_pass_unchanged(name: str, fields: dict[str, object]) -> 
 
 @pytest.mark.parametrize("server_key", [b"\xaa\xbb\xcc\xdd", bytes(32)])
 def test_backend_key_data_carries_the_proxy_secret(server_key: bytes) -> None:
+    """Held until ReadyForQuery (the pool may give the client another server meanwhile)."""
     handshake = _handshake()
-    out = _backend(handshake, "BackendKeyData", process_id=4242, secret_key=server_key)
-    assert out == schema.build("BackendKeyData", process_id=4242, secret_key=PROXY_KEY)
+    assert _backend(handshake, "BackendKeyData", process_id=4242, secret_key=server_key) == b""
     assert handshake.server_key == BackendKeyData(4242, server_key)
+    out = _backend(handshake, "ReadyForQuery", status=TransactionStatus.IDLE)
+    key = schema.build("BackendKeyData", process_id=4242, secret_key=PROXY_KEY)
+    assert out.startswith(key)
+
+
+def test_the_announced_pid_is_the_server_the_client_gets() -> None:
+    handshake = _handshake()
+    _backend(handshake, "BackendKeyData", process_id=4242, secret_key=b"abcd")
+    handshake.announced_pid = 777
+    out = _backend(handshake, "ReadyForQuery", status=TransactionStatus.IDLE)
+    assert out.startswith(schema.build("BackendKeyData", process_id=777, secret_key=PROXY_KEY))
+    assert handshake.server_key == BackendKeyData(4242, b"abcd")  # the login server's own
 
 
 def test_announce_precedes_the_first_ready_for_query() -> None:
@@ -80,7 +92,9 @@ def test_announce_precedes_the_first_ready_for_query() -> None:
     _backend(handshake, "BackendKeyData", process_id=1, secret_key=b"abcd")
     out = _backend(handshake, "ReadyForQuery", status=TransactionStatus.IDLE)
     announce = schema.build("ParameterStatus", name=PROXY_PARAMETER, value="2.0.0")
-    assert out == announce + schema.build("ReadyForQuery", status=TransactionStatus.IDLE)
+    key = schema.build("BackendKeyData", process_id=1, secret_key=PROXY_KEY)
+    ready = schema.build("ReadyForQuery", status=TransactionStatus.IDLE)
+    assert out == key + announce + ready
     assert handshake.outcome is HandshakeOutcome.READY
     assert handshake.server_parameters == {"TimeZone": "UTC"}
 

@@ -57,6 +57,8 @@ class Handshake:
     server_tls: bool = False
     outcome: HandshakeOutcome = HandshakeOutcome.AUTHENTICATING
     server_key: BackendKeyData | None = None
+    #: The process id the client is told (a pooled server it gets instead of the login's).
+    announced_pid: int | None = None
     server_parameters: dict[str, str] = field(default_factory=dict)
     #: The longest client message PostgreSQL accepts now (None: authenticated, no such cap).
     max_client_message: int | None = MAX_AUTH_TOKEN
@@ -69,13 +71,17 @@ class Handshake:
             return self._authentication(payload)
         if mtype == BackendType.BACKEND_KEY_DATA:
             self.server_key = BackendKeyData.decode(payload)
-            return BackendKeyData(self.server_key.process_id, self.secret_key).encode()
+            return b""  # sent with ReadyForQuery, when the client's server is known
         if mtype == BackendType.PARAMETER_STATUS:
             status = ParameterStatus.decode(payload)
             self.server_parameters[status.name] = status.value
         elif mtype == BackendType.READY_FOR_QUERY:
             self.outcome = HandshakeOutcome.READY
-            return b"".join(p.encode() for p in self.announce) + frame(mtype, payload)
+            key = b""
+            if self.server_key is not None:
+                pid = self.announced_pid or self.server_key.process_id
+                key = BackendKeyData(pid, self.secret_key).encode()
+            return key + b"".join(p.encode() for p in self.announce) + frame(mtype, payload)
         elif mtype == BackendType.ERROR_RESPONSE:
             self.outcome = HandshakeOutcome.FAILED
         return frame(mtype, payload)

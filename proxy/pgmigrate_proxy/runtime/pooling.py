@@ -63,7 +63,7 @@ class PoolLink:
 
     __slots__ = (
         "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
-        "session", "transaction", "wanted",
+        "session", "session_keeps", "transaction", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -73,6 +73,7 @@ class PoolLink:
         self.pool = pool
         #: gives its server back at each transaction's end (not a migration session: `keep`)
         self.transaction = pool.settings.pool_mode is PoolMode.TRANSACTION and not keep
+        self.session_keeps = keep  # a migration session keeps its login server
         self.pinned: str | None = None  # why it keeps its server (transaction mode)
         self.wanted = synced(parameters)
         self.options = parameters.get("options", "")
@@ -95,9 +96,16 @@ class PoolLink:
             holder.state_watch = self.watch_state
             self._give_back(at_once=False)
             return
-        self.reserved = self.pool.take_idle(self._same_defaults)
-        if self.reserved is not None:
+        if self.reserved is not None:  # taken before the client was told its server (reserve)
             self._give_back(at_once=True)
+
+    def reserve(self) -> int | None:
+        """Session mode, before the client is told its server's process id: take an idle
+        pooled server for it (its login server joins the pool instead); the id to announce."""
+        if self.transaction or self.reserved is not None or self.session_keeps:
+            return None
+        self.reserved = self.pool.take_idle(self._same_defaults)
+        return self.reserved.server.server_pid if self.reserved is not None else None
 
     def _give_back(self, *, at_once: bool) -> None:
         lease, self.lease = self.lease, None

@@ -50,6 +50,7 @@ from pgmigrate_proxy.protocol.types import (
     PROXY_PARAMETER,
     SSL_ACCEPT,
     SSL_REJECT,
+    BackendType,
     TransactionStatus,
 )
 from pgmigrate_proxy.runtime import clientauth, guarding
@@ -484,6 +485,7 @@ class ClientSession(asyncio.Protocol):
             secret_key=self.secret_key,
             announce=(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version),),
         )
+        self.handshake.announced_pid = self._pool_link().reserve()
         self._write(b"".join(self.handshake.backend(f.type, f.payload) for f in done.frames))
         self._enter_relay(ReadyForQuery.decode(done.frames[-1].payload))
         if self._inbuf:  # what the client sent after its login, before the relay began
@@ -555,6 +557,8 @@ class ClientSession(asyncio.Protocol):
             scanner = self.server.scanner
             frames = scanner.feed(data)
             for i, complete in enumerate(frames):
+                if complete.type == BackendType.READY_FOR_QUERY:  # the client's server, now
+                    handshake.announced_pid = self._pool_link().reserve()
                 out.append(handshake.backend(complete.type, complete.payload))
                 if handshake.outcome is HandshakeOutcome.READY:
                     out.extend(f.raw for f in frames[i + 1 :])
@@ -575,7 +579,7 @@ class ClientSession(asyncio.Protocol):
         assert self.handshake is not None and server is not None
         server.status = ready.status
         server.key = self.handshake.server_key
-        self.client_pid = server.server_pid
+        self.client_pid = self.handshake.announced_pid or server.server_pid
         self.hub.logged_in(self)
         self.handshake = None
         self._fe.limit(self.settings.max_message_size)
@@ -595,14 +599,20 @@ class ClientSession(asyncio.Protocol):
         )
         self._fe.watch(ALL_TYPES if migration else FRONTEND_WATCH)
         self.attach(server)  # (again: now the relay starts)
-        database = self.parameters.get("database") or self.parameters.get("user", "")
-        pool = self.hub.pools.pool(database, self.parameters.get("user", ""))
-        self.link = PoolLink(self, pool, self.parameters, keep=keep)
-        self.link.logged_in(server, self.parameters)
+        self._pool_link().logged_in(server, self.parameters)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         log.debug("session %s: ready as user %s", self.peer, self.parameters.get("user"))
+
+    def _pool_link(self) -> PoolLink:
+        """This client's side of its pool, made once its login is known to succeed."""
+        if self.link is None:
+            database = self.parameters.get("database") or self.parameters.get("user", "")
+            pool = self.hub.pools.pool(database, self.parameters.get("user", ""))
+            keep = is_migration_session(self.parameters, self.hub.migration_patterns)
+            self.link = PoolLink(self, pool, self.parameters, keep=keep)
+        return self.link
 
     # --- errors and closing -------------------------------------------------------------------
 
