@@ -106,7 +106,9 @@ def socket_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     kinds = {"both": (False, True), "ordinary": (False,), "migration": (True,)}[args.sessions]
     with _postgres() as server:
-        proxy = ProxyProcess(server, out / "proxy.log", ["--log-level", "info"])
+        # servers used once (server_lifetime 0): the fds come back to baseline after each batch
+        extra = ["--log-level", "info", "--server-lifetime", "0"]
+        proxy = ProxyProcess(server, out / "proxy.log", extra)
         try:
             target = Target(
                 "127.0.0.1", proxy.port, server.superuser, log_lines=proxy.lines,

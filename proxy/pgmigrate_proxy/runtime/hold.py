@@ -254,6 +254,8 @@ class Holder:
             try:  # (self._guarded, inline)
                 if migration is not None:
                     statements = self._migration_unit(item)
+                elif self.settings is None:
+                    statements = None  # the guard is off: the holder only tracks replies
                 else:
                     failed = server.status is TransactionStatus.FAILED
                     statements = self.detect.guarded(item, failed=failed)
