@@ -25,6 +25,10 @@ def pooling_proxy(pg: PgInfo, transactional_db: None) -> Iterator[Any]:
     from pgmigrate_proxy.config import Config
     from pgmigrate_proxy.embedded_proxy import EmbeddedProxy
 
+    from django.core.management import call_command
+
+    # its table (other tests migrate the test app back and forth: run after them, it may be gone)
+    call_command("migrate", "testapp", verbosity=0)
     database = settings.DATABASES["default"]
     config = Config(
         upstream=pg.url(dbname=database["NAME"]),
