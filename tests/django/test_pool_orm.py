@@ -21,11 +21,10 @@ POOL_SIZE = 4
 def pooling_proxy(pg: PgInfo, transactional_db: None) -> Iterator[Any]:
     """A transaction-pooling proxy with DATABASES["default"] pointing at it."""
     from django.conf import settings
+    from django.core.management import call_command
     from django.db import connections
     from pgmigrate_proxy.config import Config
     from pgmigrate_proxy.embedded_proxy import EmbeddedProxy
-
-    from django.core.management import call_command
 
     # its table (other tests migrate the test app back and forth: run after them, it may be gone)
     call_command("migrate", "testapp", verbosity=0)
