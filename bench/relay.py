@@ -575,8 +575,11 @@ def start_proxy(
     port = free_port()
     argv = [sys.executable, "-m", "pgmigrate_proxy"]
     argv += f"--listen-host 127.0.0.1 --listen-port {port} --log-level warning".split()
-    # as pgbouncer's max_client_conn here: the idle-memory test opens up to 1000 clients
-    argv += ["--max-client-conn", "2000"]
+    # as pgbouncer's max_client_conn here: the idle-memory test opens up to 1000 clients (a
+    # baseline revision from before the pooler has no such limit, and no such flag)
+    settings = source / "pgmigrate_proxy" / "settings.py"
+    if settings.is_file() and '"max_client_conn"' in settings.read_text():
+        argv += ["--max-client-conn", "2000"]
     path = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH")) if p)
     # The upstream URL holds the password: pass it in the environment, not on the command line.
     upstream = server.url(password=password)
