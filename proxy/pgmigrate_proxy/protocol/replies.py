@@ -175,13 +175,7 @@ class ReplyQueue:
             if message_type == _QUERY_TYPE and not self.batch_open:  # a Query between batches
                 self._syncs_since_statement = 0
                 self._last_query = True
-                entries = self._entries
-                if entries:
-                    tail = entries[-1]
-                    if tail.kind is _QUERY and tail.owner is _CLIENT and not tail.exact:
-                        tail.count += 1
-                        return
-                entries.append(_Entry(_QUERY, _CLIENT, False))
+                self._append_client(_QUERY)
                 return
             if message_type in _LAZY and self._lazy:
                 self.batch_open = True
@@ -249,19 +243,9 @@ class ReplyQueue:
                 and not self._skipping):  # fmt: skip
             # one whole batch: its Sync's ReadyForQuery stands for all of it (see sent())
             if _EXECUTE_TYPE in types:
-                self._syncs_since_statement = 1
+                self._syncs_since_statement = 0
                 self._last_query = False
-            else:
-                self._syncs_since_statement += 1
-            self.batch_open = False
-            self._run.clear()
-            entries = self._entries
-            if entries:
-                tail = entries[-1]
-                if tail.kind is _SYNC and tail.owner is _CLIENT and not tail.exact:
-                    tail.count += 1
-                    return
-            entries.append(_Entry(_SYNC, _CLIENT, False))
+            self._synced()
             return
         for message_type in types:
             if self._skipping:
@@ -272,20 +256,28 @@ class ReplyQueue:
                 if message_type == _EXECUTE_TYPE:
                     self._syncs_since_statement = 0
                     self._last_query = False
-            elif message_type == _SYNC_TYPE:  # as sent() does it, inline
-                self.batch_open = False
-                self._syncs_since_statement += 1
-                self._run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
-                self._lazy = True
-                entries = self._entries
-                if entries:
-                    tail = entries[-1]
-                    if tail.kind is _SYNC and tail.owner is _CLIENT and not tail.exact:
-                        tail.count += 1
-                        continue
-                entries.append(_Entry(_SYNC, _CLIENT, False))
+            elif message_type == _SYNC_TYPE:
+                self._synced()
             else:
                 self.sent(message_type)
+
+    def _synced(self) -> None:
+        """A client's Sync, not skipping (sent() takes it the general way, to the same end)."""
+        self.batch_open = False
+        self._syncs_since_statement += 1
+        self._run.clear()  # answered before the Sync's ReadyForQuery: it stands for them
+        self._lazy = True
+        self._append_client(_SYNC)
+
+    def _append_client(self, kind: Expect) -> None:
+        """_push of a client's request that is not exact (a Query between batches, a Sync)."""
+        entries = self._entries
+        if entries:
+            tail = entries[-1]
+            if tail.kind is kind and tail.owner is _CLIENT and not tail.exact:
+                tail.count += 1
+                return
+        entries.append(_Entry(kind, _CLIENT, False))
 
     def _materialize(self) -> None:
         """The client's extended requests of the open batch, kept as a plain list until now

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -77,12 +76,6 @@ class HolderOwner(ClientWriter, Protocol):
     def terminated(self) -> None: ...
     def pause_client_reading(self) -> None: ...
     def resume_client_reading(self) -> None: ...
-
-
-def _reraise(exc: BaseException | None) -> None:
-    """For _safely: a failure of the hot path, handled as any step's."""
-    assert exc is not None
-    raise exc
 
 
 class Holder:
@@ -164,8 +157,8 @@ class Holder:
             server = self.server
             if server.replies.needs_every_reply is not server.every_reply:
                 server.watch()
-        except Exception:
-            self._safely(_reraise, sys.exc_info()[1])
+        except Exception as exc:
+            self._failed(exc)
 
     def _safely(self, step: Callable[..., None], *args: Any) -> None:
         """Run a step over client data; see pump for what a failure does."""
@@ -174,12 +167,17 @@ class Holder:
             server = self.server
             if server.replies.needs_every_reply is not server.every_reply:
                 server.watch()
-        except DecodeError as exc:
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """A step over client data failed: end the session as pump says."""
+        if isinstance(exc, DecodeError):
             self.abandon(SqlState.PROTOCOL_VIOLATION, f"invalid message from the client: {exc}")
-        except ProxyError as exc:  # a statement refused (runtime/pooling.py)
+        elif isinstance(exc, ProxyError):  # a statement refused (runtime/pooling.py)
             self.abandon(exc.sqlstate, str(exc))
-        except Exception:
-            log.exception("session %s: guard failed on client data", self.session.peer)
+        else:
+            log.error("session %s: guard failed on client data", self.session.peer, exc_info=exc)
             self.abandon(
                 SqlState.INTERNAL_ERROR, "pgmigrate-proxy: internal error in the DDL guard"
             )
