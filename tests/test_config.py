@@ -21,6 +21,7 @@ from pgmigrate_proxy.config import (
     flag,
     load_config,
 )
+from pgmigrate_proxy.guard.drain import DrainThen
 from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import redact
 
@@ -145,6 +146,8 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "max_hold": ("10", 10.0),
     "watch_interval": ("0.1", 0.1),
     "cancel_grace": ("0", 0.0),
+    "drain_timeout": ("500ms", 0.5),
+    "drain_then": ("GIVE_UP", "give_up"),
     "report_events": ("on", True),
     "min_transaction_age": ("5", 5.0),
     "min_query_age": ("2.5", 2.5),
@@ -233,6 +236,8 @@ BAD_VALUES = [
     ("max_hold", "0"),
     ("watch_interval", "0"),
     ("cancel_grace", "-1"),
+    ("drain_timeout", "0"),
+    ("drain_then", "show"),
     ("min_transaction_age", "-1"),
     ("min_query_age", "old"),
     ("blocker_states", "idle in transaction, sleeping"),
@@ -932,6 +937,7 @@ def test_the_schema_names_every_config_key_and_the_enums() -> None:
 
     assert tuple(settings.SETTINGS) == KEYS
     assert tuple(action.value for action in BlockingAction) == settings.BLOCKING_ACTIONS
+    assert tuple(then.value for then in DrainThen) == settings.DRAIN_THEN
     assert (
         tuple(s.value for s in BackendState if s is not BackendState.STARTING)
         == settings.BLOCKER_STATES

@@ -21,6 +21,7 @@ from pgmigrate_proxy.guard.blockers import (
     parse_pga_context,
     report_query,
 )
+from pgmigrate_proxy.guard.drain import LOCKS_SQL
 from pgmigrate_proxy.sql.locks import CONFLICTS, LockMode
 
 APPLICATION_NAME: Final = "pgmigrate-proxy admin"
@@ -319,6 +320,17 @@ class AdminConnection:
         if not rows:
             return None, False
         return int(rows[0]["usesysid"]), bool(rows[0]["owns"])
+
+    async def lock_rows(
+        self, relations: Collection[int], *, database: str
+    ) -> list[tuple[int, int, str, bool]]:
+        """The relation locks held or awaited on `relations` in `database`: (pid, relation OID,
+        mode, granted) rows of pg_locks (a drain's snapshot of who holds its tables)."""
+        if not relations:
+            return []
+        params = {"relations": sorted(relations), "database": database}
+        rows = await self._fetch(LOCKS_SQL, params)
+        return [(r["pid"], r["relation"], r["mode"], r["granted"]) for r in rows]
 
     async def terminate(self, pid: int) -> bool:
         """pg_terminate_backend(pid); False when it is no backend (or is this admin session)."""

@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 from pgmigrate_proxy import __version__
 from pgmigrate_proxy.auth.authfile import AuthFileError, parse_auth_file
 from pgmigrate_proxy.auth.credentials import StoredCredential
+from pgmigrate_proxy.guard.drain import DrainSettings, DrainThen
 from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import MASK, redact
 from pgmigrate_proxy.poolconfig import SECTIONS, OverrideError, PoolOverrides, parse_section
@@ -129,6 +130,8 @@ class Config:
     max_hold: float = default("max_hold")
     watch_interval: float = default("watch_interval")
     cancel_grace: float = default("cancel_grace")
+    drain_timeout: float = default("drain_timeout")
+    drain_then: str = default("drain_then")
     report_events: bool = default("report_events")
     min_transaction_age: float = default("min_transaction_age")
     min_query_age: float = default("min_query_age")
@@ -200,6 +203,10 @@ class Config:
             users=self.users,
             exclude_users=self.exclude_users,
         )
+
+    def drain_settings(self) -> DrainSettings:
+        """drain_timeout and drain_then, for blocking_action = drain."""
+        return DrainSettings(timeout=self.drain_timeout, then=DrainThen(self.drain_then))
 
     def retry_schedule(self) -> RetrySchedule:
         """Attempts of lock_timeout each, backoff from retry_delay to retry_max_delay, all within

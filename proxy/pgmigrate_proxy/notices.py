@@ -37,6 +37,20 @@ def gave_up(budget: float) -> str:
     )
 
 
+def draining(count: int, timeout: float) -> str:
+    return (
+        f"{PREFIX}draining: waiting up to {timeout:g} s for {count} session(s) holding locks"
+        " on the statement's tables to finish"
+    )
+
+
+def drain_gave_up(timeout: float) -> str:
+    return (
+        f"{PREFIX}drain: sessions still held locks on the statement's tables after {timeout:g} s;"
+        " the statement was not sent"
+    )
+
+
 def admin_down(reason: str | None = None) -> str:
     because = f": {reason}" if reason else ""
     return f"{PREFIX}cannot look for blocking sessions (admin connection down{because})"

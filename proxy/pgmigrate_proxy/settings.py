@@ -24,7 +24,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 CLIENT_TLS_MODES = ("auto", "disable", "allow", "require")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-BLOCKING_ACTIONS = ("terminate", "cancel", "show", "none")
+BLOCKING_ACTIONS = ("terminate", "cancel", "show", "none", "drain")
+#: guard/drain.py's DrainThen must agree (a test checks it).
+DRAIN_THEN = ("terminate", "cancel", "give_up")
 #: poolconfig.py's enums must agree (a test checks it).
 POOL_MODES = ("session", "transaction")
 AUTH_TYPES = ("passthrough", "auth_query", "auth_file", "trust")
@@ -493,6 +495,22 @@ _ALL: tuple[Setting, ...] = (
         0.0,
         3600.0,
         "time before `cancel` escalates to terminate for an idle-in-transaction blocker",
+    ),
+    _duration(
+        "drain_timeout",
+        2.0,
+        0.001,
+        DAY,
+        "`blocking_action = drain`: time to wait for the sessions holding locks on the "
+        "statement's tables to finish before `drain_then` applies to those left",
+    ),
+    _choice(
+        "drain_then",
+        "terminate",
+        DRAIN_THEN,
+        "`blocking_action = drain`: what to do with the holders left after `drain_timeout` "
+        "(`give_up`: answer `55P03` without sending the statement)",
+        session=True,
     ),
     Setting(
         "report_events",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pgmigrate_proxy import notices
+from pgmigrate_proxy.guard import drain
 from pgmigrate_proxy.guard.blockers import Blocker
 from pgmigrate_proxy.guard.policy import BlockingAction, Decision, Verdict, decide
 from pgmigrate_proxy.guard.retry import is_retryable
@@ -28,6 +29,7 @@ from pgmigrate_proxy.guard.steps import (
     Inject,
     Notice,
     Now,
+    Release,
     Replies,
     Send,
     Signal,
@@ -171,6 +173,9 @@ class Pipeline:
         self.first_seen: dict[int, float] = {}
         self.reported: set[tuple[int, Verdict]] = set()
         self.saved_lock_timeout: str | None = None
+        self.scope: drain.DrainScope | None = None  # what a drain holds (blocking_action drain)
+        self.give_up_message: str | None = None
+        self.armed = False  # a drain's rule is armed on the gate: Release it after the attempt
 
     def event(self, name: str, fields: Mapping[str, object], level: str = "INFO") -> Event:
         """A guard event of this unit: `unit` and `statement_pid` tie a unit's events together
@@ -200,6 +205,10 @@ class Pipeline:
                 self.saved_lock_timeout = current.rows[0][0]
             self.resolution = yield from resolve(self.unit.statements)
             self.view.remember_targets(self.unit.statements, self.resolution)
+            draining = self.settings.action is BlockingAction.DRAIN
+            if draining and self.resolution.permitted and self.resolution.targets:
+                targets = self.resolution.targets
+                self.scope = yield from drain.load_scope(self.view.database, targets)
         else:
             self.resolution = self.view.known_targets(self.unit.statements)
         if self.resolution.resolved and not self.resolution.permitted:
@@ -223,7 +232,10 @@ class Pipeline:
         attempt = 0
         while not self.view.gone:
             attempt += 1
-            if not (yield from self._clear()):
+            cleared = yield from self._clear()
+            if not cleared or self.view.gone:
+                yield from self._release()
+            if not cleared:
                 yield from self._give_up(attempt - 1)
                 return
             if self.view.gone:
@@ -236,6 +248,7 @@ class Pipeline:
             sent: float = yield Now()
             self.blocked_seen = None
             frames = yield from self._attempt()
+            yield from self._release()  # a drain's held statements go on, whatever the result
             error = _error(frames)
             elapsed = yield from self._elapsed()
             took = self.started + elapsed - sent
@@ -309,6 +322,8 @@ class Pipeline:
             yield Notice("WARNING", notices.admin_down(self.context.health.reason))
         if not usable or not targets:
             return True
+        if self.settings.action is BlockingAction.DRAIN:
+            return (yield from self._drain())
         hold_until = self.started + self.settings.max_hold
         while not self.view.gone:
             try:
@@ -335,6 +350,43 @@ class Pipeline:
                 return True  # held long enough: try with the short lock_timeout
             yield Sleep(SHOW_POLL)
         return True
+
+    def _drain(self) -> Steps:
+        """blocking_action = drain (guard/drain.py); False: give up (drain_then = give_up)."""
+        view, settings = self.view, self.settings
+        outcome, self.armed = yield from drain.drain(
+            self, settings.drain, self.resolution.targets, self.scope, view.server_pid,
+            view.database, settings.watch_interval,
+        )  # fmt: skip
+        if outcome is drain.Outcome.GIVE_UP:
+            self.give_up_message = notices.drain_gave_up(settings.drain.timeout)
+            return False
+        return True
+
+    def _release(self) -> Steps:
+        if self.armed:
+            self.armed = False
+            yield Release()
+
+    # what guard/drain.py uses of the pipeline (drain.Host)
+
+    def find_blockers(self) -> FindBlockers:
+        return self._find_blockers()
+
+    def decide_as(self, blockers: list[Blocker], action: BlockingAction) -> Steps:
+        return self._decide(blockers, action)
+
+    def act(self, decisions: list[Decision]) -> Steps:
+        return self._act(decisions)
+
+    def wait_released(self, pids: list[int]) -> Steps:
+        return self._wait_released(pids)
+
+    def admin_lost(self, exc: Exception) -> Steps:
+        return self._admin_lost(exc)
+
+    def budget_left(self, now: float) -> bool:
+        return self.settings.schedule.attempts_left(now - self.started)
 
     def _find_blockers(self) -> FindBlockers:
         view = self.view
@@ -386,13 +438,13 @@ class Pipeline:
         context = self.context
         return frozenset({*context.in_flight, self.view.server_pid, context.admin_pid})
 
-    def _decide(self, blockers: list[Blocker]) -> Steps:
+    def _decide(self, blockers: list[Blocker], action: BlockingAction | None = None) -> Steps:
         now: float = yield Now()
         for blocker in blockers:
             self.first_seen.setdefault(blocker.pid, now)
         return decide(
             blockers,
-            self.settings.action,
+            action or self.settings.action,
             self.settings.filters,
             database=self.view.database,
             protected_pids=self._protected(),
@@ -488,9 +540,8 @@ class Pipeline:
 
     def _give_up(self, attempts: int) -> Steps:
         """The budget ran out while waiting for blockers: answer 55P03 without sending."""
-        error = ErrorResponse.build(
-            "ERROR", SqlState.LOCK_NOT_AVAILABLE, notices.gave_up(self.settings.schedule.budget)
-        )
+        message = self.give_up_message or notices.gave_up(self.settings.schedule.budget)
+        error = ErrorResponse.build("ERROR", SqlState.LOCK_NOT_AVAILABLE, message)
         status = self.view.status
         after = TransactionStatus.FAILED if status is not TransactionStatus.IDLE else status
         frames = [Frame(BackendType.ERROR_RESPONSE, error.encode()[5:], 0)]

@@ -17,18 +17,22 @@ from pgmigrate_proxy import notices
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard import pipeline
 from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE
+from pgmigrate_proxy.guard.drain import Gate, GateHold, NoGate
 from pgmigrate_proxy.guard.pipeline import GuardContext, Steps
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.guard.steps import (
     Activity,
     AdminDown,
+    Arm,
     BlockingPids,
     Deliver,
     Event,
     FindBlockers,
     Inject,
+    LockHolders,
     Notice,
     Now,
+    Release,
     Replies,
     Send,
     Signal,
@@ -75,6 +79,9 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
+    #: Where a drain holds other sessions' new work (blocking_action = drain); the default holds
+    #: nothing, so a drain only waits for the holders and applies drain_then.
+    gate: Gate = field(default_factory=NoGate)
 
     @property
     def in_flight(self) -> set[int]:
@@ -226,6 +233,7 @@ class _Driver:
         self.report_events = report_events
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
+        self.hold: GateHold | None = None  # a drain's armed rule
 
     async def do(self, step: object) -> Any:
         server, client = self.server, self.client
@@ -248,6 +256,14 @@ class _Driver:
                 client.notice(severity, message, detail)
             case Deliver(frames=frames):
                 client.deliver(frames)
+            case Arm(rule=rule):
+                self._release()
+                gate = self.services.gate
+                if isinstance(gate, NoGate):
+                    _warn_no_gate()
+                self.hold = gate.arm(rule)
+            case Release():
+                self._release()
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
                 if self.report_events:
@@ -282,12 +298,20 @@ class _Driver:
                 return await admin.activity(pids, viewer=viewer)
             case WaiterOwns(pid=pid):
                 return await admin.waiter_owns(pid)
+            case LockHolders(relations=relations, database=database):
+                return await admin.lock_rows(relations, database=database)
             case Signal(pid=pid, verdict=verdict):
                 signal = admin.terminate if verdict is Verdict.TERMINATE else admin.cancel
                 return await signal(pid)
         raise TypeError(f"not a pipeline step: {step!r}")
 
+    def _release(self) -> None:
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            hold.release()
+
     def close(self) -> None:
+        self._release()  # whatever ended the run, nothing stays held
         task = self.exchange
         if task is None:
             return
@@ -295,6 +319,18 @@ class _Driver:
             task.cancel()
         elif not task.cancelled():
             task.exception()  # retrieved: a lost connection is reported by whoever awaited it
+
+
+_warned: list[bool] = []
+
+
+def _warn_no_gate() -> None:
+    if not _warned:
+        _warned.append(True)
+        log.warning(
+            "blocking_action = drain: this proxy cannot hold other sessions' statements yet;"
+            " a drain waits for the sessions holding locks on the tables, then drain_then applies"
+        )
 
 
 def _event(event: str, fields: Mapping[str, object], level: str = "INFO") -> None:

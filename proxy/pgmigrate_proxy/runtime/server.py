@@ -64,6 +64,7 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
         max_hold=config.max_hold,
         watch_interval=config.watch_interval,
         cancel_grace=config.cancel_grace,
+        drain=config.drain_settings(),
         report_events=config.report_events,
     )
 
