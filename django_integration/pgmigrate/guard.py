@@ -95,6 +95,7 @@ ACTION_NAMES: dict[str, type[actions.BlockingAction] | None] = {
     "terminate": actions.Terminate,
     "cancel": actions.Cancel,
     "show": actions.Show,
+    "drain": actions.Drain,
     "none": None,
 }
 
@@ -108,15 +109,28 @@ def blocking_action(value: object) -> actions.BlockingAction | None:
             action = ACTION_NAMES[name]
             return None if action is None else action()
     if inspect.isclass(value) and issubclass(value, actions.BlockingAction):
-        return value()
+        value = value()
+    if isinstance(value, actions.Drain):
+        drain_values(value)  # its timeout and then, checked
     if value is None or isinstance(value, actions.BlockingAction):
         return value
     raise ValueError(
-        "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, a "
+        "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, pgmigrate.Drain, a "
         "pgmigrate.BlockingAction subclass or instance, or one of "
         + ", ".join(repr(name) for name in ACTION_NAMES)
         + f" (got {value!r})"
     )
+
+
+def drain_values(action: actions.Drain) -> dict[str, object]:
+    """A Drain's drain_timeout and drain_then, checked (ValueError saying what is wrong)."""
+    setting = PROXY_SETTINGS["drain_timeout"]
+    assert setting.low is not None and setting.high is not None
+    try:
+        timeout = seconds(action.timeout, optional=False, low=setting.low, high=setting.high)
+    except ValueError as exc:
+        raise ValueError(f"Drain's timeout {exc}") from None
+    return {"drain_timeout": timeout, "drain_then": actions.drain_then(action.then)}
 
 
 def _duration(name: str) -> Callable[[object], object]:
@@ -304,4 +318,6 @@ def guard_values(
             guard[key] = values[setting]
     if action is not None and name is not None:
         guard.update(filters.translate(action.filters)[0])
+    if isinstance(action, actions.Drain):
+        guard.update(drain_values(action))
     return guard
