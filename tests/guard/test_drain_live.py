@@ -127,3 +127,75 @@ def test_the_session_option_turns_drain_on(
         client.conn.execute(q("ALTER TABLE {} ADD COLUMN d int", name))
     assert backend_alive(pg, holder_pid)
     client.conn.close()
+
+
+def test_the_scope_query_finds_views_partitions_children_and_fk_partners(pg: PgInfo) -> None:
+    """SCOPE_SQL and FUNCTIONS_SQL against a real catalog, as load_scope runs them ($1)."""
+    from pgmigrate_proxy.guard.drain import FUNCTIONS_SQL, SCOPE_SQL, DrainScope, Reach
+
+    ddl = """
+        CREATE SCHEMA dscope;
+        CREATE TABLE dscope.parent (id int PRIMARY KEY) PARTITION BY RANGE (id);
+        CREATE TABLE dscope.part1 PARTITION OF dscope.parent FOR VALUES FROM (0) TO (10);
+        CREATE TABLE dscope.other (id int PRIMARY KEY);
+        CREATE TABLE dscope.target (id int PRIMARY KEY, other_id int REFERENCES dscope.other);
+        CREATE TABLE dscope.child () INHERITS (dscope.target);
+        CREATE TABLE dscope.referencing (target_id int REFERENCES dscope.target);
+        CREATE VIEW dscope.v1 AS SELECT * FROM dscope.target;
+        CREATE VIEW dscope.v2 AS SELECT * FROM dscope.v1;
+        CREATE TABLE dscope.unrelated (id int);
+        CREATE FUNCTION dscope.touch() RETURNS int LANGUAGE sql AS 'SELECT 1';
+    """
+    with pg.connect() as conn:
+        conn.execute(ddl)
+        try:
+            oids = [
+                conn.execute("SELECT %s::regclass::oid", (name,)).fetchone()[0]  # type: ignore[index]
+                for name in ("dscope.target", "dscope.part1")
+            ]
+            literal = "{" + ",".join(str(oid) for oid in oids) + "}"
+            with psycopg.RawCursor(conn) as cur:
+                rows = cur.execute(SCOPE_SQL, (literal,)).fetchall()
+                functions = cur.execute(FUNCTIONS_SQL).fetchall()
+        finally:
+            conn.execute("DROP SCHEMA dscope CASCADE")
+    scope = DrainScope.from_rows("postgres", rows, functions)
+    reach = {name: {r for _, r in entries} for name, entries in scope.relations.items()}
+    assert reach == {
+        "target": {Reach.ANY},
+        "child": {Reach.ANY},  # an inheritance child
+        "part1": {Reach.ANY},
+        "parent": {Reach.ANY},  # a partition's parent: reading it locks the partition
+        "v1": {Reach.ANY},
+        "v2": {Reach.ANY},  # a view over the view
+        "referencing": {Reach.WRITES},
+        "other": {Reach.WRITES},  # referenced by the target: its deletes check the target
+    }
+    assert "touch" in scope.functions and "lower" not in scope.functions
+    assert scope.touches("SELECT * FROM dscope.v2")
+    assert not scope.touches("SELECT * FROM referencing")
+    assert scope.touches("INSERT INTO referencing VALUES (1)")
+    assert not scope.touches("SELECT * FROM dscope.unrelated")
+
+
+def test_the_lock_snapshot_lets_through_the_sessions_holding_a_lock(
+    pg: PgInfo, table: tuple[str, int], sessions: Connect
+) -> None:
+    import asyncio
+
+    from pgmigrate_proxy.guard.drain import holding_pids
+
+    from tests.guard.live import admin_for
+
+    name, oid = table
+    holder = sessions()
+    holder_pid = hold(holder, name)
+    sessions()  # connected, holding nothing
+
+    async def snapshot() -> list[tuple[int, int, str, bool]]:
+        async with admin_for(pg) as admin:
+            return await admin.lock_rows([oid], database="postgres")
+
+    rows = asyncio.run(snapshot())
+    assert holding_pids(rows, {oid}) == {holder_pid}
+    assert (holder_pid, oid, "AccessShareLock", True) in rows
