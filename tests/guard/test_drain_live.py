@@ -17,7 +17,14 @@ from psycopg import errors, sql
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
 from tests.guard.live import Connect
-from tests.guard.scenarios import BOUND, backend_alive, column_exists, connect_through, wait_for
+from tests.guard.scenarios import (
+    BOUND,
+    backend_alive,
+    column_exists,
+    connect_through,
+    shutdown_socket,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -199,3 +206,77 @@ def test_the_lock_snapshot_lets_through_the_sessions_holding_a_lock(
     rows = asyncio.run(snapshot())
     assert holding_pids(rows, {oid}) == {holder_pid}
     assert (holder_pid, oid, "AccessShareLock", True) in rows
+
+
+class RecordingGate:
+    """A gate that holds nothing but records what it was armed with and when it was released:
+    the runtime's side of the drain (Arm, Release, and release whatever ended the run)."""
+
+    def __init__(self) -> None:
+        self.armed: list[Any] = []
+        self.released: list[Any] = []
+
+    def arm(self, rule: Any) -> Any:
+        self.armed.append(rule)
+        gate = self
+
+        class Hold:
+            def release(self) -> None:
+                gate.released.append(rule)
+
+        return Hold()
+
+
+def test_the_gate_is_armed_with_the_rule_and_released_after_a_failed_statement(
+    pg: PgInfo,
+    proxy_factory: ProxyFactory,
+    table: tuple[str, int],
+    sessions: Connect,
+) -> None:
+    name, _ = table
+    proxy = proxy_factory(blocking_action="drain", drain_timeout=30.0)
+    gate = RecordingGate()
+    proxy.server.guard.gate = gate
+    holder = sessions()
+    holder_pid = hold(holder, name)
+    client = connect_through(proxy, pg)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # fails once it runs: the column exists (42701)
+        alter = pool.submit(client.conn.execute, q("ALTER TABLE {} ADD COLUMN id int", name))
+        wait_for(lambda: gate.armed, "the gate to be armed")
+        rule = gate.armed[0]
+        assert rule.let_through == {holder_pid}  # it holds a lock on the table: let through
+        other = type("S", (), {"database": "postgres", "backend_pid": 0})()
+        assert rule.should_hold(other, [f'SELECT * FROM "{name}"'])
+        assert not rule.should_hold(other, ["SELECT 1"])
+        assert not gate.released  # held while the transaction runs
+        holder.execute("COMMIT")
+        with pytest.raises(errors.DuplicateColumn):
+            alter.result(timeout=BOUND)
+    assert gate.released == [rule]
+    client.conn.close()
+
+
+def test_a_client_that_leaves_mid_drain_releases_the_gate_and_sends_nothing(
+    pg: PgInfo,
+    proxy_factory: ProxyFactory,
+    table: tuple[str, int],
+    sessions: Connect,
+) -> None:
+    name, _ = table
+    proxy = proxy_factory(blocking_action="drain", drain_timeout=30.0)
+    gate = RecordingGate()
+    proxy.server.guard.gate = gate
+    holder = sessions()
+    hold(holder, name)
+    client = connect_through(proxy, pg)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        alter = pool.submit(client.conn.execute, q("ALTER TABLE {} ADD COLUMN e int", name))
+        wait_for(lambda: gate.armed, "the gate to be armed")
+        shutdown_socket(client.conn)
+        wait_for(lambda: gate.released, "the gate to be released")
+        with pytest.raises(psycopg.Error):
+            alter.result(timeout=BOUND)
+    holder.execute("COMMIT")
+    assert not column_exists(pg, name, "e")
+    assert gate.released == gate.armed

@@ -31,7 +31,6 @@ from pgmigrate_proxy.guard.steps import (
     LockHolders,
     Notice,
     Now,
-    Release,
     SessionInfo,
     Sleep,
     Step,
@@ -270,6 +269,8 @@ class Host(Protocol):
     def wait_released(self, pids: list[int]) -> Steps: ...
     def admin_lost(self, exc: Exception) -> Steps: ...
     def budget_left(self, now: float) -> bool: ...
+    @property
+    def gone(self) -> bool: ...  # the client left (or its server connection was lost)
 
 
 class Outcome(enum.Enum):
@@ -306,11 +307,8 @@ def drain(
         outcome = yield from _wait(host, settings, interval, armed)
     except AdminDown as exc:
         yield from host.admin_lost(exc)
-        outcome = Outcome.DRAINED
-    except BaseException:
-        if armed:
-            yield Release()
-        raise
+        outcome = Outcome.DRAINED  # go on: the attempt's lock_timeout still bounds the wait
+    # (a run ended meanwhile, client gone or server lost, is released by the driver)
     return outcome, armed
 
 
@@ -320,8 +318,8 @@ def _wait(host: Host, settings: DrainSettings, interval: float, armed: bool) -> 
     yield host.event(
         "drain", {"timeout_ms": timeout_ms, "then": settings.then.value, "holding": armed}
     )
-    shown: set[int] = set()
-    while True:
+    shown = False
+    while not host.gone:
         blockers: list[Blocker] = yield host.find_blockers()
         decisions: list[Decision] = yield from host.decide_as(blockers, BlockingAction.SHOW)
         left = [d.blocker for d in decisions if d.verdict is not Verdict.SKIP]
@@ -330,13 +328,14 @@ def _wait(host: Host, settings: DrainSettings, interval: float, armed: bool) -> 
         if not left:
             yield host.event("drained", waited)
             return Outcome.DRAINED
-        new = [b for b in left if b.pid not in shown]
-        if new:
-            shown |= {b.pid for b in new}
+        if not shown:  # once: on a busy table the holders change at each look
+            shown = True
             yield Notice("NOTICE", notices.draining(len(left), settings.timeout))
         if now - started >= settings.timeout or not host.budget_left(now):
             break
         yield Sleep(min(interval, started + settings.timeout - now))
+    else:
+        return Outcome.DRAINED  # the client left: its statement is dropped, nobody is touched
     yield host.event("drain_timeout", {**waited, "left": [b.pid for b in left]}, "WARNING")
     action = settings.then.action
     if action is None:

@@ -388,6 +388,10 @@ class Pipeline:
     def budget_left(self, now: float) -> bool:
         return self.settings.schedule.attempts_left(now - self.started)
 
+    @property
+    def gone(self) -> bool:
+        return self.view.gone
+
     def _find_blockers(self) -> FindBlockers:
         view = self.view
         return FindBlockers(
