@@ -4,13 +4,14 @@ holders, drain_then, release after the attempt whatever its result)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from pgmigrate_proxy.guard import drain, pipeline
-from pgmigrate_proxy.guard.blockers import BackendState
+from pgmigrate_proxy.guard.blockers import BackendState, Blocker
 from pgmigrate_proxy.guard.drain import (
     DrainScope,
     DrainSettings,
@@ -188,6 +189,30 @@ def test_after_the_timeout_then_terminates_those_left() -> None:
     assert round(sum(s.seconds for s in fake.of(Sleep) if s.seconds == 0.05), 3) >= 0.5
     assert fake.order() == ["Arm", "Send", "Release"]
     assert fake.codes() == []
+
+
+def test_transactions_begun_during_the_drain_are_not_waited_for_nor_killed() -> None:
+    """Without a gate (or for sessions not through the proxy) new short transactions keep
+    arriving: the drain waits for the holders of when it began, and `then` ends only those."""
+    old = dataclasses.replace(blocker(7), xact_age=None)  # age unknown: counted as old
+
+    def blockers(now: float) -> list[Blocker]:
+        fresh = dataclasses.replace(blocker(8 + int(now * 100)), xact_age=0.001)
+        return [old, fresh] if now < 5 else [fresh]
+
+    fake = DrainFake(blockers=blockers)
+    run(fake, drain_settings(timeout=0.3))
+    assert fake.signalled == [(7, Verdict.TERMINATE)]  # the old one only
+
+
+def test_a_drain_on_a_busy_table_goes_on_once_the_old_holders_are_done() -> None:
+    def blockers(now: float) -> list[Blocker]:  # a new 1 ms-old transaction at every look
+        return [dataclasses.replace(blocker(8), xact_age=0.001)]
+
+    fake = DrainFake(blockers=blockers)
+    run(fake, drain_settings(timeout=2.0))
+    assert fake.signalled == [] and fake.sent == 1
+    assert sum(s.seconds for s in fake.of(Sleep) if s.seconds == 0.05) <= 0.05  # one poll
 
 
 def test_then_give_up_answers_55P03_unsent_and_releases() -> None:

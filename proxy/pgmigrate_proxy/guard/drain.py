@@ -55,6 +55,7 @@ __all__ = [
     "Reach",
     "SessionInfo",
     "drain",
+    "holders_to_wait_for",
     "holding_pids",
     "load_scope",
 ]
@@ -320,9 +321,10 @@ def _wait(host: Host, settings: DrainSettings, interval: float, armed: bool) -> 
     )
     shown = False
     while not host.gone:
+        look: float = yield Now()
         blockers: list[Blocker] = yield host.find_blockers()
         decisions: list[Decision] = yield from host.decide_as(blockers, BlockingAction.SHOW)
-        left = [d.blocker for d in decisions if d.verdict is not Verdict.SKIP]
+        left = holders_to_wait_for(decisions, look - started)
         now: float = yield Now()
         waited = {"waited_ms": round((now - started) * 1000)}
         if not left:
@@ -340,8 +342,22 @@ def _wait(host: Host, settings: DrainSettings, interval: float, armed: bool) -> 
     action = settings.then.action
     if action is None:
         return Outcome.GIVE_UP
-    decisions = yield from host.decide_as(blockers, action)
+    decisions = yield from host.decide_as(left, action)
     acted = yield from host.act(decisions)
     if acted:
         yield from host.wait_released(acted)
     return Outcome.THEN
+
+
+def holders_to_wait_for(decisions: Iterable[Decision], draining_for: float) -> list[Blocker]:
+    """The blockers a drain waits for (and applies drain_then to): those in transactions that
+    began before the drain did (`draining_for` seconds ago; an unknown age counts as older),
+    never the skipped ones. A transaction begun since (a session the gate let through or could
+    not hold: not through this proxy, or no gate yet) is short work that the attempt's
+    lock_timeout waits for; killing it would be the mistake the drain is there to avoid."""
+    return [
+        d.blocker
+        for d in decisions
+        if d.verdict is not Verdict.SKIP
+        and (d.blocker.xact_age is None or d.blocker.xact_age >= draining_for)
+    ]
