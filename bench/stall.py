@@ -476,6 +476,7 @@ BUSY_HEADER = [
     "target",
     "app max",
     "app p99",
+    "app max outside",
     "app errors",
     "sessions killed",
     "migration wall time",
@@ -495,10 +496,38 @@ def busy_row(item: BusyRow) -> list[str]:
         item.target.title,
         f"{r.app_max_ms:.0f} ms",
         f"{r.app_p99_ms:.0f} ms",
+        f"{r.baseline_max_ms:.0f} ms",
         str(r.errors),
         killed,
         f"{r.migration_seconds:.2f} s ({outcome})",
     ]
+
+
+def busy_goals(rows: Sequence[BusyRow]) -> list[str]:
+    """Issue 11's goals for the drain: without the long blocker, no error, nobody killed, app max
+    <= the longest transaction + 20 ms (the longest outside the migration, which is what the
+    machine makes of a 20 ms transaction); with it and then=terminate, only the blocker killed."""
+    lines = []
+    for item in rows:
+        r = item.result
+        if item.target.key != "proxy-drain" or r is None:
+            continue
+        if item.run == "none":
+            bound = max(r.longest_inflight_ms, r.baseline_max_ms) + 20
+            ok = r.errors == 0 and r.killed == 0 and r.app_max_ms <= bound and r.migration_ok
+            said = f"{r.errors} errors, {r.killed} killed, app max {r.app_max_ms:.0f} ms"
+            lines.append(
+                f"Goal, drain without a long blocker: no error, nobody killed, app max <= "
+                f"{bound:.0f} ms: {'PASS' if ok else 'FAIL'} ({said})"
+            )
+        else:
+            ok = r.killed == 1 and bool(r.blocker_killed) and r.migration_ok
+            lines.append(
+                "Goal, drain with the long blocker (then=terminate): only the blocker killed: "
+                f"{'PASS' if ok else 'FAIL'} ({r.killed} killed, blocker "
+                f"{'among them' if r.blocker_killed else 'not'}, {r.errors} app errors)"
+            )
+    return lines
 
 
 def busy_render(opts: Options, rows: Sequence[BusyRow], machine_line: str) -> str:
@@ -523,7 +552,8 @@ def busy_render(opts: Options, rows: Sequence[BusyRow], machine_line: str) -> st
             parts.append(f"{key}: migration error: {r.migration_error}")
         parts += [f"{key}: app error: {e}" for e in r.error_samples]
         parts += [f"{key}: proxy log: {line}" for line in item.proxy_log[-4:]]
-    parts += ["", "Markdown for the README:", "", relay.markdown_table(BUSY_HEADER, table), ""]
+    parts += ["", *busy_goals(rows), "", "Markdown for the README:", ""]
+    parts += [relay.markdown_table(BUSY_HEADER, table), ""]
     parts += [f"Command: `{opts.command}`", "", f"Machine: {machine_line}"]
     return "\n".join(parts)
 

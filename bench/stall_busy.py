@@ -55,6 +55,7 @@ class BusyResult:
     app_max_ms: float
     app_p99_ms: float
     longest_inflight_ms: float  # the longest transaction the workers meant to run (1 to 20 ms)
+    baseline_max_ms: float  # the longest transaction outside the migration (the machine's noise)
     errors: int
     error_samples: tuple[str, ...]
     killed: int  # backends ended by pg_terminate_backend during the run
@@ -190,12 +191,15 @@ def run_busy(
     every = [t for per in samples for t in per]
     window = [t for t in every if t.start < ended and t.start + t.latency > began]
     latencies = [t.latency * 1000 for t in window]
+    inside = {id(t) for t in window}
+    outside = [t.latency * 1000 for t in every if id(t) not in inside and t.ok]
     return BusyResult(
         transactions=len(every),
         window_transactions=len(window),
         app_max_ms=max(latencies, default=0.0),
         app_p99_ms=_p99(latencies),
         longest_inflight_ms=max((t.longest_statement_gap for t in window), default=0.0) * 1000,
+        baseline_max_ms=max(outside, default=0.0),
         errors=sum(1 for t in every if not t.ok),
         error_samples=tuple(dict.fromkeys(errors))[:3],
         killed=_killed_since(server_log, offset),
