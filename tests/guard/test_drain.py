@@ -116,6 +116,8 @@ def test_the_rule_holds_new_work_on_the_targets_but_not_holders_nor_the_drainer(
     assert not rule.should_hold(Session(backend_pid=100), touching)  # the draining session
     assert not rule.should_hold(Session(database="other"), touching)
     assert not rule.should_hold(Session(), ["SELECT * FROM unrelated"])
+    assert rule.should_hold(Session(), None)  # text unknown: held
+    assert not rule.should_hold(Session(backend_pid=7), None)
 
 
 # --- the drain in the pipeline ------------------------------------------------------------------

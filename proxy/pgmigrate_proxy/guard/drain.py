@@ -212,14 +212,16 @@ class HoldRule:
     own_pid: int
     let_through: set[int] = field(default_factory=set)
 
-    def should_hold(self, session: SessionInfo, statements: Sequence[str]) -> bool:
-        """True: hold these statements (the start of a new transaction) until released."""
+    def should_hold(self, session: SessionInfo, statements: Sequence[str] | None) -> bool:
+        """True: hold these statements (the start of a new transaction) until released.
+        `statements` None: their text is unknown (a Bind of a statement the gate cannot name):
+        held, conservatively."""
         if session.database != self.scope.database:
             return False
         pid = session.backend_pid
         if pid and (pid == self.own_pid or pid in self.let_through):
             return False
-        return any(self.scope.touches(sql) for sql in statements)
+        return statements is None or any(self.scope.touches(sql) for sql in statements)
 
 
 class GateHold(Protocol):

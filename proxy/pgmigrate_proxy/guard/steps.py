@@ -148,7 +148,7 @@ class SessionInfo(Protocol):
 class HoldPredicate(Protocol):
     """What the gate is armed with (guard/drain.py's HoldRule)."""
 
-    def should_hold(self, session: SessionInfo, statements: Sequence[str]) -> bool: ...
+    def should_hold(self, session: SessionInfo, statements: Sequence[str] | None) -> bool: ...
 
 
 @dataclass(frozen=True)
