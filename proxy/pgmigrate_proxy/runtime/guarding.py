@@ -46,6 +46,7 @@ from pgmigrate_proxy.guard.unit import (
 )
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
+from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
 from pgmigrate_proxy.sql import Statement
 
@@ -75,6 +76,7 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
+    gate: Gate = field(default_factory=Gate)  # holds new transactions' first statements
 
     @property
     def in_flight(self) -> set[int]:
