@@ -16,6 +16,7 @@ from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.upstream import open_upstream
 
 from tests.fixtures.proxy import RunningProxy
+from tests.integration.probes import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -72,3 +73,54 @@ def test_pool_opens_servers_itself(proxy_factory: Callable[..., RunningProxy]) -
     assert conn.execute("SELECT current_user").fetchone() == ("u_trust",)
     assert opened == [1]
     conn.close()
+
+
+def _counts(proxy: RunningProxy) -> tuple[int, int, int]:
+    async def read() -> tuple[int, int, int]:
+        pool = proxy.server.pools.pool("postgres", "u_trust")
+        return len(pool.leases), len(pool.idle), pool.size_opening
+
+    return proxy.call(read())
+
+
+def test_min_pool_size_opens_servers_in_the_background(
+    proxy_factory: Callable[..., RunningProxy],
+) -> None:
+    """Once a pool has an opener it keeps min_pool_size servers, with no client at all, and
+    opens new ones when they are closed."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=4, min_pool_size=2)
+    opened: list[int] = []
+
+    async def install() -> None:
+        proxy.server.pools.set_opener("postgres", "u_trust", trust_opener(proxy, opened))
+
+    proxy.call(install())
+    wait_until(lambda: _counts(proxy) == (2, 2, 0), "two idle servers opened")
+    assert len(opened) == 2
+
+    async def close_idle() -> int:
+        return proxy.server.pools.close_idle()
+
+    assert proxy.call(close_idle()) == 2
+    wait_until(lambda: _counts(proxy) == (2, 2, 0), "two idle servers opened again")
+    assert len(opened) == 4
+    with psycopg.connect(proxy.conninfo("u_trust"), autocommit=True) as conn:
+        conn.prepare_threshold = None
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_min_pool_size_respects_max_db_connections(
+    proxy_factory: Callable[..., RunningProxy],
+) -> None:
+    proxy = proxy_factory(
+        pool_mode="transaction", default_pool_size=4, min_pool_size=3, max_db_connections=1
+    )
+    opened: list[int] = []
+
+    async def install() -> None:
+        proxy.server.pools.set_opener("postgres", "u_trust", trust_opener(proxy, opened))
+
+    proxy.call(install())
+    # (every open is started at once by set_opener: none is pending once one is in)
+    wait_until(lambda: _counts(proxy) == (1, 1, 0), "one idle server opened")
+    assert opened == [1]

@@ -131,7 +131,9 @@ class Pool:
         self.waiters: deque[asyncio.Future[Lease]] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.TimerHandle | None = None
+        self._refill: asyncio.TimerHandle | None = None  # a min_pool_size retry after a failure
         self.size_opening = 0  # servers its opener is logging in
+        self.closing = False
 
     @property
     def size(self) -> int:
@@ -288,9 +290,10 @@ class Pool:
             return False
         return self.room(settings.reserve_pool_size)
 
-    async def _open(self) -> Lease:
+    async def _open(self, *, counted: bool = False) -> Lease:
         assert self.opener is not None
-        self.size_opening += 1  # counted while it logs in
+        if not counted:
+            self.size_opening += 1  # counted while it logs in
         try:
             server = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
         except asyncio.TimeoutError:
@@ -298,6 +301,38 @@ class Pool:
         finally:
             self.size_opening -= 1
         return self.join(server, {})
+
+    def top_up(self) -> None:
+        """Open servers in the background up to min_pool_size (with an opener, within the
+        limits); they join the pool idle, or go to a waiting client."""
+        if self.opener is None or self.closing or self._refill is not None:
+            return
+        if self.settings.server_lifetime == 0:  # (each would be closed at once: used once)
+            return
+        loop = asyncio.get_running_loop()
+        for _ in range(self.settings.min_pool_size - self.size):
+            if not self.room():
+                return
+            self.size_opening += 1  # counted at once: the next top_up does not open it again
+            task = loop.create_task(self._open_idle())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _open_idle(self) -> None:
+        try:
+            lease = await self._open(counted=True)
+        except (ConnectionError, ProxyError, OSError) as exc:
+            log.warning("pool %s/%s: could not open a server for min_pool_size: %s",
+                        self.key[0], self.key[1], exc)  # fmt: skip
+            if self._refill is None and not self.closing:  # retried, not in a loop
+                self._refill = asyncio.get_running_loop().call_later(_REAP_SECONDS, self._retry)
+            return
+        lease.idle_since = time.monotonic()
+        self.release(lease)
+
+    def _retry(self) -> None:
+        self._refill = None
+        self.top_up()
 
     async def checked(self, lease: Lease) -> bool:
         """Run server_check_query on a server idle past server_check_delay; False: closed."""
@@ -331,18 +366,22 @@ class Pool:
             if server.busy is None:
                 server.write(frame(FrontendType.TERMINATE))
             server.close()
+        self.top_up()
 
     def lost(self, lease: Lease) -> None:
         """A parked server's connection went away."""
         self.leases.pop(lease.server, None)
         if lease in self.idle:
             self.idle.remove(lease)
+        self.top_up()
 
     def forget(self, server: ServerConnection) -> None:
         """A client's server was closed with the client."""
         lease = self.leases.pop(server, None)
         if lease is not None and lease in self.idle:
             self.idle.remove(lease)
+        if lease is not None:
+            self.top_up()
 
     def cancel_done(self, lease: Lease) -> None:
         """A cancel request for it was delivered: it may be handed out again."""
@@ -377,6 +416,10 @@ class Pool:
             self._schedule_reap()
 
     async def shutdown(self) -> None:
+        self.closing = True
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
@@ -404,6 +447,7 @@ class PoolRegistry:
         if pool is None:
             pool = Pool(self, key, self.settings_for(database, user), self.openers.get(key))
             self.pools[key] = pool
+            pool.top_up()  # (counted in the registry first: the limits see it)
         return pool
 
     def set_opener(self, database: str, user: str, opener: Opener | None) -> None:
@@ -415,6 +459,9 @@ class PoolRegistry:
         pool = self.pools.get((database, user))
         if pool is not None:
             pool.opener = opener
+            pool.top_up()
+        elif opener is not None:
+            self.pool(database, user)  # (made now: topped up to min_pool_size)
 
     def room(self, key: tuple[str, str], settings: PoolSettings) -> bool:
         """Whether max_db_connections and max_user_connections allow one more server."""
