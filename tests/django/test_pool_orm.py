@@ -64,7 +64,7 @@ def pooling_proxy(pg: PgInfo, transactional_db: None) -> Iterator[Any]:
 
 def test_orm_threads_on_a_small_pool(pooling_proxy: Any, pg: PgInfo) -> None:
     from django.db import connection, transaction
-    from django.db.backends.postgresql.base import is_psycopg3
+    from django.db.backends.postgresql.base import is_psycopg3  # type: ignore[attr-defined]
 
     assert is_psycopg3 == (DRIVER == "psycopg")  # the driver this run is about
 
