@@ -134,6 +134,57 @@ def test_startup_parameters_follow_the_client(proxy_factory: Factory) -> None:
     two.close()
 
 
+def test_startup_options_follow_the_client(proxy_factory: Factory) -> None:
+    """`-c` settings of synced parameters in the startup options are carried to every server
+    the client gets, as its startup parameters are (pgbouncer 1.20+ does the same)."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    zones = {"one": "Asia/Tokyo", "two": "America/New_York"}
+    clients = {
+        name: psycopg.connect(
+            proxy.conninfo(
+                "u_trust", options=f"-c TimeZone={zone} --search-path=pg_catalog,public"
+            ),
+            autocommit=True,
+        )
+        for name, zone in zones.items()
+    }
+    plain = connect(proxy, autocommit=True)
+    default = plain.execute("SHOW TimeZone").fetchone()
+    for _ in range(3):
+        for name, conn in clients.items():
+            assert conn.execute("SHOW TimeZone").fetchone() == (zones[name],)
+            assert conn.execute("SHOW search_path").fetchone() == ("pg_catalog,public",)
+        pids = {c.execute("SELECT pg_backend_pid()").fetchone() for c in clients.values()}
+        assert len(pids) == 1  # one server for both
+    assert default is not None and default[0] not in zones.values()
+    for conn in clients.values():
+        conn.close()
+    plain.close()
+
+
+@pytest.mark.parametrize(
+    "options", ["-c work_mem=2MB", "-c TimeZone=UTC --statement-timeout=5s", "-e"]
+)
+def test_other_startup_options_are_refused(proxy_factory: Factory, options: str) -> None:
+    """Any other startup option would stay behind on a shared server: refused at login, with
+    the option named; a migration session (its own server) and session pooling keep them."""
+    proxy = proxy_factory(pool_mode="transaction")
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(proxy.conninfo("u_trust", options=options, connect_timeout="10"))
+    message = str(info.value)
+    assert "cannot be kept in transaction pooling mode" in message
+    assert options.split()[-1].lstrip("-").split("=")[0].replace("-", "_") in message
+    if options == "-c work_mem=2MB":
+        migration = "-c pgmigrate.role=migrate " + options
+        with psycopg.connect(proxy.conninfo("u_trust", options=migration)) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("2MB",)
+        with psycopg.connect(proxy.conninfo("u_trust", options="-c pgmigrate.lock_timeout=1s")):
+            pass  # (the proxy's own settings are fine)
+        session = proxy_factory(pool_mode="session")
+        with psycopg.connect(session.conninfo("u_trust", options=options)) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("2MB",)
+
+
 def test_query_wait_timeout(proxy_factory: Factory) -> None:
     proxy = proxy_factory(pool_mode="transaction", default_pool_size=1, query_wait_timeout=0.5)
     holder = connect(proxy)

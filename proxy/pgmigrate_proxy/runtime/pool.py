@@ -46,9 +46,55 @@ class QueryWaitTimeout(ProxyError):
     sqlstate = SqlState.PROTOCOL_VIOLATION
 
 
-def synced(parameters: dict[str, str]) -> dict[str, str]:
-    """The startup parameters a pooled server must carry for this client (names lowercased)."""
+def startup_settings(options: str) -> tuple[dict[str, str], str | None]:
+    """The `-c name=value` and `--name=value` settings of a startup `options` string (names
+    lowercased, `-` read as `_`, as PostgreSQL reads them; `\\ ` is a space), and the first
+    word that is no such setting (None: there is none)."""
+    words = options.replace("\\ ", "\0").split()
+    settings: dict[str, str] = {}
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word == "-c" and index + 1 < len(words):
+            index += 1
+            setting = words[index]
+        elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
+            setting = word[2:]
+        else:
+            return settings, word.replace("\0", " ")
+        name, equals, value = setting.partition("=")
+        if not equals or not name:
+            return settings, word.replace("\0", " ")
+        settings[name.lower().replace("-", "_")] = value.replace("\0", " ")
+        index += 1
+    return settings, None
+
+
+def unpoolable(options: str) -> str | None:
+    """The first part of a startup `options` string that transaction pooling cannot carry to
+    every server its client gets (None: all can be): anything but a synced parameter
+    (SYNCED_PARAMETERS) or a pgmigrate.* setting (the proxy's own)."""
+    settings, other = startup_settings(options)
+    if other is not None:
+        return other
+    for name, value in settings.items():
+        if name not in SYNCED_PARAMETERS and not name.startswith("pgmigrate."):
+            return f"-c {name}={value}"
+    return None
+
+
+def reported(parameters: dict[str, str]) -> dict[str, str]:
+    """The synced parameters among a login's ParameterStatus values (names lowercased)."""
     lowered = {k.lower(): v for k, v in parameters.items()}
+    return {k: lowered[k] for k in SYNCED_PARAMETERS if k in lowered}
+
+
+def synced(parameters: dict[str, str]) -> dict[str, str]:
+    """The startup parameters a pooled server must carry for this client (names lowercased):
+    those given in the startup packet, and as `-c name=value` in its `options` (the packet's
+    own win, as in PostgreSQL)."""
+    lowered, _ = startup_settings(parameters.get("options", ""))
+    lowered.update((k.lower(), v) for k, v in parameters.items())
     return {k: lowered[k] for k in SYNCED_PARAMETERS if k in lowered}
 
 
@@ -61,12 +107,16 @@ class Lease:
     born: float
     login: dict[str, str]  # its login client's synced parameters (what RESET ALL returns to)
     options: str = ""  # its login client's startup `options` (RESET ALL returns to them too)
+    #: what RESET ALL returns the synced parameters to: `login`, and for the others what the
+    #: login was told (ParameterStatus: the server's defaults)
+    defaults: dict[str, str] = field(default_factory=dict)
     current: dict[str, str] = field(default_factory=dict)  # what they are now
     idle_since: float = 0.0
     cancels: int = 0  # cancel requests in flight for it: not handed out meanwhile
 
     def __post_init__(self) -> None:
-        self.current = dict(self.login)
+        self.defaults = {**self.defaults, **self.login}
+        self.current = dict(self.defaults)
 
     # --- ServerListener while parked --------------------------------------------------------
 
@@ -147,10 +197,15 @@ class Pool:
 
     # --- servers coming in ----------------------------------------------------------------------
 
-    def join(self, server: ServerConnection, parameters: dict[str, str]) -> Lease:
-        """A server just logged in for a client of this pool: count it (the client holds it)."""
+    def join(
+        self, server: ServerConnection, parameters: dict[str, str],
+        told: dict[str, str] | None = None,
+    ) -> Lease:  # fmt: skip
+        """A server just logged in for a client of this pool (with these startup parameters,
+        and `told` these ParameterStatus values): count it (the client holds it)."""
         options = parameters.get("options", "")
-        lease = Lease(server, self, time.monotonic(), synced(parameters), options)
+        login = synced(parameters)
+        lease = Lease(server, self, time.monotonic(), login, options, reported(told or {}))
         self.leases[server] = lease
         return lease
 
@@ -197,7 +252,7 @@ class Pool:
                 error = await simple_query(server, query)
                 if error is not None:
                     raise ConnectionError(f"server_reset_query failed: {error}")
-                lease.current = dict(lease.login)
+                lease.current = dict(lease.defaults)
         except (ConnectionError, ProxyError) as exc:
             log.info("server %s: closed on check-in: %s", server.server_pid, exc)
             self.close(lease)
