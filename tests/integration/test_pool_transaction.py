@@ -242,15 +242,36 @@ def test_listen_pins_and_notifications_arrive(proxy_factory: Factory) -> None:
     listener.close()
 
 
-def test_refused_session_state(proxy_factory: Factory) -> None:
-    proxy = proxy_factory(pool_mode="transaction", session_state="refuse")
+@pytest.mark.parametrize(
+    ("statement", "params", "reason"),
+    [
+        ("SET work_mem = '9MB'", None, "(SET)"),
+        ("LISTEN pool_refused", None, "(LISTEN)"),
+        ("SELECT set_config('work_mem', %s, false)", ["9MB"], "(set_config(..., false))"),
+        ("SELECT pg_advisory_lock(42)", None, "(session advisory lock)"),
+    ],
+)
+def test_refused_session_state(
+    proxy_factory: Factory, statement: str, params: list[str] | None, reason: str
+) -> None:
+    """session_state = refuse: FATAL 0A000 naming the statement, what it leaves and the
+    setting; the session ends (its later statements would have counted on that state); the
+    pool carries on. Transaction-scoped forms pass."""
+    proxy = proxy_factory(pool_mode="transaction", session_state="refuse", default_pool_size=1)
     conn = connect(proxy, autocommit=True)
-    with pytest.raises(psycopg.errors.FeatureNotSupported, match="session_state = refuse"):
-        conn.execute("SET work_mem = '9MB'")
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+        conn.execute(statement, params)  # (with params: an unnamed Parse)
+    message = str(info.value)
+    assert statement.split("%s")[0] in message and reason in message
+    assert "session_state = refuse" in message
+    assert conn.closed or conn.pgconn.status == pq.ConnStatus.BAD
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
     conn.close()
-    with connect(proxy, autocommit=True) as fine:
-        row = fine.execute("SELECT set_config('work_mem', '9MB', true)").fetchone()
-        assert row == ("9MB",)
+    with connect(proxy) as fine:  # (a transaction)
+        assert fine.execute("SELECT set_config('work_mem', '9MB', true)").fetchone() == ("9MB",)
+        fine.execute("SET LOCAL work_mem = '8MB'")
+        assert fine.execute("SELECT pg_advisory_xact_lock(42)").fetchone() == ("",)
 
 
 def test_named_prepared_statement_pins(proxy_factory: Factory, proxy_log: list[str]) -> None:

@@ -76,6 +76,15 @@ def options_refusal(
     )
 
 
+#: Characters of a refused statement repeated in its error.
+_SHOWN = 80
+
+
+def _shown(sql: str) -> str:
+    text = " ".join(sql.split())
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
 class Refused(ProxyError):
     """A statement that leaves session state, in transaction mode with session_state refuse."""
 
@@ -313,8 +322,10 @@ class PoolLink:
             return
         if self.pool.settings.session_state is SessionStateAction.REFUSE:
             raise Refused(
-                f"pgmigrate-proxy: {reason} leaves session state, refused in transaction "
-                "pooling mode (session_state = refuse)"
+                f'pgmigrate-proxy: the statement "{_shown(sql)}" leaves session state '
+                f"({reason}) on a shared server connection: refused in transaction pooling "
+                "mode (session_state = refuse; SET LOCAL, set_config(..., true) and "
+                "pg_advisory_xact_lock last only for the transaction)"
             )
         self.pin(reason)
 
