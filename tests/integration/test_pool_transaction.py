@@ -6,12 +6,15 @@ max_client_conn answer with clear errors."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+from pgmigrate_proxy.runtime.pooling import PINS
 from psycopg import errors, pq
 
 from tests.fixtures.proxy import RunningProxy
@@ -110,6 +113,44 @@ def test_killed_mid_transaction_leaves_nothing(
         assert next_client.execute("SELECT count(*) FROM pool_killed").fetchone() == (0,)
         assert next_client.execute("SELECT 1").fetchone() == (1,)
         assert next_client.info.transaction_status is pq.TransactionStatus.IDLE
+
+
+def _idle_servers(proxy: RunningProxy) -> int:
+    async def count() -> int:
+        return sum(len(pool.idle) for pool in proxy.server.pools.pools.values())
+
+    return proxy.call(count())
+
+
+def test_killed_without_terminate_mid_transaction(
+    proxy_factory: Factory, admin: psycopg.Connection[Any]
+) -> None:
+    """A client whose connection just drops (no Terminate) inside a transaction: its server is
+    rolled back and handed to the next client, which finds no open transaction, no row of the
+    killed one, no SET LOCAL left and no lock held."""
+    admin.execute("DROP TABLE IF EXISTS pool_dropped")
+    admin.execute("CREATE TABLE pool_dropped (x int)")
+    admin.execute("GRANT ALL ON pool_dropped TO PUBLIC")
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    victim = connect(proxy)
+    victim.execute("INSERT INTO pool_dropped VALUES (1)")
+    victim.execute("SET LOCAL statement_timeout = '42s'")
+    victim.execute("LOCK TABLE pool_dropped IN ACCESS EXCLUSIVE MODE")
+    row = victim.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    pid = row[0]
+    dup = socket.socket(fileno=os.dup(victim.fileno()))
+    dup.shutdown(socket.SHUT_RDWR)  # the connection drops: no Terminate
+    dup.close()
+    wait_until(lambda: _idle_servers(proxy) == 1, "the victim's server back in the pool")
+    state = admin.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+    assert state == ("idle",)
+    with connect(proxy, autocommit=True) as next_client:
+        assert next_client.execute("SELECT pg_backend_pid()").fetchone() == (pid,)  # reused
+        assert next_client.execute("SELECT count(*) FROM pool_dropped").fetchone() == (0,)
+        assert next_client.execute("SHOW statement_timeout").fetchone() == ("0",)
+        assert next_client.info.transaction_status is pq.TransactionStatus.IDLE
+    victim.close()
 
 
 def test_startup_parameters_follow_the_client(proxy_factory: Factory) -> None:
@@ -233,12 +274,18 @@ def test_set_pins_the_client(proxy_factory: Factory, proxy_log: list[str]) -> No
 
 def test_listen_pins_and_notifications_arrive(proxy_factory: Factory) -> None:
     proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    before = PINS.get("LISTEN", 0)
     listener = connect(proxy, autocommit=True)
     listener.execute("LISTEN pool_channel")
+    assert PINS.get("LISTEN", 0) == before + 1  # counted (this process runs the proxy)
+    pid = listener.execute("SELECT pg_backend_pid()").fetchone()
     with connect(proxy, autocommit=True) as sender:
+        for _ in range(3):  # the listener keeps its server: the sender never gets it
+            assert sender.execute("SELECT pg_backend_pid()").fetchone() != pid
         sender.execute("NOTIFY pool_channel, 'hello'")
     gen = listener.notifies(timeout=10, stop_after=1)
     assert [n.payload for n in gen] == ["hello"]
+    assert listener.execute("SELECT pg_backend_pid()").fetchone() == pid
     listener.close()
 
 
