@@ -124,3 +124,79 @@ def test_min_pool_size_respects_max_db_connections(
     # (every open is started at once by set_opener: none is pending once one is in)
     wait_until(lambda: _counts(proxy) == (1, 1, 0), "one idle server opened")
     assert opened == [1]
+
+
+def _connect(proxy: RunningProxy, **kwargs: Any) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(proxy.conninfo("u_trust", connect_timeout="10"), **kwargs)
+    conn.prepare_threshold = None
+    return conn
+
+
+def test_reserve_pool(proxy_factory: Callable[..., RunningProxy]) -> None:
+    """A client waiting reserve_pool_timeout gets a server from the reserve; once the reserve
+    is used up, the next waits and gets query_wait_timeout."""
+    proxy = proxy_factory(
+        pool_mode="transaction", default_pool_size=1, reserve_pool_size=1,
+        reserve_pool_timeout=0.2, query_wait_timeout=1.5,
+    )  # fmt: skip
+    opened: list[int] = []
+
+    async def install() -> None:
+        proxy.server.pools.set_opener("postgres", "u_trust", trust_opener(proxy, opened))
+
+    proxy.call(install())
+    first, second, third = (_connect(proxy) for _ in range(3))  # (each login: a server)
+
+    async def close_idle() -> int:
+        return proxy.server.pools.close_idle()
+
+    proxy.call(close_idle())
+    assert first.execute("SELECT 1").fetchone() == (1,)  # in a transaction: holds the server
+    assert second.execute("SELECT 2").fetchone() == (2,)  # from the reserve, after 0.2 s
+    assert _counts(proxy)[0] == 2
+    with pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
+        third.execute("SELECT 3")
+    first.rollback()
+    second.rollback()
+    first.close()
+    second.close()
+    third.close()
+
+
+def test_server_connect_timeout(proxy_factory: Callable[..., RunningProxy]) -> None:
+    """An opener that does not finish within server_connect_timeout: the waiting client gets a
+    connection failure naming the setting, and the pool counts nothing for it."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2, server_connect_timeout=0.3)
+
+    async def never() -> ServerConnection:
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+    async def install() -> int:
+        proxy.server.pools.set_opener("postgres", "u_trust", never)
+        return proxy.server.pools.close_idle()
+
+    conn = _connect(proxy, autocommit=True)
+    proxy.call(install())
+    with pytest.raises(psycopg.OperationalError, match="server_connect_timeout"):
+        conn.execute("SELECT 1")
+    conn.close()
+    assert _counts(proxy) == (0, 0, 0)
+
+
+def test_max_user_connections(proxy_factory: Callable[..., RunningProxy]) -> None:
+    """The pool opens no server past max_user_connections: clients take turns on one."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=4, max_user_connections=1)
+    opened: list[int] = []
+
+    async def install() -> int:
+        proxy.server.pools.set_opener("postgres", "u_trust", trust_opener(proxy, opened))
+        return proxy.server.pools.close_idle()
+
+    clients = [_connect(proxy, autocommit=True) for _ in range(3)]
+    proxy.call(install())
+    pids = {c.execute("SELECT pg_backend_pid()").fetchone() for c in clients for _ in range(2)}
+    assert len(pids) == 1
+    assert opened == [1]
+    for conn in clients:
+        conn.close()
