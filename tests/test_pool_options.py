@@ -1,10 +1,12 @@
-"""The startup `options` string as transaction pooling reads it (runtime/pool.py): its `-c`
-settings, the first part it cannot carry, and the synced parameters a client set."""
+"""The startup `options` string as transaction pooling reads it (protocol/startup_options.py,
+runtime/pool.py): its `-c` settings, the first part it cannot carry, and the synced parameters
+a client set."""
 
 from __future__ import annotations
 
 import pytest
-from pgmigrate_proxy.runtime.pool import startup_settings, synced, unpoolable
+from pgmigrate_proxy.protocol.startup_options import startup_settings
+from pgmigrate_proxy.runtime.pool import synced, unpoolable
 
 
 @pytest.mark.parametrize(

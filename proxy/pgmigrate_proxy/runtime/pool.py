@@ -23,6 +23,7 @@ from pgmigrate_proxy.poolconfig import PoolSettings
 from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse
 from pgmigrate_proxy.protocol.sqlstate import SqlState
+from pgmigrate_proxy.protocol.startup_options import startup_settings
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.settings import EMPTY_QUERY
@@ -44,30 +45,6 @@ class QueryWaitTimeout(ProxyError):
     """A client waited longer than query_wait_timeout for a server (pgbouncer's words)."""
 
     sqlstate = SqlState.PROTOCOL_VIOLATION
-
-
-def startup_settings(options: str) -> tuple[dict[str, str], str | None]:
-    """The `-c name=value` and `--name=value` settings of a startup `options` string (names
-    lowercased, `-` read as `_`, as PostgreSQL reads them; `\\ ` is a space), and the first
-    word that is no such setting (None: there is none)."""
-    words = options.replace("\\ ", "\0").split()
-    settings: dict[str, str] = {}
-    index = 0
-    while index < len(words):
-        word = words[index]
-        if word == "-c" and index + 1 < len(words):
-            index += 1
-            setting = words[index]
-        elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
-            setting = word[2:]
-        else:
-            return settings, word.replace("\0", " ")
-        name, equals, value = setting.partition("=")
-        if not equals or not name:
-            return settings, word.replace("\0", " ")
-        settings[name.lower().replace("-", "_")] = value.replace("\0", " ")
-        index += 1
-    return settings, None
 
 
 def unpoolable(options: str) -> str | None:
