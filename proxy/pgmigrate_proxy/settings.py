@@ -291,7 +291,14 @@ _POOL: tuple[Setting, ...] = (
         _MANY,
         "server connections per (database, user) pool, unless `pool_size` overrides it",
     ),
-    _integer("min_pool_size", 0, 0, _MANY, "keep at least this many server connections a pool"),
+    _integer(
+        "min_pool_size",
+        0,
+        0,
+        _MANY,
+        "keep at least this many server connections a pool (opened in the background when the"
+        " pool can open servers: not with passthrough)",
+    ),
     _integer(
         "reserve_pool_size",
         0,

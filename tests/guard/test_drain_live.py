@@ -236,7 +236,7 @@ def test_the_gate_is_armed_with_the_rule_and_released_after_a_failed_statement(
     name, _ = table
     proxy = proxy_factory(blocking_action="drain", drain_timeout=30.0)
     gate = RecordingGate()
-    proxy.server.guard.gate = gate
+    proxy.server.guard.drain_gate = gate
     holder = sessions()
     holder_pid = hold(holder, name)
     client = connect_through(proxy, pg)
@@ -266,7 +266,7 @@ def test_a_client_that_leaves_mid_drain_releases_the_gate_and_sends_nothing(
     name, _ = table
     proxy = proxy_factory(blocking_action="drain", drain_timeout=30.0)
     gate = RecordingGate()
-    proxy.server.guard.gate = gate
+    proxy.server.guard.drain_gate = gate
     holder = sessions()
     hold(holder, name)
     client = connect_through(proxy, pg)

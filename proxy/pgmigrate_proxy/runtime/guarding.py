@@ -17,7 +17,8 @@ from pgmigrate_proxy import notices
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard import pipeline
 from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE
-from pgmigrate_proxy.guard.drain import Gate, GateHold, NoGate
+from pgmigrate_proxy.guard.drain import Gate as DrainGate
+from pgmigrate_proxy.guard.drain import GateHold, NoGate
 from pgmigrate_proxy.guard.pipeline import GuardContext, Steps
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.guard.steps import (
@@ -50,6 +51,7 @@ from pgmigrate_proxy.guard.unit import (
 )
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
+from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
 from pgmigrate_proxy.sql import Statement
 
@@ -79,9 +81,10 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
-    #: Where a drain holds other sessions' new work (blocking_action = drain); the default holds
-    #: nothing, so a drain only waits for the holders and applies drain_then.
-    gate: Gate = field(default_factory=NoGate)
+    gate: Gate = field(default_factory=Gate)  # holds new transactions' first statements
+    #: What a drain arms (blocking_action = drain; guard/drain.py's Gate protocol): not yet an
+    #: adapter over `gate`, so a drain holds nothing, waits for the holders, then drain_then.
+    drain_gate: DrainGate = field(default_factory=NoGate)
 
     @property
     def in_flight(self) -> set[int]:
@@ -258,7 +261,7 @@ class _Driver:
                 client.deliver(frames)
             case Arm(rule=rule):
                 self._release()
-                gate = self.services.gate
+                gate = self.services.drain_gate
                 if isinstance(gate, NoGate):
                     _warn_no_gate()
                 self.hold = gate.arm(rule)

@@ -114,6 +114,8 @@ class Holder:
         self.state_watch: Callable[[Frame], None] | None = None
         #: set while the session has no server: gets one (started by the client's next data)
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._gate = services.gate  # (runtime/gate.py)
+        self._gated: Frame | None = None  # the frame the gate last let through
 
     @property
     def holding(self) -> bool:
@@ -139,10 +141,53 @@ class Holder:
     def _start_acquire(self) -> None:
         work, self._acquire = self._acquire, None
         assert work is not None
-        task = asyncio.get_running_loop().create_task(
-            self._run_unit(work(), "acquiring a server connection")
+        waiter = self._gate_waiter() if self._gate.predicate is not None else None
+        # (held by the armed gate: before a server is acquired)
+        coro = self._after_gate(waiter, work) if waiter is not None else work()
+        self.task = asyncio.get_running_loop().create_task(
+            self._run_unit(coro, "acquiring a server connection")
         )
-        self.task = task
+
+    # --- the gate (runtime/gate.py) ---------------------------------------------------------
+
+    def _gate_waiter(self) -> asyncio.Future[None] | None:
+        """Show the armed gate the first message held (the session has no server: a new
+        transaction's); its place in the gate's queue when it holds it."""
+        backlog = self._backlog
+        if not backlog or self.migration is not None:
+            return None
+        cut, first, _ = backlog[0]
+        if first >= len(cut.frames) or not self._gate.holds(self.session, cut.frames[first]):
+            return None
+        self._gated = cut.frames[first]
+        return self._gate.hold()
+
+    def _gate_holds(self, cut: Cut, first: int, pos: int) -> bool:
+        """Show the armed gate a chunk's first message when the server owes nothing and is
+        idle (a new transaction's); when it holds it, the chunk from there waits for it."""
+        if first >= len(cut.frames) or self.migration is not None:
+            return False  # (a migration session's own statements are never held)
+        item = cut.frames[first]
+        server = self.server
+        if item is self._gated or server.status is not TransactionStatus.IDLE:
+            return False
+        if not server.replies.idle or not self._gate.holds(self.session, item):
+            return False
+        self._gated = item
+        self._backlog = deque([(cut, first, pos)])
+        self._backlog_bytes = cut.tail - pos
+        self.task = asyncio.get_running_loop().create_task(
+            self._run_unit(self._after_gate(self._gate.hold(), None), "the gate")
+        )
+        return True
+
+    @staticmethod
+    async def _after_gate(
+        waiter: asyncio.Future[None], then: Callable[[], Coroutine[Any, Any, None]] | None
+    ) -> None:
+        await waiter
+        if then is not None:
+            await then()
 
     # --- frontend -------------------------------------------------------------------------
 
@@ -201,6 +246,8 @@ class Holder:
                     self.session.terminated()  # a client without a server leaves: none needed
                     return
                 self._start_acquire()
+            return
+        if self._gate.predicate is not None and self._gate_holds(cut, first, pos):
             return
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
         data = cut.data

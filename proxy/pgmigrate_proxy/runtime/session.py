@@ -63,7 +63,7 @@ from pgmigrate_proxy.runtime.options import (
     applied,
     with_options,
 )
-from pgmigrate_proxy.runtime.pooling import PoolLink
+from pgmigrate_proxy.runtime.pooling import OPTIONS_HINT, PoolLink, options_refusal
 from pgmigrate_proxy.runtime.upstream import (
     CLIENT_RCVBUF,
     UpstreamError,
@@ -384,6 +384,11 @@ class ClientSession(asyncio.Protocol):
                 log.info("session %s: refused: %s", self.peer, exc)
                 self.fail(INVALID_PARAMETER_VALUE, str(exc))
                 return None
+        refusal = options_refusal(startup.parameters, self.hub.pools, self.hub.migration_patterns)
+        if refusal is not None:
+            log.info("session %s: refused: startup options in transaction pooling", self.peer)
+            self.fail(SqlState.FEATURE_NOT_SUPPORTED, refusal, hint=OPTIONS_HINT)
+            return None
         if self.hub.client_limit_reached():
             log.warning("session %s: max_client_conn reached: refused", self.peer)
             message = "no more connections allowed (max_client_conn)"
@@ -577,6 +582,7 @@ class ClientSession(asyncio.Protocol):
         self.phase = Phase.RELAY
         server = self.server
         assert self.handshake is not None and server is not None
+        told = self.handshake.server_parameters  # (ParameterStatus: what the client was told)
         server.status = ready.status
         server.key = self.handshake.server_key
         self.client_pid = self.handshake.announced_pid or server.server_pid
@@ -599,7 +605,7 @@ class ClientSession(asyncio.Protocol):
         )
         self._fe.watch(ALL_TYPES if migration else FRONTEND_WATCH)
         self.attach(server)  # (again: now the relay starts)
-        self._pool_link().logged_in(server, self.parameters)
+        self._pool_link().logged_in(server, self.parameters, told)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
