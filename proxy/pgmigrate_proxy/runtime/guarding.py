@@ -47,6 +47,7 @@ from pgmigrate_proxy.guard.unit import (
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
+from pgmigrate_proxy.runtime.publish import EventPublisher
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
@@ -75,6 +76,7 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
+    events: EventPublisher | None = None  # NOTIFY of each event (events_channel)
 
     @property
     def in_flight(self) -> set[int]:
@@ -226,6 +228,7 @@ class _Driver:
         self.report_events = report_events
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
+        self.units: set[int] = set()  # the units whose events went out (for the held board)
 
     async def do(self, step: object) -> Any:
         server, client = self.server, self.client
@@ -250,12 +253,22 @@ class _Driver:
                 client.deliver(frames)
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
+                self._publish(name, fields)
                 if self.report_events:
                     text = notices.event(_for_client(name, fields))
                     client.notice(notices.EVENT_SEVERITY, text)
             case _:
                 return await self._admin(step)
         return None
+
+    def _publish(self, name: str, fields: Mapping[str, object]) -> None:
+        publisher = self.services.events
+        if publisher is None:
+            return
+        unit = fields.get("unit")
+        if isinstance(unit, int):
+            self.units.add(unit)
+        publisher.publish(name, fields)
 
     async def _replies(self, timeout: float | None) -> list[Frame] | None:
         task = self.exchange
@@ -288,6 +301,8 @@ class _Driver:
         raise TypeError(f"not a pipeline step: {step!r}")
 
     def close(self) -> None:
+        if self.services.events is not None:
+            self.services.events.forget(self.units)
         task = self.exchange
         if task is None:
             return
