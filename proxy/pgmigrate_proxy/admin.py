@@ -129,6 +129,35 @@ _WAITER_OWNS = """
 """
 
 
+def blockers_query(
+    relation_modes: Mapping[int, LockMode | str],
+    exclude_pids: Collection[int] = (),
+    *,
+    database: str | None = None,
+    viewer: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """find_blockers' query and parameters (pyformat), for a program that runs it on a
+    connection of its own (`manage.py pgmigrate_blockers`: with the user's own rights).
+    Columns: pid, locks, state, backend_type, datname, usename, application_name, client_addr,
+    xact_age, query_age, query (raw), wait_event_type, prepared_xact, visible."""
+    relations, modes = _conflicting_pairs(relation_modes)
+    params = {
+        "relations": relations,
+        "modes": modes,
+        "database": database,
+        "exclude": sorted(exclude_pids),
+        "viewer": viewer,
+    }
+    return _FIND_BLOCKERS, params
+
+
+def activity_query(
+    pids: Collection[int], *, viewer: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """activity()'s query and parameters, as blockers_query gives find_blockers'."""
+    return _ACTIVITY, {"pids": sorted({pid for pid in pids if pid > 0}), "viewer": viewer}
+
+
 class AdminUnavailable(ConnectionFailure):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
 
