@@ -207,3 +207,28 @@ def test_a_role_without_rights_listens_and_sees_no_blocker_query(
         assert SECRET not in payload
         assert "127.0.0.1" not in payload.replace('"client":"127.0.0.1', "")
     assert all("query" not in p and "client_addr" not in p for p in parsed)
+
+
+def test_publishing_never_waits_for_a_down_admin_connection() -> None:
+    """Admin connection down (never connected): publish() returns at once, the send is skipped
+    (no reconnect), and the publisher's task ends: nothing is left on the loop."""
+    import asyncio
+
+    from pgmigrate_proxy.admin import AdminConnection
+    from pgmigrate_proxy.runtime.publish import EventPublisher
+
+    async def scenario() -> tuple[bool, int]:
+        admin = AdminConnection("host=127.0.0.1 port=1 connect_timeout=1")
+        publisher = EventPublisher(admin, "pgmigrate_events")
+        await publisher.start()
+        for name in ("held", "blockers", "applied"):
+            publisher.publish(name, {"unit": 1, "statement": "ALTER TABLE t ADD c int"})
+        assert not publisher.board  # applied: held no more
+        task = publisher._task
+        assert task is not None
+        await asyncio.wait_for(task, BOUND)
+        await publisher.close()
+        return admin.connected, len(asyncio.all_tasks())
+
+    connected, tasks = asyncio.run(scenario())
+    assert not connected and tasks == 1  # only the scenario itself
