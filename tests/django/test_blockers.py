@@ -5,27 +5,21 @@ under Show (embedded proxy in this process, or an external one), lists it, ends 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pglock
 import pgmigrate
 import pytest
-from django.db import connections
 from pgmigrate import blockers
 from pytest_django.fixtures import Settings as SettingsWrapper
 
+from tests.django import processes
 from tests.django.conftest import DRIVER
-from tests.django.scenario import WAIT, Blocker, Migrate, migrate
+from tests.django.scenario import Blocker, Migrate, migrate
 from tests.fixtures.postgres import PgInfo
 
 pytestmark = pytest.mark.django_db(transaction=True)
-MANAGE_PY = Path(__file__).with_name("manage.py")
-ROOT = MANAGE_PY.parents[2]
 
 
 @pytest.fixture(params=["embedded", "external"])
@@ -44,19 +38,7 @@ def auth_0007(mode: str) -> Iterator[None]:
 
 def blockers_command(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     """`manage.py pgmigrate_blockers ARGS` in a subprocess, on this test's database."""
-    keys = ("ENGINE", "NAME", "HOST", "PORT", "USER", "PASSWORD")
-    database = {k: connections["default"].settings_dict[k] for k in keys}
-    if user is not None:
-        database.update(USER=user, PASSWORD="")
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.django.settings_env",
-        "PGMIGRATE_TEST_DATABASES": json.dumps({"default": database}),
-    }
-    command = [sys.executable, str(MANAGE_PY), "pgmigrate_blockers", "--database", "default"]
-    return subprocess.run(
-        [*command, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=WAIT
-    )
+    return processes.run("pgmigrate_blockers", "--database", "default", *args, user=user)
 
 
 def held_migration(settings: SettingsWrapper, blocker: Blocker) -> Migrate:
