@@ -255,6 +255,11 @@ class AdminConnection:
         await self.close()
 
     @property
+    def conninfo(self) -> str:
+        """Its conninfo (with any password: never log it)."""
+        return self._conninfo
+
+    @property
     def pid(self) -> int:
         """The backend pid of the current (or last) admin session; 0 before the first connect."""
         return self._pid

@@ -139,6 +139,8 @@ class Config:
     exclude_users: tuple[str, ...] = default("exclude_users")
     admin_upstream: str | None = default("admin_upstream")
     events_channel: str | None = default("events_channel")
+    migration_lock: bool = default("migration_lock")
+    migration_lock_timeout: float = default("migration_lock_timeout")
     migration_application_names: tuple[str, ...] = default("migration_application_names")
     pool_mode: str = default("pool_mode")
     max_client_conn: int = default("max_client_conn")

@@ -560,6 +560,24 @@ _ALL: tuple[Setting, ...] = (
         _channel,
         "pgmigrate_events",
     ),
+    Setting(
+        "migration_lock",
+        "boolean",
+        False,
+        "a migration session takes the database's migration lock (the advisory lock `manage.py "
+        "migrate` takes) before its first statement, and waits while another migration holds it",
+        "true or false (also on/off, yes/no, 1/0)",
+        _boolean,
+        session=True,
+    ),
+    _duration(
+        "migration_lock_timeout",
+        0.0,
+        0.0,
+        7 * DAY,
+        "with migration_lock: how long to wait for it, then end the session with 55P03; 0: no "
+        "limit",
+    ),
     _globs(
         "migration_application_names",
         "none",

@@ -23,6 +23,8 @@ class GuardSettings:
     watch_interval: float = default("watch_interval")
     cancel_grace: float = default("cancel_grace")
     report_events: bool = default("report_events")  # each event to the client too, as a notice
+    migration_lock: bool = default("migration_lock")  # (migration sessions) one at a time
+    migration_lock_timeout: float = default("migration_lock_timeout")  # 0: no limit
 
 
 def needs_guard(statement: Statement) -> bool:

@@ -66,6 +66,8 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
         watch_interval=config.watch_interval,
         cancel_grace=config.cancel_grace,
         report_events=config.report_events,
+        migration_lock=config.migration_lock,
+        migration_lock_timeout=config.migration_lock_timeout,
     )
 
 
