@@ -157,6 +157,9 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "users": ("app, report_?", ("app", "report_?")),
     "exclude_users": ("postgres", ("postgres",)),
     "admin_upstream": ("host=db user=admin", "host=db user=admin"),
+    "events_channel": ("deploy_events", "deploy_events"),
+    "migration_lock": ("on", True),
+    "migration_lock_timeout": ("2min", 120.0),
     "migration_application_names": ("migrate", ("migrate",)),
     "pool_mode": ("Transaction", "transaction"),
     "max_client_conn": ("1000", 1000),
@@ -243,6 +246,10 @@ BAD_VALUES = [
     ("blocker_states", "idle in transaction, sleeping"),
     ("blocker_states", "starting"),
     ("admin_upstream", "not a conninfo"),
+    ("events_channel", "no spaces"),
+    ("events_channel", "x" * 56),
+    ("migration_lock", "maybe"),
+    ("migration_lock_timeout", "8d"),
     ("admin_upstream", "host=db sslmode=sometimes"),
     ("pool_mode", "statement"),
     ("max_client_conn", "0"),
@@ -578,6 +585,7 @@ def test_reloadable_keys() -> None:
         "listen_port",
         "embedded_data_dir",
         "embedded_pg",
+        "events_channel",
     }
 
 

@@ -40,6 +40,10 @@ ROLE_MIGRATE = "migrate"
 ROLE_TRANSACTIONAL = "transactional"
 
 
+#: The longest PGMIGRATE_MIGRATE_LOCK_TIMEOUT: a week.
+MIGRATE_LOCK_MAX = 7 * 24 * 3600.0
+
+
 class Invalid(ValueError):
     """A setting with a value not allowed: the check id and the message."""
 
@@ -201,6 +205,12 @@ SETTINGS: tuple[Setting, ...] = (
         conf.exclude_application_names,
         patterns,
     ),
+    Setting(
+        "PGMIGRATE_MIGRATE_LOCK_TIMEOUT",
+        "pgmigrate.E018",
+        conf.migrate_lock_timeout,
+        lambda value: seconds(value, optional=True, low=0.0, high=MIGRATE_LOCK_MAX),
+    ),
 )
 #: The check id for blocking-action filters that the proxy cannot apply.
 UNMAPPABLE_FILTER = "pgmigrate.E004"
@@ -238,6 +248,7 @@ class Plan:
     autocommit: bool
     interval: float
     guard: dict[str, object] = field(default_factory=dict)  # Config key -> value (set ones)
+    migrate_lock_timeout: float | None = None  # None: wait for another migrate as long as it takes
 
     @property
     def worker(self) -> bool:
@@ -281,7 +292,13 @@ def plan() -> Plan:
         autocommit=bool(values["PGMIGRATE_AUTOCOMMIT"]),
         interval=interval,
         guard=guard_values(action, values),
+        migrate_lock_timeout=_optional_float(values["PGMIGRATE_MIGRATE_LOCK_TIMEOUT"]),
     )
+
+
+def _optional_float(value: object) -> float | None:
+    assert value is None or isinstance(value, float)
+    return value
 
 
 def guard_values(

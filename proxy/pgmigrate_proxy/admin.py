@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
@@ -129,6 +130,35 @@ _WAITER_OWNS = """
 """
 
 
+def blockers_query(
+    relation_modes: Mapping[int, LockMode | str],
+    exclude_pids: Collection[int] = (),
+    *,
+    database: str | None = None,
+    viewer: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """find_blockers' query and parameters (pyformat), for a program that runs it on a
+    connection of its own (`manage.py pgmigrate_blockers`: with the user's own rights).
+    Columns: pid, locks, state, backend_type, datname, usename, application_name, client_addr,
+    xact_age, query_age, query (raw), wait_event_type, prepared_xact, visible."""
+    relations, modes = _conflicting_pairs(relation_modes)
+    params = {
+        "relations": relations,
+        "modes": modes,
+        "database": database,
+        "exclude": sorted(exclude_pids),
+        "viewer": viewer,
+    }
+    return _FIND_BLOCKERS, params
+
+
+def activity_query(
+    pids: Collection[int], *, viewer: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """activity()'s query and parameters, as blockers_query gives find_blockers'."""
+    return _ACTIVITY, {"pids": sorted({pid for pid in pids if pid > 0}), "viewer": viewer}
+
+
 class AdminUnavailable(ConnectionFailure):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
 
@@ -211,6 +241,7 @@ class AdminConnection:
         self._conn: psycopg.AsyncConnection[DictRow] | None = None
         self._pid = 0
         self._lock = asyncio.Lock()
+        self._listen: tuple[str, Callable[[str], None]] | None = None
 
     async def __aenter__(self) -> AdminConnection:
         await self.connect()
@@ -223,6 +254,11 @@ class AdminConnection:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @property
+    def conninfo(self) -> str:
+        """Its conninfo (with any password: never log it)."""
+        return self._conninfo
 
     @property
     def pid(self) -> int:
@@ -345,6 +381,41 @@ class AdminConnection:
         rows = await self._fetch(query, (user,))
         return tuple(rows[0].values()) if rows else None
 
+    async def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """LISTEN on `channel` now (when connected) and after each reconnect; `callback` gets each
+        payload. PostgreSQL delivers them while this connection runs a query (see poll())."""
+        self._listen = (channel, callback)
+        conn = self._conn
+        if self.connected and conn is not None:
+            await self._quick(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)), None)
+            conn.add_notify_handler(lambda notify: callback(notify.payload))
+
+    async def notify(self, channel: str, payload: str) -> bool:
+        """pg_notify(channel, payload) when the connection is up; False (nothing sent, no
+        reconnect: the guard reconnects when it needs to) when it is down or the send failed."""
+        return await self.poll("SELECT pg_notify(%(channel)s, %(payload)s)",
+                               {"channel": channel, "payload": payload})  # fmt: skip
+
+    async def poll(self, query: str = "SELECT 1", params: Mapping[str, Any] | None = None) -> bool:
+        """One short query if the connection is up (it also delivers pending notifications)."""
+        conn = self._conn
+        if not self.connected or conn is None:
+            return False
+        try:
+            await self._quick(conn, query, params)
+        except (psycopg.Error, asyncio.TimeoutError) as exc:
+            log.debug("admin connection: %s", _describe(exc))
+            return False
+        return True
+
+    async def _quick(
+        self, conn: psycopg.AsyncConnection[DictRow], query: Any, params: Mapping[str, Any] | None
+    ) -> None:
+        async def run() -> None:
+            await conn.execute(query, params)
+
+        await _within(run(), self._statement_timeout + 1.0)
+
     async def _signal(self, query: str, pid: int) -> bool:
         if pid <= 0 or pid == self._pid:
             return False
@@ -366,6 +437,10 @@ class AdminConnection:
                 " set_config('search_path', 'pg_catalog', false)",
                 {"timeout": timeout},
             )
+            if self._listen is not None:
+                channel, callback = self._listen
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                conn.add_notify_handler(lambda notify: callback(notify.payload))
         except BaseException:
             await conn.close()
             raise

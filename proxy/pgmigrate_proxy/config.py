@@ -141,6 +141,9 @@ class Config:
     users: tuple[str, ...] = default("users")
     exclude_users: tuple[str, ...] = default("exclude_users")
     admin_upstream: str | None = default("admin_upstream")
+    events_channel: str | None = default("events_channel")
+    migration_lock: bool = default("migration_lock")
+    migration_lock_timeout: float = default("migration_lock_timeout")
     migration_application_names: tuple[str, ...] = default("migration_application_names")
     pool_mode: str = default("pool_mode")
     max_client_conn: int = default("max_client_conn")
@@ -235,6 +238,7 @@ RELOADABLE: frozenset[str] = frozenset((*KEYS, "pool_overrides")) - {
     "listen_port",
     "embedded_data_dir",
     "embedded_pg",
+    "events_channel",  # the admin connection LISTENs on it from the start
 }
 assert set(RULES) == set(KEYS), "every Config field needs a rule"
 

@@ -56,6 +56,18 @@ def admin_down(reason: str | None = None) -> str:
     return f"{PREFIX}cannot look for blocking sessions (admin connection down{because})"
 
 
+def migration_lock_wait(holder: str) -> str:
+    return f"{PREFIX}another migration holds the migration lock: {holder}; waiting"
+
+
+def migration_lock_busy(seconds: float) -> str:
+    return f"{PREFIX}migration lock not available after {seconds:g} s (migration_lock_timeout)"
+
+
+def migration_lock_failed(reason: str) -> str:
+    return f"{PREFIX}cannot take the migration lock: {reason}"
+
+
 def applied_despite_rollback(count: int, shown: str) -> str:
     return (
         f"{PREFIX}autocommit session: {count} statement(s) stay applied despite the rollback: "

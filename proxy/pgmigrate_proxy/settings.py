@@ -219,6 +219,15 @@ def optional_text(value: object) -> str | None:
     return value
 
 
+def _channel(value: object) -> str | None:
+    """A NOTIFY channel name (an identifier that leaves room for the request suffix); empty:
+    no events sent."""
+    text = optional_text(value)
+    if text is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,54}", text):
+        raise Rejected
+    return text
+
+
 def _query(value: object) -> str:
     """SQL text; None and empty (after stripping) are "" (pgbouncer's "disabled")."""
     if value is None:
@@ -567,6 +576,32 @@ _ALL: tuple[Setting, ...] = (
         "the admin connection (needs `pg_signal_backend` and `pg_read_all_stats`, or a "
         "superuser); unset: the upstream",
         _upstream,
+    ),
+    _text(
+        "events_channel",
+        "a name of letters, digits and _ (at most 55), or empty for none",
+        "the NOTIFY channel of the guard events, sent through the admin connection "
+        "(`pgmigrate-proxy watch` prints them); empty: none sent",
+        _channel,
+        "pgmigrate_events",
+    ),
+    Setting(
+        "migration_lock",
+        "boolean",
+        False,
+        "a migration session takes the database's migration lock (the advisory lock `manage.py "
+        "migrate` takes) before its first statement, and waits while another migration holds it",
+        "true or false (also on/off, yes/no, 1/0)",
+        _boolean,
+        session=True,
+    ),
+    _duration(
+        "migration_lock_timeout",
+        0.0,
+        0.0,
+        7 * DAY,
+        "with migration_lock: how long to wait for it, then end the session with 55P03; 0: no "
+        "limit",
     ),
     _globs(
         "migration_application_names",

@@ -172,6 +172,7 @@ class Pipeline:
         self.resolution = UNRESOLVED
         self.first_seen: dict[int, float] = {}
         self.reported: set[tuple[int, Verdict]] = set()
+        self.found: list[int] = []  # the blockers last announced ("blockers" event)
         self.saved_lock_timeout: str | None = None
         self.scope: drain.DrainScope | None = None  # what a drain holds (blocking_action drain)
         self.give_up_message: str | None = None
@@ -189,6 +190,7 @@ class Pipeline:
             "held",
             {
                 "statement": _summary(self.unit.statements),
+                "relations": _relations(self.unit.statements),
                 "database": self.view.database,
                 "action": self.settings.action.value,
                 **self.client,
@@ -334,6 +336,7 @@ class Pipeline:
             if self.context.health.ok():
                 yield Event("admin_back", {}, "INFO")
             decisions = yield from self._decide(blockers)
+            yield from self._announce(decisions)
             acted = yield from self._act(decisions)
             if acted is None:
                 return True  # the admin connection went down while acting
@@ -350,6 +353,15 @@ class Pipeline:
                 return True  # held long enough: try with the short lock_timeout
             yield Sleep(SHOW_POLL)
         return True
+
+    def _announce(self, decisions: list[Decision]) -> Steps:
+        """The "blockers" event, when the blockers found differ from those last announced
+        (before anything is done to them), with the targets they block."""
+        pids = sorted({d.blocker.pid for d in decisions if d.verdict is not Verdict.SKIP})
+        if pids and pids != self.found:
+            self.found = pids
+            targets = {str(oid): mode.name for oid, mode in self.resolution.targets.items()}
+            yield self.event("blockers", {"pids": pids, "count": len(pids), "targets": targets})
 
     def _drain(self) -> Steps:
         """blocking_action = drain (guard/drain.py); False: give up (drain_then = give_up)."""
@@ -434,7 +446,9 @@ class Pipeline:
         frames: list[Frame] | None = yield Replies(0)
         if frames is not None:
             return frames  # it finished meanwhile: they block nothing now
-        return (yield from self._act((yield from self._decide(blockers)))) is not None
+        decisions = yield from self._decide(blockers)
+        yield from self._announce(decisions)
+        return (yield from self._act(decisions)) is not None
 
     # --- decisions and actions ---------------------------------------------------------------
 
@@ -615,6 +629,12 @@ def describe(blocker: Blocker) -> str:
 
 def _summary(statements: tuple[Statement, ...]) -> str:
     return "; ".join(s.text[:120] for s in statements)
+
+
+def _relations(statements: tuple[Statement, ...]) -> list[str]:
+    """The relations the statements lock, as written, with the mode each needs."""
+    names = {f"{lock.relation} ({lock.mode.name})": None for s in statements for lock in s.locks}
+    return list(names)
 
 
 def _round(value: float | None) -> float | None:

@@ -25,6 +25,8 @@ class GuardSettings:
     cancel_grace: float = default("cancel_grace")
     drain: DrainSettings = field(default_factory=DrainSettings)  # blocking_action = drain
     report_events: bool = default("report_events")  # each event to the client too, as a notice
+    migration_lock: bool = default("migration_lock")  # (migration sessions) one at a time
+    migration_lock_timeout: float = default("migration_lock_timeout")  # 0: no limit
 
 
 def needs_guard(statement: Statement) -> bool:

@@ -53,6 +53,7 @@ from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
 from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
+from pgmigrate_proxy.runtime.publish import EventPublisher
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
@@ -85,6 +86,7 @@ class GuardServices:
     #: What a drain arms (blocking_action = drain; guard/drain.py's Gate protocol): not yet an
     #: adapter over `gate`, so a drain holds nothing, waits for the holders, then drain_then.
     drain_gate: DrainGate = field(default_factory=NoGate)
+    events: EventPublisher | None = None  # NOTIFY of each event (events_channel)
 
     @property
     def in_flight(self) -> set[int]:
@@ -237,6 +239,7 @@ class _Driver:
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
         self.hold: GateHold | None = None  # a drain's armed rule
+        self.units: set[int] = set()  # the units whose events went out (for the held board)
 
     async def do(self, step: object) -> Any:
         server, client = self.server, self.client
@@ -269,12 +272,22 @@ class _Driver:
                 self._release()
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
+                self._publish(name, fields)
                 if self.report_events:
                     text = notices.event(_for_client(name, fields))
                     client.notice(notices.EVENT_SEVERITY, text)
             case _:
                 return await self._admin(step)
         return None
+
+    def _publish(self, name: str, fields: Mapping[str, object]) -> None:
+        publisher = self.services.events
+        if publisher is None:
+            return
+        unit = fields.get("unit")
+        if isinstance(unit, int):
+            self.units.add(unit)
+        publisher.publish(name, fields)
 
     async def _replies(self, timeout: float | None) -> list[Frame] | None:
         task = self.exchange
@@ -314,6 +327,8 @@ class _Driver:
             hold.release()
 
     def close(self) -> None:
+        if self.services.events is not None:
+            self.services.events.forget(self.units)
         self._release()  # whatever ended the run, nothing stays held
         task = self.exchange
         if task is None:

@@ -28,6 +28,7 @@ from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, plain_query
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
+from pgmigrate_proxy.runtime.onemigration import LockFailed, MigrationLock
 from pgmigrate_proxy.runtime.ports import ClientWriter
 from pgmigrate_proxy.sql import Statement, first_keyword
 
@@ -101,6 +102,12 @@ class Holder:
             else None
         )
         self.targets = guarding.TargetMemory()
+        #: session option migration_lock: one migration session at a time per database
+        self.lock = (
+            MigrationLock(settings.migration_lock_timeout)
+            if migration and settings is not None and settings.migration_lock
+            else None
+        )
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
         self._unit: list[bytes] | None = None  # a unit being collected
@@ -478,7 +485,20 @@ class Holder:
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
 
     async def _migration(self, work: Coroutine[Any, Any, None]) -> None:
+        if self.lock is not None:
+            try:
+                await self.lock.ensure(self.services.admin, self.server.database, self.session)
+            except LockFailed as exc:
+                work.close()
+                self.task = None
+                self.abandon(exc.code, exc.message)
+                return
         await self._run_unit(work, "a migration session")
+
+    def closed(self) -> None:
+        """The session ended: the migration lock (if held) goes."""
+        if self.lock is not None:
+            self.lock.release()
 
     async def _run_unit(self, work: Coroutine[Any, Any, None], what: str) -> None:
         """Run a unit's work, then pump what waited behind it. Every way out ends in the

@@ -144,6 +144,8 @@ _APPLY: dict[str, Apply] = {
         settings, drain=replace(settings.drain, then=DrainThen(value))
     ),
     "report_events": _setting("report_events"),
+    "migration_lock": _setting("migration_lock"),
+    "migration_lock_timeout": _setting("migration_lock_timeout"),
     "min_transaction_age": _filter("min_transaction_age"),
     "min_query_age": _filter("min_query_age"),
     "blocker_states": _filter("states", _states),

@@ -17,6 +17,7 @@ from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.clientauth import AuthService
 from pgmigrate_proxy.runtime.context import SessionSettings
 from pgmigrate_proxy.runtime.pool import PoolRegistry
+from pgmigrate_proxy.runtime.publish import EventPublisher
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
@@ -66,6 +67,8 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
         cancel_grace=config.cancel_grace,
         drain=config.drain_settings(),
         report_events=config.report_events,
+        migration_lock=config.migration_lock,
+        migration_lock_timeout=config.migration_lock_timeout,
     )
 
 
@@ -100,6 +103,7 @@ class ProxyServer:
         loop.set_exception_handler(logsetup.loop_exception_handler)
         if self.config.guard or self.config.auth_type == "auth_query":
             await self._open_admin()
+        await self._start_events()
         self._server = await loop.create_server(
             self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
         )
@@ -121,6 +125,13 @@ class ProxyServer:
             raise
         except AdminUnavailable as exc:  # PostgreSQL unreachable: tried again when needed
             log.warning("%s: guarded statements use lock_timeout and retries until it is back", exc)
+
+    async def _start_events(self) -> None:
+        """NOTIFY of the guard events through the admin connection (events_channel)."""
+        admin, channel = self.guard.admin, self.config.events_channel
+        if admin is not None and channel and self.config.guard:
+            self.guard.events = EventPublisher(admin, channel)
+            await self.guard.events.start()
 
     def _admin(self) -> AdminConnection | None:
         """The admin connection auth_query runs on (made on first use after a reload to it)."""
@@ -250,6 +261,8 @@ class ProxyServer:
         await self.pools.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.guard.events is not None:
+            await self.guard.events.close()
         if self.guard.admin is not None:
             await self.guard.admin.close()
 

@@ -696,6 +696,8 @@ class ClientSession(asyncio.Protocol):
         holder = self.holder
         if holder is not None and holder.task is not None:
             holder.task.cancel()  # a held statement is dropped, never sent later
+        if holder is not None:
+            holder.closed()
         if self.link is not None:
             self.link.closed()
         if self._waiter is not None and not self._waiter.done():
