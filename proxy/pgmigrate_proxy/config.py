@@ -132,6 +132,7 @@ class Config:
     cancel_grace: float = default("cancel_grace")
     drain_timeout: float = default("drain_timeout")
     drain_then: str = default("drain_then")
+    drain_ack_timeout: float = default("drain_ack_timeout")
     report_events: bool = default("report_events")
     min_transaction_age: float = default("min_transaction_age")
     min_query_age: float = default("min_query_age")

@@ -528,6 +528,16 @@ _ALL: tuple[Setting, ...] = (
         "(`give_up`: answer `55P03` without sending the statement)",
         session=True,
     ),
+    _duration(
+        "drain_ack_timeout",
+        1.0,
+        0.0,
+        60.0,
+        "`blocking_action = drain` with several proxies: how long a drain waits for the other "
+        "proxies up to acknowledge it (they hold their clients' statements too) before it goes "
+        "on without those missing (a WARNING event names them)",
+        session=False,
+    ),
     Setting(
         "report_events",
         "boolean",

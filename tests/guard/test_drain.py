@@ -23,6 +23,8 @@ from pgmigrate_proxy.guard.drain import (
 from pgmigrate_proxy.guard.pipeline import GuardContext
 from pgmigrate_proxy.guard.policy import BlockingAction, Verdict
 from pgmigrate_proxy.guard.steps import (
+    Acks,
+    Announce,
     Arm,
     Event,
     Inject,
@@ -130,6 +132,7 @@ class DrainFake(Fake):
 
     holders: tuple[int, ...] = ()
     scope_fails: bool = False
+    acks: Acks | None = None  # what an Announce gets (None: this proxy does not coordinate)
 
     def answer(self, step: Any) -> Any:
         match step:
@@ -137,6 +140,8 @@ class DrainFake(Fake):
                 return [(pid, TABLE, "AccessShareLock", True) for pid in self.holders]
             case Arm() | Release():
                 return None
+            case Announce():
+                return self.acks
         return super().answer(step)
 
     def inject(self, sql: str) -> QueryResult:
@@ -149,7 +154,7 @@ class DrainFake(Fake):
         return super().inject(sql)
 
     def order(self) -> list[str]:
-        kinds = (Arm, Release, Send)
+        kinds = (Arm, Announce, Release, Send)
         return [type(s).__name__ for s in self.steps if isinstance(s, kinds)]
 
 
@@ -173,7 +178,7 @@ def test_a_drain_waits_for_a_short_holder_and_terminates_nobody() -> None:
     fake = DrainFake(blockers=lambda now: [holder] if now < 0.3 else [], holders=(7,))
     run(fake, drain_settings())
     assert fake.signalled == []
-    assert fake.order() == ["Arm", "Send", "Release"]
+    assert fake.order() == ["Arm", "Announce", "Send", "Release"]
     rule = fake.of(Arm)[0].rule
     assert isinstance(rule, HoldRule) and rule.let_through == {7} and rule.own_pid == 100
     assert rule.scope.touches("SELECT * FROM t") and rule.scope.touches("SELECT f()")
@@ -189,7 +194,7 @@ def test_after_the_timeout_then_terminates_those_left() -> None:
     assert fake.signalled == [(7, Verdict.TERMINATE)]
     # the first look at 0, then every 50 ms: the timeout is kept to the poll
     assert round(sum(s.seconds for s in fake.of(Sleep) if s.seconds == 0.05), 3) >= 0.5
-    assert fake.order() == ["Arm", "Send", "Release"]
+    assert fake.order() == ["Arm", "Announce", "Send", "Release"]
     assert fake.codes() == []
 
 
@@ -222,7 +227,7 @@ def test_then_give_up_answers_55P03_unsent_and_releases() -> None:
     run(fake, drain_settings(timeout=0.2, then=DrainThen.GIVE_UP))
     assert fake.signalled == [] and fake.sent == 0
     assert fake.codes() == ["55P03"]
-    assert fake.order() == ["Arm", "Release"]
+    assert fake.order() == ["Arm", "Announce", "Release"]
 
 
 def test_then_cancel_cancels_an_active_holder() -> None:
@@ -234,7 +239,16 @@ def test_then_cancel_cancels_an_active_holder() -> None:
 def test_a_failed_statement_releases_too_and_each_retry_drains_again() -> None:
     fake = DrainFake(attempts=[(0.05, "55P03"), (0.01, "42P01")])
     run(fake, drain_settings())
-    assert fake.order() == ["Arm", "Send", "Release", "Arm", "Send", "Release"]
+    assert fake.order() == [
+        "Arm",
+        "Announce",
+        "Send",
+        "Release",
+        "Arm",
+        "Announce",
+        "Send",
+        "Release",
+    ]
     assert fake.codes() == ["42P01"]
 
 
@@ -256,7 +270,7 @@ def test_a_client_gone_while_draining_releases_and_sends_nothing() -> None:
     fake = DrainFake(blockers=blockers)
     run(fake, drain_settings(timeout=1.0), view)
     assert fake.sent == 0 and fake.signalled == []
-    assert fake.order() == ["Arm", "Release"]
+    assert fake.order() == ["Arm", "Announce", "Release"]
 
 
 def test_the_in_flight_watch_only_reports_under_drain() -> None:
@@ -265,3 +279,38 @@ def test_the_in_flight_watch_only_reports_under_drain() -> None:
     assert fake.signalled == []
     assert not any(isinstance(s, Signal) for s in fake.steps)
     assert fake.of(Inject)  # (it ran, and watched: the blocker was only reported)
+
+
+# --- several proxies: the announce ---------------------------------------------------------------
+
+
+def test_the_drain_is_announced_once_armed_with_its_let_through_and_bound() -> None:
+    holder = blocker(7, BackendState.ACTIVE)
+    acks = Acks(acked=("b:1", "c:2"), missing=(), waited=0.004)
+    fake = DrainFake(blockers=lambda now: [holder] if now < 0.1 else [], holders=(7,), acks=acks)
+    run(fake, drain_settings(timeout=3.0))
+    announce = fake.of(Announce)[0]
+    assert announce.rule is fake.of(Arm)[0].rule  # the rule armed here, let_through and all
+    assert announce.targets == (TABLE,)
+    assert announce.hold_seconds == pytest.approx(3.0 + 0.05)  # drain_timeout + lock_timeout
+    names = [e.name for e in fake.of(Event)]
+    assert names.index("drain_announced") < names.index("drain")  # before waiting for holders
+    announced = next(e for e in fake.of(Event) if e.name == "drain_announced")
+    assert announced.fields["acked"] == ["b:1", "c:2"] and announced.level == "INFO"
+
+
+def test_acks_missing_at_the_timeout_are_a_warning_and_the_drain_goes_on() -> None:
+    acks = Acks(acked=("b:1",), missing=("c:2",), waited=1.0)
+    fake = DrainFake(blockers=lambda now: [], acks=acks)
+    run(fake, drain_settings())
+    late = next(e for e in fake.of(Event) if e.name == "drain_ack_timeout")
+    assert late.level == "WARNING" and late.fields["missing"] == ["c:2"]
+    assert late.fields["waited_ms"] == 1000
+    assert fake.order() == ["Arm", "Announce", "Send", "Release"]
+
+
+def test_without_coordination_no_announce_event() -> None:
+    fake = DrainFake(blockers=lambda now: [])
+    run(fake, drain_settings())
+    assert not any(e.name.startswith("drain_a") for e in fake.of(Event))
+    assert fake.order() == ["Arm", "Announce", "Send", "Release"]

@@ -23,7 +23,9 @@ from pgmigrate_proxy import notices
 from pgmigrate_proxy.guard.blockers import Blocker
 from pgmigrate_proxy.guard.policy import BlockingAction, Decision, Verdict
 from pgmigrate_proxy.guard.steps import (
+    Acks,
     AdminDown,
+    Announce,
     Arm,
     Event,
     HoldPredicate,
@@ -292,11 +294,14 @@ def drain(
     own_pid: int,
     database: str,
     interval: float,
+    attempt: float = 0.0,
 ) -> Steps:
-    """-> (Outcome, armed): one drain before an attempt. Arms the gate (when there is a scope),
-    waits at `interval` for the sessions holding conflicting locks to finish, and after
-    `settings.timeout` applies `then` to those left. `armed` True: the caller must yield
-    Release() once the attempt has its replies (or is not sent)."""
+    """-> (Outcome, armed): one drain before an attempt. Arms the gate (when there is a scope)
+    and announces it to the other proxies (they arm theirs; `attempt`: the attempt's longest
+    wait, for the bound they hold at most), waits at `interval` for the sessions holding
+    conflicting locks to finish, and after `settings.timeout` applies `then` to those left.
+    `armed` True: the caller must yield Release() once the attempt has its replies (or is not
+    sent); that ends the announced drain too."""
     oids = tuple(sorted(targets))
     armed = False
     try:
@@ -307,12 +312,29 @@ def drain(
             armed = True
             # (a session that got its first lock between the two snapshots is let through too)
             rule.let_through |= holding_pids((yield LockHolders(oids, database)), oids)
+            yield from _announce(host, rule, oids, settings.timeout + attempt)
         outcome = yield from _wait(host, settings, interval, armed)
     except AdminDown as exc:
         yield from host.admin_lost(exc)
         outcome = Outcome.DRAINED  # go on: the attempt's lock_timeout still bounds the wait
     # (a run ended meanwhile, client gone or server lost, is released by the driver)
     return outcome, armed
+
+
+def _announce(host: Host, rule: HoldRule, oids: tuple[int, ...], bound: float) -> Steps:
+    """Several proxies: the others arm their gates for this drain and acknowledge; past
+    drain_ack_timeout the drain goes on without those missing (a WARNING event names them)."""
+    acks: Acks | None = yield Announce(rule, oids, bound)
+    if acks is None:
+        return
+    waited = round(acks.waited * 1000)
+    fields = {"acked": list(acks.acked), "waited_ms": waited}
+    if not acks.sent:
+        yield host.event("drain_not_announced", fields, "WARNING")
+    elif acks.missing:
+        yield host.event("drain_ack_timeout", {**fields, "missing": list(acks.missing)}, "WARNING")
+    else:
+        yield host.event("drain_announced", fields)
 
 
 def _wait(host: Host, settings: DrainSettings, interval: float, armed: bool) -> Steps:

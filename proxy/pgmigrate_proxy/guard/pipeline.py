@@ -368,7 +368,7 @@ class Pipeline:
         view, settings = self.view, self.settings
         outcome, self.armed = yield from drain.drain(
             self, settings.drain, self.resolution.targets, self.scope, view.server_pid,
-            view.database, settings.watch_interval,
+            view.database, settings.watch_interval, settings.schedule.lock_timeout,
         )  # fmt: skip
         if outcome is drain.Outcome.GIVE_UP:
             self.give_up_message = notices.drain_gave_up(settings.drain.timeout)

@@ -160,10 +160,33 @@ class Arm:
 
 @dataclass(frozen=True)
 class Release:
-    """-> None: release what the armed rule held, in order, and disarm it."""
+    """-> None: release what the armed rule held, in order, and disarm it (and announce the
+    end of the drain to the other proxies, when it was announced)."""
+
+
+@dataclass(frozen=True)
+class Announce:
+    """-> Acks | None: announce the armed drain to the other proxies on the database and wait
+    (drain_ack_timeout at most) for the acknowledgements of those up; None: this proxy does not
+    coordinate (no drain channel). Its end goes out with the Release."""
+
+    rule: HoldPredicate  # guard/drain.py's HoldRule
+    targets: tuple[int, ...]
+    hold_seconds: float  # the drain's own bound: a proxy holds for it this long at most
+
+
+@dataclass(frozen=True)
+class Acks:
+    """What an Announce got: the proxies up that acknowledged and those that did not in time
+    (their names, host:pid), and how long it waited."""
+
+    acked: tuple[str, ...]
+    missing: tuple[str, ...]
+    waited: float
+    sent: bool = True  # False: the admin connection could not send it
 
 
 Step = (
     Now | Sleep | WaitIdle | Inject | Send | Replies | FindBlockers | BlockingPids | Activity
-    | WaiterOwns | Signal | Notice | Deliver | Event | LockHolders | Arm | Release
+    | WaiterOwns | Signal | Notice | Deliver | Event | LockHolders | Arm | Release | Announce
 )  # fmt: skip
