@@ -368,6 +368,23 @@ class AdminConnection:
         rows = await self._fetch(LOCKS_SQL, params)
         return [(r["pid"], r["relation"], r["mode"], r["granted"]) for r in rows]
 
+    async def alive(self, pids: Collection[int]) -> set[int]:
+        """Those of `pids` that are backends now (in pg_stat_activity: any role sees every pid)."""
+        wanted = sorted({pid for pid in pids if pid > 0})
+        if not wanted:
+            return set()
+        query = "SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid = ANY(%(pids)s::int[])"
+        return {int(row["pid"]) for row in await self._fetch(query, {"pids": wanted})}
+
+    async def notify_all(self, channel: str, payloads: list[str]) -> bool:
+        """pg_notify(channel, p) for each payload, in one statement (they are delivered together
+        and in order); False as for notify()."""
+        return await self.poll(
+            "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[])"
+            " WITH ORDINALITY AS t(p, n) ORDER BY n",
+            {"channel": channel, "payloads": payloads},
+        )
+
     async def terminate(self, pid: int) -> bool:
         """pg_terminate_backend(pid); False when it is no backend (or is this admin session)."""
         return await self._signal("SELECT pg_terminate_backend(%(pid)s) AS ok", pid)

@@ -184,6 +184,7 @@ class Acks:
     missing: tuple[str, ...]
     waited: float
     sent: bool = True  # False: the admin connection could not send it
+    drain: str = ""  # the drain's id on the drain channel (its end names it)
 
 
 Step = (

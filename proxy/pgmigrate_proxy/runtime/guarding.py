@@ -18,12 +18,14 @@ from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard import pipeline
 from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE
 from pgmigrate_proxy.guard.drain import Gate as DrainGate
-from pgmigrate_proxy.guard.drain import GateHold, NoGate
+from pgmigrate_proxy.guard.drain import GateHold, HoldRule, NoGate
 from pgmigrate_proxy.guard.pipeline import GuardContext, Steps
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.guard.steps import (
+    Acks,
     Activity,
     AdminDown,
+    Announce,
     Arm,
     BlockingPids,
     Deliver,
@@ -51,6 +53,7 @@ from pgmigrate_proxy.guard.unit import (
 )
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
+from pgmigrate_proxy.runtime.coordinate import DrainCoordinator
 from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
 from pgmigrate_proxy.runtime.publish import EventPublisher
@@ -87,6 +90,8 @@ class GuardServices:
     #: adapter over `gate`, so a drain holds nothing, waits for the holders, then drain_then.
     drain_gate: DrainGate = field(default_factory=NoGate)
     events: EventPublisher | None = None  # NOTIFY of each event (events_channel)
+    #: Drains announced to the other proxies, and theirs armed on drain_gate (the drain channel)
+    coordinator: DrainCoordinator | None = None
 
     @property
     def in_flight(self) -> set[int]:
@@ -239,6 +244,7 @@ class _Driver:
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
         self.hold: GateHold | None = None  # a drain's armed rule
+        self.announced: str | None = None  # its id on the drain channel, once announced
         self.units: set[int] = set()  # the units whose events went out (for the held board)
 
     async def do(self, step: object) -> Any:
@@ -270,6 +276,8 @@ class _Driver:
                 self.hold = gate.arm(rule)
             case Release():
                 self._release()
+            case Announce(rule=rule, targets=targets, hold_seconds=bound):
+                return await self._announce(rule, targets, bound)
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
                 self._publish(name, fields)
@@ -298,6 +306,14 @@ class _Driver:
             await asyncio.wait({task}, timeout=timeout)
         return task.result() if task.done() else None
 
+    async def _announce(self, rule: object, targets: tuple[int, ...], bound: float) -> Acks | None:
+        coordinator = self.services.coordinator
+        if coordinator is None or not isinstance(rule, HoldRule):
+            return None
+        acks = await coordinator.announce(rule, targets, bound)
+        self.announced = acks.drain
+        return acks
+
     async def _admin(self, step: object) -> Any:
         admin = self.services.admin
         if admin is None:
@@ -325,6 +341,9 @@ class _Driver:
         hold, self.hold = self.hold, None
         if hold is not None:
             hold.release()
+        announced, self.announced = self.announced, None
+        if announced is not None and self.services.coordinator is not None:
+            self.services.coordinator.end(announced)
 
     def close(self) -> None:
         if self.services.events is not None:

@@ -10,12 +10,14 @@ from dataclasses import replace
 from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
+from pgmigrate_proxy.guard import coordination
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.clientauth import AuthService
 from pgmigrate_proxy.runtime.context import SessionSettings
+from pgmigrate_proxy.runtime.coordinate import DrainCoordinator
 from pgmigrate_proxy.runtime.pool import PoolRegistry
 from pgmigrate_proxy.runtime.publish import EventPublisher
 from pgmigrate_proxy.runtime.session import ClientSession
@@ -132,6 +134,14 @@ class ProxyServer:
         if admin is not None and channel and self.config.guard:
             self.guard.events = EventPublisher(admin, channel)
             await self.guard.events.start()
+            self.guard.coordinator = DrainCoordinator(
+                admin,
+                coordination.channel(channel),
+                lambda: self.guard.drain_gate,
+                self.config.drain_ack_timeout,
+                self.guard.events.identity,
+            )
+            await self.guard.coordinator.start()
 
     def _admin(self) -> AdminConnection | None:
         """The admin connection auth_query runs on (made on first use after a reload to it)."""
@@ -261,6 +271,8 @@ class ProxyServer:
         await self.pools.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.guard.coordinator is not None:
+            await self.guard.coordinator.close()
         if self.guard.events is not None:
             await self.guard.events.close()
         if self.guard.admin is not None:

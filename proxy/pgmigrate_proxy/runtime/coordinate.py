@@ -1,0 +1,279 @@
+"""Several proxies, one drain (guard/coordination.py's messages and state, driven): each proxy
+says hello on the drain channel and knows the others up; a drain announced by one arms the
+others' gates (they acknowledge) until its end, its proxy's admin session is gone, or its bound.
+
+Messages go out through the admin connection (PostgreSQL stamps each with the admin session's
+pid: the proxy's liveness is that backend's, looked up in pg_stat_activity). They are received
+on a connection of their own that does nothing but wait in `notifies()`: PostgreSQL delivers a
+notification to an idle connection at once, whereas the shared admin connection gets them only
+while it runs a query, which it does only while the guard works (a proxy with nothing held of
+its own would see a drain start only at its next poll) and which waits behind the guard's
+queries (statement_timeout 2 s); polling it often enough for a 100 ms pickup would add ten
+queries a second per proxy, always. The listener's cost is one idle backend per proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgmigrate_proxy.admin import AdminConnection
+from pgmigrate_proxy.events import Identity
+from pgmigrate_proxy.guard import coordination as co
+from pgmigrate_proxy.guard.drain import Gate, GateHold, HoldRule, holding_pids
+from pgmigrate_proxy.guard.steps import Acks
+
+log = logging.getLogger("pgmigrate_proxy.coordinate")
+
+APPLICATION_NAME = "pgmigrate-proxy listen"
+#: How often a proxy says hello again and forgets the proxies whose admin session is gone.
+PRESENCE_SECONDS = 30.0
+#: While another proxy's drain is held: how often its admin session is looked for.
+WATCH_SECONDS = 0.2
+#: The listener connection's reconnect delays.
+RECONNECT_DELAY = 0.2
+RECONNECT_MAX_DELAY = 5.0
+
+
+class DrainCoordinator:
+    """One per proxy with an admin connection and a drain channel. `gate()`: the gate that a
+    drain of another proxy arms (GuardServices.drain_gate, looked up at each arm)."""
+
+    def __init__(
+        self,
+        admin: AdminConnection,
+        channel: str,
+        gate: Callable[[], Gate],
+        ack_timeout: float,
+        identity: Identity | None = None,
+    ) -> None:
+        self.admin = admin
+        self.channel = channel
+        self.gate = gate
+        self.ack_timeout = ack_timeout
+        mine = identity or Identity.current()
+        self.me = co.Proxy(mine.host, mine.pid, mine.instance)
+        self.peers = co.Peers(self.me.instance)
+        self.remote = co.RemoteDrains(self.me.instance)
+        self.holds: dict[str, GateHold] = {}  # the other proxies' drains armed here
+        self.waits: dict[str, tuple[co.AckWait, asyncio.Event]] = {}
+        self.own: set[str] = set()  # this proxy's drains announced and not ended yet
+        self.listening = asyncio.Event()  # set while the listener connection LISTENs
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._presence: asyncio.Task[None] | None = None
+        self._closed = False
+        self._serial = 0
+
+    async def start(self) -> None:
+        self._listener = self._loop.create_task(self._listen())
+        self._presence = self._loop.create_task(self._every_while())
+
+    async def close(self) -> None:
+        """End this proxy's drains, say bye, release the others', stop."""
+        self._closed = True
+        payloads = [co.encode(co.End(self.me, drain)) for drain in sorted(self.own)]
+        self.own.clear()
+        await self.admin.notify_all(self.channel, [*payloads, co.encode(co.Bye(self.me))])
+        for drain in self.remote.all():
+            self._release(drain, co.Why.CLOSING)
+        tasks = [t for t in (self._listener, self._watch, self._presence) if t is not None]
+        for task in [*tasks, *self._tasks]:
+            task.cancel()
+        for task in [*tasks, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- the draining proxy -------------------------------------------------------------------
+
+    async def announce(self, rule: HoldRule, targets: Collection[int], bound: float) -> Acks:
+        """Announce a drain and wait (ack_timeout at most) for the acks of the proxies up."""
+        began = self._loop.time()
+        await self._prune()
+        self._serial += 1
+        drain = f"{self.me.instance}-{self._serial}"
+        wait = co.AckWait(drain, self.peers.up())
+        done = asyncio.Event()
+        if wait.complete:
+            done.set()
+        self.waits[drain] = (wait, done)
+        self.own.add(drain)
+        start = co.Start.of(self.me, drain, rule, targets, bound)
+        try:
+            sent = await self.admin.notify_all(self.channel, co.start_payloads(start))
+            if sent and not done.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), self.ack_timeout)
+        except BaseException:  # cancelled (the session went): whatever was sent is ended
+            self.end(drain)
+            raise
+        finally:
+            self.waits.pop(drain, None)
+        acked = tuple(str(ack.proxy) for ack in wait.acked.values())
+        missing = tuple(str(proxy) for proxy in wait.missing)
+        return Acks(acked, missing, self._loop.time() - began, sent, drain)
+
+    def end(self, drain: str) -> None:
+        """The drain's end, announced (once; never waits)."""
+        if drain in self.own:
+            self.own.discard(drain)
+            self._spawn(self._send(co.End(self.me, drain)))
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def received(self, payload: str, sender: int) -> None:
+        """A notification on the drain channel from backend `sender`."""
+        try:
+            message = co.decode(payload)
+        except co.ProtocolError as exc:
+            log.debug("drain channel: ignored: %s", exc)
+            return
+        proxy = message.start.proxy if isinstance(message, co.StartPart) else message.proxy
+        if proxy.instance == self.me.instance:
+            return
+        if not isinstance(message, co.Bye) and self.peers.seen(proxy, sender):
+            log.info("proxy %s is up (admin backend %d)", proxy, sender)
+        match message:
+            case co.Hello(ask=ask):
+                if ask:
+                    self._spawn(self._send(co.Hello(self.me)))
+            case co.Bye():
+                self.peers.forget(proxy.instance)
+                for drain in self.remote.of(proxy.instance):
+                    self._release(drain, co.Why.BYE)
+            case co.StartPart():
+                whole = self.remote.receive(message, sender, self._loop.time())
+                if whole is not None:
+                    self._arm(whole)
+            case co.Ack():
+                waiting = self.waits.get(message.drain)
+                if message.to == self.me.instance and waiting and waiting[0].receive(message):
+                    waiting[1].set()
+            case co.End(drain=drain):
+                if self.remote.end(drain):
+                    self._release(drain, co.Why.END)
+
+    def _arm(self, start: co.Start) -> None:
+        rule = start.rule()
+        try:
+            self.holds[start.drain] = self.gate().arm(rule)
+            armed = True
+        except Exception:  # a gate that cannot arm still acks: the drainer must not wait
+            log.exception("drain %s of proxy %s: the gate could not arm", start.drain, start.proxy)
+            armed = False
+        log.info(
+            "drain %s of proxy %s: holding new work on %d relation(s) of database %s",
+            start.drain, start.proxy, len(start.relations), start.database,
+        )  # fmt: skip
+        self._spawn(self._armed(start, rule, armed))
+        if self._watch is None or self._watch.done():
+            self._watch = self._loop.create_task(self._watch_origins())
+
+    async def _armed(self, start: co.Start, rule: HoldRule, armed: bool) -> None:
+        """Let through the sessions holding a lock on a target now (as the drainer does), ack."""
+        if armed and start.oids:
+            with contextlib.suppress(Exception):
+                rows = await self.admin.lock_rows(start.oids, database=start.database)
+                rule.let_through |= holding_pids(rows, start.oids)
+        await self._send(co.Ack(self.me, start.drain, start.proxy.instance, armed))
+
+    def _release(self, drain: str, why: co.Why) -> None:
+        hold = self.holds.pop(drain, None)
+        level = logging.WARNING if why in (co.Why.GONE, co.Why.BOUND) else logging.INFO
+        log.log(level, "drain %s released here: %s", drain, why.value)
+        if hold is not None:
+            hold.release()
+
+    async def _watch_origins(self) -> None:
+        """While other proxies' drains are held: release those past their bound and those whose
+        proxy's admin session is gone (a proxy killed mid-drain leaves nothing held here)."""
+        while self.remote.held:
+            await asyncio.sleep(WATCH_SECONDS)
+            for drain in self.remote.expired(self._loop.time()):
+                self._release(drain, co.Why.BOUND)
+            origins = self.remote.origins()
+            if not origins:
+                continue
+            try:
+                alive = await self.admin.alive(origins)
+            except Exception as exc:  # the admin connection is down: the bound still holds
+                log.debug("drain channel: cannot look for the drainers: %s", exc)
+                continue
+            for drain in self.remote.gone(alive):
+                self._release(drain, co.Why.GONE)
+            # (the drainers gone are forgotten as proxies too; the others are not looked for)
+            for proxy in self.peers.prune(alive | (self.peers.admin_pids() - origins)):
+                log.info("proxy %s is gone (its admin session ended)", proxy)
+
+    # -- presence -----------------------------------------------------------------------------
+
+    async def _every_while(self) -> None:
+        """Say hello again and forget the proxies gone, every PRESENCE_SECONDS."""
+        while True:
+            await asyncio.sleep(PRESENCE_SECONDS)
+            await self._send(co.Hello(self.me))
+            await self._prune()
+
+    async def _prune(self) -> None:
+        pids = self.peers.admin_pids()
+        if not pids:
+            return
+        try:
+            alive = await self.admin.alive(pids)
+        except Exception as exc:  # cannot tell: keep them (the ack wait is bounded anyway)
+            log.debug("drain channel: cannot look for the proxies: %s", exc)
+            return
+        for proxy in self.peers.prune(alive):
+            log.info("proxy %s is gone (its admin session ended)", proxy)
+
+    async def _listen(self) -> None:
+        """The listener connection: LISTEN, hello (asking the others), then each notification
+        as it comes; reconnected when lost."""
+        delay = RECONNECT_DELAY
+        while not self._closed:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await self._connect()
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                self.listening.set()
+                delay = RECONNECT_DELAY
+                await self._send(co.Hello(self.me, ask=True))
+                async for notify in conn.notifies():
+                    self.received(notify.payload, notify.pid)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("drain channel: listener connection: %s", str(exc).strip()[:200])
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        params: dict[str, Any] = {"keepalives": "1", "keepalives_idle": "10",
+                                  "keepalives_interval": "5", "keepalives_count": "3"}  # fmt: skip
+        params.update(conninfo_to_dict(self.admin.conninfo))
+        params["application_name"] = APPLICATION_NAME
+        params.setdefault("connect_timeout", "5")
+        return await psycopg.AsyncConnection.connect(make_conninfo("", **params), autocommit=True)
+
+    async def _send(self, message: co.Hello | co.Bye | co.Ack | co.End) -> None:
+        if not await self.admin.notify(self.channel, co.encode(message)):
+            log.debug("drain channel: not sent: %s", type(message).__name__)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            work.close()
+            return
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
