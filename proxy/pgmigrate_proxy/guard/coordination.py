@@ -58,7 +58,7 @@ class Proxy:
         return {"host": self.host, "pid": self.pid, "instance": self.instance}
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.pid}"
+        return f"{self.host}:{self.pid}/{self.instance}"
 
 
 @dataclass(frozen=True)
