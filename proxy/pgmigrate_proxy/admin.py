@@ -130,6 +130,14 @@ _WAITER_OWNS = """
 """
 
 
+# Whether a backend's role is a superuser or a member of pg_signal_backend.
+_MAY_SIGNAL = """
+    SELECT r.rolsuper OR pg_has_role(r.oid, 'pg_signal_backend', 'MEMBER') AS ok
+    FROM pg_stat_activity AS a JOIN pg_roles AS r ON r.oid = a.usesysid
+    WHERE a.pid = %(pid)s
+"""
+
+
 def blockers_query(
     relation_modes: Mapping[int, LockMode | str],
     exclude_pids: Collection[int] = (),
@@ -375,6 +383,12 @@ class AdminConnection:
             return set()
         query = "SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid = ANY(%(pids)s::int[])"
         return {int(row["pid"]) for row in await self._fetch(query, {"pids": wanted})}
+
+    async def may_signal(self, pid: int) -> bool:
+        """Whether backend `pid` is a session of a superuser or of a member of
+        pg_signal_backend (a role that may act as an admin connection); False when it is gone."""
+        rows = await self._fetch(_MAY_SIGNAL, {"pid": pid})
+        return bool(rows and rows[0]["ok"])
 
     async def notify_all(self, channel: str, payloads: list[str]) -> bool:
         """pg_notify(channel, p) for each payload, in one statement (they are delivered together

@@ -133,6 +133,8 @@ def test_peers_are_known_by_their_admin_backend_and_pruned_when_it_is_gone() -> 
     assert peers.admin_pids() == {23, 33}
     assert peers.prune({33, 999}) == [B]
     assert set(peers.up()) == {"cccc"}
+    assert peers.sent_by("cccc", 33) and not peers.sent_by("cccc", 34)
+    assert not peers.sent_by("bbbb", 23)  # forgotten
     assert peers.forget("cccc") == C and peers.forget("cccc") is None
 
 
@@ -153,10 +155,21 @@ def test_a_drain_is_released_once_whatever_ends_it() -> None:
     assert drains.origins() == {4242}
     # the same start again (a listener that saw it twice) is not armed twice
     assert drains.receive(_part(co.start_payloads(a_start())[0]), 4242, 100.1) is None
-    assert drains.end("aaaa-1") and not drains.end("aaaa-1")
+    assert not drains.end("aaaa-1", sender=666)  # anyone may NOTIFY: not its announcer
+    assert drains.end("aaaa-1", sender=4242) and not drains.end("aaaa-1", sender=4242)
     assert drains.gone(set()) == [] and drains.expired(1e9) == [] and drains.all() == []
-    # a start arriving after its end (an end overtook it) is not armed at all
+    # the same start seen again after its end is not armed again
     assert drains.receive(_part(co.start_payloads(a_start())[0]), 4242, 101.0) is None
+
+
+def test_parts_from_another_backend_are_not_assembled_and_a_refused_start_is_forgotten() -> None:
+    payloads = co.start_payloads(a_start(), limit=280)
+    drains = co.RemoteDrains("bbbb")
+    assert drains.receive(_part(payloads[0]), 4242, 0.0) is None
+    assert all(drains.receive(_part(p), 666, 0.0) is None for p in payloads[1:])
+    assert drains.receive(_part(payloads[1]), 4242, 0.0) is not None
+    drains.refuse("aaaa-1")
+    assert drains.held == [] and drains.all() == []
 
 
 @pytest.mark.parametrize("ender", ["gone", "expired", "bye", "all"])

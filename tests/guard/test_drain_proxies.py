@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 from pgmigrate_proxy.guard import coordination as co
-from pgmigrate_proxy.guard.drain import Gate, GateHold, HoldRule
+from pgmigrate_proxy.guard.drain import DrainScope, Gate, GateHold, HoldRule, Reach
 from pgmigrate_proxy.guard.steps import HoldPredicate
-from pgmigrate_proxy.runtime.coordinate import DrainCoordinator
+from pgmigrate_proxy.runtime.coordinate import APPLICATION_NAME, DrainCoordinator
 from psycopg import sql
 
 from tests.fixtures.postgres import PgInfo
@@ -218,8 +218,58 @@ def test_a_proxy_that_never_acks_delays_the_drain_by_the_ack_timeout_only(
     assert column_exists(pg, name, "a")  # it went on
     late = wait_for(logged(proxy_log, "guard drain_ack_timeout"), "the warning")
     assert "WARNING" in late and "mute:1/mute0" in late and str(coordinator(b).me) in late
-    assert gate_b.arms and gate_b.released == gate_b.arms
+    assert gate_b.arms
+    wait_for(lambda: gate_b.released == gate_b.arms, "b to release on the end")
     sent = (json.loads(n.payload) for n in events.notifies(timeout=BOUND))
     timeout_event = next(e for e in sent if e.get("event") == "drain_ack_timeout")
     assert timeout_event["missing"] == ["mute:1/mute0"]  # in the events too
+    migration.conn.close()
+
+
+def test_a_drain_start_from_a_role_that_may_not_signal_arms_nothing(
+    pg: PgInfo, proxy_factory: ProxyFactory, table: tuple[str, int], proxy_log: list[str]
+) -> None:
+    """Anyone who may connect may NOTIFY on the drain channel: a start is armed only when its
+    backend's role could be an admin connection's (superuser or pg_signal_backend)."""
+    name, oid = table
+    b = proxy_factory()
+    gate_b = recording(b)
+    wait_for(lambda: coordinator(b).listening.is_set(), "b to listen")
+    forger = co.Proxy("forger", 1, "f0")
+    rule = HoldRule(DrainScope("postgres", {name: frozenset({("public", Reach.ANY)})}), 0)
+    start = co.Start.of(forger, "f0-1", rule, [oid], 3600.0)
+    with pg.connect("u_scram") as plain:
+        plain.execute("SELECT pg_notify(%s, %s)", (CHANNEL, co.start_payloads(start)[0]))
+        wait_for(logged(proxy_log, "ignored forger:1/f0's messages"), "the refusal")
+    assert gate_b.arms == [] and coordinator(b).remote.held == []
+    assert coordinator(b).peers.up() == {}
+
+
+def test_a_lost_listener_connection_comes_back(
+    pg: PgInfo,
+    proxy_factory: ProxyFactory,
+    table: tuple[str, int],
+    sessions: Connect,
+    proxy_log: list[str],
+) -> None:
+    name, _ = table
+    drainer = proxy_factory(blocking_action="drain")
+    b = proxy_factory()
+    gate_b = recording(b)
+    wait_for(knows(drainer, 1), "the drainer to know b")
+    admin = sessions()
+    listeners = "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+    for (pid,) in admin.execute(listeners, (APPLICATION_NAME,)).fetchall():
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    wait_for(logged(proxy_log, "listener connection lost"), "the loss to be seen")
+    wait_for(
+        lambda: len(admin.execute(listeners, (APPLICATION_NAME,)).fetchall()) == 2,
+        "both listeners to come back",
+    )
+    wait_for(lambda: coordinator(b).listening.is_set(), "b to listen again")
+    migration = connect_through(drainer, pg)
+    migration.conn.execute(q("ALTER TABLE {} ADD COLUMN a int", name))
+    assert gate_b.arms
+    wait_for(lambda: gate_b.released == gate_b.arms, "b to release on the end")
+    assert wait_for(logged(proxy_log, "guard drain_announced"), "b's ack")
     migration.conn.close()

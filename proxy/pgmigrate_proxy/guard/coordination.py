@@ -270,6 +270,12 @@ class Peers:
         self.known[proxy.instance] = (proxy, admin_pid)
         return before is None or before[1] != admin_pid
 
+    def sent_by(self, instance: str, admin_pid: int) -> bool:
+        """Whether `instance` is known with this admin backend (its acks, ends and byes are
+        taken only from it: anyone may NOTIFY on the channel)."""
+        found = self.known.get(instance)
+        return found is not None and found[1] == admin_pid
+
     def forget(self, instance: str) -> Proxy | None:
         found = self.known.pop(instance, None)
         return found[0] if found else None
@@ -335,19 +341,22 @@ class RemoteDrains:
         self.me = me
         self._parts: dict[str, tuple[float, dict[int, Start], int]] = {}
         self._holding: dict[str, _Holding] = {}
-        self._ended: set[str] = set()  # ends seen before (or without) their start
+        self._ended: set[str] = set()  # drains released (their start again is not armed again)
 
     def receive(self, part: StartPart, admin_pid: int, now: float) -> Start | None:
         """A part of a start; the whole start once its last part is in (to arm and ack), None
-        before that, or for a drain of this proxy's own, one already held or already ended."""
+        before that, or for a drain of this proxy's own, one already held or already ended.
+        Its parts must all come from one backend (`admin_pid`)."""
         start = part.start
         if start.proxy.instance == self.me or start.drain in self._holding:
             return None
         if start.drain in self._ended:
             return None
-        since, got, _ = self._parts.get(start.drain, (now, {}, part.parts))
+        since, got, sender = self._parts.get(start.drain, (now, {}, admin_pid))
+        if sender != admin_pid:
+            return None
         got[part.part] = start
-        self._parts[start.drain] = (since, got, part.parts)
+        self._parts[start.drain] = (since, got, sender)
         for drain, (began, _, _) in list(self._parts.items()):
             if now - began > ASSEMBLY_SECONDS:
                 del self._parts[drain]
@@ -367,12 +376,21 @@ class RemoteDrains:
         """The admin backends of the proxies whose drains are held (to look for)."""
         return {h.admin_pid for h in self._holding.values()}
 
-    def end(self, drain: str) -> bool:
-        """The drain's end: True the first time (release it)."""
-        self._ended.add(drain)
+    def end(self, drain: str, sender: int | None = None) -> bool:
+        """The drain's end (`sender`: the backend that announced it; an end from any other is
+        ignored): True the first time (release it)."""
+        held = self._holding.get(drain)
+        if held is None or (sender is not None and sender != held.admin_pid):
+            return False
+        del self._holding[drain]
+        self._ended.add(drain)  # a start seen again is not armed again
         if len(self._ended) > 1024:
             self._ended = {drain}
-        return self._holding.pop(drain, None) is not None
+        return True
+
+    def refuse(self, drain: str) -> None:
+        """Forget a start that is not to be armed (its sender may not ask for it)."""
+        self._holding.pop(drain, None)
 
     def of(self, instance: str) -> list[str]:
         """Let go every drain of proxy `instance` (it said bye); those to release."""

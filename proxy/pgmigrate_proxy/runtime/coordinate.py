@@ -68,15 +68,22 @@ class DrainCoordinator:
         self.listening = asyncio.Event()  # set while the listener connection LISTENs
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listener: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None  # the listener connection
+        self._fd = -1  # its socket, watched by the loop
         self._watch: asyncio.Task[None] | None = None
-        self._presence: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the next presence round
         self._closed = False
         self._serial = 0
+        self._vouched: set[int] = set()  # backends whose role may act as an admin connection
 
     async def start(self) -> None:
-        self._listener = self._loop.create_task(self._listen())
-        self._presence = self._loop.create_task(self._every_while())
+        """LISTEN (or, PostgreSQL being down, keep trying in the background)."""
+        try:
+            await self._open()
+        except (psycopg.Error, OSError) as exc:
+            log.warning("drain channel: listener connection: %s", _one_line(exc))
+            self._spawn(self._reopen())
+        self._timer = self._loop.call_later(PRESENCE_SECONDS, self._presence_round)
 
     async def close(self) -> None:
         """End this proxy's drains, say bye, release the others', stop."""
@@ -86,7 +93,10 @@ class DrainCoordinator:
         await self.admin.notify_all(self.channel, [*payloads, co.encode(co.Bye(self.me))])
         for drain in self.remote.all():
             self._release(drain, co.Why.CLOSING)
-        tasks = [t for t in (self._listener, self._watch, self._presence) if t is not None]
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._close_listener()
+        tasks = [self._watch] if self._watch is not None else []
         for task in [*tasks, *self._tasks]:
             task.cancel()
         for task in [*tasks, *self._tasks]:
@@ -131,7 +141,10 @@ class DrainCoordinator:
     # -- receiving ----------------------------------------------------------------------------
 
     def received(self, payload: str, sender: int) -> None:
-        """A notification on the drain channel from backend `sender`."""
+        """A notification on the drain channel from backend `sender`. Anyone who may connect
+        may NOTIFY: a proxy is taken as one (hello, drain start) only from a backend whose role
+        may signal sessions as an admin connection's does, and its acks, ends and byes only
+        from that same backend."""
         try:
             message = co.decode(payload)
         except co.ProtocolError as exc:
@@ -140,29 +153,61 @@ class DrainCoordinator:
         proxy = message.start.proxy if isinstance(message, co.StartPart) else message.proxy
         if proxy.instance == self.me.instance:
             return
-        if not isinstance(message, co.Bye) and self.peers.seen(proxy, sender):
-            log.info("proxy %s is up (admin backend %d)", proxy, sender)
+        known = self.peers.sent_by(proxy.instance, sender)
         match message:
             case co.Hello(ask=ask):
-                if ask:
+                if not known:
+                    self._spawn(self._welcome(proxy, sender, ask))
+                elif ask:
                     self._spawn(self._send(co.Hello(self.me)))
-            case co.Bye():
+            case co.Bye() if known:
                 self.peers.forget(proxy.instance)
                 for drain in self.remote.of(proxy.instance):
                     self._release(drain, co.Why.BYE)
             case co.StartPart():
                 whole = self.remote.receive(message, sender, self._loop.time())
                 if whole is not None:
-                    self._arm(whole)
-            case co.Ack():
+                    self._spawn(self._arm(whole, sender))
+            case co.Ack() if known:
                 waiting = self.waits.get(message.drain)
                 if message.to == self.me.instance and waiting and waiting[0].receive(message):
                     waiting[1].set()
             case co.End(drain=drain):
-                if self.remote.end(drain):
+                if self.remote.end(drain, sender):
                     self._release(drain, co.Why.END)
 
-    def _arm(self, start: co.Start) -> None:
+    async def _trusted(self, proxy: co.Proxy, sender: int) -> bool:
+        if sender in self._vouched:
+            return True
+        try:
+            trusted = await self.admin.may_signal(sender)
+        except Exception as exc:  # cannot tell: not now (a drain start is then not armed)
+            log.warning("drain channel: cannot check backend %d: %s", sender, exc)
+            return False
+        if not trusted:
+            log.warning(
+                "drain channel: ignored %s's messages from backend %d: its role is neither a "
+                "superuser nor a member of pg_signal_backend", proxy, sender,
+            )  # fmt: skip
+            return False
+        if len(self._vouched) > 1024:
+            self._vouched.clear()
+        self._vouched.add(sender)
+        if self.peers.seen(proxy, sender):
+            log.info("proxy %s is up (admin backend %d)", proxy, sender)
+        return True
+
+    async def _welcome(self, proxy: co.Proxy, sender: int, ask: bool) -> None:
+        if await self._trusted(proxy, sender) and ask:
+            await self._send(co.Hello(self.me))
+
+    async def _arm(self, start: co.Start, sender: int) -> None:
+        """Arm the gate for another proxy's drain (if its sender may ask for it), then ack."""
+        if not await self._trusted(start.proxy, sender):
+            self.remote.refuse(start.drain)
+            return
+        if start.drain not in self.remote.held:  # ended (or this proxy closed) meanwhile
+            return
         rule = start.rule()
         try:
             self.holds[start.drain] = self.gate().arm(rule)
@@ -174,9 +219,9 @@ class DrainCoordinator:
             "drain %s of proxy %s: holding new work on %d relation(s) of database %s",
             start.drain, start.proxy, len(start.relations), start.database,
         )  # fmt: skip
-        self._spawn(self._armed(start, rule, armed))
         if self._watch is None or self._watch.done():
             self._watch = self._loop.create_task(self._watch_origins())
+        await self._armed(start, rule, armed)
 
     async def _armed(self, start: co.Start, rule: HoldRule, armed: bool) -> None:
         """Let through the sessions holding a lock on a target now (as the drainer does), ack."""
@@ -216,12 +261,14 @@ class DrainCoordinator:
 
     # -- presence -----------------------------------------------------------------------------
 
-    async def _every_while(self) -> None:
-        """Say hello again and forget the proxies gone, every PRESENCE_SECONDS."""
-        while True:
-            await asyncio.sleep(PRESENCE_SECONDS)
-            await self._send(co.Hello(self.me))
-            await self._prune()
+    def _presence_round(self) -> None:
+        """Say hello again and forget the proxies gone, every PRESENCE_SECONDS (a timer, and a
+        short task each time: no task waits on the loop while the proxy is idle)."""
+        if self._closed:
+            return
+        self._spawn(self._send(co.Hello(self.me)))
+        self._spawn(self._prune())
+        self._timer = self._loop.call_later(PRESENCE_SECONDS, self._presence_round)
 
     async def _prune(self) -> None:
         pids = self.peers.admin_pids()
@@ -235,28 +282,68 @@ class DrainCoordinator:
         for proxy in self.peers.prune(alive):
             log.info("proxy %s is gone (its admin session ended)", proxy)
 
-    async def _listen(self) -> None:
-        """The listener connection: LISTEN, hello (asking the others), then each notification
-        as it comes; reconnected when lost."""
+    async def _open(self) -> None:
+        """The listener connection: LISTEN, then its socket watched by the loop (each
+        notification handled as it arrives, with no task waiting), then hello, asking."""
+        conn = await self._connect()
+        try:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            self._fd = conn.pgconn.socket
+            self._loop.add_reader(self._fd, self._readable)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        self.listening.set()
+        await self._send(co.Hello(self.me, ask=True))
+
+    def _readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        pgconn = conn.pgconn
+        try:
+            pgconn.consume_input()
+            while (notify := pgconn.notifies()) is not None:
+                self.received(notify.extra.decode(conn.info.encoding), notify.be_pid)
+        except psycopg.Error as exc:
+            self._lost(_one_line(exc))
+            return
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            self._lost("closed")
+
+    def _lost(self, why: str) -> None:
+        log.warning("drain channel: listener connection lost: %s", why)
+        self._unwatch()
+        self.listening.clear()
+        self._spawn(self._reopen())
+
+    def _unwatch(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+
+    async def _reopen(self) -> None:
+        """Reconnect the listener (backing off) until it listens again or the proxy closes."""
+        await self._close_listener()
         delay = RECONNECT_DELAY
         while not self._closed:
-            conn: psycopg.AsyncConnection[Any] | None = None
-            try:
-                conn = await self._connect()
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                self.listening.set()
-                delay = RECONNECT_DELAY
-                await self._send(co.Hello(self.me, ask=True))
-                async for notify in conn.notifies():
-                    self.received(notify.payload, notify.pid)
-            except (psycopg.Error, OSError) as exc:
-                log.warning("drain channel: listener connection: %s", str(exc).strip()[:200])
-            finally:
-                self.listening.clear()
-                if conn is not None:
-                    await conn.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            try:
+                await self._open()
+                return
+            except (psycopg.Error, OSError) as exc:
+                log.debug("drain channel: listener connection: %s", _one_line(exc))
+
+    async def _close_listener(self) -> None:
+        self._unwatch()
+        conn, self._conn = self._conn, None
+        self.listening.clear()
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            await conn.close()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         params: dict[str, Any] = {"keepalives": "1", "keepalives_idle": "10",
@@ -277,3 +364,8 @@ class DrainCoordinator:
         task = self._loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
