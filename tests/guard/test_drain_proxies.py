@@ -7,6 +7,7 @@ gone. A proxy that never acks delays a drain by drain_ack_timeout only."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -273,3 +274,44 @@ def test_a_lost_listener_connection_comes_back(
     wait_for(lambda: gate_b.released == gate_b.arms, "b to release on the end")
     assert wait_for(logged(proxy_log, "guard drain_announced"), "b's ack")
     migration.conn.close()
+
+
+def test_a_drainer_shutting_down_mid_drain_announces_the_end(
+    pg: PgInfo,
+    proxy_factory: ProxyFactory,
+    table: tuple[str, int],
+    sessions: Connect,
+    proxy_log: list[str],
+) -> None:
+    name, _ = table
+    b = proxy_factory()
+    gate_b = recording(b)
+    args = ["--listen-port", "0", "--blocking-action", "drain", "--drain-timeout", "60s",
+            "--shutdown-grace", "0"]  # fmt: skip
+    drainer = ProxyProcess(args, proxy_env(PGMIGRATE_PROXY_UPSTREAM=pg.url()))
+    try:
+        port = drainer.port()
+        wait_for(knows(b, 1), "b to know the proxy process")
+        holder = sessions()
+        holder.execute("BEGIN")
+        holder.execute(q("SELECT * FROM {}", name))
+        migration = psycopg.connect(
+            host="127.0.0.1", port=port, user=pg.superuser, password=pg.superuser_password,
+            dbname="postgres", autocommit=True, connect_timeout=10,
+        )  # fmt: skip
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            alter = pool.submit(migration.execute, q("ALTER TABLE {} ADD COLUMN a int", name))
+            wait_for(lambda: gate_b.arms, "b to arm")
+            drainer.send(signal.SIGTERM)
+            assert drainer.proc.wait(BOUND) == 0
+            with pytest.raises(psycopg.OperationalError):
+                alter.result(timeout=BOUND)
+        wait_for(lambda: gate_b.released == gate_b.arms, "b to release")
+        assert wait_for(logged(proxy_log, "released here: its end was announced"), "the end")
+        assert not logged(proxy_log, "admin session is gone")()
+        wait_for(knows_only(b, 0), "the proxy's bye")
+        holder.execute("COMMIT")
+        migration.close()
+    finally:
+        drainer.stop()
+        print(f"--- drainer log ---\n{drainer.output()}")

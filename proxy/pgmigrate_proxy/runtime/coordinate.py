@@ -40,6 +40,8 @@ WATCH_SECONDS = 0.2
 #: The listener connection's reconnect delays.
 RECONNECT_DELAY = 0.2
 RECONNECT_MAX_DELAY = 5.0
+#: At shutdown, how long the messages being sent get to go out.
+CLOSE_SECONDS = 1.0
 
 
 class DrainCoordinator:
@@ -86,15 +88,18 @@ class DrainCoordinator:
         self._timer = self._loop.call_later(PRESENCE_SECONDS, self._presence_round)
 
     async def close(self) -> None:
-        """End this proxy's drains, say bye, release the others', stop."""
+        """End this proxy's drains, say bye, release the others', stop (what is being sent,
+        an end among it, gets CLOSE_SECONDS to go out)."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=CLOSE_SECONDS)
         payloads = [co.encode(co.End(self.me, drain)) for drain in sorted(self.own)]
         self.own.clear()
         await self.admin.notify_all(self.channel, [*payloads, co.encode(co.Bye(self.me))])
         for drain in self.remote.all():
             self._release(drain, co.Why.CLOSING)
-        if self._timer is not None:
-            self._timer.cancel()
         await self._close_listener()
         tasks = [self._watch] if self._watch is not None else []
         for task in [*tasks, *self._tasks]:
@@ -134,7 +139,7 @@ class DrainCoordinator:
 
     def end(self, drain: str) -> None:
         """The drain's end, announced (once; never waits)."""
-        if drain in self.own:
+        if drain in self.own and not self._closed:  # (closing: close() sends it)
             self.own.discard(drain)
             self._spawn(self._send(co.End(self.me, drain)))
 
