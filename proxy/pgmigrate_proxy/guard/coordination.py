@@ -315,16 +315,6 @@ class AckWait:
         return [p for i, p in sorted(self.expected.items()) if i not in self.acked]
 
 
-class Why(enum.Enum):
-    """Why a proxy released another proxy's drain (the log's words)."""
-
-    END = "its end was announced"
-    GONE = "its proxy's admin session is gone"
-    BYE = "its proxy shut down"
-    BOUND = "it outlived its bound"
-    CLOSING = "this proxy is shutting down"
-
-
 @dataclass
 class _Holding:
     start: Start

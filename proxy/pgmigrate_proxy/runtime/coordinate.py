@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
@@ -42,6 +43,16 @@ RECONNECT_DELAY = 0.2
 RECONNECT_MAX_DELAY = 5.0
 #: At shutdown, how long the messages being sent get to go out.
 CLOSE_SECONDS = 1.0
+
+
+class Why(enum.Enum):
+    """Why a proxy released another proxy's drain (the log's words)."""
+
+    END = "its end was announced"
+    GONE = "its proxy's admin session is gone"
+    BYE = "its proxy shut down"
+    BOUND = "it outlived its bound"
+    CLOSING = "this proxy is shutting down"
 
 
 class DrainCoordinator:
@@ -99,7 +110,7 @@ class DrainCoordinator:
         self.own.clear()
         await self.admin.notify_all(self.channel, [*payloads, co.encode(co.Bye(self.me))])
         for drain in self.remote.all():
-            self._release(drain, co.Why.CLOSING)
+            self._release(drain, Why.CLOSING)
         await self._close_listener()
         tasks = [self._watch] if self._watch is not None else []
         for task in [*tasks, *self._tasks]:
@@ -168,7 +179,7 @@ class DrainCoordinator:
             case co.Bye() if known:
                 self.peers.forget(proxy.instance)
                 for drain in self.remote.of(proxy.instance):
-                    self._release(drain, co.Why.BYE)
+                    self._release(drain, Why.BYE)
             case co.StartPart():
                 whole = self.remote.receive(message, sender, self._loop.time())
                 if whole is not None:
@@ -179,7 +190,7 @@ class DrainCoordinator:
                     waiting[1].set()
             case co.End(drain=drain):
                 if self.remote.end(drain, sender):
-                    self._release(drain, co.Why.END)
+                    self._release(drain, Why.END)
 
     async def _trusted(self, proxy: co.Proxy, sender: int) -> bool:
         if sender in self._vouched:
@@ -236,9 +247,9 @@ class DrainCoordinator:
                 rule.let_through |= holding_pids(rows, start.oids)
         await self._send(co.Ack(self.me, start.drain, start.proxy.instance, armed))
 
-    def _release(self, drain: str, why: co.Why) -> None:
+    def _release(self, drain: str, why: Why) -> None:
         hold = self.holds.pop(drain, None)
-        level = logging.WARNING if why in (co.Why.GONE, co.Why.BOUND) else logging.INFO
+        level = logging.WARNING if why in (Why.GONE, Why.BOUND) else logging.INFO
         log.log(level, "drain %s released here: %s", drain, why.value)
         if hold is not None:
             hold.release()
@@ -249,7 +260,7 @@ class DrainCoordinator:
         while self.remote.held:
             await asyncio.sleep(WATCH_SECONDS)
             for drain in self.remote.expired(self._loop.time()):
-                self._release(drain, co.Why.BOUND)
+                self._release(drain, Why.BOUND)
             origins = self.remote.origins()
             if not origins:
                 continue
@@ -259,7 +270,7 @@ class DrainCoordinator:
                 log.debug("drain channel: cannot look for the drainers: %s", exc)
                 continue
             for drain in self.remote.gone(alive):
-                self._release(drain, co.Why.GONE)
+                self._release(drain, Why.GONE)
             # (the drainers gone are forgotten as proxies too; the others are not looked for)
             for proxy in self.peers.prune(alive | (self.peers.admin_pids() - origins)):
                 log.info("proxy %s is gone (its admin session ended)", proxy)
