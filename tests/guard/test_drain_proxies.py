@@ -315,3 +315,33 @@ def test_a_drainer_shutting_down_mid_drain_announces_the_end(
     finally:
         drainer.stop()
         print(f"--- drainer log ---\n{drainer.output()}")
+
+
+def test_a_proxy_whose_admin_session_changed_is_known_again_by_its_new_one(
+    pg: PgInfo,
+    proxy_factory: ProxyFactory,
+    table: tuple[str, int],
+    sessions: Connect,
+    proxy_log: list[str],
+) -> None:
+    """The others know a proxy by its admin backend: after a reconnect it says hello again
+    (with its next message), and a drain meanwhile still arms it (its listener is apart)."""
+    name, _ = table
+    drainer = proxy_factory(blocking_action="drain")
+    b = proxy_factory()
+    gate_b = recording(b)
+    wait_for(knows(drainer, 1), "the drainer to know b")
+    admin_b = b.server.guard.admin
+    assert admin_b is not None
+    old = admin_b.pid
+    sessions().execute("SELECT pg_terminate_backend(%s)", (old,))
+    migration = connect_through(drainer, pg)
+    migration.conn.execute(q("ALTER TABLE {} ADD COLUMN a int", name))
+    assert gate_b.arms  # armed all the same
+    wait_for(lambda: gate_b.released == gate_b.arms, "b to release on the end")
+    instance = coordinator(b).me.instance
+    wait_for(
+        lambda: coordinator(drainer).peers.sent_by(instance, admin_b.pid) and admin_b.pid != old,
+        "the drainer to know b by its new admin backend",
+    )
+    migration.conn.close()

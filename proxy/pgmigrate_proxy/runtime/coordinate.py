@@ -87,6 +87,7 @@ class DrainCoordinator:
         self._timer: asyncio.TimerHandle | None = None  # the next presence round
         self._closed = False
         self._serial = 0
+        self._hello_pid = 0  # the admin backend the last hello went out from
         self._vouched: set[int] = set()  # backends whose role may act as an admin connection
 
     async def start(self) -> None:
@@ -282,9 +283,14 @@ class DrainCoordinator:
         short task each time: no task waits on the loop while the proxy is idle)."""
         if self._closed:
             return
-        self._spawn(self._send(co.Hello(self.me)))
-        self._spawn(self._prune())
+        self._spawn(self._presence())
         self._timer = self._loop.call_later(PRESENCE_SECONDS, self._presence_round)
+
+    async def _presence(self) -> None:
+        with contextlib.suppress(Exception):  # (a down admin connection is reopened here)
+            await self.admin.ensure()
+        await self._send(co.Hello(self.me))
+        await self._prune()
 
     async def _prune(self) -> None:
         pids = self.peers.admin_pids()
@@ -370,7 +376,16 @@ class DrainCoordinator:
         return await psycopg.AsyncConnection.connect(make_conninfo("", **params), autocommit=True)
 
     async def _send(self, message: co.Hello | co.Bye | co.Ack | co.End) -> None:
-        if not await self.admin.notify(self.channel, co.encode(message)):
+        """One message through the admin connection; a hello goes first when its backend
+        changed since the last (a reconnect): the others know this proxy by it."""
+        payloads = [co.encode(message)]
+        pid = self.admin.pid
+        if pid != self._hello_pid and not isinstance(message, (co.Hello, co.Bye)):
+            payloads.insert(0, co.encode(co.Hello(self.me)))
+        if await self.admin.notify_all(self.channel, payloads):
+            if isinstance(message, co.Hello) or len(payloads) > 1:
+                self._hello_pid = pid
+        else:
             log.debug("drain channel: not sent: %s", type(message).__name__)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
