@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from pgmigrate_proxy.guard import coordination as co
-from pgmigrate_proxy.guard.drain import DrainScope, Gate, GateHold, HoldRule, Reach
+from pgmigrate_proxy.guard.drain import DrainScope, Gate, GateHold, HoldRule, NoGate, Reach
 from pgmigrate_proxy.guard.steps import HoldPredicate
 from pgmigrate_proxy.runtime.coordinate import APPLICATION_NAME, DrainCoordinator
 from psycopg import sql
@@ -345,3 +345,36 @@ def test_a_proxy_whose_admin_session_changed_is_known_again_by_its_new_one(
         "the drainer to know b by its new admin backend",
     )
     migration.conn.close()
+
+
+def test_a_client_of_another_proxy_waits_at_that_proxy_during_the_drain(
+    pg: PgInfo,
+    proxy_factory: ProxyFactory,
+    table: tuple[str, int],
+    sessions: Connect,
+) -> None:
+    """End to end with the gate adapter: a new transaction on the table through another proxy
+    waits at that proxy while the drain runs, and runs after the DDL."""
+    name, _ = table
+    drainer = proxy_factory(blocking_action="drain", drain_timeout=30.0)
+    b = proxy_factory()
+    if isinstance(b.server.guard.drain_gate, NoGate):
+        pytest.skip("this proxy's drain_gate holds nothing yet (the gate adapter)")
+    wait_for(knows(drainer, 1), "the drainer to know b")
+    holder = sessions()
+    holder.execute("BEGIN")
+    holder.execute(q("SELECT * FROM {}", name))
+    app = through(b, pg)
+    migration = connect_through(drainer, pg)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        alter = pool.submit(migration.conn.execute, q("ALTER TABLE {} ADD COLUMN a int", name))
+        wait_for(lambda: coordinator(b).holds, "b to arm")
+        read = pool.submit(lambda: app.execute(q("SELECT * FROM {}", name)).description)
+        wait_for(lambda: b.server.guard.gate.waiting == 1, "the read to wait at b")
+        assert not read.done() and not alter.done()
+        holder.execute("COMMIT")
+        alter.result(timeout=BOUND)
+        columns = read.result(timeout=BOUND)
+    assert columns is not None and [c.name for c in columns] == ["id", "a"]  # after the DDL
+    for conn in (app, migration.conn):
+        conn.close()
