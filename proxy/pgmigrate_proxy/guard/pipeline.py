@@ -100,6 +100,10 @@ class GuardContext:
     admin_pid: int = 0  # the admin session's backend, never acted on
     rng: random.Random = field(default_factory=random.Random)
     units: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: The units in the pipeline now, by unit id (the admin console's SHOW HELD reads them).
+    held: dict[int, Pipeline] = field(default_factory=dict)
+    #: Units the admin console released (RELEASE id): sent without waiting for blockers.
+    released: set[int] = field(default_factory=set)
 
 
 class SessionView(Protocol):
@@ -171,6 +175,7 @@ class Pipeline:
         self.first_seen: dict[int, float] = {}
         self.reported: set[tuple[int, Verdict]] = set()
         self.saved_lock_timeout: str | None = None
+        self.attempt = 0  # the attempt on the server now (0: held, not sent)
 
     def event(self, name: str, fields: Mapping[str, object], level: str = "INFO") -> Event:
         """A guard event of this unit: `unit` and `statement_pid` tie a unit's events together
@@ -179,6 +184,14 @@ class Pipeline:
         return Event(name, {**fields, **tags}, level)
 
     def steps(self) -> Steps:
+        self.context.held[self.unit_id] = self
+        try:
+            yield from self._steps()
+        finally:
+            self.context.held.pop(self.unit_id, None)
+            self.context.released.discard(self.unit_id)
+
+    def _steps(self) -> Steps:
         self.started = yield Now()
         yield self.event(
             "held",
@@ -235,7 +248,9 @@ class Pipeline:
                 yield Inject(SET_LOCK_TIMEOUT, [f"{timeout_ms}ms"])
             sent: float = yield Now()
             self.blocked_seen = None
+            self.attempt = attempt
             frames = yield from self._attempt()
+            self.attempt = 0
             error = _error(frames)
             elapsed = yield from self._elapsed()
             took = self.started + elapsed - sent
@@ -311,6 +326,8 @@ class Pipeline:
             return True
         hold_until = self.started + self.settings.max_hold
         while not self.view.gone:
+            if self.unit_id in self.context.released:
+                return True  # the admin console's RELEASE: send it now
             try:
                 blockers = yield self._find_blockers()
             except AdminDown as exc:
@@ -331,8 +348,8 @@ class Pipeline:
             now: float = yield Now()
             if not self.settings.schedule.attempts_left(now - self.started):
                 return False
-            if now >= hold_until:
-                return True  # held long enough: try with the short lock_timeout
+            if now >= hold_until or self.unit_id in self.context.released:
+                return True  # held long enough (or released): try with the short lock_timeout
             yield Sleep(SHOW_POLL)
         return True
 

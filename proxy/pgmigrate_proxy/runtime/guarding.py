@@ -47,6 +47,7 @@ from pgmigrate_proxy.guard.unit import (
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
+from pgmigrate_proxy.runtime.stats import GuardEvents
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
@@ -75,6 +76,7 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
+    events: GuardEvents = field(default_factory=GuardEvents)  # the recent ones, for the console
 
     @property
     def in_flight(self) -> set[int]:
@@ -250,6 +252,7 @@ class _Driver:
                 client.deliver(frames)
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
+                self.services.events.record(name, fields)
                 if self.report_events:
                     text = notices.event(_for_client(name, fields))
                     client.notice(notices.EVENT_SEVERITY, text)

@@ -25,6 +25,7 @@ from pgmigrate_proxy.protocol.messages import ErrorResponse
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime.backend import ServerConnection
+from pgmigrate_proxy.runtime.stats import PoolStats
 from pgmigrate_proxy.settings import EMPTY_QUERY
 
 log = logging.getLogger("pgmigrate_proxy.pool")
@@ -132,6 +133,7 @@ class Pool:
         self.tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.TimerHandle | None = None
         self.size_opening = 0  # servers its opener is logging in
+        self.stats = PoolStats()  # its counters (the admin console and metrics read them)
 
     @property
     def size(self) -> int:
@@ -149,6 +151,7 @@ class Pool:
         """A server just logged in for a client of this pool: count it (the client holds it)."""
         options = parameters.get("options", "")
         lease = Lease(server, self, time.monotonic(), synced(parameters), options)
+        server.stats = self.stats
         self.leases[server] = lease
         return lease
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
@@ -63,7 +64,7 @@ class PoolLink:
 
     __slots__ = (
         "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
-        "session", "session_keeps", "transaction", "wanted",
+        "session", "session_keeps", "transaction", "waiting_since", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -82,6 +83,7 @@ class PoolLink:
         self._timer: asyncio.TimerHandle | None = None  # client_idle / idle_transaction_timeout
         self._seen = -1
         self._idle_since = 0.0
+        self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -128,9 +130,14 @@ class PoolLink:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
         it, attach it. A client that waited too long gets query_wait_timeout."""
         lease, self.reserved = self.reserved, None
+        stats = self.pool.stats
+        started = self.waiting_since = time.monotonic()
         try:
             while lease is None or not await self.pool.checked(lease):
                 lease = await self.pool.acquire()
+            stats.wait_time += time.monotonic() - started
+            stats.wait_count += 1
+            stats.server_assignment_count += 1
         except ProxyError as exc:
             log.info("session %s: %s", self.session.peer, exc)
             extra = {}
@@ -138,6 +145,8 @@ class PoolLink:
                 extra["detail"] = "no server connection became free in time"
             self.session.fail(exc.sqlstate, str(exc), **extra)
             return
+        finally:
+            self.waiting_since = 0.0
         park(lease)  # (the proxy's own queries need the relay on: the pool's, dropping)
         try:
             await self._sync_parameters(lease)
