@@ -47,9 +47,7 @@ def client(proxy: RunningProxy, user: str = "u_trust", **params: str) -> psycopg
 
 
 @pytest.fixture
-def console_proxy(
-    proxy_factory: Callable[..., RunningProxy], pg: PgInfo
-) -> Iterator[RunningProxy]:
+def console_proxy(proxy_factory: Callable[..., RunningProxy], pg: PgInfo) -> Iterator[RunningProxy]:
     """A proxy whose admin_users is the superuser and `u_trust` (a role with no rights in
     PostgreSQL), whose stats_users is STATS_USER."""
     yield proxy_factory(admin_users=(pg.superuser, "u_trust"), stats_users=(STATS_USER,))

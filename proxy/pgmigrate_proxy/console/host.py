@@ -66,12 +66,13 @@ def at_rest(session: ClientSession) -> bool:
     reading from it here."""
     if session.phase is not Phase.RELAY or not session.at_boundary:
         return False
-    holder = session.holder
-    if holder is not None and (holder.holding or holder.task is not None):
-        return False
-    server = session.server
+    holder, server = session.holder, session.server
+    if holder is not None and holder.task is not None:
+        return False  # a held statement runs, or a server is being acquired for its data
     if server is None:
-        return True  # transaction pooling: no server between transactions
+        return True  # transaction pooling between transactions (the holder waits for data)
+    if holder is not None and holder.holding:
+        return False
     return server.status is TransactionStatus.IDLE and server.replies.idle
 
 

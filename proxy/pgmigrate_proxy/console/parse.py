@@ -76,7 +76,7 @@ class Command:
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<word>[A-Za-z_][A-Za-z0-9_$.]*)
-      | (?P<number>[0-9]+(?:\.[0-9]*)?[a-z]*)
+      | (?P<number>[-+]?[0-9]+(?:\.[0-9]*)?[a-z]*)
       | "(?P<ident>(?:[^"]|"")*)"
       | '(?P<string>(?:[^']|'')*)'
       | (?P<equals>=)
