@@ -67,7 +67,10 @@ def _targets(pipeline: Pipeline) -> str:
     parts: list[str] = []
     for statement in pipeline.unit.statements:
         parts.extend(f"{lock.relation} ({lock.mode.name})" for lock in statement.locks)
-        parts.extend(f"{ask.relation} ({ask.mode.name}, {ask.why})" for ask in statement.resolve)
+        parts.extend(
+            f"{ask.question.value.replace('_', ' ')} of {ask.relation} ({ask.mode.name})"
+            for ask in statement.resolve
+        )
     return ", ".join(dict.fromkeys(parts))
 
 
