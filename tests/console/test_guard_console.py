@@ -161,9 +161,7 @@ def test_cancel_blockers_ends_a_running_query(
         with pg.connect() as direct:
             direct.execute(sql.SQL("INSERT INTO {} VALUES (1)").format(sql.Identifier(table)))
         sleeping = executor.submit(blocker.execute, query)
-        wait_for(
-            lambda: _active(pg, blocker.info.backend_pid), "the blocker's query to run"
-        )
+        wait_for(lambda: _active(pg, blocker.info.backend_pid), "the blocker's query to run")
         alter = sql.SQL("ALTER TABLE {} ADD COLUMN added int").format(sql.Identifier(table))
         running = executor.submit(migration.conn.execute, alter)
         row = wait_for(lambda: show(admin, "HELD")[1], "the ALTER to be held")[0]
