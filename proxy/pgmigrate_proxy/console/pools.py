@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
-from pgmigrate_proxy.console.host import ConsoleHost, database_of, is_console
+from pgmigrate_proxy.console.host import ConsoleHost, database_of
 from pgmigrate_proxy.console.rows import Table, Value
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.runtime.backend import ServerConnection
@@ -146,7 +146,7 @@ def clients(host: ConsoleHost) -> Table:
             client_state(session), *peer, *local, timestamp(session.started),
             timestamp(session.started), int(wait), int(wait * _MICRO) % _MICRO, 0,
             f"0x{id(session):x}", server.server_pid if server is not None else None,
-            session.client_pid if not is_console(session) else 0,
+            0,  # (the client's process: unknown over TCP, as pgbouncer says)
             "TLS" if session.tls else "", session.parameters.get("application_name", ""), 0,
             host.client_id(session),
         ))  # fmt: skip

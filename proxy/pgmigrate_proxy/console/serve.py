@@ -135,6 +135,9 @@ async def _answer(
         reply = rows.error(SqlState.PROTOCOL_VIOLATION, str(exc))
     except CommandError as exc:
         reply = rows.error(exc.code, exc.message, exc.hint)
+    except Exception:  # a bug of ours: this command fails, the console goes on
+        log.exception("console: %s failed", " ".join(payload[:60].decode(errors="replace").split()))
+        reply = rows.error(SqlState.INTERNAL_ERROR, "internal error (see the proxy's log)")
     return reply + rows.ready()
 
 
