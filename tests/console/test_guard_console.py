@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from tests.console.conftest import console, show
+from tests.console.conftest import STATS_USER, console, show
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
 from tests.guard.scenarios import connect_through, wait_for
@@ -42,7 +42,10 @@ def held(
     idle in transaction on `table`, and an ALTER TABLE held behind it (running in a thread):
     (proxy, blocker, the ALTER's future, the held statement's id)."""
     proxy = proxy_factory(
-        admin_users=(pg.superuser, "u_trust"), blocking_action="show", max_hold="10min"
+        admin_users=(pg.superuser, "u_trust"),
+        stats_users=(STATS_USER,),
+        blocking_action="show",
+        max_hold="10min",
     )
     blocker = opened(pg.connect(application_name="console-blocker"))
     blocker.execute("BEGIN")
@@ -111,6 +114,10 @@ def test_show_held_blockers_events_then_release(
     assert [e["event"] for e in mine[:2]] == ["held", "blocked_by"]
     assert json.loads(mine[1]["fields"])["pid"] == blocker_pid
     assert "attempt" not in _events(admin, unit)
+    stats = opened(console(proxy, STATS_USER))  # sees the events, not the blockers' queries
+    (shown,) = [e for e in show(stats, "EVENTS")[1] if e["event"] == "blocked_by"]
+    assert json.loads(shown["fields"])["query"] == "<insufficient privilege>"
+    assert json.loads(mine[1]["fields"])["query"].startswith("SELECT * FROM")
 
     admin.execute(f"RELEASE {unit}")
     wait_for(lambda: "attempt" in _events(admin, unit), "the released ALTER to be sent")

@@ -63,7 +63,7 @@ async def run(host: ConsoleHost, command: Command, user: str, access: Access) ->
     if verb is Verb.EMPTY:
         return rows.empty_query()
     if verb is Verb.SHOW:
-        return rows.result(await show(host, command, user))
+        return rows.result(await show(host, command, user, access))
     if verb is Verb.TERMINATE_BLOCKERS or verb is Verb.CANCEL_BLOCKERS:
         unit = command.number if command.argument is not None else None
         terminate = verb is Verb.TERMINATE_BLOCKERS
@@ -90,7 +90,7 @@ async def run(host: ConsoleHost, command: Command, user: str, access: Access) ->
     return rows.command_complete(verb.value)
 
 
-async def show(host: ConsoleHost, command: Command, user: str) -> Table:
+async def show(host: ConsoleHost, command: Command, user: str, access: Access) -> Table:
     subject = command.subject
     views = {
         "POOLS": pools.pools, "CLIENTS": pools.clients, "SERVERS": pools.servers,
@@ -103,7 +103,7 @@ async def show(host: ConsoleHost, command: Command, user: str) -> Table:
     if subject == "BLOCKERS":
         return await guardview.show_blockers(host, user)
     if subject == "EVENTS":
-        return guardview.show_events(host, command.number)
+        return guardview.show_events(host, command.number, reveal=access is Access.ADMIN)
     if subject == "VERSION":
         return Table(("version",), [(f"pgmigrate-proxy {__version__}",)])
     return Table(("command", "description"), [(c, d) for c, d in HELP])
@@ -159,7 +159,7 @@ async def pause(host: ConsoleHost, database: str | None) -> None:
         raise CommandError(SqlState.OBJECT_NOT_IN_PREREQUISITE_STATE, "already paused")
     gate.paused.add(database)
     log.info("console: PAUSE %s", database or "(all)")
-    while True:
+    while database in gate.paused:  # (a RESUME meanwhile ends the wait)
         busy = [
             s for s in host.sessions
             if gate.covers(s, database) and s.phase is Phase.RELAY and not gate.close(s)

@@ -23,6 +23,7 @@ from pgmigrate_proxy.console.host import ConsoleHost
 from pgmigrate_proxy.console.parse import CommandError
 from pgmigrate_proxy.console.pools import timestamp
 from pgmigrate_proxy.console.rows import Table, Value
+from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE as HIDDEN
 from pgmigrate_proxy.guard.blockers import Blocker, redact_query
 from pgmigrate_proxy.guard.pipeline import Pipeline
 from pgmigrate_proxy.protocol.sqlstate import SqlState
@@ -171,12 +172,16 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def show_events(host: ConsoleHost, count: int) -> Table:
+def show_events(host: ConsoleHost, count: int, *, reveal: bool) -> Table:
+    """The last `count` events; the blockers' queries and contexts only when `reveal` (an
+    admin_users member: the guard's log has them too), else "<insufficient privilege>"."""
     rows: list[tuple[Value, ...]] = []
     for event in host.guard.events.last(count):
         fields = {k: v for k, v in event.fields.items() if k not in ("unit", "statement_pid")}
         if isinstance(fields.get("query"), str):
-            fields["query"] = redact_query(str(fields["query"]))
+            fields["query"] = redact_query(str(fields["query"])) if reveal else HIDDEN
+        if "context" in fields and not reveal:
+            fields["context"] = None
         unit, pid = event.fields.get("unit"), event.fields.get("statement_pid")
         rows.append((
             timestamp(event.ts), event.name, unit if isinstance(unit, int) else None,
