@@ -76,3 +76,10 @@ def test_result_golden_bytes() -> None:
 
 def test_readme_lists_the_console_settings() -> None:
     assert settings.markdown_table(settings.CONSOLE_KEYS) in README.read_text()
+
+
+def test_readme_lists_what_set_may_change() -> None:
+    from pgmigrate_proxy.console.commands import LIVE
+
+    paragraph = README.read_text().split("- **`SET key = value`**", 1)[1].split("\n- ", 1)[0]
+    assert all(f"`{key}`" in paragraph for key in LIVE)
