@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from pgmigrate_proxy import settings
+from pgmigrate_proxy.console.commands import LIVE
 from pgmigrate_proxy.console.parse import Command, CommandError, Verb, parse
 from pgmigrate_proxy.console.rows import Table, result
 
@@ -79,7 +80,5 @@ def test_readme_lists_the_console_settings() -> None:
 
 
 def test_readme_lists_what_set_may_change() -> None:
-    from pgmigrate_proxy.console.commands import LIVE
-
     paragraph = README.read_text().split("- **`SET key = value`**", 1)[1].split("\n- ", 1)[0]
     assert all(f"`{key}`" in paragraph for key in LIVE)
