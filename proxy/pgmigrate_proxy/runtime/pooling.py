@@ -135,18 +135,18 @@ class PoolLink:
         try:
             while lease is None or not await self.pool.checked(lease):
                 lease = await self.pool.acquire()
+            self.waiting_since = 0.0
             stats.wait_time += time.monotonic() - started
             stats.wait_count += 1
             stats.server_assignment_count += 1
         except ProxyError as exc:
+            self.waiting_since = 0.0
             log.info("session %s: %s", self.session.peer, exc)
             extra = {}
             if isinstance(exc, QueryWaitTimeout):
                 extra["detail"] = "no server connection became free in time"
             self.session.fail(exc.sqlstate, str(exc), **extra)
             return
-        finally:
-            self.waiting_since = 0.0
         park(lease)  # (the proxy's own queries need the relay on: the pool's, dropping)
         try:
             await self._sync_parameters(lease)
