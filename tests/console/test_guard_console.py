@@ -171,7 +171,12 @@ def test_cancel_blockers_ends_a_running_query(
         wait_for(lambda: _active(pg, blocker.info.backend_pid), "the blocker's query to run")
         alter = sql.SQL("ALTER TABLE {} ADD COLUMN added int").format(sql.Identifier(table))
         running = executor.submit(migration.conn.execute, alter)
-        row = wait_for(lambda: show(admin, "HELD")[1], "the ALTER to be held")[0]
+
+        def held_row() -> dict[str, Any] | None:
+            rows = show(admin, "HELD")[1]
+            return rows[0] if rows and rows[0]["blockers"] else None
+
+        row = wait_for(held_row, "the ALTER to be held, its blocker shown")
         rows = admin.execute(f"CANCEL BLOCKERS {row['id']}").fetchall()
         assert rows == [(row["id"], blocker.info.backend_pid, "cancelled")]
         with pytest.raises(errors.QueryCanceled):

@@ -101,6 +101,8 @@ def show_held(host: ConsoleHost) -> Table:
         done = _done(host, pipeline.unit_id)
         blockers = ", ".join(f"pid {pid} {verb}" for pid, verb in sorted(done.items()))
         state = f"attempt {pipeline.attempt}" if pipeline.attempt else "holding"
+        if not pipeline.attempt and not pipeline.resolution.resolved:
+            state = "resolving"  # (its targets are being looked up; a mid-batch one stays so)
         client = pipeline.client
         rows.append((
             pipeline.unit_id, _client_id(host, client.get("client")), _text(client.get("client")),
@@ -204,7 +206,13 @@ async def end_blockers(host: ConsoleHost, user: str, unit: int | None, *, termin
     """TERMINATE / CANCEL BLOCKERS [id]: end the blockers `user` could end itself; 42501 when
     there are blockers and it may end none of them."""
     admin = _admin(host)
-    found = await _blockers(host, user, _held(host, unit))
+    held = _held(host, unit)
+    if unit is not None and not held[0].resolution.resolved:
+        raise CommandError(
+            SqlState.OBJECT_NOT_IN_PREREQUISITE_STATE,
+            f"the targets of statement {unit} are not known (yet): its blockers cannot be found",
+        )
+    found = await _blockers(host, user, held)
     pids = {blocker.pid for _, blocker in found}
     try:
         allowed = await admin.may_signal(user, pids)
