@@ -63,13 +63,15 @@ def test_show_pools_clients_servers_with_clients_connected(
     second.execute("COMMIT")
 
 
+@pytest.mark.parametrize("guard", [True, False])
 def test_show_stats_count_what_went_through(
-    console_proxy: RunningProxy, pg: PgInfo, opened: Keep
+    proxy_factory: Callable[..., RunningProxy], pg: PgInfo, opened: Keep, guard: bool
 ) -> None:
-    conn = opened(client(console_proxy))
+    proxy = proxy_factory(admin_users=(pg.superuser,), guard=guard)
+    conn = opened(client(proxy))
     for _ in range(5):
         conn.execute("SELECT repeat('x', 1000)").fetchone()
-    admin = opened(console(console_proxy, pg.superuser))
+    admin = opened(console(proxy, pg.superuser))
     columns, found = show(admin, "STATS")
     assert columns[:9] == [
         "database", "total_server_assignment_count", "total_xact_count", "total_query_count",
