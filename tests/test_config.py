@@ -186,6 +186,8 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
         "SELECT * FROM pgbouncer.user_lookup($1)",
         "SELECT * FROM pgbouncer.user_lookup($1)",
     ),
+    "admin_users": ("ops, postgres", ("ops", "postgres")),
+    "stats_users": ("monitor", ("monitor",)),
 }
 
 

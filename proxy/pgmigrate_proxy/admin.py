@@ -159,6 +159,20 @@ def activity_query(
     return _ACTIVITY, {"pids": sorted({pid for pid in pids if pid > 0}), "viewer": viewer}
 
 
+_ROLE_OID = "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %(name)s"
+_MAY_SIGNAL = """
+    SELECT a.pid FROM pg_catalog.pg_stat_activity AS a
+    JOIN pg_catalog.pg_roles AS me ON me.rolname = %(role)s
+    WHERE a.pid = ANY(%(pids)s::int[])
+      AND (me.rolsuper
+           OR (NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles AS r
+                             WHERE r.oid = a.usesysid), false)
+               AND coalesce(pg_catalog.pg_has_role(me.oid, a.usesysid, 'USAGE')
+                            OR pg_catalog.pg_has_role(me.oid, 'pg_signal_backend', 'USAGE'),
+                            false)))
+"""
+
+
 class AdminUnavailable(ConnectionFailure):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
 
@@ -375,6 +389,21 @@ class AdminConnection:
     async def cancel(self, pid: int) -> bool:
         """pg_cancel_backend(pid): ends a running query, not an idle-in-transaction session."""
         return await self._signal("SELECT pg_cancel_backend(%(pid)s) AS ok", pid)
+
+    async def role_oid(self, name: str) -> int | None:
+        """The OID of role `name` (None: no such role)."""
+        rows = await self._fetch(_ROLE_OID, {"name": name})
+        return int(rows[0]["oid"]) if rows else None
+
+    async def may_signal(self, role: str, pids: Collection[int]) -> set[int]:
+        """Those of `pids` that role `role` could end itself with pg_terminate_backend or
+        pg_cancel_backend (PostgreSQL's rule: a superuser any; otherwise not a superuser's
+        session, and a member of the session's role or of pg_signal_backend)."""
+        wanted = sorted({pid for pid in pids if pid > 0})
+        if not wanted:
+            return set()
+        rows = await self._fetch(_MAY_SIGNAL, {"role": role, "pids": wanted})
+        return {int(row["pid"]) for row in rows}
 
     async def lookup_user(self, query: str, user: str) -> tuple[object, ...] | None:
         """auth_query's first row for `user` (None: no row), the name bound as `$1`."""

@@ -281,6 +281,9 @@ class Service:
         """Serve until SIGTERM or SIGINT, then shut down within the grace period."""
         self._stop = asyncio.Event()
         server = self.server = self.make_server(self.config)
+        for hook, handler in (("reload_hook", self.reload), ("stop_hook", self.request_stop)):
+            if hasattr(server, hook):  # the admin console's RELOAD and SHUTDOWN
+                setattr(server, hook, handler)
         with self._signal_handlers():
             try:
                 await server.start()

@@ -167,6 +167,8 @@ class Config:
     auth_type: str = default("auth_type")
     auth_file: str | None = default("auth_file")
     auth_query: str = default("auth_query")
+    admin_users: tuple[str, ...] = default("admin_users")
+    stats_users: tuple[str, ...] = default("stats_users")
     #: The TOML file's [databases.NAME] / [users.NAME] entries (poolconfig.pool_settings reads
     #: them); not a setting of its own: no flag or environment variable.
     pool_overrides: PoolOverrides = field(default_factory=PoolOverrides)

@@ -400,6 +400,26 @@ _POOL: tuple[Setting, ...] = (
     ),
 )
 
+#: The admin console's settings (pgbouncer's names and meanings).
+_CONSOLE: tuple[Setting, ...] = (
+    Setting(
+        "admin_users",
+        "list",
+        (),
+        "users who may run every admin console command (database `pgmigrate` or `pgbouncer`)",
+        "comma-separated user names or a TOML array; empty for none",
+        items,
+    ),
+    Setting(
+        "stats_users",
+        "list",
+        (),
+        "users who may run the admin console's read-only commands (`SHOW ...`)",
+        "comma-separated user names or a TOML array; empty for none",
+        items,
+    ),
+)
+
 _ALL: tuple[Setting, ...] = (
     _text(
         "listen_host",
@@ -610,16 +630,19 @@ _ALL: tuple[Setting, ...] = (
         session=False,
     ),
     *_POOL,
+    *_CONSOLE,
 )
 
 #: Every setting by name, in the order of the README and --help.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _ALL}
 #: What a session may set as `-c pgmigrate.<name>=<value>` (besides `role`).
 SESSION_NAMES: tuple[str, ...] = tuple(s.name for s in _ALL if s.session)
-#: The README's three tables: the proxy's own settings, the guard's, then the pooler's.
+#: The README's tables: the proxy's own settings, the guard's, the pooler's, the console's.
 PROXY_KEYS: tuple[str, ...] = tuple(SETTINGS)[: tuple(SETTINGS).index("guard")]
 POOL_KEYS: tuple[str, ...] = tuple(s.name for s in _POOL)
-GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) : -len(POOL_KEYS)]
+_POOL_START = tuple(SETTINGS).index(POOL_KEYS[0])
+GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) : _POOL_START]
+CONSOLE_KEYS: tuple[str, ...] = tuple(s.name for s in _CONSOLE)
 
 
 def default(name: str) -> Any:
@@ -639,4 +662,5 @@ def markdown_table(names: Iterable[str]) -> str:
 
 
 if __name__ == "__main__":  # python -m pgmigrate_proxy.settings: the README's tables
-    print(*(markdown_table(keys) for keys in (PROXY_KEYS, GUARD_KEYS, POOL_KEYS)), sep="\n\n")
+    tables = (PROXY_KEYS, GUARD_KEYS, POOL_KEYS, CONSOLE_KEYS)
+    print(*(markdown_table(keys) for keys in tables), sep="\n\n")

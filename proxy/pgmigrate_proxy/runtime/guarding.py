@@ -54,6 +54,7 @@ from pgmigrate_proxy.protocol.types import TransactionStatus
 from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
 from pgmigrate_proxy.runtime.publish import EventPublisher
+from pgmigrate_proxy.runtime.stats import GuardEvents
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
@@ -87,6 +88,7 @@ class GuardServices:
     #: adapter over `gate`, so a drain holds nothing, waits for the holders, then drain_then.
     drain_gate: DrainGate = field(default_factory=NoGate)
     events: EventPublisher | None = None  # NOTIFY of each event (events_channel)
+    recent: GuardEvents = field(default_factory=GuardEvents)  # the recent ones, for the console
 
     @property
     def in_flight(self) -> set[int]:
@@ -273,6 +275,7 @@ class _Driver:
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
                 self._publish(name, fields)
+                self.services.recent.record(name, fields)
                 if self.report_events:
                     text = notices.event(_for_client(name, fields))
                     client.notice(notices.EVENT_SEVERITY, text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -111,7 +112,7 @@ class PoolLink:
 
     __slots__ = (
         "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
-        "session", "session_keeps", "transaction", "view", "wanted",
+        "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -131,6 +132,7 @@ class PoolLink:
         self._timer: asyncio.TimerHandle | None = None  # client_idle / idle_transaction_timeout
         self._seen = -1
         self._idle_since = 0.0
+        self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -181,10 +183,17 @@ class PoolLink:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
         it, attach it. A client that waited too long gets query_wait_timeout."""
         lease, self.reserved = self.reserved, None
+        stats = self.pool.stats
+        started = self.waiting_since = time.monotonic()
         try:
             while lease is None or not await self.pool.checked(lease):
                 lease = await self.pool.acquire()
+            self.waiting_since = 0.0
+            stats.wait_time += time.monotonic() - started
+            stats.wait_count += 1
+            stats.server_assignment_count += 1
         except ProxyError as exc:
+            self.waiting_since = 0.0
             log.info("session %s: %s", self.session.peer, exc)
             extra = {}
             if isinstance(exc, QueryWaitTimeout):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
+import time
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
+from pgmigrate_proxy.console import serve as console
+from pgmigrate_proxy.console.host import Gate
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
@@ -93,6 +98,14 @@ class ProxyServer:
         self.migration_patterns = config.migration_application_names
         self.pools = PoolRegistry(lambda db, user: pool_settings(self.config, db, user))
         self.auth = AuthService.from_config(config, self._admin)
+        # the admin console's (console/): client ids, PAUSE's gate, the service's hooks
+        self._client_ids: dict[ClientSession, int] = {}
+        self._next_client = itertools.count(1)
+        self.gate = Gate()
+        self.started = time.time()
+        self.reload_hook: Callable[[str], None] | None = None
+        self.stop_hook: Callable[[str], None] | None = None
+        self._wait_for_clients = False
 
     @property
     def active_sessions(self) -> int:
@@ -143,6 +156,7 @@ class ProxyServer:
     def _accept(self) -> ClientSession:
         session = ClientSession(self)
         self._sessions.add(session)
+        self._client_ids[session] = next(self._next_client)
         self._idle.clear()
         return session
 
@@ -168,8 +182,31 @@ class ProxyServer:
         """More clients than max_client_conn (this one counted)."""
         return len(self._sessions) > self.config.max_client_conn
 
+    @property
+    def sessions(self) -> Collection[ClientSession]:
+        return list(self._sessions)
+
+    def client_id(self, session: ClientSession) -> int:
+        """The id the admin console knows a client by (SHOW CLIENTS, KILL_CLIENT)."""
+        return self._client_ids.get(session, 0)
+
+    async def serve_console(self, session: ClientSession) -> None:
+        """The admin console for a client of database pgmigrate or pgbouncer (console/)."""
+        self._starting.discard(session)  # (it holds no PostgreSQL slot)
+        await console.serve(self, session)
+
+    def stop(self, *, wait_for_clients: bool) -> None:
+        """SHUTDOWN from the admin console: through the service's stop (stop_hook), at once or
+        once every client has left."""
+        assert self.stop_hook is not None, "no service to stop"
+        self._wait_for_clients = wait_for_clients
+        self.stop_hook("SHUTDOWN from the admin console")
+        if not wait_for_clients:
+            self.hurry()
+
     def logged_in(self, session: ClientSession) -> None:
         self._starting.discard(session)
+        self.gate.admitted(session)
         if self.auth is not None:  # the proxy logs in servers for this pool from now on
             user = session.parameters.get("user", "")
             database = session.parameters.get("database") or user
@@ -181,6 +218,7 @@ class ProxyServer:
     def session_closed(self, session: ClientSession) -> None:
         self._starting.discard(session)
         self._sessions.discard(session)
+        self._client_ids.pop(session, None)
         if self._keys.get(session.secret_key) is session:
             del self._keys[session.secret_key]
         if not self._sessions:
@@ -244,7 +282,8 @@ class ProxyServer:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
             ends = (self._idle, self._grace_over)
             waits = [asyncio.ensure_future(event.wait()) for event in ends]
-            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if self._wait_for_clients else grace
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for waiting in waits:
                 waiting.cancel()
         for session in list(self._sessions):
