@@ -63,6 +63,7 @@ class Options:
     pg: str | None
     json_path: Path | None
     command: str
+    idle_only: bool = False
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -76,6 +77,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--idle-clients", type=relay._count(0), help="idle memory test size (default 1000)")
     add("--scale", type=relay._count(1), default=10, help="pgbench -i scale (default 10)")
     add("--pg", default=None, help="embedded | 15 | <bin dir> (default: env PGMIGRATE_PG)")
+    add("--idle-only", action="store_true", help="only the idle-memory test (no pgbench)")
     add("--json", type=Path, dest="json_path", help="also write all results to this file")
     ns = parser.parse_args(argv)
     quick: bool = ns.quick
@@ -89,6 +91,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         pg=ns.pg,
         json_path=ns.json_path,
         command=shlex.join(["python", "bench/pooler.py", *argv]),
+        idle_only=ns.idle_only,
     )
 
 
@@ -106,6 +109,7 @@ class Run:
     tps: float | None
     transactions: int
     servers: int  # peak server connections (client backends of the target's role)
+    servers_median: int  # the median of the samples: the steady state, logins aside
     exit_code: int
     error: str | None = None  # the first error pgbench printed, and how many clients aborted
 
@@ -135,7 +139,7 @@ class ServerSampler:
         self._conn = psycopg.connect(direct.conninfo(application_name="pooler-bench"))
         self._conn.autocommit = True
         self._interval = interval
-        self._peaks: dict[str, int] = {}
+        self._samples: list[dict[str, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -148,18 +152,18 @@ class ServerSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for user, count in self.sample().items():
-                self._peaks[user] = max(self._peaks.get(user, 0), count)
+            self._samples.append(self.sample())
             self._stop.wait(self._interval)
 
     @contextlib.contextmanager
-    def during(self) -> Iterator[dict[str, int]]:
-        self._peaks = {}
+    def during(self) -> Iterator[list[dict[str, int]]]:
+        """The samples taken while the block runs (one dict per sample: role -> count)."""
+        self._samples = []
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         try:
-            yield self._peaks
+            yield self._samples
         finally:
             self._stop.set()
             self._thread.join()
@@ -169,17 +173,19 @@ class ServerSampler:
 
 
 def create_roles(direct: relay.Endpoint) -> None:
-    """One login role per pooler, allowed to read pgbench's tables."""
+    """One login role per pooler (the same password as the superuser's)."""
     with psycopg.connect(direct.conninfo(), autocommit=True) as conn:
         for role in ROLES.values():
-            ident = sql.Identifier(role)
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    ident, sql.Literal(direct.password)
-                )
-            )
-            conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(ident))
+            statement = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
+            conn.execute(statement.format(sql.Identifier(role), sql.Literal(direct.password)))
+
+
+def grant_reads(direct: relay.Endpoint) -> None:
+    """Let the poolers' roles read pgbench's tables."""
+    with psycopg.connect(direct.conninfo(), autocommit=True) as conn:
+        for role in ROLES.values():
+            statement = sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}")
+            conn.execute(statement.format(sql.Identifier(role)))
 
 
 def write_userlist(path: Path, user: str, password: str) -> Path:
@@ -204,7 +210,6 @@ def start_pgbouncer(
     ini.write_text(text)
     write_userlist(directory / "userlist.txt", ROLES[PGBOUNCER], direct.password)
     if account:
-        work.chmod(0o711)
         for path in (directory, *directory.iterdir()):
             os.chown(path, account.pw_uid, account.pw_gid)
     log = directory / "pgbouncer.log"
@@ -257,15 +262,15 @@ def run_once(
     argv += f"-S -n -c {clients} -j {min(clients, 2)} -T {opts.duration} -M {mode}".split()
     argv.append(endpoint.dbname)
     env = {**os.environ, "PGPASSWORD": endpoint.password, "PGSSLMODE": "disable"}
-    with sampler.during() as peaks:
+    with sampler.during() as samples:
         try:
             done = subprocess.run(
                 argv, env=env, capture_output=True, text=True, timeout=opts.duration + 180
             )
         except subprocess.TimeoutExpired:
-            return Run(endpoint.name, clients, mode, rep, None, 0, 0, -1, "pgbench timed out")
+            return Run(endpoint.name, clients, mode, rep, None, 0, 0, 0, -1, "pgbench timed out")
     role = ROLES.get(endpoint.name, relay.SUPERUSER)
-    servers = peaks.get(role, 0)
+    counts = sorted(sample.get(role, 0) for sample in samples) or [0]
     tps, transactions = relay.TPS_RE.search(done.stdout), relay.TRANSACTIONS_RE.search(done.stdout)
     error = summarize_errors(done.stderr, done.returncode)
     return Run(
@@ -275,7 +280,8 @@ def run_once(
         rep,
         float(tps[1]) if tps else None,
         int(transactions[1]) if transactions else 0,
-        servers,
+        counts[-1],
+        counts[len(counts) // 2],
         done.returncode,
         error,
     )
@@ -305,7 +311,7 @@ def run_matrix(
                     tps = "no tps" if run.tps is None else f"{run.tps:8.0f} tps"
                     relay.note(
                         f"[{len(runs):3}/{total}] c={clients:<3} {mode:<8} {endpoint.name:<9} "
-                        f"{tps}, {run.servers} server conns"
+                        f"{tps}, server conns peak {run.servers} median {run.servers_median}"
                         + (f"; {run.error}" if run.error else "")
                     )
     return runs
@@ -366,13 +372,14 @@ def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
         for mode in opts.modes:
             cells = {t: cell(runs, clients, mode, t) for t in TARGETS}
             tps = {t: median_tps(c) for t, c in cells.items()}
-            servers = {t: max((r.servers for r in c), default=0) for t, c in cells.items()}
+            peak = {t: max((r.servers for r in c), default=0) for t, c in cells.items()}
+            steady = {t: max((r.servers_median for r in c), default=0) for t, c in cells.items()}
             failed = {t: any(r.error for r in c) for t, c in cells.items()}
             out.append(
                 [str(clients), mode]
                 + [fmt(tps[t]) if not failed[t] or tps[t] else "failed" for t in TARGETS]
                 + [ratio(tps[PROXY], tps[PGBOUNCER]), ratio(tps[PROXY], tps[DIRECT])]
-                + [str(servers[t]) for t in TARGETS]
+                + [f"{peak[t]} / {steady[t]}" for t in TARGETS]
             )
     return out
 
@@ -411,19 +418,21 @@ def render(
     runs: Sequence[Run], idle: Sequence[relay.IdleResult], machine: relay.MachineInfo, opts: Options
 ) -> str:
     table = rows(runs, opts)
-    parts = [
+    head = (
         f"pgbench -S -n, transaction pooling, pool size {POOL_SIZE}, {opts.duration} s per run, "
-        f"{opts.reps} rep(s), median TPS; servers = peak server connections during the runs",
-        "",
-        relay.text_table(HEADER, table),
-        "",
-        *floor_lines(runs, opts),
-    ]
+        f"{opts.reps} rep(s), median TPS; servers = server connections during the runs\n"
+        "(peak / median of samples every 0.2 s: the peak includes pgbench's logins)"
+    )
+    parts = (
+        [head, "", relay.text_table(HEADER, table), "", *floor_lines(runs, opts)] if runs else []
+    )
     if errors := error_lines(runs):
         parts += ["", "errors (first per cell):", *errors]
     if idle:
         parts += ["", relay.text_table(relay.IDLE_HEADER, idle_table(idle))]
-    parts += ["", "Markdown for the README:", "", relay.markdown_table(HEADER, table)]
+    parts += ["", "Markdown for the README:"]
+    if runs:
+        parts += ["", relay.markdown_table(HEADER, table)]
     if idle:
         parts += ["", relay.markdown_table(relay.IDLE_HEADER, idle_table(idle))]
     parts += ["", f"Command: `{opts.command}`", "", f"Machine: {relay.machine_line(machine)}"]
@@ -441,39 +450,54 @@ def idle_table(idle: Sequence[relay.IdleResult]) -> list[list[str]]:
 # ----------------------------------------------------------------------------- main
 
 
+def pgbench_phase(
+    stack: contextlib.ExitStack,
+    work: Path,
+    server: PostgresServer,
+    direct: relay.Endpoint,
+    sampler: ServerSampler,
+    opts: Options,
+) -> list[Run]:
+    """Load pgbench's tables, start both poolers, warm each target up, run the matrix."""
+    binary = relay.find_pgbench(relay.postgres_bin_dir(opts.pg))
+    relay.note(f"pgbench -i -s {opts.scale} ...")
+    relay.pgbench(binary, direct, ["-i", "-q", "-s", str(opts.scale)], timeout=1800)
+    grant_reads(direct)
+    targets = [direct]
+    bouncer = start_pgbouncer(stack, work, direct)
+    if bouncer:
+        targets.append(bouncer.endpoint)
+    proxy = start_proxy(stack, work, server, direct.password)
+    if isinstance(proxy, str):
+        relay.note(f"proxy: skipped: {proxy}")
+    else:
+        targets.append(proxy.endpoint)
+    warm_up = dataclasses.replace(opts, duration=2)
+    for endpoint in targets:  # caches, pools
+        run_once(binary, endpoint, sampler, warm_up, (16, "simple", 0))
+    runs = run_matrix(binary, targets, sampler, opts)
+    if not isinstance(proxy, str):
+        relay.report_relay_logs([proxy])
+    return runs
+
+
 def benchmark(opts: Options, stack: contextlib.ExitStack) -> str:
     load_at_start = os.getloadavg()[0]
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pgmigrate-pooler-")))
+    work.chmod(0o711)  # pgbouncer's account may reach its directories in it, not list it
     password = secrets.token_urlsafe(18)
     bin_dir = relay.postgres_bin_dir(opts.pg)
-    binary = relay.find_pgbench(bin_dir)
+    binary = relay.find_pgbench(bin_dir)  # (machine_info reports its version)
     relay_opts = relay.Options(
         opts.clients, opts.modes, opts.reps, opts.duration, opts.idle_clients, opts.scale,
         opts.pg, None, opts.command,
     )  # fmt: skip
     server = relay.start_postgres(stack, relay_opts, bin_dir, password)
     direct = relay.Endpoint(DIRECT, server.host, server.port, password)
-    relay.note(f"pgbench -i -s {opts.scale} ...")
-    relay.pgbench(binary, direct, ["-i", "-q", "-s", str(opts.scale)], timeout=1800)
     create_roles(direct)
     sampler = ServerSampler(direct)
     stack.callback(sampler.close)
-    targets = [direct]
-    bouncer = start_pgbouncer(stack, work, direct)
-    if bouncer:
-        targets.append(bouncer.endpoint)
-    proxy = start_proxy(stack, work, server, password)
-    if isinstance(proxy, str):
-        relay.note(f"proxy: skipped: {proxy}")
-    else:
-        targets.append(proxy.endpoint)
-    for endpoint in targets:  # warm-up: caches, pools
-        run_once(
-            binary, endpoint, sampler, dataclasses.replace(opts, duration=2), (16, "simple", 0)
-        )
-    runs = run_matrix(binary, targets, sampler, opts)
-    if not isinstance(proxy, str):
-        relay.report_relay_logs([proxy])
+    runs = [] if opts.idle_only else pgbench_phase(stack, work, server, direct, sampler, opts)
     machine = relay.machine_info(direct, binary, load_at_start)
     idle = idle_phase(stack, work, server, direct, sampler, opts) if opts.idle_clients else []
     if opts.json_path:
