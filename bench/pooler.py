@@ -233,7 +233,9 @@ def start_proxy(
     argv += f"--default-pool-size {POOL_SIZE} --max-client-conn 5000".split()
     argv += ["--auth-type", "auth_file", "--auth-file", str(userlist)]
     env = {**os.environ, "PGMIGRATE_PROXY_UPSTREAM": server.url(password=password)}
-    env["PYTHONPATH"] = str(relay.PROXY_SOURCE)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(relay.PROXY_SOURCE), env.get("PYTHONPATH")])
+    )
     service = relay.spawn(stack, PROXY, argv, directory / "proxy.log", env=env)
     endpoint = relay.Endpoint(
         PROXY, "127.0.0.1", port, password, service.process.pid, user=ROLES[PROXY]
