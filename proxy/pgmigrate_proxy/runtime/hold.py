@@ -120,6 +120,7 @@ class Holder:
         self.state_watch: Callable[[Frame], None] | None = None
         #: set while the session has no server: gets one (started by the client's next data)
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._acquire_at_once: Callable[[], bool] | None = None
 
     @property
     def holding(self) -> bool:
@@ -132,19 +133,40 @@ class Holder:
             self.migration.server = server
 
     def wait_for_server(
-        self, acquire: Callable[[], Coroutine[Any, Any, None]], *, now: bool = False
+        self,
+        acquire: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        now: bool = False,
+        at_once: Callable[[], bool] | None = None,
     ) -> None:
         """The session gave its server back: hold what the client sends until `acquire` has
-        attached another (run at the client's next data, or `now`)."""
+        attached another (run at the client's next data, or `now`). `at_once`, tried first at
+        the client's next data, attaches a server without a task when one is ready (True)."""
         self.server = _NO_SERVER
+        self._acquire_at_once = at_once
         self._backlog = []
         self._backlog_bytes = 0
         self._acquire = acquire
         if now:
             self._start_acquire()
 
+    def _attached_at_once(self, cut: Cut) -> bool:
+        """Transaction pooling's fast path: the client's next data found its session without a
+        server, and an idle one was attached at once (no task, no backlog)."""
+        at_once = self._acquire_at_once
+        if at_once is None or self._acquire is None or self.task is not None or self._backlog:
+            return False
+        if cut.frames and cut.frames[0].type == _TERMINATE:
+            return False  # a client without a server leaves: none needed (_pump)
+        if not at_once():
+            return False
+        self._backlog = None
+        self._acquire = self._acquire_at_once = None
+        return True
+
     def _start_acquire(self) -> None:
         work, self._acquire = self._acquire, None
+        self._acquire_at_once = None
         assert work is not None
         task = asyncio.get_running_loop().create_task(
             self._run_unit(work(), "acquiring a server connection")
@@ -196,7 +218,7 @@ class Holder:
         self.session.fail(code, message)
 
     def _pump(self, cut: Cut, first: int, pos: int) -> None:
-        if self._backlog is not None:
+        if self._backlog is not None and not self._attached_at_once(cut):
             self._backlog.append((cut, first, pos))
             self._backlog_bytes += cut.tail - pos
             if self._backlog_bytes > _BACKLOG_PAUSE:

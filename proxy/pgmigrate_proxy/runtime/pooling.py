@@ -115,7 +115,7 @@ class PoolLink:
         self.pool.release(lease)
         holder = self.session.holder
         assert holder is not None
-        holder.wait_for_server(self.acquire, now=at_once)
+        holder.wait_for_server(self.acquire, now=at_once, at_once=self.acquire_at_once)
 
     def _same_defaults(self, lease: Lease) -> bool:
         """Session mode swaps only onto a server whose reset values this client would have
@@ -149,6 +149,28 @@ class PoolLink:
         self.session.attach(lease.server)
         if self.transaction:
             lease.server.on_idle = self.server_idle
+
+    def acquire_at_once(self) -> bool:
+        """acquire's fast path, without a task: an idle server that needs no check and no SET,
+        attached now; False: none (the holder runs acquire)."""
+        if self.reserved is not None:
+            return False
+        lease = self.pool.take_idle(self._ready)
+        if lease is None:
+            return False
+        self.lease = lease
+        self.session.attach(lease.server)
+        if self.transaction:
+            lease.server.on_idle = self.server_idle
+        return True
+
+    def _ready(self, lease: Lease) -> bool:
+        """An idle server this client can use as it is (acquire_at_once)."""
+        current = lease.current
+        for name, value in self.wanted.items():
+            if current.get(name) != value:
+                return False
+        return not self.pool.check_due(lease)
 
     async def _sync_parameters(self, lease: Lease) -> None:
         """SET the client's startup parameters that differ on the server; the ParameterStatus
