@@ -112,10 +112,16 @@ class Run:
     servers_median: int  # the median of the samples: the steady state, logins aside
     exit_code: int
     error: str | None = None  # the first error pgbench printed, and how many clients aborted
+    cpu_us: float | None = None  # the pooler's CPU time (utime + stime) per transaction
 
 
 def cell(runs: Sequence[Run], clients: int, mode: str, target: str) -> list[Run]:
     return [r for r in runs if (r.clients, r.mode, r.target) == (clients, mode, target)]
+
+
+def median_cpu(runs: Sequence[Run]) -> float | None:
+    values = sorted(r.cpu_us for r in runs if r.cpu_us is not None and r.exit_code == 0)
+    return values[len(values) // 2] if values else None
 
 
 def median_tps(runs: Sequence[Run]) -> float | None:
@@ -264,6 +270,7 @@ def run_once(
     argv += f"-S -n -c {clients} -j {min(clients, 2)} -T {opts.duration} -M {mode}".split()
     argv.append(endpoint.dbname)
     env = {**os.environ, "PGPASSWORD": endpoint.password, "PGSSLMODE": "disable"}
+    cpu_before = relay.cpu_seconds(endpoint.pid) if endpoint.pid else None
     with sampler.during() as samples:
         try:
             done = subprocess.run(
@@ -275,17 +282,22 @@ def run_once(
     counts = sorted(sample.get(role, 0) for sample in samples) or [0]
     tps, transactions = relay.TPS_RE.search(done.stdout), relay.TRANSACTIONS_RE.search(done.stdout)
     error = summarize_errors(done.stderr, done.returncode)
+    count = int(transactions[1]) if transactions else 0
+    cpu = None
+    if endpoint.pid and cpu_before is not None and count:
+        cpu = (relay.cpu_seconds(endpoint.pid) - cpu_before) / count * 1e6
     return Run(
         endpoint.name,
         clients,
         mode,
         rep,
         float(tps[1]) if tps else None,
-        int(transactions[1]) if transactions else 0,
+        count,
         counts[-1],
         counts[len(counts) // 2],
         done.returncode,
         error,
+        cpu,
     )
 
 
@@ -365,6 +377,7 @@ def ratio(a: float | None, b: float | None) -> str:
 HEADER = [
     "clients", "mode", "direct TPS", "pgbouncer TPS", "proxy TPS", "proxy/pgbouncer",
     "proxy/direct", "direct backends", "pgbouncer servers", "proxy servers",
+    f"pgbouncer CPU {relay.MICRO}/tx", f"proxy CPU {relay.MICRO}/tx",
 ]  # fmt: skip
 
 
@@ -382,6 +395,7 @@ def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
                 + [fmt(tps[t]) if not failed[t] or tps[t] else "failed" for t in TARGETS]
                 + [ratio(tps[PROXY], tps[PGBOUNCER]), ratio(tps[PROXY], tps[DIRECT])]
                 + [f"{peak[t]} / {steady[t]}" for t in TARGETS]
+                + [fmt(median_cpu(cells[t]), "{:.1f}") for t in (PGBOUNCER, PROXY)]
             )
     return out
 
@@ -422,7 +436,8 @@ def render(
     table = rows(runs, opts)
     head = (
         f"pgbench -S -n, transaction pooling, pool size {POOL_SIZE}, {opts.duration} s per run, "
-        f"{opts.reps} rep(s), median TPS; servers = server connections during the runs\n"
+        f"{opts.reps} rep(s), median TPS; CPU = the pooler's utime+stime per transaction;\n"
+        "servers = server connections during the runs "
         "(peak / median of samples every 0.2 s: the peak includes pgbench's logins)"
     )
     parts = (
