@@ -2,20 +2,21 @@
 
 Starts a throwaway PostgreSQL (max_connections sized for the direct clients and the idle test),
 loads it with ``pgbench -i``, then starts pgbouncer and ``python -m pgmigrate_proxy``, both in
-``pool_mode = transaction`` with ``default_pool_size`` 16 and an auth_file (each pooler checks
-its clients itself and logs in its own server connections). Each pooler logs in to PostgreSQL as
-a role of its own (bench_pgbouncer, bench_proxy), so a sampler thread can count each one's server
-connections in ``pg_stat_activity`` (every 0.2 s) while pgbench runs. It runs ``pgbench -S -n``
-for every (clients, mode) pair against the three targets in rotating order and prints TPS,
-proxy/pgbouncer and proxy/direct ratios, the peak server connections of each target, what went
-wrong (pgbouncer < 1.21 has no prepared statements in transaction mode: its errors are reported,
-the run goes on), and the floor of issue 8. Then the idle-memory test, on a fresh pooler each:
-(VmRSS with N idle logged-in clients - VmRSS with none) / N. Shares relay.py's helpers.
+``pool_mode = transaction`` with ``default_pool_size`` 16, checking their clients against an
+auth_file. Each pooler logs in to PostgreSQL as a role of its own (bench_pgbouncer,
+bench_proxy), so a sampler thread counts each one's server connections in ``pg_stat_activity``
+(every 0.2 s) while pgbench runs. It runs ``pgbench -S -n`` for every (clients, mode) pair
+against the three targets in rotating order and prints TPS, proxy/pgbouncer and proxy/direct
+ratios, the server connections of each target (peak / median of the samples), each pooler's CPU
+per transaction, what went wrong (pgbouncer < 1.21 has no prepared statements in transaction
+mode: its errors are reported, the run goes on), and the floor of issue 8. Then the idle-memory
+test, on a fresh pooler each: (VmRSS with N idle logged-in clients - VmRSS with none) / N.
+Shares relay.py's helpers.
 
-    python bench/pooler.py --quick         # smoke test: 16,256 clients, 3 s runs, 100 idle
     python bench/pooler.py                 # full: 16,256 clients x 3 modes x 3 reps x 10 s
-    python bench/pooler.py --duration 10 --reps 1 --idle-clients 0
-"""
+    python bench/pooler.py --quick         # smoke test: 16,256 clients, 3 s runs, 100 idle
+    python bench/pooler.py --idle-only     # the idle-memory test alone (1000 clients)
+    python bench/pooler.py --duration 10 --reps 1 --idle-clients 0"""
 
 from __future__ import annotations
 
