@@ -111,13 +111,15 @@ def test_show_held_blockers_events_then_release(
     columns, events = show(admin, "EVENTS 100")
     assert columns == ["time", "event", "unit", "statement_pid", "fields"]
     mine = [e for e in events if e["unit"] == unit]
-    assert [e["event"] for e in mine[:2]] == ["held", "blocked_by"]
-    assert json.loads(mine[1]["fields"])["pid"] == blocker_pid
+    # ("blockers": the pids found, announced before anything is done to them)
+    assert [e["event"] for e in mine[:3]] == ["held", "blockers", "blocked_by"]
+    assert json.loads(mine[1]["fields"])["pids"] == [blocker_pid]
+    assert json.loads(mine[2]["fields"])["pid"] == blocker_pid
     assert "attempt" not in _events(admin, unit)
     stats = opened(console(proxy, STATS_USER))  # sees the events, not the blockers' queries
     (shown,) = [e for e in show(stats, "EVENTS")[1] if e["event"] == "blocked_by"]
     assert json.loads(shown["fields"])["query"] == "<insufficient privilege>"
-    assert json.loads(mine[1]["fields"])["query"].startswith("SELECT * FROM")
+    assert json.loads(mine[2]["fields"])["query"].startswith("SELECT * FROM")
 
     admin.execute(f"RELEASE {unit}")
     wait_for(lambda: "attempt" in _events(admin, unit), "the released ALTER to be sent")

@@ -369,11 +369,18 @@ class Pool:
         self._refill = None
         self.top_up()
 
+    def check_due(self, lease: Lease) -> bool:
+        """Whether the server must pass server_check_query before it is handed out."""
+        settings = self.settings
+        if not settings.server_check_query:
+            return False
+        return time.monotonic() - lease.idle_since >= settings.server_check_delay
+
     async def checked(self, lease: Lease) -> bool:
         """Run server_check_query on a server idle past server_check_delay; False: closed."""
-        query = self.settings.server_check_query
-        if not query or time.monotonic() - lease.idle_since < self.settings.server_check_delay:
+        if not self.check_due(lease):
             return True
+        query = self.settings.server_check_query
         park(lease)
         try:
             error = await simple_query(lease.server, "" if query == EMPTY_QUERY else query)

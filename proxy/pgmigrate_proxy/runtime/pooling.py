@@ -86,6 +86,21 @@ def _shown(sql: str) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
+#: The parameter views clients share (never changed once made): most clients of a pool have the
+#: same one, and an idle client should cost little (bench/pooler.py's memory figure).
+_VIEWS: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+
+
+def _shared(view: dict[str, str]) -> dict[str, str]:
+    key = tuple(view.items())
+    found = _VIEWS.get(key)
+    if found is None:
+        if len(_VIEWS) >= 1024:
+            _VIEWS.clear()
+        found = _VIEWS[key] = view
+    return found
+
+
 class Refused(ProxyError):
     """A statement that leaves session state, in transaction mode with session_state refuse."""
 
@@ -143,7 +158,7 @@ class PoolLink:
         values). Transaction mode gives it back at once (the client gets one at its first
         message); session mode swaps it for an idle one."""
         self.lease = self.pool.join(server, parameters, told)
-        self.view = {**reported(told), **self.wanted}
+        self.view = _shared({**reported(told), **self.wanted})
         self._arm()
         holder = self.session.holder
         assert holder is not None
@@ -170,7 +185,7 @@ class PoolLink:
         self.pool.release(lease)
         holder = self.session.holder
         assert holder is not None
-        holder.wait_for_server(self.acquire, now=at_once)
+        holder.wait_for_server(self.acquire, now=at_once, at_once=self.acquire_at_once)
 
     def _same_defaults(self, lease: Lease) -> bool:
         """Session mode swaps only onto a server whose reset values this client would have
@@ -211,6 +226,28 @@ class PoolLink:
         self.session.attach(lease.server)
         if self.transaction:
             lease.server.on_idle = self.server_idle
+
+    def acquire_at_once(self) -> bool:
+        """acquire's fast path, without a task: an idle server that needs no check and no SET,
+        attached now; False: none (the holder runs acquire)."""
+        if self.reserved is not None:
+            return False
+        lease = self.pool.take_idle(self._ready)
+        if lease is None:
+            return False
+        self.lease = lease
+        self.session.attach(lease.server)
+        if self.transaction:
+            lease.server.on_idle = self.server_idle
+        return True
+
+    def _ready(self, lease: Lease) -> bool:
+        """An idle server this client can use as it is (acquire_at_once)."""
+        current = lease.current
+        for name, value in self.view.items():  # (as _sync_parameters would find nothing to SET)
+            if current.get(name) != value:
+                return False
+        return not self.pool.check_due(lease)
 
     async def _sync_parameters(self, lease: Lease) -> None:
         """SET the client's startup parameters that differ on the server (and those it did not

@@ -99,7 +99,6 @@ class ProxyServer:
         self.pools = PoolRegistry(lambda db, user: pool_settings(self.config, db, user))
         self.auth = AuthService.from_config(config, self._admin)
         # the admin console's (console/): client ids, PAUSE's gate, the service's hooks
-        self._client_ids: dict[ClientSession, int] = {}
         self._next_client = itertools.count(1)
         self.gate = Gate()
         self.started = time.time()
@@ -156,7 +155,7 @@ class ProxyServer:
     def _accept(self) -> ClientSession:
         session = ClientSession(self)
         self._sessions.add(session)
-        self._client_ids[session] = next(self._next_client)
+        session.client_id = next(self._next_client)
         self._idle.clear()
         return session
 
@@ -188,7 +187,7 @@ class ProxyServer:
 
     def client_id(self, session: ClientSession) -> int:
         """The id the admin console knows a client by (SHOW CLIENTS, KILL_CLIENT)."""
-        return self._client_ids.get(session, 0)
+        return session.client_id
 
     async def serve_console(self, session: ClientSession) -> None:
         """The admin console for a client of database pgmigrate or pgbouncer (console/)."""
@@ -218,7 +217,6 @@ class ProxyServer:
     def session_closed(self, session: ClientSession) -> None:
         self._starting.discard(session)
         self._sessions.discard(session)
-        self._client_ids.pop(session, None)
         if self._keys.get(session.secret_key) is session:
             del self._keys[session.secret_key]
         if not self._sessions:

@@ -122,7 +122,8 @@ class ClientSession(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
-        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_pid", "gated",
+        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_id", "client_pid",
+        "gated",
         "handshake", "holder", "hub", "link", "parameters", "peer", "phase", "secret_key",
         "server", "settings", "started", "stats",
     )  # fmt: skip
@@ -130,6 +131,7 @@ class ClientSession(asyncio.Protocol):
     def __init__(self, hub: SessionHub) -> None:
         self.hub = hub
         self.settings = hub.settings
+        self.client_id = 0  # the admin console's id for it (set by the hub)
         self.phase = Phase.STARTUP
         self.peer = "?"
         self.client: asyncio.Transport | None = None
