@@ -29,7 +29,7 @@ from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, plain_query
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.ports import ClientWriter
-from pgmigrate_proxy.runtime.statements import MAPPED, Plan, PreparedLink
+from pgmigrate_proxy.runtime.statements import MAPPED, Plan, PreparedLink, Retiring
 from pgmigrate_proxy.sql import Statement, first_keyword
 
 log = logging.getLogger("pgmigrate_proxy.session")
@@ -538,13 +538,10 @@ class Holder:
     async def _run_guarded(self, unit: guarding.HeldUnit, client: ClientWriter) -> None:
         """One unit through the guard, on the session's server connection of the moment."""
         assert self.settings is not None
-        try:
-            await guarding.run(
-                self.server, client, self.services, self.settings, unit, self.targets
-            )
-        finally:
-            if self.ddl_done is not None:
-                self.ddl_done(unit.statements)
+        done = self.ddl_done
+        if done is not None:  # statements on its tables are prepared again after it
+            client = Retiring(client, lambda: done(unit.statements))
+        await guarding.run(self.server, client, self.services, self.settings, unit, self.targets)
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""

@@ -22,7 +22,7 @@ the proxy's are kept, and then the client gets what PostgreSQL would have sent i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
@@ -42,12 +42,12 @@ from pgmigrate_proxy.protocol.prepared import (
     close_frame,
 )
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime.ports import Capture, ClientWriter
 from pgmigrate_proxy.sql import Statement, first_keyword, is_plain
 from pgmigrate_proxy.sql.session_state import session_state
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.backend import ServerConnection
-    from pgmigrate_proxy.runtime.ports import ClientWriter
 
 FLUSH = frame(FrontendType.FLUSH)
 #: A name the registry never gives (its counter starts at 1): closing it changes nothing.
@@ -62,6 +62,7 @@ _COMPLETIONS = frozenset(
 _ERROR = BackendType.ERROR_RESPONSE.value
 _QUERY = FrontendType.QUERY.value
 _PARSE = FrontendType.PARSE.value
+_DROPPING = ("DEALLOCATE", "DISCARD")
 #: Frames the mapping reads.
 MAPPED = frozenset(
     t.value for t in (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
@@ -85,6 +86,47 @@ def invalidate(registry: Registry, statements: Iterable[Statement]) -> None:
     names = {lock.relation.name for s in statements for lock in s.locks}
     if names:
         registry.invalidate(names)
+
+
+class Retiring:
+    """A client writer for a guarded unit's runner that retires the statements on the tables
+    of the unit right before each delivery to the client: before the client can learn that
+    the DDL is done (and another of its connections, or a client told by it, binds again)."""
+
+    __slots__ = ("client", "retire")
+
+    def __init__(self, client: ClientWriter, retire: Callable[[], None]) -> None:
+        self.client = client
+        self.retire = retire
+
+    @property
+    def gone(self) -> bool:
+        return self.client.gone
+
+    def deliver(self, frames: Iterable[Frame]) -> None:
+        self.retire()
+        self.client.deliver(frames)
+
+    def deliver_raw(self, data: bytes) -> None:
+        self.retire()
+        self.client.deliver_raw(data)
+
+    def notice(self, severity: str, message: str, detail: str | None = None) -> None:
+        self.client.notice(severity, message, detail)
+
+    def _session(self) -> object:
+        inner: object = self.client
+        while isinstance(inner, Capture):
+            inner = inner.client
+        return inner
+
+    @property
+    def parameters(self) -> object:  # (the guard's events name the client: guarding._client)
+        return getattr(self._session(), "parameters", None)
+
+    @property
+    def peer(self) -> object:
+        return getattr(self._session(), "peer", None)
 
 
 async def checkout(server: ServerConnection) -> None:
@@ -141,8 +183,10 @@ class PreparedLink:
             return self._query(item, server)
         if mtype == _PARSE:
             name_end = item.payload.find(b"\0")
-            if name_end <= 0:
-                return None  # unnamed (or malformed: PostgreSQL rejects it)
+            if name_end < 0:
+                return None  # malformed: PostgreSQL rejects it
+            if name_end == 0:  # unnamed: psycopg sends its DEALLOCATE (ALL) this way
+                return self._deallocate(item, server)
             try:
                 sql = extended.parse_statement(item.payload)[1]
             except DecodeError:
@@ -152,23 +196,47 @@ class PreparedLink:
         step = self.client.message(mtype, item.payload, self.server_statements(server))
         return None if step is None else _plan(step)
 
+    def _deallocate(self, item: Frame, server: ServerConnection) -> Plan | None:
+        """An unnamed Parse of DEALLOCATE or DISCARD ALL: DEALLOCATE ALL and DISCARD ALL go as
+        they are (the server's statements are gone once it runs them); DEALLOCATE of one of
+        the client's names becomes DEALLOCATE ALL on the server (PostgreSQL has no DEALLOCATE
+        IF EXISTS, and the server may not hold it): the others are prepared again there."""
+        if first_keyword(item.payload[1:41].decode("utf-8", "replace")) not in _DROPPING:
+            return None
+        try:
+            sql = extended.parse_statement(item.payload)[1]
+        except DecodeError:
+            return None
+        action = self._drops(sql, server)
+        if action is QueryAction.FORWARD:
+            return None
+        self.server_statements(server).clear()
+        if action is QueryAction.FORWARD_THEN_CLEAR:
+            return Plan(inline=item.raw)
+        types = item.payload[item.payload.index(b"\0", 1) + 1 :]
+        return Plan(inline=frame(_PARSE, b"\0DEALLOCATE ALL\0" + types))
+
+    def _drops(self, sql: str, server: ServerConnection) -> QueryAction:
+        """ClientStatements.query, when PostgreSQL would run the statement (not in a failed
+        transaction; DISCARD ALL not in a transaction block)."""
+        status = server.status
+        discard = sql.lstrip()[:7].lower() == "discard"
+        if status is TransactionStatus.FAILED or (discard and status is not TransactionStatus.IDLE):
+            return QueryAction.FORWARD  # PostgreSQL refuses it: nothing changes
+        return self.client.query(sql)
+
     def _query(self, item: Frame, server: ServerConnection) -> Plan | None:
         """DEALLOCATE [PREPARE] name | ALL and DISCARD ALL, when they would succeed."""
-        if first_keyword(item.payload[:40].decode("utf-8", "replace")) not in (
-            "DEALLOCATE", "DISCARD"
-        ):  # fmt: skip
+        if first_keyword(item.payload[:40].decode("utf-8", "replace")) not in _DROPPING:
             return None
         try:
             sql = extended.query_text(item.payload)
         except DecodeError:
             return None
-        status = server.status
-        discard = sql.lstrip()[:7].lower() == "discard"
-        if status is TransactionStatus.FAILED or (discard and status is not TransactionStatus.IDLE):
-            return None  # PostgreSQL refuses it: nothing changes
         if not server.replies.idle:
             return None  # (answered by the proxy only when nothing is owed before it)
-        action = self.client.query(sql)
+        action = self._drops(sql, server)
+        status = server.status
         if action is QueryAction.FORWARD:
             return None
         if action is QueryAction.FORWARD_THEN_CLEAR:
@@ -244,6 +312,9 @@ def _plan(step: Step) -> Plan:
         if entry.reply is Reply.FORWARD and not entry.prepared:
             inline = sent  # the client's Bind or Describe, renamed
             continue
+        if entry.prepared:  # closed first: a DEALLOCATE ALL that did not run, a failed reset
+            proxy.append(close_frame(entry.prepared))  # cannot leave it there (42P05)
+            expect.append(Expect(Reply.SWALLOW))
         proxy.append(sent)
         expect.append(entry)
         if entry.reply is Reply.FORWARD:  # the client's own Parse: its ParseComplete
