@@ -87,18 +87,26 @@ def test_psycopg_async_prepares_everywhere(proxy_factory: Factory) -> None:
     proxy = pooled(proxy_factory, 2)
     conninfo = proxy.conninfo(USER, connect_timeout="10")
 
-    async def one(n: int, pids: set[int]) -> None:
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as aconn:
-            aconn.prepare_threshold = 0
-            for i in range(20):
-                cursor = await aconn.execute("SELECT %s::int + 1, pg_backend_pid()", [n + i])
-                row = await cursor.fetchone()
-                assert row is not None and row[0] == n + i + 1
-                pids.add(row[1])
+    async def one(n: int, aconn: psycopg.AsyncConnection[Any], pids: set[int]) -> None:
+        aconn.prepare_threshold = 0
+        for i in range(20):
+            cursor = await aconn.execute("SELECT %s::int + 1, pg_backend_pid()", [n + i])
+            row = await cursor.fetchone()
+            assert row is not None and row[0] == n + i + 1
+            pids.add(row[1])
 
     async def main() -> set[int]:
         pids: set[int] = set()
-        await asyncio.wait_for(asyncio.gather(*(one(n, pids) for n in range(8))), 60)
+        # all connected the whole time: 8 clients with prepared statements on 2 servers
+        aconns = [
+            await psycopg.AsyncConnection.connect(conninfo, autocommit=True) for _ in range(8)
+        ]
+        try:
+            work = (one(n, aconn, pids) for n, aconn in enumerate(aconns))
+            await asyncio.wait_for(asyncio.gather(*work), 60)
+        finally:
+            for aconn in aconns:
+                await aconn.close()
         return pids
 
     assert len(asyncio.run(main())) == 2
