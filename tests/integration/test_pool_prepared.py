@@ -300,3 +300,40 @@ def test_pgbench_prepared_64_clients_on_8_servers(
         return proxy.server.pools.pool(bench_db, pg.superuser).size
 
     assert proxy.call(pool_size()) <= 8
+
+
+def test_errors_reach_the_client_where_postgresql_puts_them(
+    proxy_factory: Factory, admin: psycopg.Connection[Any]
+) -> None:
+    """A Parse the proxy injects that fails (the table was dropped behind its back) gives the
+    client the error at its Bind, and the server does not count it as prepared; a client's
+    own Parse that fails leaves no name behind."""
+    admin.execute("DROP TABLE IF EXISTS gone_soon")
+    admin.execute("CREATE TABLE gone_soon (id int)")
+    admin.execute("GRANT ALL ON gone_soon TO u_trust")
+    proxy = pooled(proxy_factory, 1, max_prepared_statements=1)
+    conn = connect(proxy)
+    query = "SELECT count(*) FROM gone_soon WHERE id > %s"
+    assert conn.execute(query, [0]).fetchone() == (0,)
+    assert conn.execute("SELECT %s::int + 7", [1]).fetchone() == (8,)  # evicts the first
+    admin.execute("DROP TABLE gone_soon")
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        conn.execute(query, [0])  # the injected Parse fails: the error at the client's Bind
+    assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    admin.execute("CREATE TABLE gone_soon (id int)")
+    admin.execute("GRANT ALL ON gone_soon TO u_trust")
+    assert conn.execute(query, [0]).fetchone() == (0,)  # prepared again, now it works
+    with pytest.raises(psycopg.errors.UndefinedColumn):  # (the client's own Parse fails)
+        conn.execute("SELECT no_such_column FROM pg_class WHERE oid = %s", [1])
+    assert conn.execute("SELECT %s::int + 7", [2]).fetchone() == (9,)
+    count = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+    assert count == (1,)  # the LRU of one: only this query's statement is on the server
+    # a batch: the error, then nothing
+    with pytest.raises(psycopg.errors.UndefinedTable), conn.pipeline():
+        conn.execute("SELECT %s::int + 7", [3])
+        conn.execute("SELECT count(*) FROM no_such_table WHERE id > %s", [0])
+        conn.execute("SELECT %s::int * 4", [1])
+    assert conn.execute("SELECT %s::int * 4", [2]).fetchone() == (8,)
+    assert conn.execute(query, [0]).fetchone() == (0,)
+    conn.close()
+    admin.execute("DROP TABLE gone_soon")
