@@ -16,11 +16,15 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from pgmigrate_proxy.protocol import schema
+from pgmigrate_proxy.protocol.framing import frame
+from pgmigrate_proxy.protocol.types import BackendType, FrontendType
 
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
 from tests.integration.probes import wait_until
 from tests.integration.test_cli_clients import PGBENCH, bench_db, client_env, needs_pgbench
+from tests.integration.wire import WireClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -337,3 +341,38 @@ def test_errors_reach_the_client_where_postgresql_puts_them(
     assert conn.execute(query, [0]).fetchone() == (0,)
     conn.close()
     admin.execute("DROP TABLE gone_soon")
+
+
+def test_wire_parse_answers_close_and_deallocate(proxy_factory: Factory) -> None:
+    """On the wire, in order: the client's Parse of a statement the server has is answered
+    (ParseComplete, as PostgreSQL would), a Close is answered CloseComplete, a simple
+    DEALLOCATE of one of its names gets "DEALLOCATE"; after them the name is gone for it."""
+    proxy = pooled(proxy_factory, 1)
+    parse = schema.build("Parse", statement="s1", query="SELECT $1::int * 2", parameter_types=[23])
+    bind = schema.build(
+        "Bind",
+        portal="",
+        statement="s1",
+        parameter_formats=[],
+        parameters=[b"21"],
+        result_formats=[],
+    )
+    execute = schema.build("Execute", portal="", max_rows=0)
+    sync = frame(FrontendType.SYNC)
+    close = schema.build("Close", kind=b"S", name="s1")
+    with WireClient(proxy.host, proxy.port) as first, WireClient(proxy.host, proxy.port) as second:
+        first.login()
+        second.login()
+        for client in (first, second):  # the second's Parse: the server has the statement
+            client.send(parse + bind + execute + sync)
+            got = client.read_until(BackendType.READY_FOR_QUERY)
+            assert [chr(t) for t, _ in got] == ["1", "2", "D", "C", "Z"], got
+        second.send(close + sync)
+        assert [chr(t) for t, _ in second.read_until(BackendType.READY_FOR_QUERY)] == ["3", "Z"]
+        got = first.query("DEALLOCATE s1")
+        assert [chr(t) for t, _ in got] == ["C", "Z"] and got[0][1] == b"DEALLOCATE\0", got
+        for client in (first, second):
+            client.send(bind + execute + sync)
+            error = client.expect_error()
+            assert error.code == "26000", error  # invalid_sql_statement_name, as PostgreSQL
+            client.read_until(BackendType.READY_FOR_QUERY)
