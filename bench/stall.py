@@ -13,9 +13,19 @@ django-pgmigrate 1.6 from PyPI. The table is created by the project's initial mi
 - proxy: plain Django ``migrate`` through ``pgmigrate-proxy`` (a subprocess) with
   blocking_action=terminate; the migrate session is a migration session (application_name);
 - proxy-show: the same with blocking_action=show and lock_budget (5 s by default): the
-  migration fails with 55P03 once the budget is spent, or succeeds if the blocker ends first.
+  migration fails with 55P03 once the budget is spent, or succeeds if the blocker ends first;
+- proxy-drain: the same with blocking_action=drain (drain_timeout 2 s, drain_then terminate).
 
-    python bench/stall.py                          # all four targets, 20 s blocker
+--scenario busy (bench/stall_busy.py, issue 11 item 4): 16 workers run short transactions (1 to
+20 ms, some with two statements) on the table continuously, through the proxy in transaction
+pooling for the proxy targets (straight to PostgreSQL for pgmigrate16 and direct); the migration
+is `migrate stallapp 0003` (ADD COLUMN, then ADD CONSTRAINT ... UNIQUE: an index build); once
+without a long blocker and once with an idle-in-transaction one straight to PostgreSQL
+(--busy-runs). Reported per run and target: app max and p99 over the transactions that
+overlapped the migration, app errors, sessions killed (PostgreSQL's log), migration wall time.
+
+    python bench/stall.py                          # all targets, 20 s blocker
+    python bench/stall.py --scenario busy --blocker-seconds 10
     python bench/stall.py --blocker-seconds 5 --targets direct,proxy --json out.json
     python bench/stall.py --pg 15                  # Debian's /usr/lib/postgresql/15/bin
 
@@ -49,6 +59,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 relay.ensure_importable()
+import stall_busy  # noqa: E402  (bench/stall_busy.py)
 from pgmigrate_proxy.demo import (  # noqa: E402
     Migration,
     MigrationOutcome,
@@ -89,7 +100,14 @@ def targets(budget: float) -> tuple[Target, ...]:
         Target("pgmigrate16", "django-pgmigrate 1.6 (Terminate)", True, None),
         Target("proxy", "pgmigrate-proxy, terminate", False, ("--blocking-action", "terminate")),
         Target("proxy-show", f"pgmigrate-proxy, show, {budget:g} s budget", False, show),
+        Target("proxy-drain", "pgmigrate-proxy, drain (2 s, then terminate)", False, DRAIN),
     )
+
+
+DRAIN = ("--blocking-action", "drain", "--drain-timeout", "2", "--drain-then", "terminate")
+#: The proxy's pooling in the busy scenario: the application's traffic goes through it.
+BUSY_POOL = ("--pool-mode", "transaction", "--default-pool-size", "20", "--max-client-conn", "200")
+BUSY_RUNS = ("none", "long")
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,8 @@ class Options:
     venv: Path
     json_path: Path | None
     command: str
+    scenario: str = "idle"
+    busy_runs: tuple[str, ...] = BUSY_RUNS
 
 
 @dataclass(frozen=True)
@@ -127,11 +147,28 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--workers", type=int, default=8, help="application workers (default 8)")
     add("--lock-budget", type=float, default=5.0, help="proxy-show's lock_budget (default 5)")
     keys = ",".join(t.key for t in targets(5.0))
-    add("--targets", default=keys, help=f"comma-separated subset of {keys}")
+    add(
+        "--targets",
+        default=None,
+        help=f"comma-separated subset of {keys} (default: all; busy: all but direct)",
+    )
     add("--pg", default=None, help="embedded | 15 | <bin dir> (default: env PGMIGRATE_PG)")
     add("--venv", type=Path, default=default_venv(), help="the Django virtualenv (cached)")
     add("--json", type=Path, dest="json_path", help="also write all results to this file")
+    add("--scenario", choices=("idle", "busy"), default="idle", help="see above (default idle)")
+    add(
+        "--busy-runs",
+        default=",".join(BUSY_RUNS),
+        help="busy scenario: runs without (none) and with (long) the long blocker",
+    )
     ns = parser.parse_args(argv)
+    runs = tuple(k.strip() for k in ns.busy_runs.split(",") if k.strip())
+    if not runs or set(runs) - set(BUSY_RUNS):
+        parser.error(f"--busy-runs: a comma-separated subset of {','.join(BUSY_RUNS)}")
+    if ns.scenario == "busy" and ns.workers == 8:
+        ns.workers = 16  # the busy scenario's default
+    if ns.targets is None:
+        ns.targets = keys if ns.scenario == "idle" else keys.replace("direct,", "")
     chosen = tuple(k.strip() for k in ns.targets.split(",") if k.strip())
     unknown = sorted(set(chosen) - set(keys.split(",")))
     if unknown or not chosen:
@@ -145,6 +182,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         venv=ns.venv,
         json_path=ns.json_path,
         command=shlex.join(["python", "bench/stall.py", *argv]),
+        scenario=ns.scenario,
+        busy_runs=runs,
     )
 
 
@@ -235,10 +274,10 @@ def failure(output: str, returncode: int) -> str:
     return f"exit {returncode}: {lines[-1] if lines else '(no output)'}"
 
 
-def django_migration(python: Path, env: dict[str, str]) -> Migration:
+def django_migration(python: Path, env: dict[str, str], to: str = "0002") -> Migration:
     def migrate() -> MigrationOutcome:
         try:
-            done = manage(python, ["migrate", "stallapp", "0002", "--no-input"], env)
+            done = manage(python, ["migrate", "stallapp", to, "--no-input"], env)
         except subprocess.TimeoutExpired:
             return MigrationOutcome(False, f"manage.py migrate timed out ({MIGRATE_TIMEOUT:g} s)")
         output = _ANSI.sub("", done.stdout + done.stderr)
@@ -273,18 +312,25 @@ def start_postgres(stack: contextlib.ExitStack, opts: Options, password: str) ->
 
 
 def start_proxy(
-    stack: contextlib.ExitStack, work: Path, server: PostgresServer, password: str, target: Target
+    stack: contextlib.ExitStack,
+    work: Path,
+    server: PostgresServer,
+    password: str,
+    target: Target,
+    extra: Sequence[str] = (),
+    name: str | None = None,
 ) -> relay.Endpoint:
     """``python -m pgmigrate_proxy`` for one target; the upstream (with its password) in env."""
     assert target.proxy_args is not None
     port = relay.free_port()
     argv = [sys.executable, "-m", "pgmigrate_proxy", "--listen-host", "127.0.0.1"]
     argv += ["--listen-port", str(port), "--log-level", "info"]
-    argv += ["--migration-application-names", MIGRATION_APP_NAME, *target.proxy_args]
+    argv += ["--migration-application-names", MIGRATION_APP_NAME, *target.proxy_args, *extra]
+    name = name or target.key
     path = os.pathsep.join(p for p in (str(relay.PROXY_SOURCE), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PGMIGRATE_PROXY_UPSTREAM": server.url()}
-    service = relay.spawn(stack, target.key, argv, work / f"{target.key}.log", env=env)
-    endpoint = relay.Endpoint(target.key, "127.0.0.1", port, password, service.process.pid)
+    service = relay.spawn(stack, name, argv, work / f"{name}.log", env=env)
+    endpoint = relay.Endpoint(name, "127.0.0.1", port, password, service.process.pid)
     relay.wait_until_accepting(endpoint, service)
     relay.note(f"{target.key}: pgmigrate-proxy on 127.0.0.1:{port} ({' '.join(target.proxy_args)})")
     return endpoint
@@ -353,6 +399,163 @@ def summary(result: Result) -> str:
         f"{result.errors} errors; migration {result.migration_seconds:.2f} s "
         f"{'applied' if result.migration.ok else 'failed'}; blocker {describe_blocker(result)}"
     )
+
+
+# ----------------------------------------------------------------------------- the busy scenario
+
+
+@dataclass(frozen=True)
+class BusyRow:
+    run: str  # none | long
+    target: Target
+    result: stall_busy.BusyResult | None
+    proxy_log: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def run_busy_target(
+    target: Target,
+    run: str,
+    server: PostgresServer,
+    password: str,
+    python: Path,
+    opts: Options,
+    work: Path,
+) -> BusyRow:
+    name = f"{target.key}-{run}"
+    dbname = "busy_" + name.replace("-", "_")
+    recreate_database(server, dbname)
+    direct = make_conninfo(
+        host=server.host, port=server.port, user=SUPERUSER, password=password, dbname=dbname,
+        sslmode="disable",
+    )  # fmt: skip
+    scenario = stall_busy.BusyScenario(
+        table=TABLE,
+        workers=opts.workers,
+        blocker_seconds=opts.blocker_seconds if run == "long" else 0.0,
+    )
+    with contextlib.ExitStack() as stack:
+        host, port = server.host, server.port
+        if target.proxy_args is not None:
+            try:
+                proxy = start_proxy(stack, work, server, password, target, BUSY_POOL, name)
+            except relay.BenchError as exc:
+                return BusyRow(run, target, None, error=str(exc).splitlines()[0])
+            host, port = proxy.host, proxy.port
+        env = django_env(host, port, dbname, password, target.pgmigrate16)
+        setup = manage(python, ["migrate", "stallapp", "0001", "--no-input"], env)
+        if setup.returncode:
+            output = _ANSI.sub("", setup.stdout + setup.stderr)
+            return BusyRow(run, target, None, error=failure(output, setup.returncode))
+        prepare_table(direct, Scenario(table=TABLE, rows=scenario.rows), create=False)
+        app = make_conninfo(direct, host=host, port=port, application_name="stall-app")
+        migration = django_migration(python, env, "0003")
+
+        def migrate() -> tuple[bool, str | None, tuple[str, ...]]:
+            outcome = migration()
+            return outcome.ok, outcome.error, outcome.notes
+
+        relay.note(f"{name}: running ({target.title}, blocker: {run}) ...")
+        result = stall_busy.run_busy(app, direct, migrate, scenario, server.log_path)
+        log = work / f"{name}.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    relay.note(f"{name}: {busy_summary(result)}")
+    return BusyRow(run, target, result, guard_events(lines))
+
+
+def busy_summary(r: stall_busy.BusyResult) -> str:
+    return (
+        f"app max {r.app_max_ms:.0f} ms, p99 {r.app_p99_ms:.0f} ms, {r.errors} errors, "
+        f"{r.killed} killed; migration {r.migration_seconds:.2f} s "
+        f"{'applied' if r.migration_ok else 'failed: ' + str(r.migration_error)}"
+    )
+
+
+BUSY_HEADER = [
+    "blocker",
+    "target",
+    "app max",
+    "app p99",
+    "app max outside",
+    "app errors",
+    "sessions killed",
+    "migration wall time",
+]
+
+
+def busy_row(item: BusyRow) -> list[str]:
+    r = item.result
+    if r is None:
+        return [item.run, item.target.title, "skipped", "", "", "", item.error or ""]
+    outcome = "applied" if r.migration_ok else f"failed, {(r.migration_error or '?').split()[0]}"
+    killed = str(r.killed)
+    if r.blocker_killed is not None:
+        killed += " (blocker among them)" if r.blocker_killed else " (blocker not)"
+    return [
+        "idle in transaction" if item.run == "long" else "none",
+        item.target.title,
+        f"{r.app_max_ms:.0f} ms",
+        f"{r.app_p99_ms:.0f} ms",
+        f"{r.baseline_max_ms:.0f} ms",
+        str(r.errors),
+        killed,
+        f"{r.migration_seconds:.2f} s ({outcome})",
+    ]
+
+
+def busy_goals(rows: Sequence[BusyRow]) -> list[str]:
+    """Issue 11's goals for the drain: without the long blocker, no error, nobody killed, app max
+    <= the longest transaction + 20 ms (the longest outside the migration, which is what the
+    machine makes of a 20 ms transaction); with it and then=terminate, only the blocker killed."""
+    lines = []
+    for item in rows:
+        r = item.result
+        if item.target.key != "proxy-drain" or r is None:
+            continue
+        if item.run == "none":
+            bound = max(r.longest_inflight_ms, r.baseline_max_ms) + 20
+            ok = r.errors == 0 and r.killed == 0 and r.app_max_ms <= bound and r.migration_ok
+            said = f"{r.errors} errors, {r.killed} killed, app max {r.app_max_ms:.0f} ms"
+            lines.append(
+                f"Goal, drain without a long blocker: no error, nobody killed, app max <= "
+                f"{bound:.0f} ms: {'PASS' if ok else 'FAIL'} ({said})"
+            )
+        else:
+            ok = r.killed == 1 and bool(r.blocker_killed) and r.migration_ok
+            lines.append(
+                "Goal, drain with the long blocker (then=terminate): only the blocker killed: "
+                f"{'PASS' if ok else 'FAIL'} ({r.killed} killed, blocker "
+                f"{'among them' if r.blocker_killed else 'not'}, {r.errors} app errors)"
+            )
+    return lines
+
+
+def busy_render(opts: Options, rows: Sequence[BusyRow], machine_line: str) -> str:
+    table = [busy_row(item) for item in rows]
+    scenario = (
+        f"{opts.workers} application workers, each looping over short transactions on {TABLE} "
+        "(BEGIN; UPDATE by random id; half the time a SELECT; 1 to 20 ms in all; COMMIT; 2 ms "
+        "pause), through the proxy in transaction pooling for the proxy targets (pool size 20), "
+        "straight to PostgreSQL for django-pgmigrate 1.6; `manage.py migrate stallapp 0003` "
+        "(ADD COLUMN, then ADD CONSTRAINT ... UNIQUE, an index build) after 1 s; with blocker: a "
+        f"session straight to PostgreSQL reads the table and stays idle in transaction for "
+        f"{opts.blocker_seconds:g} s, the migration 1 s after its read. App max / p99: the "
+        "transactions that overlapped the migration, BEGIN to COMMIT; errors: the whole run; "
+        "sessions killed: backends ended by pg_terminate_backend (PostgreSQL's log)."
+    )
+    parts = [scenario, "", relay.text_table(BUSY_HEADER, table), ""]
+    for item in rows:
+        r, key = item.result, f"{item.target.key}/{item.run}"
+        if r is None:
+            continue
+        if r.migration_error:
+            parts.append(f"{key}: migration error: {r.migration_error}")
+        parts += [f"{key}: app error: {e}" for e in r.error_samples]
+        parts += [f"{key}: proxy log: {line}" for line in item.proxy_log[-4:]]
+    parts += ["", *busy_goals(rows), "", "Markdown for the README:", ""]
+    parts += [relay.markdown_table(BUSY_HEADER, table), ""]
+    parts += [f"Command: `{opts.command}`", "", f"Machine: {machine_line}"]
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- report
@@ -470,6 +673,18 @@ def benchmark(opts: Options, stack: contextlib.ExitStack) -> str:
     password = secrets.token_urlsafe(18)
     server = start_postgres(stack, opts, password)
     chosen = [t for t in targets(opts.lock_budget) if t.key in opts.targets]
+    if opts.scenario == "busy":
+        rows = [
+            run_busy_target(t, run, server, password, python, opts, work)
+            for run in opts.busy_runs
+            for t in chosen
+        ]
+        machine_line = machine(server, versions, load_at_start)
+        if opts.json_path:
+            data = {"options": dataclasses.asdict(opts), "machine": machine_line}
+            data["results"] = [dataclasses.asdict(item) for item in rows]
+            opts.json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        return busy_render(opts, rows, machine_line)
     results = [run_target(t, server, password, python, opts, work) for t in chosen]
     machine_line = machine(server, versions, load_at_start)
     if opts.json_path:

@@ -21,6 +21,7 @@ from pgmigrate_proxy.config import (
     flag,
     load_config,
 )
+from pgmigrate_proxy.guard.drain import DrainThen
 from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import redact
 
@@ -145,6 +146,8 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "max_hold": ("10", 10.0),
     "watch_interval": ("0.1", 0.1),
     "cancel_grace": ("0", 0.0),
+    "drain_timeout": ("500ms", 0.5),
+    "drain_then": ("GIVE_UP", "give_up"),
     "report_events": ("on", True),
     "min_transaction_age": ("5", 5.0),
     "min_query_age": ("2.5", 2.5),
@@ -154,6 +157,9 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "users": ("app, report_?", ("app", "report_?")),
     "exclude_users": ("postgres", ("postgres",)),
     "admin_upstream": ("host=db user=admin", "host=db user=admin"),
+    "events_channel": ("deploy_events", "deploy_events"),
+    "migration_lock": ("on", True),
+    "migration_lock_timeout": ("2min", 120.0),
     "migration_application_names": ("migrate", ("migrate",)),
     "pool_mode": ("Transaction", "transaction"),
     "max_client_conn": ("1000", 1000),
@@ -180,6 +186,8 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
         "SELECT * FROM pgbouncer.user_lookup($1)",
         "SELECT * FROM pgbouncer.user_lookup($1)",
     ),
+    "admin_users": ("ops, postgres", ("ops", "postgres")),
+    "stats_users": ("monitor", ("monitor",)),
 }
 
 
@@ -233,11 +241,17 @@ BAD_VALUES = [
     ("max_hold", "0"),
     ("watch_interval", "0"),
     ("cancel_grace", "-1"),
+    ("drain_timeout", "0"),
+    ("drain_then", "show"),
     ("min_transaction_age", "-1"),
     ("min_query_age", "old"),
     ("blocker_states", "idle in transaction, sleeping"),
     ("blocker_states", "starting"),
     ("admin_upstream", "not a conninfo"),
+    ("events_channel", "no spaces"),
+    ("events_channel", "x" * 56),
+    ("migration_lock", "maybe"),
+    ("migration_lock_timeout", "8d"),
     ("admin_upstream", "host=db sslmode=sometimes"),
     ("pool_mode", "statement"),
     ("max_client_conn", "0"),
@@ -573,6 +587,7 @@ def test_reloadable_keys() -> None:
         "listen_port",
         "embedded_data_dir",
         "embedded_pg",
+        "events_channel",
     }
 
 
@@ -932,6 +947,7 @@ def test_the_schema_names_every_config_key_and_the_enums() -> None:
 
     assert tuple(settings.SETTINGS) == KEYS
     assert tuple(action.value for action in BlockingAction) == settings.BLOCKING_ACTIONS
+    assert tuple(then.value for then in DrainThen) == settings.DRAIN_THEN
     assert (
         tuple(s.value for s in BackendState if s is not BackendState.STARTING)
         == settings.BLOCKER_STATES

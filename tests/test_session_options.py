@@ -7,6 +7,7 @@ import math
 import psycopg
 import pytest
 from pgmigrate_proxy.guard.blockers import BackendState
+from pgmigrate_proxy.guard.drain import DrainThen
 from pgmigrate_proxy.guard.policy import BlockingAction
 from pgmigrate_proxy.runtime.guarding import GuardSettings
 from pgmigrate_proxy.runtime.options import NAMES, OptionError, applied, parse, with_options
@@ -43,6 +44,8 @@ def test_every_setting_applies() -> None:
             "-c pgmigrate.max_hold=7",
             "-c pgmigrate.watch_interval=20ms",
             "-c pgmigrate.cancel_grace=0",
+            "-c pgmigrate.drain_timeout=500ms",
+            "-c pgmigrate.drain_then=give_up",
             "-c pgmigrate.min_transaction_age=1.5",
             "-c pgmigrate.min_query_age=5s",
             r"-c pgmigrate.blocker_states=active,idle\ in\ transaction",
@@ -57,6 +60,7 @@ def test_every_setting_applies() -> None:
     assert (got.schedule.lock_timeout, got.schedule.budget) == (0.25, 3.0)
     assert (got.schedule.base_delay, got.schedule.max_delay) == (0.0, 1.0)
     assert (got.max_hold, got.watch_interval, got.cancel_grace) == (7.0, 0.02, 0.0)
+    assert (got.drain.timeout, got.drain.then) == (0.5, DrainThen.GIVE_UP)
     filters = got.filters
     assert (filters.min_transaction_age, filters.min_query_age) == (1.5, 5.0)
     assert filters.states == {BackendState.ACTIVE, BackendState.IDLE_IN_TRANSACTION}
@@ -66,7 +70,7 @@ def test_every_setting_applies() -> None:
 
 
 def test_the_table_names_every_option() -> None:
-    assert "blocking_action" in NAMES and "role" not in NAMES and len(NAMES) == 16
+    assert "blocking_action" in NAMES and "role" not in NAMES and len(NAMES) == 18
 
 
 @pytest.mark.parametrize(

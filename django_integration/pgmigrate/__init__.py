@@ -2,6 +2,6 @@
 
 from pgmigrate_proxy import __version__
 
-from pgmigrate.actions import BlockingAction, Cancel, Show, Terminate
+from pgmigrate.actions import BlockingAction, Cancel, Drain, Show, Terminate
 
-__all__ = ["BlockingAction", "Cancel", "Show", "Terminate", "__version__"]
+__all__ = ["BlockingAction", "Cancel", "Drain", "Show", "Terminate", "__version__"]

@@ -84,11 +84,53 @@ class Show(BlockingAction):
         return pids
 
 
+class Drain(BlockingAction):
+    """Drain instead of kill (the proxy's blocking_action = drain): the proxy holds new work on
+    the migration's tables, lets the transactions holding locks on them finish (up to
+    `timeout`: seconds, a timedelta or a duration such as "500ms"), runs the statement and
+    releases what it held. `then` applies to the sessions still holding locks after the
+    timeout: pgmigrate.Terminate (the default), pgmigrate.Cancel, or None to give up (the
+    statement fails with 55P03, nobody is touched). Keyword filters apply to `then`."""
+
+    def __init__(
+        self,
+        timeout: object = 2.0,
+        then: type[BlockingAction] | BlockingAction | None = Terminate,
+        **filters: Any,
+    ) -> None:
+        super().__init__(**filters)
+        self.timeout = timeout
+        self.then = then
+
+    def worker(self, cmd: BaseCommand, blocking_locks: BlockedPGLockQuerySet) -> list[int]:
+        return []  # the proxy does it: this worker never runs
+
+    def __repr__(self) -> str:
+        then = getattr(self.then, "__name__", None) or repr(self.then)
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.filters.items())
+        return f"pgmigrate.Drain(timeout={self.timeout!r}, then={then}" + (
+            f", {shown})" if shown else ")"
+        )
+
+
+def drain_then(then: object) -> str:
+    """The proxy's drain_then for Drain's `then`; ValueError for anything else."""
+    if then is None:
+        return "give_up"
+    cls = then if isinstance(then, type) else type(then)
+    if issubclass(cls, (Terminate, Cancel)) and cls.__call__ is BlockingAction.__call__:
+        return PROXY_ACTIONS[cls.worker]
+    raise ValueError(
+        f"Drain's then must be pgmigrate.Terminate, pgmigrate.Cancel or None (got {then!r})"
+    )
+
+
 #: The built-in workers and the proxy's blocking_action that does their job.
 PROXY_ACTIONS: dict[Callable[..., list[int]], str] = {
     Terminate.worker: "terminate",
     Show.worker: "show",
     Cancel.worker: "cancel",
+    Drain.worker: "drain",
 }
 
 

@@ -35,6 +35,12 @@ def lock_timeout() -> object:
     return _get("PGMIGRATE_LOCK_TIMEOUT", None)
 
 
+def migrate_lock_timeout() -> object:
+    """How long a migrate waits for another one on the same database; None: as long as it
+    takes."""
+    return _get("PGMIGRATE_MIGRATE_LOCK_TIMEOUT", None)
+
+
 def patch_migrate() -> object:
     """True when `migrate` is django-pgmigrate's command, False for Django's own."""
     return _get("PGMIGRATE_PATCH_MIGRATE", True)

@@ -28,7 +28,6 @@ _PART = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", re.IGNORE
 _CLOCK = re.compile(r"\s*(?:([0-9]+):)?([0-9]+):([0-9]+(?:\.[0-9]*)?)\s*")
 
 
-
 class Unmappable(ValueError):
     """A filter the proxy cannot apply; str() says which and why."""
 

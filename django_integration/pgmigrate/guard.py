@@ -40,6 +40,10 @@ ROLE_MIGRATE = "migrate"
 ROLE_TRANSACTIONAL = "transactional"
 
 
+#: The longest PGMIGRATE_MIGRATE_LOCK_TIMEOUT: a week.
+MIGRATE_LOCK_MAX = 7 * 24 * 3600.0
+
+
 class Invalid(ValueError):
     """A setting with a value not allowed: the check id and the message."""
 
@@ -95,6 +99,7 @@ ACTION_NAMES: dict[str, type[actions.BlockingAction] | None] = {
     "terminate": actions.Terminate,
     "cancel": actions.Cancel,
     "show": actions.Show,
+    "drain": actions.Drain,
     "none": None,
 }
 
@@ -108,15 +113,28 @@ def blocking_action(value: object) -> actions.BlockingAction | None:
             action = ACTION_NAMES[name]
             return None if action is None else action()
     if inspect.isclass(value) and issubclass(value, actions.BlockingAction):
-        return value()
+        value = value()
+    if isinstance(value, actions.Drain):
+        drain_values(value)  # its timeout and then, checked
     if value is None or isinstance(value, actions.BlockingAction):
         return value
     raise ValueError(
-        "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, a "
+        "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, pgmigrate.Drain, a "
         "pgmigrate.BlockingAction subclass or instance, or one of "
         + ", ".join(repr(name) for name in ACTION_NAMES)
         + f" (got {value!r})"
     )
+
+
+def drain_values(action: actions.Drain) -> dict[str, object]:
+    """A Drain's drain_timeout and drain_then, checked (ValueError saying what is wrong)."""
+    setting = PROXY_SETTINGS["drain_timeout"]
+    assert setting.low is not None and setting.high is not None
+    try:
+        timeout = seconds(action.timeout, optional=False, low=setting.low, high=setting.high)
+    except ValueError as exc:
+        raise ValueError(f"Drain's timeout {exc}") from None
+    return {"drain_timeout": timeout, "drain_then": actions.drain_then(action.then)}
 
 
 def _duration(name: str) -> Callable[[object], object]:
@@ -187,6 +205,12 @@ SETTINGS: tuple[Setting, ...] = (
         conf.exclude_application_names,
         patterns,
     ),
+    Setting(
+        "PGMIGRATE_MIGRATE_LOCK_TIMEOUT",
+        "pgmigrate.E018",
+        conf.migrate_lock_timeout,
+        lambda value: seconds(value, optional=True, low=0.0, high=MIGRATE_LOCK_MAX),
+    ),
 )
 #: The check id for blocking-action filters that the proxy cannot apply.
 UNMAPPABLE_FILTER = "pgmigrate.E004"
@@ -224,6 +248,7 @@ class Plan:
     autocommit: bool
     interval: float
     guard: dict[str, object] = field(default_factory=dict)  # Config key -> value (set ones)
+    migrate_lock_timeout: float | None = None  # None: wait for another migrate as long as it takes
 
     @property
     def worker(self) -> bool:
@@ -267,7 +292,13 @@ def plan() -> Plan:
         autocommit=bool(values["PGMIGRATE_AUTOCOMMIT"]),
         interval=interval,
         guard=guard_values(action, values),
+        migrate_lock_timeout=_optional_float(values["PGMIGRATE_MIGRATE_LOCK_TIMEOUT"]),
     )
+
+
+def _optional_float(value: object) -> float | None:
+    assert value is None or isinstance(value, float)
+    return value
 
 
 def guard_values(
@@ -304,4 +335,6 @@ def guard_values(
             guard[key] = values[setting]
     if action is not None and name is not None:
         guard.update(filters.translate(action.filters)[0])
+    if isinstance(action, actions.Drain):
+        guard.update(drain_values(action))
     return guard

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
@@ -21,6 +22,7 @@ from pgmigrate_proxy.guard.blockers import (
     parse_pga_context,
     report_query,
 )
+from pgmigrate_proxy.guard.drain import LOCKS_SQL
 from pgmigrate_proxy.sql.locks import CONFLICTS, LockMode
 
 APPLICATION_NAME: Final = "pgmigrate-proxy admin"
@@ -128,6 +130,49 @@ _WAITER_OWNS = """
 """
 
 
+def blockers_query(
+    relation_modes: Mapping[int, LockMode | str],
+    exclude_pids: Collection[int] = (),
+    *,
+    database: str | None = None,
+    viewer: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """find_blockers' query and parameters (pyformat), for a program that runs it on a
+    connection of its own (`manage.py pgmigrate_blockers`: with the user's own rights).
+    Columns: pid, locks, state, backend_type, datname, usename, application_name, client_addr,
+    xact_age, query_age, query (raw), wait_event_type, prepared_xact, visible."""
+    relations, modes = _conflicting_pairs(relation_modes)
+    params = {
+        "relations": relations,
+        "modes": modes,
+        "database": database,
+        "exclude": sorted(exclude_pids),
+        "viewer": viewer,
+    }
+    return _FIND_BLOCKERS, params
+
+
+def activity_query(
+    pids: Collection[int], *, viewer: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """activity()'s query and parameters, as blockers_query gives find_blockers'."""
+    return _ACTIVITY, {"pids": sorted({pid for pid in pids if pid > 0}), "viewer": viewer}
+
+
+_ROLE_OID = "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %(name)s"
+_MAY_SIGNAL = """
+    SELECT a.pid FROM pg_catalog.pg_stat_activity AS a
+    JOIN pg_catalog.pg_roles AS me ON me.rolname = %(role)s
+    WHERE a.pid = ANY(%(pids)s::int[])
+      AND (me.rolsuper
+           OR (NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles AS r
+                             WHERE r.oid = a.usesysid), false)
+               AND coalesce(pg_catalog.pg_has_role(me.oid, a.usesysid, 'USAGE')
+                            OR pg_catalog.pg_has_role(me.oid, 'pg_signal_backend', 'USAGE'),
+                            false)))
+"""
+
+
 class AdminUnavailable(ConnectionFailure):
     """The admin connection could not be opened, was lost beyond repair, or a query timed out."""
 
@@ -210,6 +255,7 @@ class AdminConnection:
         self._conn: psycopg.AsyncConnection[DictRow] | None = None
         self._pid = 0
         self._lock = asyncio.Lock()
+        self._listen: tuple[str, Callable[[str], None]] | None = None
 
     async def __aenter__(self) -> AdminConnection:
         await self.connect()
@@ -222,6 +268,11 @@ class AdminConnection:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @property
+    def conninfo(self) -> str:
+        """Its conninfo (with any password: never log it)."""
+        return self._conninfo
 
     @property
     def pid(self) -> int:
@@ -320,6 +371,17 @@ class AdminConnection:
             return None, False
         return int(rows[0]["usesysid"]), bool(rows[0]["owns"])
 
+    async def lock_rows(
+        self, relations: Collection[int], *, database: str
+    ) -> list[tuple[int, int, str, bool]]:
+        """The relation locks held or awaited on `relations` in `database`: (pid, relation OID,
+        mode, granted) rows of pg_locks (a drain's snapshot of who holds its tables)."""
+        if not relations:
+            return []
+        params = {"relations": sorted(relations), "database": database}
+        rows = await self._fetch(LOCKS_SQL, params)
+        return [(r["pid"], r["relation"], r["mode"], r["granted"]) for r in rows]
+
     async def terminate(self, pid: int) -> bool:
         """pg_terminate_backend(pid); False when it is no backend (or is this admin session)."""
         return await self._signal("SELECT pg_terminate_backend(%(pid)s) AS ok", pid)
@@ -328,10 +390,60 @@ class AdminConnection:
         """pg_cancel_backend(pid): ends a running query, not an idle-in-transaction session."""
         return await self._signal("SELECT pg_cancel_backend(%(pid)s) AS ok", pid)
 
+    async def role_oid(self, name: str) -> int | None:
+        """The OID of role `name` (None: no such role)."""
+        rows = await self._fetch(_ROLE_OID, {"name": name})
+        return int(rows[0]["oid"]) if rows else None
+
+    async def may_signal(self, role: str, pids: Collection[int]) -> set[int]:
+        """Those of `pids` that role `role` could end itself with pg_terminate_backend or
+        pg_cancel_backend (PostgreSQL's rule: a superuser any; otherwise not a superuser's
+        session, and a member of the session's role or of pg_signal_backend)."""
+        wanted = sorted({pid for pid in pids if pid > 0})
+        if not wanted:
+            return set()
+        rows = await self._fetch(_MAY_SIGNAL, {"role": role, "pids": wanted})
+        return {int(row["pid"]) for row in rows}
+
     async def lookup_user(self, query: str, user: str) -> tuple[object, ...] | None:
         """auth_query's first row for `user` (None: no row), the name bound as `$1`."""
         rows = await self._fetch(query, (user,))
         return tuple(rows[0].values()) if rows else None
+
+    async def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """LISTEN on `channel` now (when connected) and after each reconnect; `callback` gets each
+        payload. PostgreSQL delivers them while this connection runs a query (see poll())."""
+        self._listen = (channel, callback)
+        conn = self._conn
+        if self.connected and conn is not None:
+            await self._quick(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)), None)
+            conn.add_notify_handler(lambda notify: callback(notify.payload))
+
+    async def notify(self, channel: str, payload: str) -> bool:
+        """pg_notify(channel, payload) when the connection is up; False (nothing sent, no
+        reconnect: the guard reconnects when it needs to) when it is down or the send failed."""
+        return await self.poll("SELECT pg_notify(%(channel)s, %(payload)s)",
+                               {"channel": channel, "payload": payload})  # fmt: skip
+
+    async def poll(self, query: str = "SELECT 1", params: Mapping[str, Any] | None = None) -> bool:
+        """One short query if the connection is up (it also delivers pending notifications)."""
+        conn = self._conn
+        if not self.connected or conn is None:
+            return False
+        try:
+            await self._quick(conn, query, params)
+        except (psycopg.Error, asyncio.TimeoutError) as exc:
+            log.debug("admin connection: %s", _describe(exc))
+            return False
+        return True
+
+    async def _quick(
+        self, conn: psycopg.AsyncConnection[DictRow], query: Any, params: Mapping[str, Any] | None
+    ) -> None:
+        async def run() -> None:
+            await conn.execute(query, params)
+
+        await _within(run(), self._statement_timeout + 1.0)
 
     async def _signal(self, query: str, pid: int) -> bool:
         if pid <= 0 or pid == self._pid:
@@ -354,6 +466,10 @@ class AdminConnection:
                 " set_config('search_path', 'pg_catalog', false)",
                 {"timeout": timeout},
             )
+            if self._listen is not None:
+                channel, callback = self._listen
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                conn.add_notify_handler(lambda notify: callback(notify.payload))
         except BaseException:
             await conn.close()
             raise

@@ -54,9 +54,13 @@ def server_reason(message: str) -> str:
 def refusal(conninfo: str, message: str) -> str:
     """One line about a refused admin login: the user, the server's reason and the fix."""
     user = conninfo_user(conninfo)
-    who = repr(user) if user else (
-        f"{os.environ.get('PGUSER') or getpass.getuser()!r} (the URL names no user: libpq took "
-        "PGUSER or the OS user)"
+    who = (
+        repr(user)
+        if user
+        else (
+            f"{os.environ.get('PGUSER') or getpass.getuser()!r} (the URL names no user: libpq took "
+            "PGUSER or the OS user)"
+        )
     )
     return (
         f"the admin connection's login as {who} was refused: {server_reason(message)}; it logs "

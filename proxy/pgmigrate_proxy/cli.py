@@ -95,8 +95,34 @@ def _report(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _watch(argv: list[str]) -> int:
+    """`pgmigrate-proxy watch [CONNINFO]`: print the guard events that the proxies in front of
+    this database send (NOTIFY on events_channel), live, one line each (or JSON lines)."""
+    import argparse
+
+    from pgmigrate_proxy import watch
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} watch", description=_watch.__doc__)
+    parser.add_argument(
+        "conninfo",
+        nargs="?",
+        default="",
+        help="a libpq URL or key=value conninfo (default: libpq's PG* variables)",
+    )
+    parser.add_argument(
+        "--channel", default=None, help="the proxies' events_channel (default: pgmigrate_events)"
+    )
+    parser.add_argument("--json", action="store_true", help="print each event as one JSON line")
+    args = parser.parse_args(argv)
+    return watch.run(args.conninfo, args.channel, as_json=args.json)
+
+
 #: Subcommands by name; the proxy itself runs when the first argument names none of them.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo, "report": _report}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _demo,
+    "report": _report,
+    "watch": _watch,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,6 +281,9 @@ class Service:
         """Serve until SIGTERM or SIGINT, then shut down within the grace period."""
         self._stop = asyncio.Event()
         server = self.server = self.make_server(self.config)
+        for hook, handler in (("reload_hook", self.reload), ("stop_hook", self.request_stop)):
+            if hasattr(server, hook):  # the admin console's RELOAD and SHUTDOWN
+                setattr(server, hook, handler)
         with self._signal_handlers():
             try:
                 await server.start()

@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 from pgmigrate_proxy import __version__
 from pgmigrate_proxy.auth.authfile import AuthFileError, parse_auth_file
 from pgmigrate_proxy.auth.credentials import StoredCredential
+from pgmigrate_proxy.guard.drain import DrainSettings, DrainThen
 from pgmigrate_proxy.guard.policy import BackendState, BlockingAction, Filters, RetrySchedule
 from pgmigrate_proxy.logsetup import MASK, redact
 from pgmigrate_proxy.poolconfig import SECTIONS, OverrideError, PoolOverrides, parse_section
@@ -129,6 +130,8 @@ class Config:
     max_hold: float = default("max_hold")
     watch_interval: float = default("watch_interval")
     cancel_grace: float = default("cancel_grace")
+    drain_timeout: float = default("drain_timeout")
+    drain_then: str = default("drain_then")
     report_events: bool = default("report_events")
     min_transaction_age: float = default("min_transaction_age")
     min_query_age: float = default("min_query_age")
@@ -138,6 +141,9 @@ class Config:
     users: tuple[str, ...] = default("users")
     exclude_users: tuple[str, ...] = default("exclude_users")
     admin_upstream: str | None = default("admin_upstream")
+    events_channel: str | None = default("events_channel")
+    migration_lock: bool = default("migration_lock")
+    migration_lock_timeout: float = default("migration_lock_timeout")
     migration_application_names: tuple[str, ...] = default("migration_application_names")
     pool_mode: str = default("pool_mode")
     max_client_conn: int = default("max_client_conn")
@@ -161,6 +167,8 @@ class Config:
     auth_type: str = default("auth_type")
     auth_file: str | None = default("auth_file")
     auth_query: str = default("auth_query")
+    admin_users: tuple[str, ...] = default("admin_users")
+    stats_users: tuple[str, ...] = default("stats_users")
     #: The TOML file's [databases.NAME] / [users.NAME] entries (poolconfig.pool_settings reads
     #: them); not a setting of its own: no flag or environment variable.
     pool_overrides: PoolOverrides = field(default_factory=PoolOverrides)
@@ -201,6 +209,10 @@ class Config:
             exclude_users=self.exclude_users,
         )
 
+    def drain_settings(self) -> DrainSettings:
+        """drain_timeout and drain_then, for blocking_action = drain."""
+        return DrainSettings(timeout=self.drain_timeout, then=DrainThen(self.drain_then))
+
     def retry_schedule(self) -> RetrySchedule:
         """Attempts of lock_timeout each, backoff from retry_delay to retry_max_delay, all within
         lock_budget (unset: no limit). Multiplier and jitter are RetrySchedule's defaults."""
@@ -228,6 +240,7 @@ RELOADABLE: frozenset[str] = frozenset((*KEYS, "pool_overrides")) - {
     "listen_port",
     "embedded_data_dir",
     "embedded_pg",
+    "events_channel",  # the admin connection LISTENs on it from the start
 }
 assert set(RULES) == set(KEYS), "every Config field needs a rule"
 

@@ -37,9 +37,35 @@ def gave_up(budget: float) -> str:
     )
 
 
+def draining(count: int, timeout: float) -> str:
+    return (
+        f"{PREFIX}draining: waiting up to {timeout:g} s for {count} session(s) holding locks"
+        " on the statement's tables to finish"
+    )
+
+
+def drain_gave_up(timeout: float) -> str:
+    return (
+        f"{PREFIX}drain: sessions still held locks on the statement's tables after {timeout:g} s;"
+        " the statement was not sent"
+    )
+
+
 def admin_down(reason: str | None = None) -> str:
     because = f": {reason}" if reason else ""
     return f"{PREFIX}cannot look for blocking sessions (admin connection down{because})"
+
+
+def migration_lock_wait(holder: str) -> str:
+    return f"{PREFIX}another migration holds the migration lock: {holder}; waiting"
+
+
+def migration_lock_busy(seconds: float) -> str:
+    return f"{PREFIX}migration lock not available after {seconds:g} s (migration_lock_timeout)"
+
+
+def migration_lock_failed(reason: str) -> str:
+    return f"{PREFIX}cannot take the migration lock: {reason}"
 
 
 def applied_despite_rollback(count: int, shown: str) -> str:

@@ -24,7 +24,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 CLIENT_TLS_MODES = ("auto", "disable", "allow", "require")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-BLOCKING_ACTIONS = ("terminate", "cancel", "show", "none")
+BLOCKING_ACTIONS = ("terminate", "cancel", "show", "none", "drain")
+#: guard/drain.py's DrainThen must agree (a test checks it).
+DRAIN_THEN = ("terminate", "cancel", "give_up")
 #: poolconfig.py's enums must agree (a test checks it).
 POOL_MODES = ("session", "transaction")
 AUTH_TYPES = ("passthrough", "auth_query", "auth_file", "trust")
@@ -217,6 +219,15 @@ def optional_text(value: object) -> str | None:
     return value
 
 
+def _channel(value: object) -> str | None:
+    """A NOTIFY channel name (an identifier that leaves room for the request suffix); empty:
+    no events sent."""
+    text = optional_text(value)
+    if text is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,54}", text):
+        raise Rejected
+    return text
+
+
 def _query(value: object) -> str:
     """SQL text; None and empty (after stripping) are "" (pgbouncer's "disabled")."""
     if value is None:
@@ -289,7 +300,14 @@ _POOL: tuple[Setting, ...] = (
         _MANY,
         "server connections per (database, user) pool, unless `pool_size` overrides it",
     ),
-    _integer("min_pool_size", 0, 0, _MANY, "keep at least this many server connections a pool"),
+    _integer(
+        "min_pool_size",
+        0,
+        0,
+        _MANY,
+        "keep at least this many server connections a pool (opened in the background when the"
+        " pool can open servers: not with passthrough)",
+    ),
     _integer(
         "reserve_pool_size",
         0,
@@ -379,6 +397,26 @@ _POOL: tuple[Setting, ...] = (
         "query run on the admin connection for a user's name and password hash",
         _query,
         DEFAULT_AUTH_QUERY,
+    ),
+)
+
+#: The admin console's settings (pgbouncer's names and meanings).
+_CONSOLE: tuple[Setting, ...] = (
+    Setting(
+        "admin_users",
+        "list",
+        (),
+        "users who may run every admin console command (database `pgmigrate` or `pgbouncer`)",
+        "comma-separated user names or a TOML array; empty for none",
+        items,
+    ),
+    Setting(
+        "stats_users",
+        "list",
+        (),
+        "users who may run the admin console's read-only commands (`SHOW ...`)",
+        "comma-separated user names or a TOML array; empty for none",
+        items,
     ),
 )
 
@@ -494,6 +532,22 @@ _ALL: tuple[Setting, ...] = (
         3600.0,
         "time before `cancel` escalates to terminate for an idle-in-transaction blocker",
     ),
+    _duration(
+        "drain_timeout",
+        2.0,
+        0.001,
+        DAY,
+        "`blocking_action = drain`: time to wait for the sessions holding locks on the "
+        "statement's tables to finish before `drain_then` applies to those left",
+    ),
+    _choice(
+        "drain_then",
+        "terminate",
+        DRAIN_THEN,
+        "`blocking_action = drain`: what to do with the holders left after `drain_timeout` "
+        "(`give_up`: answer `55P03` without sending the statement)",
+        session=True,
+    ),
     Setting(
         "report_events",
         "boolean",
@@ -543,6 +597,32 @@ _ALL: tuple[Setting, ...] = (
         "superuser); unset: the upstream",
         _upstream,
     ),
+    _text(
+        "events_channel",
+        "a name of letters, digits and _ (at most 55), or empty for none",
+        "the NOTIFY channel of the guard events, sent through the admin connection "
+        "(`pgmigrate-proxy watch` prints them); empty: none sent",
+        _channel,
+        "pgmigrate_events",
+    ),
+    Setting(
+        "migration_lock",
+        "boolean",
+        False,
+        "a migration session takes the database's migration lock (the advisory lock `manage.py "
+        "migrate` takes) before its first statement, and waits while another migration holds it",
+        "true or false (also on/off, yes/no, 1/0)",
+        _boolean,
+        session=True,
+    ),
+    _duration(
+        "migration_lock_timeout",
+        0.0,
+        0.0,
+        7 * DAY,
+        "with migration_lock: how long to wait for it, then end the session with 55P03; 0: no "
+        "limit",
+    ),
     _globs(
         "migration_application_names",
         "none",
@@ -550,16 +630,19 @@ _ALL: tuple[Setting, ...] = (
         session=False,
     ),
     *_POOL,
+    *_CONSOLE,
 )
 
 #: Every setting by name, in the order of the README and --help.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _ALL}
 #: What a session may set as `-c pgmigrate.<name>=<value>` (besides `role`).
 SESSION_NAMES: tuple[str, ...] = tuple(s.name for s in _ALL if s.session)
-#: The README's three tables: the proxy's own settings, the guard's, then the pooler's.
+#: The README's tables: the proxy's own settings, the guard's, the pooler's, the console's.
 PROXY_KEYS: tuple[str, ...] = tuple(SETTINGS)[: tuple(SETTINGS).index("guard")]
 POOL_KEYS: tuple[str, ...] = tuple(s.name for s in _POOL)
-GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) : -len(POOL_KEYS)]
+_POOL_START = tuple(SETTINGS).index(POOL_KEYS[0])
+GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) : _POOL_START]
+CONSOLE_KEYS: tuple[str, ...] = tuple(s.name for s in _CONSOLE)
 
 
 def default(name: str) -> Any:
@@ -579,4 +662,5 @@ def markdown_table(names: Iterable[str]) -> str:
 
 
 if __name__ == "__main__":  # python -m pgmigrate_proxy.settings: the README's tables
-    print(*(markdown_table(keys) for keys in (PROXY_KEYS, GUARD_KEYS, POOL_KEYS)), sep="\n\n")
+    tables = (PROXY_KEYS, GUARD_KEYS, POOL_KEYS, CONSOLE_KEYS)
+    print(*(markdown_table(keys) for keys in tables), sep="\n\n")

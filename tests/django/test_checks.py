@@ -60,9 +60,9 @@ def test_required_apps(settings: SettingsWrapper, missing: str, check_id: str) -
 DURATION = "must be a datetime.timedelta, a number of seconds or a duration such as '5s'"
 PATTERNS = "must be a list of non-empty glob patterns without commas"
 BLOCKING_ACTION = (
-    "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, a "
+    "must be None, pgmigrate.Terminate, pgmigrate.Show, pgmigrate.Cancel, pgmigrate.Drain, a "
     "pgmigrate.BlockingAction subclass or instance, or one of 'terminate', 'cancel', 'show', "
-    "'none' (got "
+    "'drain', 'none' (got "
 )
 
 
@@ -118,6 +118,8 @@ def test_setting_errors(
         ("cancel", "cancel"),
         ("show", "show"),
         ("none", "none"),
+        ("drain", "drain"),
+        (pgmigrate.Drain(timeout=1), "drain"),
         ("Terminate", "terminate"),
         ("pgmigrate.Show", "show"),
         (pgmigrate.Cancel, "cancel"),

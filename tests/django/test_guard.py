@@ -180,6 +180,55 @@ def test_show_waits_in_the_lock_queue(
     assert plan.shows_blockers
 
 
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        (pgmigrate.Drain, {"drain_timeout": 2.0, "drain_then": "terminate"}),
+        ("drain", {"drain_timeout": 2.0, "drain_then": "terminate"}),
+        (
+            pgmigrate.Drain(timeout="500ms", then=pgmigrate.Cancel),
+            {"drain_timeout": 0.5, "drain_then": "cancel"},
+        ),
+        (
+            pgmigrate.Drain(timeout=dt.timedelta(seconds=3), then=None),
+            {"drain_timeout": 3.0, "drain_then": "give_up"},
+        ),
+        (
+            pgmigrate.Drain(then=pgmigrate.Terminate(), blocking_activity__state="ACTIVE"),
+            {"drain_timeout": 2.0, "drain_then": "terminate", "blocker_states": ("active",)},
+        ),
+    ],
+)
+def test_drain(settings: SettingsWrapper, action: object, expected: dict[str, object]) -> None:
+    settings.PGMIGRATE_BLOCKING_ACTION = action
+    plan = guard.plan()
+    assert plan.guard == {"blocking_action": "drain", **expected}
+    assert not plan.worker and not plan.shows_blockers
+    seen = with_options(GuardSettings(), plan.session_options())
+    assert (seen.drain.timeout, seen.drain.then.value) == (
+        expected["drain_timeout"],
+        expected["drain_then"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (pgmigrate.Drain(timeout="soon"), "Drain's timeout must be a datetime.timedelta"),
+        (pgmigrate.Drain(timeout=0), "Drain's timeout must be from 1ms to 1d"),
+        (pgmigrate.Drain(then=pgmigrate.Show), "Drain's then must be pgmigrate.Terminate"),
+    ],
+)
+def test_drain_refuses_bad_arguments(
+    settings: SettingsWrapper, action: object, message: str
+) -> None:
+    settings.PGMIGRATE_BLOCKING_ACTION = action
+    with pytest.raises(guard.Invalid) as info:
+        guard.plan()
+    assert info.value.check_id == "pgmigrate.E003"
+    assert message in str(info.value)
+
+
 class Custom(pgmigrate.BlockingAction):
     def worker(self, cmd: object, blocking_locks: object) -> list[int]:
         return []

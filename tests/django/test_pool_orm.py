@@ -1,5 +1,6 @@
 """Django's ORM through transaction pooling: 32 threads (CONN_MAX_AGE 60, each its own
-connection) on a pool of 4 server connections, with atomic blocks and plain queries."""
+connection) on a pool of 4 server connections, with atomic blocks and plain queries; with
+psycopg 3 here, and with psycopg2 in test_psycopg2.py's run (marked django_db for it)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ from typing import Any
 
 import pytest
 
+from tests.django.conftest import DRIVER
 from tests.fixtures.postgres import PgInfo
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(120),
+    pytest.mark.django_db(transaction=True),
+]
 
 THREADS = 32
 POOL_SIZE = 4
@@ -44,7 +50,8 @@ def pooling_proxy(pg: PgInfo, transactional_db: None) -> Iterator[Any]:
         HOST=proxy.host,
         PORT=str(proxy.port),
         CONN_MAX_AGE=60,
-        OPTIONS={"prepare_threshold": None},  # a named prepared statement would pin
+        # psycopg 3: no named prepared statement (it would pin); psycopg2 prepares none
+        OPTIONS={"prepare_threshold": None} if DRIVER == "psycopg" else {},
     )
     try:
         yield proxy
@@ -57,6 +64,9 @@ def pooling_proxy(pg: PgInfo, transactional_db: None) -> Iterator[Any]:
 
 def test_orm_threads_on_a_small_pool(pooling_proxy: Any, pg: PgInfo) -> None:
     from django.db import connection, transaction
+    from django.db.backends.postgresql.base import is_psycopg3  # type: ignore[attr-defined]
+
+    assert is_psycopg3 == (DRIVER == "psycopg")  # the driver this run is about
 
     from tests.django.testapp.models import Item
 

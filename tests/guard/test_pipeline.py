@@ -417,13 +417,18 @@ def test_events_tell_one_unit_from_held_to_applied_with_each_attempt() -> None:
     fake.run(pipeline.run(View(), context, settings(watch_interval=0.02), unit, client))
     events = [(e.name, dict(e.fields)) for e in fake.of(Event)]
     assert [name for name, _ in events] == [
-        "held", "terminated", "attempt", "retry", "terminated", "attempt", "applied",
+        "held", "blockers", "terminated", "attempt", "retry",
+        "blockers", "terminated", "attempt", "applied",
     ]  # fmt: skip
+    found = [fields for name, fields in events if name == "blockers"]
+    assert [f["pids"] for f in found] == [[7], [9]]  # the first found before, then in flight
+    assert found[0]["targets"] == {str(TABLE): "AccessExclusiveLock"}
     assert all(fields["unit"] == 1 and fields["statement_pid"] == PID for _, fields in events)
     assert events[0][1] == {
         "unit": 1,
         "statement_pid": PID,
         "statement": ALTER.text,
+        "relations": [f"{lock.relation} ({lock.mode.name})" for lock in ALTER.locks],
         "database": "app",
         "action": "terminate",
         "user": "app",

@@ -118,7 +118,7 @@ def test_decide_keeps_order_and_handles_many() -> None:
 
 
 def test_blocking_action_parses_setting_values() -> None:
-    assert [BlockingAction(v) for v in ("terminate", "cancel", "show", "none")] == list(A)
+    assert [BlockingAction(v) for v in ("terminate", "cancel", "show", "none", "drain")] == list(A)
 
 
 # --- escalation ----------------------------------------------------------------------------------

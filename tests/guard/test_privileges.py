@@ -313,7 +313,8 @@ def test_report_events_show_an_owner_no_more_than_pg_stat_activity(
     client = through(proxy, options="-c pgmigrate.report_events=on")
     client.conn.execute(q("ALTER TABLE {} ADD COLUMN v int", mine))
     events = [notices.read_event(n.message) for n in client.notices if n.severity == "LOG"]
-    assert [e["event"] for e in events if e] == ["held", "terminated", "attempt", "applied"]
+    names = [e["event"] for e in events if e]
+    assert names == ["held", "blockers", "terminated", "attempt", "applied"]
     terminated = next(e for e in events if e and e["event"] == "terminated")
     assert terminated["pid"] == holder.info.backend_pid
     assert terminated["query"] == "<insufficient privilege>" and "state" not in terminated

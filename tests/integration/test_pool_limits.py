@@ -130,3 +130,42 @@ def test_max_db_connections(proxy_factory: Factory, admin: psycopg.Connection[An
     wait_until(lambda: len(pids(admin)) == 1, "one server for the database")
     for conn in clients:
         conn.close()
+
+
+def test_no_server_is_handed_out_while_a_cancel_for_it_is_in_flight(
+    proxy_factory: Factory,
+) -> None:
+    """pgbouncer's rule: a server with a cancel request in flight (counted on its lease while
+    the proxy delivers it) waits in the pool; the client waiting for it gets it once the
+    cancel is delivered, so a late cancel never lands on that client's query."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    waiting = connect(proxy, autocommit=True)  # (its login server: one too many, closed)
+    first = connect(proxy, autocommit=True)
+    assert first.execute("SELECT 1").fetchone() == (1,)
+
+    async def lease_in_flight() -> Any:
+        pool = proxy.server.pools.pool("postgres", "u_trust")
+        assert len(pool.idle) == 1
+        lease = pool.idle[0]
+        lease.cancels += 1  # as ProxyServer.cancel counts one it is delivering
+        return lease
+
+    lease = proxy.call(lease_in_flight())
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(waiting.execute("SELECT 2").fetchone()))
+    thread.start()
+
+    async def waiters() -> int:
+        return len(proxy.server.pools.pool("postgres", "u_trust").waiters)
+
+    wait_until(lambda: proxy.call(waiters()) == 1, "the client waiting for the server")
+    assert not result
+
+    async def delivered() -> None:
+        lease.pool.cancel_done(lease)
+
+    proxy.call(delivered())
+    thread.join(10)
+    assert result == [(2,)]
+    waiting.close()
+    first.close()

@@ -6,12 +6,15 @@ max_client_conn answer with clear errors."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+from pgmigrate_proxy.runtime.pooling import PINS
 from psycopg import errors, pq
 
 from tests.fixtures.proxy import RunningProxy
@@ -112,6 +115,44 @@ def test_killed_mid_transaction_leaves_nothing(
         assert next_client.info.transaction_status is pq.TransactionStatus.IDLE
 
 
+def _idle_servers(proxy: RunningProxy) -> int:
+    async def count() -> int:
+        return sum(len(pool.idle) for pool in proxy.server.pools.pools.values())
+
+    return proxy.call(count())
+
+
+def test_killed_without_terminate_mid_transaction(
+    proxy_factory: Factory, admin: psycopg.Connection[Any]
+) -> None:
+    """A client whose connection just drops (no Terminate) inside a transaction: its server is
+    rolled back and handed to the next client, which finds no open transaction, no row of the
+    killed one, no SET LOCAL left and no lock held."""
+    admin.execute("DROP TABLE IF EXISTS pool_dropped")
+    admin.execute("CREATE TABLE pool_dropped (x int)")
+    admin.execute("GRANT ALL ON pool_dropped TO PUBLIC")
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    victim = connect(proxy)
+    victim.execute("INSERT INTO pool_dropped VALUES (1)")
+    victim.execute("SET LOCAL statement_timeout = '42s'")
+    victim.execute("LOCK TABLE pool_dropped IN ACCESS EXCLUSIVE MODE")
+    row = victim.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    pid = row[0]
+    dup = socket.socket(fileno=os.dup(victim.fileno()))
+    dup.shutdown(socket.SHUT_RDWR)  # the connection drops: no Terminate
+    dup.close()
+    wait_until(lambda: _idle_servers(proxy) == 1, "the victim's server back in the pool")
+    state = admin.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+    assert state == ("idle",)
+    with connect(proxy, autocommit=True) as next_client:
+        assert next_client.execute("SELECT pg_backend_pid()").fetchone() == (pid,)  # reused
+        assert next_client.execute("SELECT count(*) FROM pool_dropped").fetchone() == (0,)
+        assert next_client.execute("SHOW statement_timeout").fetchone() == ("0",)
+        assert next_client.info.transaction_status is pq.TransactionStatus.IDLE
+    victim.close()
+
+
 def test_startup_parameters_follow_the_client(proxy_factory: Factory) -> None:
     proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
     one = psycopg.connect(  # (a few queries each: psycopg prepares none)
@@ -132,6 +173,57 @@ def test_startup_parameters_follow_the_client(proxy_factory: Factory) -> None:
     )
     one.close()
     two.close()
+
+
+def test_startup_options_follow_the_client(proxy_factory: Factory) -> None:
+    """`-c` settings of synced parameters in the startup options are carried to every server
+    the client gets, as its startup parameters are (pgbouncer 1.20+ does the same)."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    zones = {"one": "Asia/Tokyo", "two": "America/New_York"}
+    clients = {
+        name: psycopg.connect(
+            proxy.conninfo(
+                "u_trust", options=f"-c TimeZone={zone} --search-path=pg_catalog,public"
+            ),
+            autocommit=True,
+        )
+        for name, zone in zones.items()
+    }
+    plain = connect(proxy, autocommit=True)
+    default = plain.execute("SHOW TimeZone").fetchone()
+    for _ in range(3):
+        for name, conn in clients.items():
+            assert conn.execute("SHOW TimeZone").fetchone() == (zones[name],)
+            assert conn.execute("SHOW search_path").fetchone() == ("pg_catalog,public",)
+        pids = {c.execute("SELECT pg_backend_pid()").fetchone() for c in clients.values()}
+        assert len(pids) == 1  # one server for both
+    assert default is not None and default[0] not in zones.values()
+    for conn in clients.values():
+        conn.close()
+    plain.close()
+
+
+@pytest.mark.parametrize(
+    "options", ["-c work_mem=2MB", "-c TimeZone=UTC --statement-timeout=5s", "-e"]
+)
+def test_other_startup_options_are_refused(proxy_factory: Factory, options: str) -> None:
+    """Any other startup option would stay behind on a shared server: refused at login, with
+    the option named; a migration session (its own server) and session pooling keep them."""
+    proxy = proxy_factory(pool_mode="transaction")
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(proxy.conninfo("u_trust", options=options, connect_timeout="10"))
+    message = str(info.value)
+    assert "cannot be kept in transaction pooling mode" in message
+    assert options.split()[-1].lstrip("-").split("=")[0].replace("-", "_") in message
+    if options == "-c work_mem=2MB":
+        migration = "-c pgmigrate.role=migrate " + options
+        with psycopg.connect(proxy.conninfo("u_trust", options=migration)) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("2MB",)
+        with psycopg.connect(proxy.conninfo("u_trust", options="-c pgmigrate.lock_timeout=1s")):
+            pass  # (the proxy's own settings are fine)
+        session = proxy_factory(pool_mode="session")
+        with psycopg.connect(session.conninfo("u_trust", options=options)) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("2MB",)
 
 
 def test_query_wait_timeout(proxy_factory: Factory) -> None:
@@ -182,24 +274,51 @@ def test_set_pins_the_client(proxy_factory: Factory, proxy_log: list[str]) -> No
 
 def test_listen_pins_and_notifications_arrive(proxy_factory: Factory) -> None:
     proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    before = PINS.get("LISTEN", 0)
     listener = connect(proxy, autocommit=True)
     listener.execute("LISTEN pool_channel")
+    assert PINS.get("LISTEN", 0) == before + 1  # counted (this process runs the proxy)
+    pid = listener.execute("SELECT pg_backend_pid()").fetchone()
     with connect(proxy, autocommit=True) as sender:
+        for _ in range(3):  # the listener keeps its server: the sender never gets it
+            assert sender.execute("SELECT pg_backend_pid()").fetchone() != pid
         sender.execute("NOTIFY pool_channel, 'hello'")
     gen = listener.notifies(timeout=10, stop_after=1)
     assert [n.payload for n in gen] == ["hello"]
+    assert listener.execute("SELECT pg_backend_pid()").fetchone() == pid
     listener.close()
 
 
-def test_refused_session_state(proxy_factory: Factory) -> None:
-    proxy = proxy_factory(pool_mode="transaction", session_state="refuse")
+@pytest.mark.parametrize(
+    ("statement", "params", "reason"),
+    [
+        ("SET work_mem = '9MB'", None, "(SET)"),
+        ("LISTEN pool_refused", None, "(LISTEN)"),
+        ("SELECT set_config('work_mem', %s, false)", ["9MB"], "(set_config(..., false))"),
+        ("SELECT pg_advisory_lock(42)", None, "(session advisory lock)"),
+    ],
+)
+def test_refused_session_state(
+    proxy_factory: Factory, statement: str, params: list[str] | None, reason: str
+) -> None:
+    """session_state = refuse: FATAL 0A000 naming the statement, what it leaves and the
+    setting; the session ends (its later statements would have counted on that state); the
+    pool carries on. Transaction-scoped forms pass."""
+    proxy = proxy_factory(pool_mode="transaction", session_state="refuse", default_pool_size=1)
     conn = connect(proxy, autocommit=True)
-    with pytest.raises(psycopg.errors.FeatureNotSupported, match="session_state = refuse"):
-        conn.execute("SET work_mem = '9MB'")
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+        conn.execute(statement, params)  # (with params: an unnamed Parse)
+    message = str(info.value)
+    assert statement.split("%s")[0] in message and reason in message
+    assert "session_state = refuse" in message
+    assert conn.closed or conn.pgconn.status == pq.ConnStatus.BAD
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
     conn.close()
-    with connect(proxy, autocommit=True) as fine:
-        row = fine.execute("SELECT set_config('work_mem', '9MB', true)").fetchone()
-        assert row == ("9MB",)
+    with connect(proxy) as fine:  # (a transaction)
+        assert fine.execute("SELECT set_config('work_mem', '9MB', true)").fetchone() == ("9MB",)
+        fine.execute("SET LOCAL work_mem = '8MB'")
+        assert fine.execute("SELECT pg_advisory_xact_lock(42)").fetchone() == ("",)
 
 
 def test_named_prepared_statement_pins(proxy_factory: Factory, proxy_log: list[str]) -> None:

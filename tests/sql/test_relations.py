@@ -28,3 +28,25 @@ def test_names(sql: str, names: set[str]) -> None:
 
 def test_unparsable_is_unknown() -> None:
     assert referenced_relations("SELEC * FROM t") is None
+
+
+def test_references_keep_schemas_functions_and_whether_it_writes() -> None:
+    from pgmigrate_proxy.sql.relations import references
+
+    found = references('SELECT s.f(x), lower(y) FROM "My"."T" t JOIN u ON true')
+    assert found is not None
+    assert found.relations == {("My", "T"), (None, "u")}
+    assert found.functions == {("s", "f"), (None, "lower")}
+    assert not found.writes
+    for sql in (
+        "SELECT * FROM t FOR KEY SHARE",
+        "WITH d AS (DELETE FROM t RETURNING id) SELECT * FROM d",
+        "INSERT INTO t VALUES (1)",
+        "COPY t FROM STDIN",
+        "LOCK TABLE t",
+    ):
+        found = references(sql)
+        assert found is not None and found.writes, sql
+    assert references("DO $$ BEGIN END $$") is None
+    assert references("EXECUTE p(1)") is None
+    assert references("SELEC 1") is None

@@ -10,3 +10,6 @@ class Item(models.Model):
 
     class Meta:
         db_table = "stall_item"
+        constraints = [  # added by 0003 (the busy scenario)
+            models.UniqueConstraint(fields=["id", "v"], name="stall_item_id_v_uniq"),
+        ]

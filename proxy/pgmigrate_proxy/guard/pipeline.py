@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pgmigrate_proxy import notices
+from pgmigrate_proxy.guard import drain
 from pgmigrate_proxy.guard.blockers import Blocker
 from pgmigrate_proxy.guard.policy import BlockingAction, Decision, Verdict, decide
 from pgmigrate_proxy.guard.retry import is_retryable
@@ -28,6 +29,7 @@ from pgmigrate_proxy.guard.steps import (
     Inject,
     Notice,
     Now,
+    Release,
     Replies,
     Send,
     Signal,
@@ -100,6 +102,10 @@ class GuardContext:
     admin_pid: int = 0  # the admin session's backend, never acted on
     rng: random.Random = field(default_factory=random.Random)
     units: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: The units in the pipeline now, by unit id (the admin console's SHOW HELD reads them).
+    held: dict[int, Pipeline] = field(default_factory=dict)
+    #: Units the admin console released (RELEASE id): sent without waiting for blockers.
+    released: set[int] = field(default_factory=set)
 
 
 class SessionView(Protocol):
@@ -170,7 +176,12 @@ class Pipeline:
         self.resolution = UNRESOLVED
         self.first_seen: dict[int, float] = {}
         self.reported: set[tuple[int, Verdict]] = set()
+        self.found: list[int] = []  # the blockers last announced ("blockers" event)
         self.saved_lock_timeout: str | None = None
+        self.scope: drain.DrainScope | None = None  # what a drain holds (blocking_action drain)
+        self.give_up_message: str | None = None
+        self.armed = False  # a drain's rule is armed on the gate: Release it after the attempt
+        self.attempt = 0  # the attempt on the server now (0: held, not sent)
 
     def event(self, name: str, fields: Mapping[str, object], level: str = "INFO") -> Event:
         """A guard event of this unit: `unit` and `statement_pid` tie a unit's events together
@@ -179,11 +190,20 @@ class Pipeline:
         return Event(name, {**fields, **tags}, level)
 
     def steps(self) -> Steps:
+        self.context.held[self.unit_id] = self
+        try:
+            yield from self._steps()
+        finally:
+            self.context.held.pop(self.unit_id, None)
+            self.context.released.discard(self.unit_id)
+
+    def _steps(self) -> Steps:
         self.started = yield Now()
         yield self.event(
             "held",
             {
                 "statement": _summary(self.unit.statements),
+                "relations": _relations(self.unit.statements),
                 "database": self.view.database,
                 "action": self.settings.action.value,
                 **self.client,
@@ -200,6 +220,10 @@ class Pipeline:
                 self.saved_lock_timeout = current.rows[0][0]
             self.resolution = yield from resolve(self.unit.statements)
             self.view.remember_targets(self.unit.statements, self.resolution)
+            draining = self.settings.action is BlockingAction.DRAIN
+            if draining and self.resolution.permitted and self.resolution.targets:
+                targets = self.resolution.targets
+                self.scope = yield from drain.load_scope(self.view.database, targets)
         else:
             self.resolution = self.view.known_targets(self.unit.statements)
         if self.resolution.resolved and not self.resolution.permitted:
@@ -223,7 +247,10 @@ class Pipeline:
         attempt = 0
         while not self.view.gone:
             attempt += 1
-            if not (yield from self._clear()):
+            cleared = yield from self._clear()
+            if not cleared or self.view.gone:
+                yield from self._release()
+            if not cleared:
                 yield from self._give_up(attempt - 1)
                 return
             if self.view.gone:
@@ -235,7 +262,10 @@ class Pipeline:
                 yield Inject(SET_LOCK_TIMEOUT, [f"{timeout_ms}ms"])
             sent: float = yield Now()
             self.blocked_seen = None
+            self.attempt = attempt
             frames = yield from self._attempt()
+            yield from self._release()  # a drain's held statements go on, whatever the result
+            self.attempt = 0
             error = _error(frames)
             elapsed = yield from self._elapsed()
             took = self.started + elapsed - sent
@@ -309,8 +339,12 @@ class Pipeline:
             yield Notice("WARNING", notices.admin_down(self.context.health.reason))
         if not usable or not targets:
             return True
+        if self.settings.action is BlockingAction.DRAIN:
+            return (yield from self._drain())
         hold_until = self.started + self.settings.max_hold
         while not self.view.gone:
+            if self.unit_id in self.context.released:
+                return True  # the admin console's RELEASE: send it now
             try:
                 blockers = yield self._find_blockers()
             except AdminDown as exc:
@@ -319,6 +353,7 @@ class Pipeline:
             if self.context.health.ok():
                 yield Event("admin_back", {}, "INFO")
             decisions = yield from self._decide(blockers)
+            yield from self._announce(decisions)
             acted = yield from self._act(decisions)
             if acted is None:
                 return True  # the admin connection went down while acting
@@ -331,10 +366,60 @@ class Pipeline:
             now: float = yield Now()
             if not self.settings.schedule.attempts_left(now - self.started):
                 return False
-            if now >= hold_until:
-                return True  # held long enough: try with the short lock_timeout
+            if now >= hold_until or self.unit_id in self.context.released:
+                return True  # held long enough (or released): try with the short lock_timeout
             yield Sleep(SHOW_POLL)
         return True
+
+    def _announce(self, decisions: list[Decision]) -> Steps:
+        """The "blockers" event, when the blockers found differ from those last announced
+        (before anything is done to them), with the targets they block."""
+        pids = sorted({d.blocker.pid for d in decisions if d.verdict is not Verdict.SKIP})
+        if pids and pids != self.found:
+            self.found = pids
+            targets = {str(oid): mode.name for oid, mode in self.resolution.targets.items()}
+            yield self.event("blockers", {"pids": pids, "count": len(pids), "targets": targets})
+
+    def _drain(self) -> Steps:
+        """blocking_action = drain (guard/drain.py); False: give up (drain_then = give_up)."""
+        view, settings = self.view, self.settings
+        outcome, self.armed = yield from drain.drain(
+            self, settings.drain, self.resolution.targets, self.scope, view.server_pid,
+            view.database, settings.watch_interval,
+        )  # fmt: skip
+        if outcome is drain.Outcome.GIVE_UP:
+            self.give_up_message = notices.drain_gave_up(settings.drain.timeout)
+            return False
+        return True
+
+    def _release(self) -> Steps:
+        if self.armed:
+            self.armed = False
+            yield Release()
+
+    # what guard/drain.py uses of the pipeline (drain.Host)
+
+    def find_blockers(self) -> FindBlockers:
+        return self._find_blockers()
+
+    def decide_as(self, blockers: list[Blocker], action: BlockingAction) -> Steps:
+        return self._decide(blockers, action)
+
+    def act(self, decisions: list[Decision]) -> Steps:
+        return self._act(decisions)
+
+    def wait_released(self, pids: list[int]) -> Steps:
+        return self._wait_released(pids)
+
+    def admin_lost(self, exc: Exception) -> Steps:
+        return self._admin_lost(exc)
+
+    def budget_left(self, now: float) -> bool:
+        return self.settings.schedule.attempts_left(now - self.started)
+
+    @property
+    def gone(self) -> bool:
+        return self.view.gone
 
     def _find_blockers(self) -> FindBlockers:
         view = self.view
@@ -378,7 +463,9 @@ class Pipeline:
         frames: list[Frame] | None = yield Replies(0)
         if frames is not None:
             return frames  # it finished meanwhile: they block nothing now
-        return (yield from self._act((yield from self._decide(blockers)))) is not None
+        decisions = yield from self._decide(blockers)
+        yield from self._announce(decisions)
+        return (yield from self._act(decisions)) is not None
 
     # --- decisions and actions ---------------------------------------------------------------
 
@@ -386,13 +473,13 @@ class Pipeline:
         context = self.context
         return frozenset({*context.in_flight, self.view.server_pid, context.admin_pid})
 
-    def _decide(self, blockers: list[Blocker]) -> Steps:
+    def _decide(self, blockers: list[Blocker], action: BlockingAction | None = None) -> Steps:
         now: float = yield Now()
         for blocker in blockers:
             self.first_seen.setdefault(blocker.pid, now)
         return decide(
             blockers,
-            self.settings.action,
+            action or self.settings.action,
             self.settings.filters,
             database=self.view.database,
             protected_pids=self._protected(),
@@ -488,9 +575,8 @@ class Pipeline:
 
     def _give_up(self, attempts: int) -> Steps:
         """The budget ran out while waiting for blockers: answer 55P03 without sending."""
-        error = ErrorResponse.build(
-            "ERROR", SqlState.LOCK_NOT_AVAILABLE, notices.gave_up(self.settings.schedule.budget)
-        )
+        message = self.give_up_message or notices.gave_up(self.settings.schedule.budget)
+        error = ErrorResponse.build("ERROR", SqlState.LOCK_NOT_AVAILABLE, message)
         status = self.view.status
         after = TransactionStatus.FAILED if status is not TransactionStatus.IDLE else status
         frames = [Frame(BackendType.ERROR_RESPONSE, error.encode()[5:], 0)]
@@ -560,6 +646,12 @@ def describe(blocker: Blocker) -> str:
 
 def _summary(statements: tuple[Statement, ...]) -> str:
     return "; ".join(s.text[:120] for s in statements)
+
+
+def _relations(statements: tuple[Statement, ...]) -> list[str]:
+    """The relations the statements lock, as written, with the mode each needs."""
+    names = {f"{lock.relation} ({lock.mode.name})": None for s in statements for lock in s.locks}
+    return list(names)
 
 
 def _round(value: float | None) -> float | None:

@@ -44,6 +44,7 @@ class BlockingAction(enum.Enum):
     CANCEL = "cancel"  # pg_cancel_backend; escalates for idle-in-transaction blockers
     SHOW = "show"  # report them and wait
     NONE = "none"  # report them, nothing else
+    DRAIN = "drain"  # hold new work on the tables, wait for the holders, then drain_then
 
 
 class Verdict(enum.Enum):
@@ -63,6 +64,7 @@ class Reason(enum.Enum):
     ESCALATION_PENDING = "idle in transaction, not ended by a cancel: waiting for the grace period"
     ACTION_SHOW = "blocking action is show"
     ACTION_NONE = "blocking action is none"
+    ACTION_DRAIN = "blocking action is drain: waiting for it to finish"
     PREPARED = "prepared transaction: it cannot be terminated, COMMIT or ROLLBACK PREPARED it"
     SPARED_STATE = "spared by the state filter"
     SPARED_TRANSACTION_AGE = "spared: transaction younger than the minimum age"
@@ -152,7 +154,11 @@ def _untouchable(blocker: Blocker, database: str, protected: Collection[int]) ->
     return None
 
 
-_REPORT_ONLY = {BlockingAction.SHOW: Reason.ACTION_SHOW, BlockingAction.NONE: Reason.ACTION_NONE}
+_REPORT_ONLY = {
+    BlockingAction.SHOW: Reason.ACTION_SHOW,
+    BlockingAction.NONE: Reason.ACTION_NONE,
+    BlockingAction.DRAIN: Reason.ACTION_DRAIN,  # the drain (guard/drain.py) applies drain_then
+}
 
 
 def _decide_one(
@@ -193,7 +199,8 @@ def decide(
     guarded statements), on backends that are not client backends, on sessions of databases
     other than `database`, nor on prepared transactions (reported). CANCEL turns into TERMINATE
     for an idle-in-transaction blocker first seen (`first_seen[pid]`, same clock as `now`) at
-    least `cancel_grace` seconds ago, and reports it until then; SHOW and NONE only report.
+    least `cancel_grace` seconds ago, and reports it until then; SHOW, NONE and DRAIN only
+    report.
     """
     decisions = []
     for blocker in blockers:

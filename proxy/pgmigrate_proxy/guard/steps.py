@@ -1,14 +1,16 @@
 """The waits of the DDL pipeline: what guard/pipeline.py yields, what the driver answers with.
 
 Each step is a frozen dataclass; the comment after it says what the driver sends back. Admin
-steps (FindBlockers, BlockingPids, Activity, WaiterOwns, Signal) may instead be answered by
-throwing AdminDown into the pipeline. Frames and QueryResults are the protocol layer's types.
+steps (FindBlockers, BlockingPids, Activity, WaiterOwns, Signal, LockHolders) may instead be
+answered by throwing AdminDown into the pipeline. Frames and QueryResults are the protocol
+layer's types.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.protocol.framing import Frame
@@ -125,7 +127,43 @@ class Event:
     level: str = "INFO"
 
 
+@dataclass(frozen=True)
+class LockHolders:
+    """-> list[(pid, relation, mode, granted)] (admin): pg_locks rows on these relations
+    (guard/drain.py's LOCKS_SQL)."""
+
+    relations: tuple[int, ...]
+    database: str
+
+
+class SessionInfo(Protocol):
+    """What a hold predicate reads of a client session."""
+
+    @property
+    def database(self) -> str: ...
+    @property
+    def backend_pid(self) -> int: ...  # its server connection's backend, 0 when it has none
+
+
+class HoldPredicate(Protocol):
+    """What the gate is armed with (guard/drain.py's HoldRule)."""
+
+    def should_hold(self, session: SessionInfo, statements: Sequence[str] | None) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Arm:
+    """-> None: arm the proxy's gate with a drain's rule (it holds new work on the targets)."""
+
+    rule: HoldPredicate
+
+
+@dataclass(frozen=True)
+class Release:
+    """-> None: release what the armed rule held, in order, and disarm it."""
+
+
 Step = (
     Now | Sleep | WaitIdle | Inject | Send | Replies | FindBlockers | BlockingPids | Activity
-    | WaiterOwns | Signal | Notice | Deliver | Event
+    | WaiterOwns | Signal | Notice | Deliver | Event | LockHolders | Arm | Release
 )  # fmt: skip

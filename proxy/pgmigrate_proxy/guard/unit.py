@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from pgmigrate_proxy.guard.drain import DrainSettings
 from pgmigrate_proxy.guard.policy import BlockingAction, Filters
 from pgmigrate_proxy.guard.retry import RetrySchedule
 from pgmigrate_proxy.settings import default
@@ -22,7 +23,10 @@ class GuardSettings:
     max_hold: float = default("max_hold")
     watch_interval: float = default("watch_interval")
     cancel_grace: float = default("cancel_grace")
+    drain: DrainSettings = field(default_factory=DrainSettings)  # blocking_action = drain
     report_events: bool = default("report_events")  # each event to the client too, as a notice
+    migration_lock: bool = default("migration_lock")  # (migration sessions) one at a time
+    migration_lock_timeout: float = default("migration_lock_timeout")  # 0: no limit
 
 
 def needs_guard(statement: Statement) -> bool:

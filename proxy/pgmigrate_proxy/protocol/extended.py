@@ -51,8 +51,7 @@ def build_query(name: str, sql: str, params: Sequence[str | None] = ()) -> bytes
     encoded = name.encode()
     parse = encoded + b"\0" + sql.encode() + b"\0" + _INT16.pack(0)
     values = b"".join(
-        _INT32.pack(-1) if p is None else _INT32.pack(len(p.encode())) + p.encode()
-        for p in params
+        _INT32.pack(-1) if p is None else _INT32.pack(len(p.encode())) + p.encode() for p in params
     )
     bind = encoded + b"\0" + encoded + b"\0" + _INT16.pack(0)
     bind += _INT16.pack(len(params)) + values + _INT16.pack(0)

@@ -83,9 +83,7 @@ class StartupMessage:
     parameters: Mapping[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        body = b"".join(
-            k.encode() + b"\0" + v.encode() + b"\0" for k, v in self.parameters.items()
-        )
+        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in self.parameters.items())
         body = INT32.pack(self.protocol) + body + b"\0"
         return INT32.pack(len(body) + 4) + body
 
@@ -132,9 +130,7 @@ class CancelRequest:
     secret_key: bytes
 
     def encode(self) -> bytes:
-        return schema.build(
-            "CancelRequest", process_id=self.process_id, secret_key=self.secret_key
-        )
+        return schema.build("CancelRequest", process_id=self.process_id, secret_key=self.secret_key)
 
     @classmethod
     def decode(cls, packet: bytes) -> CancelRequest:

@@ -17,18 +17,23 @@ from pgmigrate_proxy import notices
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard import pipeline
 from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE
+from pgmigrate_proxy.guard.drain import Gate as DrainGate
+from pgmigrate_proxy.guard.drain import GateHold, NoGate
 from pgmigrate_proxy.guard.pipeline import GuardContext, Steps
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.guard.steps import (
     Activity,
     AdminDown,
+    Arm,
     BlockingPids,
     Deliver,
     Event,
     FindBlockers,
     Inject,
+    LockHolders,
     Notice,
     Now,
+    Release,
     Replies,
     Send,
     Signal,
@@ -46,7 +51,10 @@ from pgmigrate_proxy.guard.unit import (
 )
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
+from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
+from pgmigrate_proxy.runtime.publish import EventPublisher
+from pgmigrate_proxy.runtime.stats import GuardEvents
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
@@ -75,6 +83,12 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
+    gate: Gate = field(default_factory=Gate)  # holds new transactions' first statements
+    #: What a drain arms (blocking_action = drain; guard/drain.py's Gate protocol): not yet an
+    #: adapter over `gate`, so a drain holds nothing, waits for the holders, then drain_then.
+    drain_gate: DrainGate = field(default_factory=NoGate)
+    events: EventPublisher | None = None  # NOTIFY of each event (events_channel)
+    recent: GuardEvents = field(default_factory=GuardEvents)  # the recent ones, for the console
 
     @property
     def in_flight(self) -> set[int]:
@@ -226,6 +240,8 @@ class _Driver:
         self.report_events = report_events
         self.loop = asyncio.get_running_loop()
         self.exchange: asyncio.Task[list[Frame]] | None = None
+        self.hold: GateHold | None = None  # a drain's armed rule
+        self.units: set[int] = set()  # the units whose events went out (for the held board)
 
     async def do(self, step: object) -> Any:
         server, client = self.server, self.client
@@ -248,14 +264,33 @@ class _Driver:
                 client.notice(severity, message, detail)
             case Deliver(frames=frames):
                 client.deliver(frames)
+            case Arm(rule=rule):
+                self._release()
+                gate = self.services.drain_gate
+                if isinstance(gate, NoGate):
+                    _warn_no_gate()
+                self.hold = gate.arm(rule)
+            case Release():
+                self._release()
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
+                self._publish(name, fields)
+                self.services.recent.record(name, fields)
                 if self.report_events:
                     text = notices.event(_for_client(name, fields))
                     client.notice(notices.EVENT_SEVERITY, text)
             case _:
                 return await self._admin(step)
         return None
+
+    def _publish(self, name: str, fields: Mapping[str, object]) -> None:
+        publisher = self.services.events
+        if publisher is None:
+            return
+        unit = fields.get("unit")
+        if isinstance(unit, int):
+            self.units.add(unit)
+        publisher.publish(name, fields)
 
     async def _replies(self, timeout: float | None) -> list[Frame] | None:
         task = self.exchange
@@ -282,12 +317,22 @@ class _Driver:
                 return await admin.activity(pids, viewer=viewer)
             case WaiterOwns(pid=pid):
                 return await admin.waiter_owns(pid)
+            case LockHolders(relations=relations, database=database):
+                return await admin.lock_rows(relations, database=database)
             case Signal(pid=pid, verdict=verdict):
                 signal = admin.terminate if verdict is Verdict.TERMINATE else admin.cancel
                 return await signal(pid)
         raise TypeError(f"not a pipeline step: {step!r}")
 
+    def _release(self) -> None:
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            hold.release()
+
     def close(self) -> None:
+        if self.services.events is not None:
+            self.services.events.forget(self.units)
+        self._release()  # whatever ended the run, nothing stays held
         task = self.exchange
         if task is None:
             return
@@ -295,6 +340,18 @@ class _Driver:
             task.cancel()
         elif not task.cancelled():
             task.exception()  # retrieved: a lost connection is reported by whoever awaited it
+
+
+_warned: list[bool] = []
+
+
+def _warn_no_gate() -> None:
+    if not _warned:
+        _warned.append(True)
+        log.warning(
+            "blocking_action = drain: this proxy cannot hold other sessions' statements yet;"
+            " a drain waits for the sessions holding locks on the tables, then drain_then applies"
+        )
 
 
 def _event(event: str, fields: Mapping[str, object], level: str = "INFO") -> None:

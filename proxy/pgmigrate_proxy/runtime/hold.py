@@ -28,6 +28,7 @@ from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, plain_query
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
+from pgmigrate_proxy.runtime.onemigration import LockFailed, MigrationLock
 from pgmigrate_proxy.runtime.ports import ClientWriter
 from pgmigrate_proxy.runtime.statements import MAPPED, Plan, PreparedLink, Retiring
 from pgmigrate_proxy.sql import Statement, first_keyword
@@ -102,6 +103,12 @@ class Holder:
             else None
         )
         self.targets = guarding.TargetMemory()
+        #: session option migration_lock: one migration session at a time per database
+        self.lock = (
+            MigrationLock(settings.migration_lock_timeout)
+            if migration and settings is not None and settings.migration_lock
+            else None
+        )
         self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
         self._backlog_bytes = 0
         self._unit: list[bytes] | None = None  # a unit being collected
@@ -119,6 +126,8 @@ class Holder:
         self.ddl_done: Callable[[tuple[Statement, ...]], None] | None = None
         #: set while the session has no server: gets one (started by the client's next data)
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._gate = services.gate  # (runtime/gate.py)
+        self._gated: Frame | None = None  # the frame the gate last let through
 
     @property
     def holding(self) -> bool:
@@ -144,10 +153,53 @@ class Holder:
     def _start_acquire(self) -> None:
         work, self._acquire = self._acquire, None
         assert work is not None
-        task = asyncio.get_running_loop().create_task(
-            self._run_unit(work(), "acquiring a server connection")
+        waiter = self._gate_waiter() if self._gate.predicate is not None else None
+        # (held by the armed gate: before a server is acquired)
+        coro = self._after_gate(waiter, work) if waiter is not None else work()
+        self.task = asyncio.get_running_loop().create_task(
+            self._run_unit(coro, "acquiring a server connection")
         )
-        self.task = task
+
+    # --- the gate (runtime/gate.py) ---------------------------------------------------------
+
+    def _gate_waiter(self) -> asyncio.Future[None] | None:
+        """Show the armed gate the first message held (the session has no server: a new
+        transaction's); its place in the gate's queue when it holds it."""
+        backlog = self._backlog
+        if not backlog or self.migration is not None:
+            return None
+        cut, first, _ = backlog[0]
+        if first >= len(cut.frames) or not self._gate.holds(self.session, cut.frames[first]):
+            return None
+        self._gated = cut.frames[first]
+        return self._gate.hold()
+
+    def _gate_holds(self, cut: Cut, first: int, pos: int) -> bool:
+        """Show the armed gate a chunk's first message when the server owes nothing and is
+        idle (a new transaction's); when it holds it, the chunk from there waits for it."""
+        if first >= len(cut.frames) or self.migration is not None:
+            return False  # (a migration session's own statements are never held)
+        item = cut.frames[first]
+        server = self.server
+        if item is self._gated or server.status is not TransactionStatus.IDLE:
+            return False
+        if not server.replies.idle or not self._gate.holds(self.session, item):
+            return False
+        self._gated = item
+        self._backlog = deque([(cut, first, pos)])
+        self._backlog_bytes = cut.tail - pos
+        self.task = asyncio.get_running_loop().create_task(
+            self._run_unit(self._after_gate(self._gate.hold(), None), "the gate")
+        )
+        return True
+
+    @staticmethod
+    async def _after_gate(
+        waiter: asyncio.Future[None], then: Callable[[], Coroutine[Any, Any, None]] | None
+    ) -> None:
+        await waiter
+        if then is not None:
+            await then()
 
     # --- frontend -------------------------------------------------------------------------
 
@@ -206,6 +258,8 @@ class Holder:
                     self.session.terminated()  # a client without a server leaves: none needed
                     return
                 self._start_acquire()
+            return
+        if self._gate.predicate is not None and self._gate_holds(cut, first, pos):
             return
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
         data = cut.data
@@ -478,7 +532,20 @@ class Holder:
         self.task = asyncio.get_running_loop().create_task(self._guard(unit, frames))
 
     async def _migration(self, work: Coroutine[Any, Any, None]) -> None:
+        if self.lock is not None:
+            try:
+                await self.lock.ensure(self.services.admin, self.server.database, self.session)
+            except LockFailed as exc:
+                work.close()
+                self.task = None
+                self.abandon(exc.code, exc.message)
+                return
         await self._run_unit(work, "a migration session")
+
+    def closed(self) -> None:
+        """The session ended: the migration lock (if held) goes."""
+        if self.lock is not None:
+            self.lock.release()
 
     async def _run_unit(self, work: Coroutine[Any, Any, None], what: str) -> None:
         """Run a unit's work, then pump what waited behind it. Every way out ends in the

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from pgmigrate_proxy.guard.blockers import BackendState
+from pgmigrate_proxy.guard.drain import DrainThen
 from pgmigrate_proxy.guard.policy import BlockingAction
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.runtime.guarding import GuardSettings
@@ -136,7 +137,15 @@ _APPLY: dict[str, Apply] = {
     "max_hold": _setting("max_hold"),
     "watch_interval": _setting("watch_interval"),
     "cancel_grace": _setting("cancel_grace"),
+    "drain_timeout": lambda settings, value: replace(
+        settings, drain=replace(settings.drain, timeout=value)
+    ),
+    "drain_then": lambda settings, value: replace(
+        settings, drain=replace(settings.drain, then=DrainThen(value))
+    ),
     "report_events": _setting("report_events"),
+    "migration_lock": _setting("migration_lock"),
+    "migration_lock_timeout": _setting("migration_lock_timeout"),
     "min_transaction_age": _filter("min_transaction_age"),
     "min_query_age": _filter("min_query_age"),
     "blocker_states": _filter("states", _states),

@@ -23,8 +23,10 @@ from pgmigrate_proxy.poolconfig import PoolSettings
 from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse
 from pgmigrate_proxy.protocol.sqlstate import SqlState
+from pgmigrate_proxy.protocol.startup_options import startup_settings
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime.backend import ServerConnection
+from pgmigrate_proxy.runtime.stats import PoolStats
 from pgmigrate_proxy.settings import EMPTY_QUERY
 
 log = logging.getLogger("pgmigrate_proxy.pool")
@@ -46,9 +48,31 @@ class QueryWaitTimeout(ProxyError):
     sqlstate = SqlState.PROTOCOL_VIOLATION
 
 
-def synced(parameters: dict[str, str]) -> dict[str, str]:
-    """The startup parameters a pooled server must carry for this client (names lowercased)."""
+def unpoolable(options: str) -> str | None:
+    """The first part of a startup `options` string that transaction pooling cannot carry to
+    every server its client gets (None: all can be): anything but a synced parameter
+    (SYNCED_PARAMETERS) or a pgmigrate.* setting (the proxy's own)."""
+    settings, other = startup_settings(options)
+    if other is not None:
+        return other
+    for name, value in settings.items():
+        if name not in SYNCED_PARAMETERS and not name.startswith("pgmigrate."):
+            return f"-c {name}={value}"
+    return None
+
+
+def reported(parameters: dict[str, str]) -> dict[str, str]:
+    """The synced parameters among a login's ParameterStatus values (names lowercased)."""
     lowered = {k.lower(): v for k, v in parameters.items()}
+    return {k: lowered[k] for k in SYNCED_PARAMETERS if k in lowered}
+
+
+def synced(parameters: dict[str, str]) -> dict[str, str]:
+    """The startup parameters a pooled server must carry for this client (names lowercased):
+    those given in the startup packet, and as `-c name=value` in its `options` (the packet's
+    own win, as in PostgreSQL)."""
+    lowered, _ = startup_settings(parameters.get("options", ""))
+    lowered.update((k.lower(), v) for k, v in parameters.items())
     return {k: lowered[k] for k in SYNCED_PARAMETERS if k in lowered}
 
 
@@ -61,12 +85,16 @@ class Lease:
     born: float
     login: dict[str, str]  # its login client's synced parameters (what RESET ALL returns to)
     options: str = ""  # its login client's startup `options` (RESET ALL returns to them too)
+    #: what RESET ALL returns the synced parameters to: `login`, and for the others what the
+    #: login was told (ParameterStatus: the server's defaults)
+    defaults: dict[str, str] = field(default_factory=dict)
     current: dict[str, str] = field(default_factory=dict)  # what they are now
     idle_since: float = 0.0
     cancels: int = 0  # cancel requests in flight for it: not handed out meanwhile
 
     def __post_init__(self) -> None:
-        self.current = dict(self.login)
+        self.defaults = {**self.defaults, **self.login}
+        self.current = dict(self.defaults)
 
     # --- ServerListener while parked --------------------------------------------------------
 
@@ -131,7 +159,10 @@ class Pool:
         self.waiters: deque[asyncio.Future[Lease]] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.TimerHandle | None = None
+        self._refill: asyncio.TimerHandle | None = None  # a min_pool_size retry after a failure
         self.size_opening = 0  # servers its opener is logging in
+        self.closing = False
+        self.stats = PoolStats()  # its counters (the admin console and metrics read them)
 
     @property
     def size(self) -> int:
@@ -145,10 +176,16 @@ class Pool:
 
     # --- servers coming in ----------------------------------------------------------------------
 
-    def join(self, server: ServerConnection, parameters: dict[str, str]) -> Lease:
-        """A server just logged in for a client of this pool: count it (the client holds it)."""
+    def join(
+        self, server: ServerConnection, parameters: dict[str, str],
+        told: dict[str, str] | None = None,
+    ) -> Lease:  # fmt: skip
+        """A server just logged in for a client of this pool (with these startup parameters,
+        and `told` these ParameterStatus values): count it (the client holds it)."""
         options = parameters.get("options", "")
-        lease = Lease(server, self, time.monotonic(), synced(parameters), options)
+        login = synced(parameters)
+        lease = Lease(server, self, time.monotonic(), login, options, reported(told or {}))
+        server.stats = self.stats
         self.leases[server] = lease
         return lease
 
@@ -195,7 +232,7 @@ class Pool:
                 error = await simple_query(server, query)
                 if error is not None:
                     raise ConnectionError(f"server_reset_query failed: {error}")
-                lease.current = dict(lease.login)
+                lease.current = dict(lease.defaults)
         except (ConnectionError, ProxyError) as exc:
             log.info("server %s: closed on check-in: %s", server.server_pid, exc)
             self.close(lease)
@@ -288,9 +325,10 @@ class Pool:
             return False
         return self.room(settings.reserve_pool_size)
 
-    async def _open(self) -> Lease:
+    async def _open(self, *, counted: bool = False) -> Lease:
         assert self.opener is not None
-        self.size_opening += 1  # counted while it logs in
+        if not counted:
+            self.size_opening += 1  # counted while it logs in
         try:
             server = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
         except asyncio.TimeoutError:
@@ -298,6 +336,38 @@ class Pool:
         finally:
             self.size_opening -= 1
         return self.join(server, {})
+
+    def top_up(self) -> None:
+        """Open servers in the background up to min_pool_size (with an opener, within the
+        limits); they join the pool idle, or go to a waiting client."""
+        if self.opener is None or self.closing or self._refill is not None:
+            return
+        if self.settings.server_lifetime == 0:  # (each would be closed at once: used once)
+            return
+        loop = asyncio.get_running_loop()
+        for _ in range(self.settings.min_pool_size - self.size):
+            if not self.room():
+                return
+            self.size_opening += 1  # counted at once: the next top_up does not open it again
+            task = loop.create_task(self._open_idle())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _open_idle(self) -> None:
+        try:
+            lease = await self._open(counted=True)
+        except (ConnectionError, ProxyError, OSError) as exc:
+            log.warning("pool %s/%s: could not open a server for min_pool_size: %s",
+                        self.key[0], self.key[1], exc)  # fmt: skip
+            if self._refill is None and not self.closing:  # retried, not in a loop
+                self._refill = asyncio.get_running_loop().call_later(_REAP_SECONDS, self._retry)
+            return
+        lease.idle_since = time.monotonic()
+        self.release(lease)
+
+    def _retry(self) -> None:
+        self._refill = None
+        self.top_up()
 
     async def checked(self, lease: Lease) -> bool:
         """Run server_check_query on a server idle past server_check_delay; False: closed."""
@@ -331,18 +401,22 @@ class Pool:
             if server.busy is None:
                 server.write(frame(FrontendType.TERMINATE))
             server.close()
+        self.top_up()
 
     def lost(self, lease: Lease) -> None:
         """A parked server's connection went away."""
         self.leases.pop(lease.server, None)
         if lease in self.idle:
             self.idle.remove(lease)
+        self.top_up()
 
     def forget(self, server: ServerConnection) -> None:
         """A client's server was closed with the client."""
         lease = self.leases.pop(server, None)
         if lease is not None and lease in self.idle:
             self.idle.remove(lease)
+        if lease is not None:
+            self.top_up()
 
     def cancel_done(self, lease: Lease) -> None:
         """A cancel request for it was delivered: it may be handed out again."""
@@ -377,6 +451,10 @@ class Pool:
             self._schedule_reap()
 
     async def shutdown(self) -> None:
+        self.closing = True
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
@@ -404,6 +482,7 @@ class PoolRegistry:
         if pool is None:
             pool = Pool(self, key, self.settings_for(database, user), self.openers.get(key))
             self.pools[key] = pool
+            pool.top_up()  # (counted in the registry first: the limits see it)
         return pool
 
     def set_opener(self, database: str, user: str, opener: Opener | None) -> None:
@@ -415,6 +494,9 @@ class PoolRegistry:
         pool = self.pools.get((database, user))
         if pool is not None:
             pool.opener = opener
+            pool.top_up()
+        elif opener is not None:
+            self.pool(database, user)  # (made now: topped up to min_pool_size)
 
     def room(self, key: tuple[str, str], settings: PoolSettings) -> bool:
         """Whether max_db_connections and max_user_connections allow one more server."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
@@ -17,25 +19,72 @@ from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import statements
+from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.pool import (
     SYNCED_PARAMETERS,
     Lease,
     Pool,
     QueryWaitTimeout,
     park,
+    reported,
     synced,
     unpark,
+    unpoolable,
 )
 from pgmigrate_proxy.sql.session_state import drops_prepared, session_state
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.backend import ServerConnection
     from pgmigrate_proxy.runtime.hold import Holder
+    from pgmigrate_proxy.runtime.pool import PoolRegistry
 
 log = logging.getLogger("pgmigrate_proxy.pool")
 
 #: Clients pinned to their server so far (session state in transaction mode), by reason.
 PINS: dict[str, int] = {}
+
+
+#: What a client refused for its startup options in transaction pooling is told to do instead.
+OPTIONS_HINT = (
+    "set it with ALTER ROLE ... SET or ALTER DATABASE ... SET, or run SET after connecting "
+    "(which pins the client to its server connection), or use pool_mode = session"
+)
+
+
+def options_refusal(
+    parameters: Mapping[str, str], pools: PoolRegistry, migration_patterns: tuple[str, ...]
+) -> str | None:
+    """Why a client's startup `options` cannot be pooled (None: they can). In transaction
+    pooling its server connections are shared, so only what the proxy sets again on each
+    server the client gets (the synced parameters, as `-c TimeZone=UTC`) and pgmigrate.*
+    settings are carried; anything else would stay behind as the defaults of the shared
+    server, and is refused (pgbouncer 1.20+ refuses such options the same way). A migration
+    session keeps its own server: everything is fine there."""
+    options = parameters.get("options", "")
+    if not options or is_migration_session(dict(parameters), migration_patterns):
+        return None
+    user = parameters.get("user", "")
+    if pools.settings_for(parameters.get("database") or user, user).pool_mode is not (
+        PoolMode.TRANSACTION
+    ):
+        return None
+    part = unpoolable(options)
+    if part is None:
+        return None
+    return (
+        f'pgmigrate-proxy: the startup option "{part}" cannot be kept in transaction pooling '
+        "mode (pool_mode = transaction): only application_name, client_encoding, DateStyle, "
+        "TimeZone, search_path, IntervalStyle and standard_conforming_strings are"
+    )
+
+
+#: Characters of a refused statement repeated in its error.
+_SHOWN = 80
+
+
+def _shown(sql: str) -> str:
+    text = " ".join(sql.split())
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
 class Refused(ProxyError):
@@ -64,7 +113,7 @@ class PoolLink:
 
     __slots__ = (
         "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
-        "session", "session_keeps", "transaction", "wanted",
+        "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -76,20 +125,26 @@ class PoolLink:
         self.transaction = pool.settings.pool_mode is PoolMode.TRANSACTION and not keep
         self.session_keeps = keep  # a migration session keeps its login server
         self.pinned: str | None = None  # why it keeps its server (transaction mode)
-        self.wanted = synced(parameters)
+        self.wanted = synced(parameters)  # the synced parameters it set
+        self.view = dict(self.wanted)  # with those it did not set as its login told it them
         self.options = parameters.get("options", "")
         self.lease: Lease | None = None
         self.reserved: Lease | None = None  # an idle server taken for it at login
         self._timer: asyncio.TimerHandle | None = None  # client_idle / idle_transaction_timeout
         self._seen = -1
         self._idle_since = 0.0
+        self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
 
     # --- login ----------------------------------------------------------------------------------
 
-    def logged_in(self, server: ServerConnection, parameters: dict[str, str]) -> None:
-        """The login server counts in the pool. Transaction mode gives it back at once (the
-        client gets one at its first message); session mode swaps it for an idle one."""
-        self.lease = self.pool.join(server, parameters)
+    def logged_in(
+        self, server: ServerConnection, parameters: dict[str, str], told: dict[str, str]
+    ) -> None:
+        """The login server counts in the pool (its login was `told` these ParameterStatus
+        values). Transaction mode gives it back at once (the client gets one at its first
+        message); session mode swaps it for an idle one."""
+        self.lease = self.pool.join(server, parameters, told)
+        self.view = {**reported(told), **self.wanted}
         self._arm()
         holder = self.session.holder
         assert holder is not None
@@ -134,10 +189,17 @@ class PoolLink:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
         it, attach it. A client that waited too long gets query_wait_timeout."""
         lease, self.reserved = self.reserved, None
+        stats = self.pool.stats
+        started = self.waiting_since = time.monotonic()
         try:
             while lease is None or not await self.pool.checked(lease):
                 lease = await self.pool.acquire()
+            self.waiting_since = 0.0
+            stats.wait_time += time.monotonic() - started
+            stats.wait_count += 1
+            stats.server_assignment_count += 1
         except ProxyError as exc:
+            self.waiting_since = 0.0
             log.info("session %s: %s", self.session.peer, exc)
             extra = {}
             if isinstance(exc, QueryWaitTimeout):
@@ -158,10 +220,11 @@ class PoolLink:
             lease.server.on_idle = self.server_idle
 
     async def _sync_parameters(self, lease: Lease) -> None:
-        """SET the client's startup parameters that differ on the server; the ParameterStatus
-        replies are not passed on (the client has its own values from its login)."""
+        """SET the client's startup parameters that differ on the server (and those it did not
+        set, to what its login told it); the ParameterStatus replies are not passed on (the
+        client has its own values from its login)."""
         for name in SYNCED_PARAMETERS:
-            value = self.wanted.get(name)
+            value = self.view.get(name)
             if value is None or lease.current.get(name) == value:
                 continue
             result = await lease.server.inject("SELECT set_config($1, $2, false)", (name, value))
@@ -282,8 +345,10 @@ class PoolLink:
             return
         if self.pool.settings.session_state is SessionStateAction.REFUSE:
             raise Refused(
-                f"pgmigrate-proxy: {reason} leaves session state, refused in transaction "
-                "pooling mode (session_state = refuse)"
+                f'pgmigrate-proxy: the statement "{_shown(sql)}" leaves session state '
+                f"({reason}) on a shared server connection: refused in transaction pooling "
+                "mode (session_state = refuse; SET LOCAL, set_config(..., true) and "
+                "pg_advisory_xact_lock last only for the transaction)"
             )
         self.pin(reason)
 

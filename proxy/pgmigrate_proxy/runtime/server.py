@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
+import time
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
+from pgmigrate_proxy.console import serve as console
+from pgmigrate_proxy.console.host import Gate
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
@@ -17,6 +22,7 @@ from pgmigrate_proxy.runtime import guarding
 from pgmigrate_proxy.runtime.clientauth import AuthService
 from pgmigrate_proxy.runtime.context import SessionSettings
 from pgmigrate_proxy.runtime.pool import PoolRegistry
+from pgmigrate_proxy.runtime.publish import EventPublisher
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
@@ -64,7 +70,10 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
         max_hold=config.max_hold,
         watch_interval=config.watch_interval,
         cancel_grace=config.cancel_grace,
+        drain=config.drain_settings(),
         report_events=config.report_events,
+        migration_lock=config.migration_lock,
+        migration_lock_timeout=config.migration_lock_timeout,
     )
 
 
@@ -89,6 +98,14 @@ class ProxyServer:
         self.migration_patterns = config.migration_application_names
         self.pools = PoolRegistry(lambda db, user: pool_settings(self.config, db, user))
         self.auth = AuthService.from_config(config, self._admin)
+        # the admin console's (console/): client ids, PAUSE's gate, the service's hooks
+        self._client_ids: dict[ClientSession, int] = {}
+        self._next_client = itertools.count(1)
+        self.gate = Gate()
+        self.started = time.time()
+        self.reload_hook: Callable[[str], None] | None = None
+        self.stop_hook: Callable[[str], None] | None = None
+        self._wait_for_clients = False
 
     @property
     def active_sessions(self) -> int:
@@ -99,6 +116,7 @@ class ProxyServer:
         loop.set_exception_handler(logsetup.loop_exception_handler)
         if self.config.guard or self.config.auth_type == "auth_query":
             await self._open_admin()
+        await self._start_events()
         self._server = await loop.create_server(
             self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
         )
@@ -121,6 +139,13 @@ class ProxyServer:
         except AdminUnavailable as exc:  # PostgreSQL unreachable: tried again when needed
             log.warning("%s: guarded statements use lock_timeout and retries until it is back", exc)
 
+    async def _start_events(self) -> None:
+        """NOTIFY of the guard events through the admin connection (events_channel)."""
+        admin, channel = self.guard.admin, self.config.events_channel
+        if admin is not None and channel and self.config.guard:
+            self.guard.events = EventPublisher(admin, channel)
+            await self.guard.events.start()
+
     def _admin(self) -> AdminConnection | None:
         """The admin connection auth_query runs on (made on first use after a reload to it)."""
         if self.guard.admin is None and self.config.auth_type == "auth_query":
@@ -131,6 +156,7 @@ class ProxyServer:
     def _accept(self) -> ClientSession:
         session = ClientSession(self)
         self._sessions.add(session)
+        self._client_ids[session] = next(self._next_client)
         self._idle.clear()
         return session
 
@@ -156,8 +182,31 @@ class ProxyServer:
         """More clients than max_client_conn (this one counted)."""
         return len(self._sessions) > self.config.max_client_conn
 
+    @property
+    def sessions(self) -> Collection[ClientSession]:
+        return list(self._sessions)
+
+    def client_id(self, session: ClientSession) -> int:
+        """The id the admin console knows a client by (SHOW CLIENTS, KILL_CLIENT)."""
+        return self._client_ids.get(session, 0)
+
+    async def serve_console(self, session: ClientSession) -> None:
+        """The admin console for a client of database pgmigrate or pgbouncer (console/)."""
+        self._starting.discard(session)  # (it holds no PostgreSQL slot)
+        await console.serve(self, session)
+
+    def stop(self, *, wait_for_clients: bool) -> None:
+        """SHUTDOWN from the admin console: through the service's stop (stop_hook), at once or
+        once every client has left."""
+        assert self.stop_hook is not None, "no service to stop"
+        self._wait_for_clients = wait_for_clients
+        self.stop_hook("SHUTDOWN from the admin console")
+        if not wait_for_clients:
+            self.hurry()
+
     def logged_in(self, session: ClientSession) -> None:
         self._starting.discard(session)
+        self.gate.admitted(session)
         if self.auth is not None:  # the proxy logs in servers for this pool from now on
             user = session.parameters.get("user", "")
             database = session.parameters.get("database") or user
@@ -169,6 +218,7 @@ class ProxyServer:
     def session_closed(self, session: ClientSession) -> None:
         self._starting.discard(session)
         self._sessions.discard(session)
+        self._client_ids.pop(session, None)
         if self._keys.get(session.secret_key) is session:
             del self._keys[session.secret_key]
         if not self._sessions:
@@ -232,7 +282,8 @@ class ProxyServer:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
             ends = (self._idle, self._grace_over)
             waits = [asyncio.ensure_future(event.wait()) for event in ends]
-            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if self._wait_for_clients else grace
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for waiting in waits:
                 waiting.cancel()
         for session in list(self._sessions):
@@ -249,6 +300,8 @@ class ProxyServer:
         await self.pools.shutdown()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.guard.events is not None:
+            await self.guard.events.close()
         if self.guard.admin is not None:
             await self.guard.admin.close()
 

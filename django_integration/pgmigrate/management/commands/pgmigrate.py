@@ -13,7 +13,7 @@ from django.core.management.commands.migrate import Command as MigrateCommand
 from django.db import connections
 from django.db.utils import OperationalError
 
-from pgmigrate import atomic, guard, notices, report, route, worker
+from pgmigrate import atomic, guard, migratelock, notices, report, route, worker
 
 #: SQLSTATE lock_not_available: the proxy's answer when the lock budget is spent.
 LOCK_NOT_AVAILABLE = "55P03"
@@ -82,12 +82,24 @@ class Command(MigrateCommand):
         self.verbosity = options["verbosity"]
         try:
             self._migrate(plan, args, options)
+        except migratelock.Busy:
+            seconds = plan.migrate_lock_timeout
+            self.stderr.write(
+                f"Migration lock not available after {seconds:g} s "
+                "(PGMIGRATE_MIGRATE_LOCK_TIMEOUT). Aborting..."
+            )
+            sys.exit(1)
         except OperationalError as exc:
             if not lock_not_available(exc):
                 raise
             if self.verbosity:
                 self.stdout.write(self.style.ERROR("\nLock timeout expired. Aborting..."))
             sys.exit(1)
+
+    def _say(self, text: str) -> None:
+        """A line about waiting for another migrate (stderr: it is no migration output)."""
+        if self.verbosity:
+            self.stderr.write(text)
 
     def _migrate(self, plan: guard.Plan, args: Any, options: dict[str, Any]) -> None:
         alias = options["database"]
@@ -98,10 +110,14 @@ class Command(MigrateCommand):
             plan = dataclasses.replace(plan, guard={**plan.guard, "report_events": True})
             on_event = collector.on_event
         printer = notices.NoticePrinter(self, show_blocked=plan.shows_blockers, on_event=on_event)
+        direct = dict(connection.settings_dict)  # before routed() points it at the proxy
         with (
             route.routed(connection, plan) as path,
             notices.printed(connection, printer),
             atomic.bracketing(),
+            # one migrate at a time, from before Django plans (after the embedded proxy
+            # started: a refused admin login is said first, in its own words)
+            migratelock.held(direct, plan.migrate_lock_timeout, self._say),
         ):
             pid = pgactivity.pid(using=alias)
             if self.verbosity:
