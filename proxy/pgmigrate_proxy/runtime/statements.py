@@ -43,7 +43,7 @@ from pgmigrate_proxy.protocol.prepared import (
 )
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter
-from pgmigrate_proxy.sql import Statement, first_keyword, is_plain
+from pgmigrate_proxy.sql import Statement, is_plain
 from pgmigrate_proxy.sql.session_state import session_state
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ _COMPLETIONS = frozenset(
 _ERROR = BackendType.ERROR_RESPONSE.value
 _QUERY = FrontendType.QUERY.value
 _PARSE = FrontendType.PARSE.value
-_DROPPING = ("DEALLOCATE", "DISCARD")
+_DROPPING = (b"deallocate", b"discard")
 #: Frames the mapping reads.
 MAPPED = frozenset(
     t.value for t in (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
@@ -146,7 +146,7 @@ class Plan:
     succeeded (or at once, when there are none and the server owes nothing); `undo`: the
     expectations to undo if they did not happen; `inline`: the client's frame as it goes to
     the server (renamed), after all that; `error`: the client's error in place of the
-    server's; `clear`: the server's statements are dropped by the client's Query."""
+    server's (a failing Parse goes first, so that the server skips to Sync as it would)."""
 
     inline: bytes = b""
     proxy: bytes = b""
@@ -201,8 +201,8 @@ class PreparedLink:
         they are (the server's statements are gone once it runs them); DEALLOCATE of one of
         the client's names becomes DEALLOCATE ALL on the server (PostgreSQL has no DEALLOCATE
         IF EXISTS, and the server may not hold it): the others are prepared again there."""
-        if first_keyword(item.payload[1:41].decode("utf-8", "replace")) not in _DROPPING:
-            return None
+        if not item.payload[1:24].lstrip().lower().startswith(_DROPPING):
+            return None  # (the cheap test; a comment before it: not seen, its client pinned)
         try:
             sql = extended.parse_statement(item.payload)[1]
         except DecodeError:
@@ -227,8 +227,8 @@ class PreparedLink:
 
     def _query(self, item: Frame, server: ServerConnection) -> Plan | None:
         """DEALLOCATE [PREPARE] name | ALL and DISCARD ALL, when they would succeed."""
-        if first_keyword(item.payload[:40].decode("utf-8", "replace")) not in _DROPPING:
-            return None
+        if not item.payload[:24].lstrip().lower().startswith(_DROPPING):
+            return None  # (every Query comes here: bytes only)
         try:
             sql = extended.query_text(item.payload)
         except DecodeError:
