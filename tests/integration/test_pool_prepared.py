@@ -367,6 +367,10 @@ def test_wire_parse_answers_close_and_deallocate(proxy_factory: Factory) -> None
             client.send(parse + bind + execute + sync)
             got = client.read_until(BackendType.READY_FOR_QUERY)
             assert [chr(t) for t, _ in got] == ["1", "2", "D", "C", "Z"], got
+        first.send(parse + bind + execute + sync)  # s1 again: 42P05, the rest skipped
+        assert first.expect_error().code == "42P05"
+        got = first.read_until(BackendType.READY_FOR_QUERY)
+        assert [chr(t) for t, _ in got] == ["Z"], got
         second.send(close + sync)
         assert [chr(t) for t, _ in second.read_until(BackendType.READY_FOR_QUERY)] == ["3", "Z"]
         got = first.query("DEALLOCATE s1")
