@@ -26,6 +26,7 @@ from pgmigrate_proxy.protocol.messages import (
     ErrorResponse,
     ReadyForQuery,
 )
+from pgmigrate_proxy.protocol.prepared import ServerStatements
 from pgmigrate_proxy.protocol.replies import Owner, ReplyQueue, UnexpectedReply
 from pgmigrate_proxy.protocol.types import BackendType, TransactionStatus
 from pgmigrate_proxy.runtime.stats import UNPOOLED
@@ -98,8 +99,8 @@ class ServerConnection(UpstreamProtocol):
 
     __slots__ = (
         "_idle", "_observer", "_sink", "_sink_done", "_to_client", "_tracking",
-        "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "stats",
-        "status",
+        "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "statements",
+        "stats", "status",
     )  # fmt: skip
 
     def __init__(self, database: str = "") -> None:
@@ -119,6 +120,8 @@ class ServerConnection(UpstreamProtocol):
         self._idle: asyncio.Future[None] | None = None
         #: called after a ReadyForQuery 'I' passed on with nothing owed (transaction pooling)
         self.on_idle: Callable[[], None] | None = None
+        #: the proxy-wide prepared statements it holds (transaction pooling: runtime/statements.py)
+        self.statements: ServerStatements | None = None
         self.stats = UNPOOLED  # its pool's counters (runtime/stats.py), once it joins one
 
     # --- who holds it ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, p
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.onemigration import LockFailed, MigrationLock
 from pgmigrate_proxy.runtime.ports import ClientWriter
+from pgmigrate_proxy.runtime.statements import MAPPED, Plan, PreparedLink, Retiring
 from pgmigrate_proxy.sql import Statement, first_keyword
 
 log = logging.getLogger("pgmigrate_proxy.session")
@@ -125,6 +126,10 @@ class Holder:
         self.task: asyncio.Task[None] | None = None
         #: transaction pooling: reads each Query and Parse for session state (runtime/pooling.py)
         self.state_watch: Callable[[Frame], None] | None = None
+        #: transaction pooling: the client's prepared statements (runtime/statements.py)
+        self.prepared: PreparedLink | None = None
+        #: told the statements of each guarded unit once it ran (prepared-statement invalidation)
+        self.ddl_done: Callable[[tuple[Statement, ...]], None] | None = None
         #: set while the session has no server: gets one (started by the client's next data)
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._gate = services.gate  # (runtime/gate.py)
@@ -294,9 +299,31 @@ class Holder:
         sent: list[int] = []  # types forwarded, for the reply queue (one call per chunk)
         note = sent.append
         extended = 0  # how many of them are extended-protocol requests (ReplyQueue.sent_all)
+        prepared = self.prepared
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
+            if prepared is not None and mtype in MAPPED:
+                plan = prepared.plan(item, server)
+                if plan is not None:  # a mapped statement name (runtime/statements.py)
+                    start = pos if item.start < 0 else item.start
+                    out.append(data[pos:start])
+                    pos = item.end
+                    if plan.rename_only:
+                        out.append(plan.inline)
+                        note(mtype)
+                        extended += mtype in _EXTENDED_REQUESTS
+                        continue
+                    if sent:
+                        server.replies.sent_all(sent, extended)
+                        sent.clear()
+                        extended = 0
+                    self._write_server(out)
+                    out = []
+                    if prepared.answer_now(plan, server, self.session):
+                        continue
+                    self._prepared_round(plan, mtype, cut, index)
+                    return
             if state_watch is not None and mtype in _STATEFUL:
                 state_watch(item)
                 state_watch = self.state_watch
@@ -368,6 +395,26 @@ class Holder:
             return
         out.append(data[pos : cut.tail])
         self._write_server(out)
+
+    def _prepared_round(self, plan: Plan, mtype: int, cut: Cut, index: int) -> None:
+        """Hold the chunk after frame `index` while the proxy's requests for it go first."""
+        end = cut.frames[index].end
+        self._backlog = deque([(cut, index + 1, end)])
+        self._backlog_bytes = cut.tail - end
+        task = asyncio.get_running_loop().create_task(
+            self._run_unit(self._prepared(plan, mtype), "a prepared statement")
+        )
+        self.task = task
+
+    async def _prepared(self, plan: Plan, mtype: int) -> None:
+        server = self.server
+        assert self.prepared is not None
+        await self.prepared.run(plan, server, self.session)
+        if plan.inline:
+            server.replies.sent(mtype)
+            self._write_server([plan.inline])
+        if server.replies.needs_every_reply is not server.every_reply:
+            server.watch()
 
     def _write_server(self, out: list[bytes]) -> None:
         transport = self.server.transport
@@ -587,6 +634,9 @@ class Holder:
     async def _run_guarded(self, unit: guarding.HeldUnit, client: ClientWriter) -> None:
         """One unit through the guard, on the session's server connection of the moment."""
         assert self.settings is not None
+        done = self.ddl_done
+        if done is not None:  # statements on its tables are prepared again after it
+            client = Retiring(client, lambda: done(unit.statements))
         await guarding.run(self.server, client, self.services, self.settings, unit, self.targets)
 
     def release(self) -> None:

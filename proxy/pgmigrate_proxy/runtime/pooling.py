@@ -18,6 +18,7 @@ from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime import statements
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.pool import (
     SYNCED_PARAMETERS,
@@ -30,7 +31,7 @@ from pgmigrate_proxy.runtime.pool import (
     unpark,
     unpoolable,
 )
-from pgmigrate_proxy.sql.session_state import session_state
+from pgmigrate_proxy.sql.session_state import drops_prepared, session_state
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.backend import ServerConnection
@@ -162,8 +163,13 @@ class PoolLink:
         self._arm()
         holder = self.session.holder
         assert holder is not None
+        registry = statements.registry_for(self.pool.registry)
+        holder.ddl_done = lambda done: statements.invalidate(registry, done)
         if self.transaction:
             holder.state_watch = self.watch_state
+            capacity = self.pool.settings.max_prepared_statements
+            if capacity > 0:
+                holder.prepared = statements.PreparedLink(registry, capacity)
             self._give_back(at_once=False)
             return
         if self.reserved is not None:  # taken before the client was told its server (reserve)
@@ -217,6 +223,7 @@ class PoolLink:
             return
         park(lease)  # (the proxy's own queries need the relay on: the pool's, dropping)
         try:
+            await statements.checkout(lease.server)
             await self._sync_parameters(lease)
         except BaseException:
             self.pool.close(lease)
@@ -294,7 +301,11 @@ class PoolLink:
         server.unrelay()
         server.on_idle = None
         self.session.detach()
-        self.pool.check_in(lease, reset=not self.transaction or self.pinned is not None)
+        reset = not self.transaction or self.pinned is not None
+        query = self.pool.settings.server_reset_query
+        if reset and server.statements is not None and drops_prepared(query):
+            server.statements.clear()
+        self.pool.check_in(lease, reset=reset)
         return True
 
     def closed(self) -> None:
@@ -302,6 +313,9 @@ class PoolLink:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        holder = self.session.holder
+        if holder is not None and holder.prepared is not None:
+            holder.prepared.client.release_all()
         lease, self.lease = self.lease, None
         if lease is not None:
             self.pool.forget(lease.server)
