@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+if TYPE_CHECKING:  # (prometheus_client takes ~80 ms to import: only when metrics are served)
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("pgmigrate_proxy.metrics")
 
@@ -76,6 +77,8 @@ class MetricsServer:
             return _response(404, "Not Found")
         if method not in ("GET", "HEAD"):
             return _response(405, "Method Not Allowed", allow="GET, HEAD")
+        from prometheus_client.exposition import choose_encoder
+
         headers = dict(_header(line) for line in lines if ":" in line)
         encoder, content_type = choose_encoder(headers.get("accept", ""))
         body = encoder(self.registry)

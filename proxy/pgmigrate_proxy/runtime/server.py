@@ -9,16 +9,13 @@ import secrets
 import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
-
-from prometheus_client import CollectorRegistry
+from typing import TYPE_CHECKING
 
 from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
 from pgmigrate_proxy.console import serve as console
 from pgmigrate_proxy.console.host import Gate
-from pgmigrate_proxy.metrics.collect import ProxyCollector
-from pgmigrate_proxy.metrics.http import MetricsServer
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.protocol.messages import CancelRequest
 from pgmigrate_proxy.protocol.sqlstate import SqlState
@@ -31,6 +28,9 @@ from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
 from pgmigrate_proxy.settings import listen_address
+
+if TYPE_CHECKING:
+    from pgmigrate_proxy.metrics.http import MetricsServer
 
 log = logging.getLogger("pgmigrate_proxy.server")
 
@@ -83,7 +83,14 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
 
 
 async def _start_metrics(server: ProxyServer, listen: str) -> MetricsServer:
-    """Serve /metrics on `listen` (metrics_listen) from this loop (metrics/http.py says why)."""
+    """Serve /metrics on `listen` (metrics_listen) from this loop (metrics/http.py says why).
+    Imported here: prometheus_client takes ~80 ms to import, and most proxies (the embedded
+    one of every `migrate`) serve no metrics."""
+    from prometheus_client import CollectorRegistry
+
+    from pgmigrate_proxy.metrics.collect import ProxyCollector
+    from pgmigrate_proxy.metrics.http import MetricsServer
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(server))
     metrics = MetricsServer(registry)
