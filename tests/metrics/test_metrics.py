@@ -10,6 +10,7 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -54,6 +55,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def held_now(proxy: RunningProxy, who: dict[str, str]) -> float:
+    """The held-statements gauge: a unit leaves it once its pipeline is over, a moment after its
+    client has the replies (the session's lock_timeout is restored after them)."""
+    return value(scrape(proxy), P + "guard_held_statements", **who)
+
+
 @pytest.fixture
 def table(pg: PgInfo) -> Iterator[str]:
     name = f"metrics_{secrets.token_hex(4)}"
@@ -87,8 +94,38 @@ def test_a_guarded_alter_with_a_terminated_blocker_moves_the_guard_metrics(
     assert value(after, P + "guard_budgets_spent_total", **who) == 0
     assert value(after, P + "guard_hold_seconds_count", **who) == 1
     assert value(after, P + "guard_hold_seconds_bucket", **who, le="+Inf") == 1
-    assert value(after, P + "guard_held_statements", **who) == 0
     assert value(after, P + "guard_admin_connection_up") == 1
+    wait_for(lambda: not held_now(proxy, who), "the pipeline to end (it restores lock_timeout)")
+
+
+def test_a_held_statement_shows_in_the_gauge_until_its_blocker_ends(
+    proxy_factory: Callable[..., RunningProxy], pg: PgInfo, table: str, opened: Keep
+) -> None:
+    proxy = proxy_factory(metrics_listen="127.0.0.1:0", blocking_action="show", max_hold="10min")
+    who = {"database": "postgres", "user": pg.superuser}
+    blocker = opened(pg.connect(application_name="metrics-blocker"))
+    blocker.execute("BEGIN")
+    blocker.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table)))
+    migration = opened(connect_through(proxy, pg).conn)
+    alter = sql.SQL("ALTER TABLE {} ADD COLUMN added int").format(sql.Identifier(table))
+    with ThreadPoolExecutor(1) as executor:
+        running = executor.submit(migration.execute, alter)
+
+        def shown() -> Samples | None:
+            samples = scrape(proxy)
+            return samples if value(samples, P + "guard_blockers_shown_total", **who) else None
+
+        samples = wait_for(shown, "the blocker to be shown")
+        assert value(samples, P + "guard_held_statements", **who) == 1
+        assert value(samples, P + "guard_blockers_found_total", **who) == 1
+        assert value(samples, P + "guard_attempts_total", **who) == 0
+        assert value(samples, P + "guard_hold_seconds_count", **who) == 0
+        blocker.execute("ROLLBACK")
+        running.result(timeout=60)
+    samples = scrape(proxy)
+    assert value(samples, P + "guard_hold_seconds_count", **who) == 1
+    wait_for(lambda: not held_now(proxy, who), "the pipeline to end (it restores lock_timeout)")
+    assert value(samples, P + "guard_blockers_terminated_total", **who) == 0
 
 
 def _terminated(conn: psycopg.Connection[Any]) -> bool:
