@@ -194,6 +194,26 @@ def test_other_paths_are_404_and_other_methods_405(
         assert response.status == 200
 
 
+def raw(proxy: RunningProxy, data: bytes) -> bytes:
+    assert proxy.server.metrics is not None
+    with socket.create_connection(("127.0.0.1", proxy.server.metrics.port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_malformed_or_oversized_request_gets_an_error_status(
+    proxy_factory: Callable[..., RunningProxy],
+) -> None:
+    proxy = proxy_factory(metrics_listen="127.0.0.1:0")
+    assert raw(proxy, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    huge = b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"x" * 20000 + b"\r\n\r\n"
+    assert raw(proxy, huge).startswith(b"HTTP/1.1 431 ")
+    assert raw(proxy, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 def test_metrics_are_off_by_default(proxy: RunningProxy) -> None:
     assert proxy.server.metrics is None
 
