@@ -109,6 +109,7 @@ class Config:
 
     listen_host: str = default("listen_host")
     listen_port: int = default("listen_port")
+    metrics_listen: str | None = default("metrics_listen")
     upstream: str | None = default("upstream")
     log_level: str = default("log_level")
     log_format: str = default("log_format")
@@ -238,6 +239,7 @@ KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.name != "pool_
 RELOADABLE: frozenset[str] = frozenset((*KEYS, "pool_overrides")) - {
     "listen_host",
     "listen_port",
+    "metrics_listen",
     "embedded_data_dir",
     "embedded_pg",
     "events_channel",  # the admin connection LISTENs on it from the start

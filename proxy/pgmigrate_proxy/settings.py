@@ -211,6 +211,27 @@ def _host(value: object) -> str:
     return value.strip()
 
 
+def _listen(value: object) -> str | None:
+    """`host:port` (an IPv6 host in brackets: `[::1]:9187`), port 0 to 65535 (0: any free one);
+    empty: off."""
+    text = optional_text(value)
+    if text is None:
+        return None
+    host, colon, port = text.strip().rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not bare or not port.isdigit() or int(port) > 65535:
+        raise Rejected
+    if any(c.isspace() or c in "[]/" for c in bare) or (":" in bare and bare == host):
+        raise Rejected
+    return f"{host}:{int(port)}"
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """(host, port) of a value that _listen accepted (an IPv6 host without its brackets)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def optional_text(value: object) -> str | None:
     if value is None or value == "":
         return None
@@ -429,6 +450,12 @@ _ALL: tuple[Setting, ...] = (
         "127.0.0.1",
     ),
     _integer("listen_port", 6432, 0, 65535, "port to listen on (`0`: any free port)"),
+    _text(
+        "metrics_listen",
+        "host:port (IPv6 in brackets: [::1]:9187; port 0: any free one), or empty for off",
+        "where to serve Prometheus metrics at `/metrics` (plain HTTP); unset: not served",
+        _listen,
+    ),
     _text(
         "upstream",
         _CONNINFO + "an embedded PostgreSQL",

@@ -138,14 +138,13 @@ def show_config(host: ConsoleHost) -> Table:
 
 def show_state(host: ConsoleHost) -> Table:
     paused = sorted(db for db in host.gate.paused if db is not None)
-    admin = host.guard.admin
     found: list[tuple[Value, ...]] = [
         ("active", "no" if None in host.gate.paused else "yes"),
         ("paused", "yes" if None in host.gate.paused else "no"),
         ("suspended", "no"),
         ("paused_databases", ",".join(paused)),
         ("guard", "on" if host.config.guard else "off"),
-        ("admin_connection", "up" if admin is not None and admin.connected else "down"),
+        ("admin_connection", "up" if host.guard.admin_up else "down"),
         ("held_statements", str(len(host.guard.context.held))),
     ]
     return Table(("key", "value"), found)

@@ -16,8 +16,8 @@ from pgmigrate_proxy.console.host import ConsoleHost, database_of
 from pgmigrate_proxy.console.rows import Table, Value
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.runtime.backend import ServerConnection
-from pgmigrate_proxy.runtime.pool import Lease, Pool
-from pgmigrate_proxy.runtime.session import ClientSession, Phase
+from pgmigrate_proxy.runtime.pool import Pool
+from pgmigrate_proxy.runtime.poolstate import client_state, pool_counts, server_state, waiting_since
 from pgmigrate_proxy.runtime.stats import PoolStats
 
 _MICRO = 1_000_000
@@ -65,52 +65,18 @@ def _wall(monotonic: float) -> float:
     return time.time() - (time.monotonic() - monotonic)
 
 
-def _waiting_since(session: ClientSession) -> float | None:
-    """time.monotonic() when the session began waiting for a server (None: not waiting)."""
-    link = session.link
-    return link.waiting_since if link is not None and link.waiting_since else None
-
-
-def client_state(session: ClientSession) -> str:
-    if session.phase is not Phase.RELAY:
-        return "login" if session.phase is not Phase.CLOSED else "closed"
-    return "waiting" if _waiting_since(session) is not None else "active"
-
-
-def _pool_clients(host: ConsoleHost) -> dict[tuple[str, str], list[ClientSession]]:
-    found: dict[tuple[str, str], list[ClientSession]] = {}
-    for session in host.sessions:
-        if session.link is not None:
-            found.setdefault(session.link.pool.key, []).append(session)
-    return found
-
-
-def server_state(lease: Lease) -> str:
-    pool = lease.pool
-    if lease in pool.idle:
-        delay = pool.settings.server_check_delay
-        used = pool.settings.server_check_query and time.monotonic() - lease.idle_since >= delay
-        return "used" if used else "idle"
-    if lease.server.listener is lease:  # parked, not idle: its check or check-in runs
-        return "tested"
-    return "active"
-
-
 def pools(host: ConsoleHost) -> Table:
-    clients = _pool_clients(host)
     now = time.monotonic()
+    counts = pool_counts(host.pools, host.sessions)
     rows: list[tuple[Value, ...]] = []
     for key, pool in sorted(host.pools.pools.items()):
-        mine = clients.get(key, [])
-        waits = [w for w in (_waiting_since(s) for s in mine) if w is not None]
-        states = [server_state(lease) for lease in pool.leases.values()]
-        cancelling = sum(1 for lease in pool.leases.values() if lease.cancels)
-        longest = max((now - w for w in waits), default=0.0)
+        found = counts[key]
+        cl, sv = found.clients, found.servers
+        longest = now - found.oldest_wait if found.oldest_wait is not None else 0.0
         rows.append((
-            *key, len(mine) - len(waits), len(waits), 0, 0, states.count("active"), 0,
-            cancelling, states.count("idle"), states.count("used"), states.count("tested"),
-            pool.size_opening, int(longest), int(longest * _MICRO) % _MICRO,
-            pool.settings.pool_mode.value,
+            *key, cl["active"] + cl["idle"], cl["waiting"], 0, 0, sv["active"], 0,
+            found.cancelling, sv["idle"], sv["used"], sv["tested"], sv["login"], int(longest),
+            int(longest * _MICRO) % _MICRO, pool.settings.pool_mode.value,
         ))  # fmt: skip
     return Table(POOLS_COLUMNS, rows)
 
@@ -138,7 +104,7 @@ def clients(host: ConsoleHost) -> Table:
         client = session.client
         peer = _address(client.get_extra_info("peername")) if client is not None else (None, None)
         local = _address(client.get_extra_info("sockname")) if client is not None else (None, None)
-        since = _waiting_since(session)
+        since = waiting_since(session)
         wait = now - since if since is not None else 0.0
         server = session.server
         rows.append((

@@ -95,6 +95,12 @@ class GuardServices:
         """Backends running guarded statements (never acted on by another pipeline)."""
         return self.context.in_flight
 
+    @property
+    def admin_up(self) -> bool:
+        """The admin connection is open and the guard is not backing off from a failure."""
+        admin = self.admin
+        return admin is not None and admin.connected and self.context.health.reason is None
+
     def refreshed(self) -> GuardContext:
         """The context, told whether there is an admin connection and its backend pid."""
         context = self.context

@@ -210,8 +210,7 @@ class PoolLink:
             while lease is None or not await self.pool.checked(lease):
                 lease = await self.pool.acquire()
             self.waiting_since = 0.0
-            stats.wait_time += time.monotonic() - started
-            stats.wait_count += 1
+            stats.waited(time.monotonic() - started)
             stats.server_assignment_count += 1
         except ProxyError as exc:
             self.waiting_since = 0.0

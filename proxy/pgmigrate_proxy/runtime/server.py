@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
@@ -26,6 +27,10 @@ from pgmigrate_proxy.runtime.publish import EventPublisher
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
+from pgmigrate_proxy.settings import listen_address
+
+if TYPE_CHECKING:
+    from pgmigrate_proxy.metrics.http import MetricsServer
 
 log = logging.getLogger("pgmigrate_proxy.server")
 
@@ -77,6 +82,24 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
     )
 
 
+async def _start_metrics(server: ProxyServer, listen: str) -> MetricsServer:
+    """Serve /metrics on `listen` (metrics_listen) from this loop (metrics/http.py says why).
+    Imported here: prometheus_client takes ~80 ms to import, and most proxies (the embedded
+    one of every `migrate`) serve no metrics."""
+    from prometheus_client import CollectorRegistry
+
+    from pgmigrate_proxy.metrics.collect import ProxyCollector
+    from pgmigrate_proxy.metrics.http import MetricsServer
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(server))
+    metrics = MetricsServer(registry)
+    host, port = listen_address(listen)
+    await metrics.start(host, port)
+    log.info("serving metrics on http://%s/metrics", listen.rpartition(":")[0] + f":{metrics.port}")
+    return metrics
+
+
 class ProxyServer:
     """Listens for clients and runs a ClientSession for each."""
 
@@ -105,6 +128,7 @@ class ProxyServer:
         self.reload_hook: Callable[[str], None] | None = None
         self.stop_hook: Callable[[str], None] | None = None
         self._wait_for_clients = False
+        self.metrics: MetricsServer | None = None  # /metrics on metrics_listen
 
     @property
     def active_sessions(self) -> int:
@@ -113,12 +137,19 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(logsetup.loop_exception_handler)
-        if self.config.guard or self.config.auth_type == "auth_query":
-            await self._open_admin()
-        await self._start_events()
-        self._server = await loop.create_server(
-            self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
-        )
+        if self.config.metrics_listen:  # first: a bad address leaves nothing else open
+            self.metrics = await _start_metrics(self, self.config.metrics_listen)
+        try:
+            if self.config.guard or self.config.auth_type == "auth_query":
+                await self._open_admin()
+            await self._start_events()
+            self._server = await loop.create_server(
+                self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
+            )
+        except BaseException:
+            if self.metrics is not None:
+                await self.metrics.close()
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _open_admin(self) -> None:
@@ -276,6 +307,8 @@ class ProxyServer:
         grace = self.config.shutdown_grace if grace is None else grace
         if self._server is not None:
             self._server.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self._sessions:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
             ends = (self._idle, self._grace_over)
