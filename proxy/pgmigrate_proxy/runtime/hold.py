@@ -399,7 +399,7 @@ class Holder:
     def _prepared_round(self, plan: Plan, mtype: int, cut: Cut, index: int) -> None:
         """Hold the chunk after frame `index` while the proxy's requests for it go first."""
         end = cut.frames[index].end
-        self._backlog = deque([(cut, index + 1, end)])
+        self._backlog = [(cut, index + 1, end)]
         self._backlog_bytes = cut.tail - end
         task = asyncio.get_running_loop().create_task(
             self._run_unit(self._prepared(plan, mtype), "a prepared statement")

@@ -164,7 +164,7 @@ class PoolLink:
         holder = self.session.holder
         assert holder is not None
         registry = statements.registry_for(self.pool.registry)
-        holder.ddl_done = lambda done: statements.invalidate(registry, done)
+        holder.ddl_done = statements.invalidator(registry)
         if self.transaction:
             holder.state_watch = self.watch_state
             capacity = self.pool.settings.max_prepared_statements

@@ -22,6 +22,7 @@ the proxy's are kept, and then the client gets what PostgreSQL would have sent i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -77,6 +78,15 @@ def registry_for(pools: object) -> Registry:
     found = _REGISTRIES.get(pools)
     if found is None:
         found = _REGISTRIES[pools] = Registry()
+    return found
+
+
+def invalidator(registry: Registry) -> Callable[[Iterable[Statement]], None]:
+    """`invalidate` bound to `registry`, one per registry (every client's holder keeps it)."""
+    found: Callable[[Iterable[Statement]], None] | None = getattr(registry, "on_ddl", None)
+    if found is None:
+        found = functools.partial(invalidate, registry)
+        registry.on_ddl = found  # type: ignore[attr-defined]
     return found
 
 
@@ -163,12 +173,19 @@ class Plan:
 class PreparedLink:
     """One client's prepared statements in transaction pooling (module docstring)."""
 
-    __slots__ = ("capacity", "client", "registry")
+    __slots__ = ("_client", "capacity", "registry")
 
     def __init__(self, registry: Registry, capacity: int) -> None:
         self.registry = registry
         self.capacity = capacity
-        self.client = ClientStatements(registry)
+        self._client: ClientStatements | None = None  # made at its first use (idle clients)
+
+    @property
+    def client(self) -> ClientStatements:
+        found = self._client
+        if found is None:
+            found = self._client = ClientStatements(self.registry)
+        return found
 
     def server_statements(self, server: ServerConnection) -> ServerStatements:
         found = server.statements
