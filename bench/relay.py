@@ -501,7 +501,9 @@ def find_pgbench(bin_dir: Path) -> Path:
     raise BenchError(f"pgbench not found (looked at {beside} and {FALLBACK_PGBENCH})")
 
 
-def pgbouncer_ini(directory: Path, port: int, upstream_port: int, pool_size: int) -> str:
+def pgbouncer_ini(
+    directory: Path, port: int, upstream_port: int, pool_size: int, pool_mode: str = "session"
+) -> str:
     return f"""\
 [databases]
 * = host=127.0.0.1 port={upstream_port}
@@ -513,7 +515,7 @@ unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {directory / "userlist.txt"}
 admin_users = {SUPERUSER}
-pool_mode = session
+pool_mode = {pool_mode}
 max_client_conn = {max(2000, pool_size + 100)}
 default_pool_size = {pool_size}
 ignore_startup_parameters = extra_float_digits

@@ -125,6 +125,7 @@ def test_empty_string_means_unset() -> None:
 GOOD_VALUES: dict[str, tuple[str, object]] = {
     "listen_host": ("0.0.0.0", "0.0.0.0"),
     "listen_port": ("0", 0),
+    "metrics_listen": ("[::1]:09187", "[::1]:9187"),
     "upstream": ("host=db", "host=db"),
     "log_level": ("Warning", "warning"),
     "log_format": ("json", "json"),
@@ -187,6 +188,8 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
         "SELECT * FROM pgbouncer.user_lookup($1)",
         "SELECT * FROM pgbouncer.user_lookup($1)",
     ),
+    "admin_users": ("ops, postgres", ("ops", "postgres")),
+    "stats_users": ("monitor", ("monitor",)),
 }
 
 
@@ -205,6 +208,8 @@ def test_names() -> None:
 # --- one-line errors naming the key -----------------------------------------------------------
 
 BAD_VALUES = [
+    ("metrics_listen", "9187"),
+    ("metrics_listen", "::1:9187"),
     ("listen_host", ""),
     ("listen_host", "a b"),
     ("listen_port", "abc"),
@@ -585,6 +590,7 @@ def test_reloadable_keys() -> None:
     assert frozenset(KEYS) - RELOADABLE == {
         "listen_host",
         "listen_port",
+        "metrics_listen",
         "embedded_data_dir",
         "embedded_pg",
         "events_channel",

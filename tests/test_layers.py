@@ -18,6 +18,8 @@ SANS_IO = (
     "pgmigrate_proxy.sql",
     "pgmigrate_proxy.guard",
     "pgmigrate_proxy.auth",
+    "pgmigrate_proxy.console.parse",
+    "pgmigrate_proxy.console.rows",
 )
 IO_MODULES = {
     "asyncio", "socket", "ssl", "time", "logging", "selectors", "threading", "subprocess",

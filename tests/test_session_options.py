@@ -70,7 +70,7 @@ def test_every_setting_applies() -> None:
 
 
 def test_the_table_names_every_option() -> None:
-    assert "blocking_action" in NAMES and "role" not in NAMES and len(NAMES) == 18
+    assert "blocking_action" in NAMES and "role" not in NAMES and len(NAMES) == 20
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,7 @@ _WAITER_OWNS = """
 
 
 # Whether a backend's role is a superuser or a member of pg_signal_backend.
-_MAY_SIGNAL = """
+_ADMIN_LIKE = """
     SELECT r.rolsuper OR pg_has_role(r.oid, 'pg_signal_backend', 'MEMBER') AS ok
     FROM pg_stat_activity AS a JOIN pg_roles AS r ON r.oid = a.usesysid
     WHERE a.pid = %(pid)s
@@ -165,6 +165,20 @@ def activity_query(
 ) -> tuple[str, dict[str, Any]]:
     """activity()'s query and parameters, as blockers_query gives find_blockers'."""
     return _ACTIVITY, {"pids": sorted({pid for pid in pids if pid > 0}), "viewer": viewer}
+
+
+_ROLE_OID = "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %(name)s"
+_MAY_SIGNAL = """
+    SELECT a.pid FROM pg_catalog.pg_stat_activity AS a
+    JOIN pg_catalog.pg_roles AS me ON me.rolname = %(role)s
+    WHERE a.pid = ANY(%(pids)s::int[])
+      AND (me.rolsuper
+           OR (NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles AS r
+                             WHERE r.oid = a.usesysid), false)
+               AND coalesce(pg_catalog.pg_has_role(me.oid, a.usesysid, 'USAGE')
+                            OR pg_catalog.pg_has_role(me.oid, 'pg_signal_backend', 'USAGE'),
+                            false)))
+"""
 
 
 class AdminUnavailable(ConnectionFailure):
@@ -384,10 +398,10 @@ class AdminConnection:
         query = "SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid = ANY(%(pids)s::int[])"
         return {int(row["pid"]) for row in await self._fetch(query, {"pids": wanted})}
 
-    async def may_signal(self, pid: int) -> bool:
+    async def admin_like(self, pid: int) -> bool:
         """Whether backend `pid` is a session of a superuser or of a member of
         pg_signal_backend (a role that may act as an admin connection); False when it is gone."""
-        rows = await self._fetch(_MAY_SIGNAL, {"pid": pid})
+        rows = await self._fetch(_ADMIN_LIKE, {"pid": pid})
         return bool(rows and rows[0]["ok"])
 
     async def notify_all(self, channel: str, payloads: list[str]) -> bool:
@@ -406,6 +420,21 @@ class AdminConnection:
     async def cancel(self, pid: int) -> bool:
         """pg_cancel_backend(pid): ends a running query, not an idle-in-transaction session."""
         return await self._signal("SELECT pg_cancel_backend(%(pid)s) AS ok", pid)
+
+    async def role_oid(self, name: str) -> int | None:
+        """The OID of role `name` (None: no such role)."""
+        rows = await self._fetch(_ROLE_OID, {"name": name})
+        return int(rows[0]["oid"]) if rows else None
+
+    async def may_signal(self, role: str, pids: Collection[int]) -> set[int]:
+        """Those of `pids` that role `role` could end itself with pg_terminate_backend or
+        pg_cancel_backend (PostgreSQL's rule: a superuser any; otherwise not a superuser's
+        session, and a member of the session's role or of pg_signal_backend)."""
+        wanted = sorted({pid for pid in pids if pid > 0})
+        if not wanted:
+            return set()
+        rows = await self._fetch(_MAY_SIGNAL, {"role": role, "pids": wanted})
+        return {int(row["pid"]) for row in rows}
 
     async def lookup_user(self, query: str, user: str) -> tuple[object, ...] | None:
         """auth_query's first row for `user` (None: no row), the name bound as `$1`."""

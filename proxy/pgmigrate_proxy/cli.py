@@ -26,6 +26,7 @@ from pgmigrate_proxy.config import (
     passwords_on_command_line,
 )
 from pgmigrate_proxy.errors import ConnectionFailure
+from pgmigrate_proxy.metrics.http import MetricsListenError
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.embedded_postgres import PostgresServer
@@ -281,9 +282,15 @@ class Service:
         """Serve until SIGTERM or SIGINT, then shut down within the grace period."""
         self._stop = asyncio.Event()
         server = self.server = self.make_server(self.config)
+        for hook, handler in (("reload_hook", self.reload), ("stop_hook", self.request_stop)):
+            if hasattr(server, hook):  # the admin console's RELOAD and SHUTDOWN
+                setattr(server, hook, handler)
         with self._signal_handlers():
             try:
                 await server.start()
+            except MetricsListenError as exc:
+                log.error("%s", exc)
+                return EXIT_FAILURE
             except OSError as exc:
                 where = _address(self.config.listen_host, self.config.listen_port)
                 log.error("cannot listen on %s: %s", where, exc)

@@ -109,6 +109,7 @@ class Config:
 
     listen_host: str = default("listen_host")
     listen_port: int = default("listen_port")
+    metrics_listen: str | None = default("metrics_listen")
     upstream: str | None = default("upstream")
     log_level: str = default("log_level")
     log_format: str = default("log_format")
@@ -168,6 +169,8 @@ class Config:
     auth_type: str = default("auth_type")
     auth_file: str | None = default("auth_file")
     auth_query: str = default("auth_query")
+    admin_users: tuple[str, ...] = default("admin_users")
+    stats_users: tuple[str, ...] = default("stats_users")
     #: The TOML file's [databases.NAME] / [users.NAME] entries (poolconfig.pool_settings reads
     #: them); not a setting of its own: no flag or environment variable.
     pool_overrides: PoolOverrides = field(default_factory=PoolOverrides)
@@ -237,6 +240,7 @@ KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.name != "pool_
 RELOADABLE: frozenset[str] = frozenset((*KEYS, "pool_overrides")) - {
     "listen_host",
     "listen_port",
+    "metrics_listen",
     "embedded_data_dir",
     "embedded_pg",
     "events_channel",  # the admin connection LISTENs on it from the start

@@ -211,6 +211,27 @@ def _host(value: object) -> str:
     return value.strip()
 
 
+def _listen(value: object) -> str | None:
+    """`host:port` (an IPv6 host in brackets: `[::1]:9187`), port 0 to 65535 (0: any free one);
+    empty: off."""
+    text = optional_text(value)
+    if text is None:
+        return None
+    host, colon, port = text.strip().rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not bare or not port.isdigit() or int(port) > 65535:
+        raise Rejected
+    if any(c.isspace() or c in "[]/" for c in bare) or (":" in bare and bare == host):
+        raise Rejected
+    return f"{host}:{int(port)}"
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """(host, port) of a value that _listen accepted (an IPv6 host without its brackets)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def optional_text(value: object) -> str | None:
     if value is None or value == "":
         return None
@@ -400,6 +421,26 @@ _POOL: tuple[Setting, ...] = (
     ),
 )
 
+#: The admin console's settings (pgbouncer's names and meanings).
+_CONSOLE: tuple[Setting, ...] = (
+    Setting(
+        "admin_users",
+        "list",
+        (),
+        "users who may run every admin console command (database `pgmigrate` or `pgbouncer`)",
+        "comma-separated user names or a TOML array; empty for none",
+        items,
+    ),
+    Setting(
+        "stats_users",
+        "list",
+        (),
+        "users who may run the admin console's read-only commands (`SHOW ...`)",
+        "comma-separated user names or a TOML array; empty for none",
+        items,
+    ),
+)
+
 _ALL: tuple[Setting, ...] = (
     _text(
         "listen_host",
@@ -409,6 +450,12 @@ _ALL: tuple[Setting, ...] = (
         "127.0.0.1",
     ),
     _integer("listen_port", 6432, 0, 65535, "port to listen on (`0`: any free port)"),
+    _text(
+        "metrics_listen",
+        "host:port (IPv6 in brackets: [::1]:9187; port 0: any free one), or empty for off",
+        "where to serve Prometheus metrics at `/metrics` (plain HTTP); unset: not served",
+        _listen,
+    ),
     _text(
         "upstream",
         _CONNINFO + "an embedded PostgreSQL",
@@ -620,16 +667,19 @@ _ALL: tuple[Setting, ...] = (
         session=False,
     ),
     *_POOL,
+    *_CONSOLE,
 )
 
 #: Every setting by name, in the order of the README and --help.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _ALL}
 #: What a session may set as `-c pgmigrate.<name>=<value>` (besides `role`).
 SESSION_NAMES: tuple[str, ...] = tuple(s.name for s in _ALL if s.session)
-#: The README's three tables: the proxy's own settings, the guard's, then the pooler's.
+#: The README's tables: the proxy's own settings, the guard's, the pooler's, the console's.
 PROXY_KEYS: tuple[str, ...] = tuple(SETTINGS)[: tuple(SETTINGS).index("guard")]
 POOL_KEYS: tuple[str, ...] = tuple(s.name for s in _POOL)
-GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) : -len(POOL_KEYS)]
+_POOL_START = tuple(SETTINGS).index(POOL_KEYS[0])
+GUARD_KEYS: tuple[str, ...] = tuple(SETTINGS)[len(PROXY_KEYS) : _POOL_START]
+CONSOLE_KEYS: tuple[str, ...] = tuple(s.name for s in _CONSOLE)
 
 
 def default(name: str) -> Any:
@@ -649,4 +699,5 @@ def markdown_table(names: Iterable[str]) -> str:
 
 
 if __name__ == "__main__":  # python -m pgmigrate_proxy.settings: the README's tables
-    print(*(markdown_table(keys) for keys in (PROXY_KEYS, GUARD_KEYS, POOL_KEYS)), sep="\n\n")
+    tables = (PROXY_KEYS, GUARD_KEYS, POOL_KEYS, CONSOLE_KEYS)
+    print(*(markdown_table(keys) for keys in tables), sep="\n\n")

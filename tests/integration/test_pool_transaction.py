@@ -322,7 +322,8 @@ def test_refused_session_state(
 
 
 def test_named_prepared_statement_pins(proxy_factory: Factory, proxy_log: list[str]) -> None:
-    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2)
+    # (with the prepared-statement mapping off: test_pool_prepared.py has it on)
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=2, max_prepared_statements=0)
     conn = connect(proxy, autocommit=True)
     conn.prepare_threshold = 0  # every query a named prepared statement
     pid = conn.execute("SELECT pg_backend_pid()").fetchone()

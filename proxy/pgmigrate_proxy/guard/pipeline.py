@@ -102,6 +102,10 @@ class GuardContext:
     admin_pid: int = 0  # the admin session's backend, never acted on
     rng: random.Random = field(default_factory=random.Random)
     units: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: The units in the pipeline now, by unit id (the admin console's SHOW HELD reads them).
+    held: dict[int, Pipeline] = field(default_factory=dict)
+    #: Units the admin console released (RELEASE id): sent without waiting for blockers.
+    released: set[int] = field(default_factory=set)
 
 
 class SessionView(Protocol):
@@ -177,6 +181,7 @@ class Pipeline:
         self.scope: drain.DrainScope | None = None  # what a drain holds (blocking_action drain)
         self.give_up_message: str | None = None
         self.armed = False  # a drain's rule is armed on the gate: Release it after the attempt
+        self.attempt = 0  # the attempt on the server now (0: held, not sent)
 
     def event(self, name: str, fields: Mapping[str, object], level: str = "INFO") -> Event:
         """A guard event of this unit: `unit` and `statement_pid` tie a unit's events together
@@ -185,6 +190,14 @@ class Pipeline:
         return Event(name, {**fields, **tags}, level)
 
     def steps(self) -> Steps:
+        self.context.held[self.unit_id] = self
+        try:
+            yield from self._steps()
+        finally:
+            self.context.held.pop(self.unit_id, None)
+            self.context.released.discard(self.unit_id)
+
+    def _steps(self) -> Steps:
         self.started = yield Now()
         yield self.event(
             "held",
@@ -249,8 +262,10 @@ class Pipeline:
                 yield Inject(SET_LOCK_TIMEOUT, [f"{timeout_ms}ms"])
             sent: float = yield Now()
             self.blocked_seen = None
+            self.attempt = attempt
             frames = yield from self._attempt()
             yield from self._release()  # a drain's held statements go on, whatever the result
+            self.attempt = 0
             error = _error(frames)
             elapsed = yield from self._elapsed()
             took = self.started + elapsed - sent
@@ -328,6 +343,8 @@ class Pipeline:
             return (yield from self._drain())
         hold_until = self.started + self.settings.max_hold
         while not self.view.gone:
+            if self.unit_id in self.context.released:
+                return True  # the admin console's RELEASE: send it now
             try:
                 blockers = yield self._find_blockers()
             except AdminDown as exc:
@@ -349,8 +366,8 @@ class Pipeline:
             now: float = yield Now()
             if not self.settings.schedule.attempts_left(now - self.started):
                 return False
-            if now >= hold_until:
-                return True  # held long enough: try with the short lock_timeout
+            if now >= hold_until or self.unit_id in self.context.released:
+                return True  # held long enough (or released): try with the short lock_timeout
             yield Sleep(SHOW_POLL)
         return True
 

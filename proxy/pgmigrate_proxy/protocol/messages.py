@@ -19,6 +19,7 @@ layouts byte for byte.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,7 +243,8 @@ class ParameterStatus:
         parts = _cstrings(payload)
         if len(parts) != 2:
             raise DecodeError("malformed ParameterStatus")
-        return cls(_text(parts[0]), _text(parts[1]))
+        # interned: every session keeps what its login was told, mostly the same few strings
+        return cls(sys.intern(_text(parts[0])), sys.intern(_text(parts[1])))
 
     def encode(self) -> bytes:
         payload = self.name.encode() + b"\0" + self.value.encode() + b"\0"

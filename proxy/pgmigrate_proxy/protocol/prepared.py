@@ -290,6 +290,8 @@ class QueryAction(enum.Enum):
 class ClientStatements:
     """One client's prepared statement names, mapped to the registry's statements."""
 
+    __slots__ = ("_names", "registry")
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._names: dict[bytes, StatementKey] = {}

@@ -26,8 +26,10 @@ from pgmigrate_proxy.protocol.messages import (
     ErrorResponse,
     ReadyForQuery,
 )
+from pgmigrate_proxy.protocol.prepared import ServerStatements
 from pgmigrate_proxy.protocol.replies import Owner, ReplyQueue, UnexpectedReply
 from pgmigrate_proxy.protocol.types import BackendType, TransactionStatus
+from pgmigrate_proxy.runtime.stats import UNPOOLED
 from pgmigrate_proxy.runtime.upstream import UpstreamProtocol
 
 #: Backend frames the reply queue must always see (protocol/replies.py); every frame while it
@@ -97,7 +99,8 @@ class ServerConnection(UpstreamProtocol):
 
     __slots__ = (
         "_idle", "_observer", "_sink", "_sink_done", "_to_client", "_tracking",
-        "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "status",
+        "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "statements",
+        "stats", "status",
     )  # fmt: skip
 
     def __init__(self, database: str = "") -> None:
@@ -117,6 +120,9 @@ class ServerConnection(UpstreamProtocol):
         self._idle: asyncio.Future[None] | None = None
         #: called after a ReadyForQuery 'I' passed on with nothing owed (transaction pooling)
         self.on_idle: Callable[[], None] | None = None
+        #: the proxy-wide prepared statements it holds (transaction pooling: runtime/statements.py)
+        self.statements: ServerStatements | None = None
+        self.stats = UNPOOLED  # its pool's counters (runtime/stats.py), once it joins one
 
     # --- who holds it ---------------------------------------------------------------------------
 
@@ -189,6 +195,10 @@ class ServerConnection(UpstreamProtocol):
             if frames:
                 if not self._tracking:
                     self.status = ReadyForQuery.decode(frames[-1].payload).status
+                    stats = self.stats
+                    stats.query_count += len(frames)  # (only ReadyForQuery is watched)
+                    if self.status is _IDLE:
+                        stats.xact_count += 1
                 else:
                     self._received(frames)
                     if self._observer is not None:
@@ -198,6 +208,7 @@ class ServerConnection(UpstreamProtocol):
                 self.listener.server_violation(exc)
             return
         to_client(data)
+        self.stats.bytes_sent += len(data)
         on_idle = self.on_idle
         if on_idle is not None and frames and self.status is _IDLE and self.replies.idle:
             on_idle()  # (the holder checks the rest: see PoolLink.server_idle)
@@ -217,6 +228,10 @@ class ServerConnection(UpstreamProtocol):
                 if status is None:
                     raise DecodeError("malformed ReadyForQuery")
                 self.status = status
+                stats = self.stats
+                stats.query_count += 1
+                if status is _IDLE:
+                    stats.xact_count += 1
                 if observer is not None:
                     observer.ready()
             elif mtype == _ERROR_RESPONSE and observer is not None:

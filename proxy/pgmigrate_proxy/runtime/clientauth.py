@@ -193,7 +193,7 @@ async def log_in(
         secret = service.secret(user)
         client.deliver_raw(Authentication(AuthCode.OK).encode())
     else:
-        checked = await _check(client, service, user, tls=tls)
+        checked = await verify(client, service, user, tls=tls)
         if checked is None:
             return None
         secret = checked
@@ -214,7 +214,7 @@ async def log_in(
     return login
 
 
-async def _check(
+async def verify(
     client: ClientLink, service: AuthService, user: str, *, tls: bool
 ) -> LoginSecret | None:
     """The SCRAM or md5 exchange; the secret it recovered, or None (refused, session closed)."""

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from pgmigrate_proxy.runtime.upstream import UpstreamTarget
 
+#: The startup databases the proxy serves itself: the admin console (pgbouncer's name too).
+CONSOLE_DATABASES = ("pgmigrate", "pgbouncer")
+
 
 @dataclass(frozen=True)
 class SessionSettings:

@@ -197,7 +197,7 @@ class DrainCoordinator:
         if sender in self._vouched:
             return True
         try:
-            trusted = await self.admin.may_signal(sender)
+            trusted = await self.admin.admin_like(sender)
         except Exception as exc:  # cannot tell: not now (a drain start is then not armed)
             log.warning("drain channel: cannot check backend %d: %s", sender, exc)
             return False

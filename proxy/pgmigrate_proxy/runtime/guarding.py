@@ -57,6 +57,7 @@ from pgmigrate_proxy.runtime.coordinate import DrainCoordinator
 from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
 from pgmigrate_proxy.runtime.publish import EventPublisher
+from pgmigrate_proxy.runtime.stats import GuardEvents
 from pgmigrate_proxy.sql import Statement
 
 __all__ = [
@@ -90,6 +91,7 @@ class GuardServices:
     #: adapter over `gate`, so a drain holds nothing, waits for the holders, then drain_then.
     drain_gate: DrainGate = field(default_factory=NoGate)
     events: EventPublisher | None = None  # NOTIFY of each event (events_channel)
+    recent: GuardEvents = field(default_factory=GuardEvents)  # the recent ones, for the console
     #: Drains announced to the other proxies, and theirs armed on drain_gate (the drain channel)
     coordinator: DrainCoordinator | None = None
 
@@ -97,6 +99,12 @@ class GuardServices:
     def in_flight(self) -> set[int]:
         """Backends running guarded statements (never acted on by another pipeline)."""
         return self.context.in_flight
+
+    @property
+    def admin_up(self) -> bool:
+        """The admin connection is open and the guard is not backing off from a failure."""
+        admin = self.admin
+        return admin is not None and admin.connected and self.context.health.reason is None
 
     def refreshed(self) -> GuardContext:
         """The context, told whether there is an admin connection and its backend pid."""
@@ -281,6 +289,7 @@ class _Driver:
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
                 self._publish(name, fields)
+                self.services.recent.record(name, fields)
                 if self.report_events:
                     text = notices.event(_for_client(name, fields))
                     client.notice(notices.EVENT_SEVERITY, text)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -30,6 +29,7 @@ from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, p
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.onemigration import LockFailed, MigrationLock
 from pgmigrate_proxy.runtime.ports import ClientWriter
+from pgmigrate_proxy.runtime.statements import MAPPED, Plan, PreparedLink, Retiring
 from pgmigrate_proxy.sql import Statement, first_keyword
 
 log = logging.getLogger("pgmigrate_proxy.session")
@@ -61,6 +61,11 @@ _EMPTY_MESSAGES = frozenset({FrontendType.FLUSH.value, FrontendType.SYNC.value})
 #: Frontend messages of an ordinary session that never start a guarded statement.
 #: Frontend messages read for session state in transaction pooling.
 _TERMINATE = FrontendType.TERMINATE.value
+#: What a holder points at while its session has no server (transaction pooling, between
+#: transactions): never connected, so it behaves as a lost one. Keeping the server given back
+#: instead would keep it alive (scanner, reply queue, lease) for as long as the client idles:
+#: with more clients than pooled servers, mostly closed login servers, 1.5 kB a client.
+_NO_SERVER = ServerConnection()
 _STATEFUL = frozenset({_QUERY, FrontendType.PARSE.value})
 _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 
@@ -108,7 +113,9 @@ class Holder:
             if migration and settings is not None and settings.migration_lock
             else None
         )
-        self._backlog: deque[tuple[Cut, int, int]] | None = None  # set while holding
+        #: set while holding; a list, not a deque: an idle pooled client holds an empty one,
+        #: 56 bytes where a deque takes 760 (backlogs are a few chunks)
+        self._backlog: list[tuple[Cut, int, int]] | None = None
         self._backlog_bytes = 0
         self._unit: list[bytes] | None = None  # a unit being collected
         self._unit_statements: tuple[Statement, ...] = ()
@@ -119,10 +126,15 @@ class Holder:
         self.task: asyncio.Task[None] | None = None
         #: transaction pooling: reads each Query and Parse for session state (runtime/pooling.py)
         self.state_watch: Callable[[Frame], None] | None = None
+        #: transaction pooling: the client's prepared statements (runtime/statements.py)
+        self.prepared: PreparedLink | None = None
+        #: told the statements of each guarded unit once it ran (prepared-statement invalidation)
+        self.ddl_done: Callable[[tuple[Statement, ...]], None] | None = None
         #: set while the session has no server: gets one (started by the client's next data)
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._gate = services.gate  # (runtime/gate.py)
         self._gated: Frame | None = None  # the frame the gate last let through
+        self._acquire_at_once: Callable[[], bool] | None = None
 
     @property
     def holding(self) -> bool:
@@ -135,18 +147,40 @@ class Holder:
             self.migration.server = server
 
     def wait_for_server(
-        self, acquire: Callable[[], Coroutine[Any, Any, None]], *, now: bool = False
+        self,
+        acquire: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        now: bool = False,
+        at_once: Callable[[], bool] | None = None,
     ) -> None:
         """The session gave its server back: hold what the client sends until `acquire` has
-        attached another (run at the client's next data, or `now`)."""
-        self._backlog = deque()
+        attached another (run at the client's next data, or `now`). `at_once`, tried first at
+        the client's next data, attaches a server without a task when one is ready (True)."""
+        self.server = _NO_SERVER
+        self._acquire_at_once = at_once
+        self._backlog = []
         self._backlog_bytes = 0
         self._acquire = acquire
         if now:
             self._start_acquire()
 
+    def _attached_at_once(self, cut: Cut) -> bool:
+        """Transaction pooling's fast path: the client's next data found its session without a
+        server, and an idle one was attached at once (no task, no backlog)."""
+        at_once = self._acquire_at_once
+        if at_once is None or self._acquire is None or self.task is not None or self._backlog:
+            return False
+        if cut.frames and cut.frames[0].type == _TERMINATE:
+            return False  # a client without a server leaves: none needed (_pump)
+        if not at_once():
+            return False
+        self._backlog = None
+        self._acquire = self._acquire_at_once = None
+        return True
+
     def _start_acquire(self) -> None:
         work, self._acquire = self._acquire, None
+        self._acquire_at_once = None
         assert work is not None
         waiter = self._gate_waiter() if self._gate.predicate is not None else None
         # (held by the armed gate: before a server is acquired)
@@ -181,7 +215,7 @@ class Holder:
         if not server.replies.idle or not self._gate.holds(self.session, item):
             return False
         self._gated = item
-        self._backlog = deque([(cut, first, pos)])
+        self._backlog = [(cut, first, pos)]
         self._backlog_bytes = cut.tail - pos
         self.task = asyncio.get_running_loop().create_task(
             self._run_unit(self._after_gate(self._gate.hold(), None), "the gate")
@@ -241,7 +275,7 @@ class Holder:
         self.session.fail(code, message)
 
     def _pump(self, cut: Cut, first: int, pos: int) -> None:
-        if self._backlog is not None:
+        if self._backlog is not None and not self._attached_at_once(cut):
             self._backlog.append((cut, first, pos))
             self._backlog_bytes += cut.tail - pos
             if self._backlog_bytes > _BACKLOG_PAUSE:
@@ -265,9 +299,31 @@ class Holder:
         sent: list[int] = []  # types forwarded, for the reply queue (one call per chunk)
         note = sent.append
         extended = 0  # how many of them are extended-protocol requests (ReplyQueue.sent_all)
+        prepared = self.prepared
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
+            if prepared is not None and mtype in MAPPED:
+                plan = prepared.plan(item, server)
+                if plan is not None:  # a mapped statement name (runtime/statements.py)
+                    start = pos if item.start < 0 else item.start
+                    out.append(data[pos:start])
+                    pos = item.end
+                    if plan.rename_only:
+                        out.append(plan.inline)
+                        note(mtype)
+                        extended += mtype in _EXTENDED_REQUESTS
+                        continue
+                    if sent:
+                        server.replies.sent_all(sent, extended)
+                        sent.clear()
+                        extended = 0
+                    self._write_server(out)
+                    out = []
+                    if prepared.answer_now(plan, server, self.session):
+                        continue
+                    self._prepared_round(plan, mtype, cut, index)
+                    return
             if state_watch is not None and mtype in _STATEFUL:
                 state_watch(item)
                 state_watch = self.state_watch
@@ -340,6 +396,26 @@ class Holder:
         out.append(data[pos : cut.tail])
         self._write_server(out)
 
+    def _prepared_round(self, plan: Plan, mtype: int, cut: Cut, index: int) -> None:
+        """Hold the chunk after frame `index` while the proxy's requests for it go first."""
+        end = cut.frames[index].end
+        self._backlog = [(cut, index + 1, end)]
+        self._backlog_bytes = cut.tail - end
+        task = asyncio.get_running_loop().create_task(
+            self._run_unit(self._prepared(plan, mtype), "a prepared statement")
+        )
+        self.task = task
+
+    async def _prepared(self, plan: Plan, mtype: int) -> None:
+        server = self.server
+        assert self.prepared is not None
+        await self.prepared.run(plan, server, self.session)
+        if plan.inline:
+            server.replies.sent(mtype)
+            self._write_server([plan.inline])
+        if server.replies.needs_every_reply is not server.every_reply:
+            server.watch()
+
     def _write_server(self, out: list[bytes]) -> None:
         transport = self.server.transport
         if transport is None:
@@ -355,7 +431,7 @@ class Holder:
     def _defer(self, sql: str, cut: Cut, index: int, start: int) -> None:
         """Hold the chunk from frame `index` on while `sql` is classified in a worker thread;
         then pump it again (the frame finds its classification in detect.classified)."""
-        self._backlog = deque([(cut, index, start)])
+        self._backlog = [(cut, index, start)]
         self._backlog_bytes = cut.tail - start
         self.task = asyncio.get_running_loop().create_task(self._classify_apart(sql))
 
@@ -397,7 +473,7 @@ class Holder:
     # --- units ----------------------------------------------------------------------------------
 
     def _begin(self, item: Frame, statements: tuple[Statement, ...], cut: Cut, index: int) -> None:
-        self._backlog = deque()
+        self._backlog = []
         self._backlog_bytes = 0
         self._unit = [item.raw]
         self._unit_frames = [item]
@@ -416,7 +492,7 @@ class Holder:
         """Move backlog bytes into the unit up to its Sync or Flush; launch it when complete."""
         assert self._backlog is not None and self._unit is not None
         while self._backlog:
-            cut, first, pos = self._backlog.popleft()
+            cut, first, pos = self._backlog.pop(0)
             for index in range(first, len(cut.frames)):
                 item = cut.frames[index]
                 start = pos if item.start < 0 else item.start
@@ -424,7 +500,7 @@ class Holder:
                     # a Query inside a batch is a statement of its own for the runner (the
                     # batch so far goes first, without its Sync: the runner ends it)
                     self._unit.append(cut.data[pos:start])
-                    self._backlog.appendleft((cut, index, start))
+                    self._backlog.insert(0, (cut, index, start))
                     self._launch()
                     return
                 if item.type in _EMPTY_MESSAGES and item.payload:
@@ -441,7 +517,7 @@ class Holder:
                     failed = self.server.status is TransactionStatus.FAILED
                     self.detect.guarded_in_unit(item, failed=failed)
                 if item.type in (FrontendType.SYNC, FrontendType.FLUSH):
-                    self._backlog.appendleft((cut, index + 1, pos))
+                    self._backlog.insert(0, (cut, index + 1, pos))
                     self._launch()
                     return
             self._unit.append(cut.data[pos : cut.tail])
@@ -558,6 +634,9 @@ class Holder:
     async def _run_guarded(self, unit: guarding.HeldUnit, client: ClientWriter) -> None:
         """One unit through the guard, on the session's server connection of the moment."""
         assert self.settings is not None
+        done = self.ddl_done
+        if done is not None:  # statements on its tables are prepared again after it
+            client = Retiring(client, lambda: done(unit.statements))
         await guarding.run(self.server, client, self.services, self.settings, unit, self.targets)
 
     def release(self) -> None:
@@ -565,7 +644,7 @@ class Holder:
         backlog, self._backlog = self._backlog, None
         self.session.resume_client_reading()
         while backlog and self.session.relaying:
-            cut, first, pos = backlog.popleft()
+            cut, first, pos = backlog.pop(0)
             self.pump(cut, first, pos)
             if self._backlog is not None:  # a new unit began: the rest waits behind it
                 self._backlog.extend(backlog)

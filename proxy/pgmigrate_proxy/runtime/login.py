@@ -57,7 +57,7 @@ class Login:
     frames: tuple[Frame, ...]
 
 
-class _LoginListener:
+class LoginListener:
     """Holds the server connection while the proxy logs it in: frames go to a queue."""
 
     def __init__(self, server: ServerConnection) -> None:
@@ -112,7 +112,7 @@ async def login_server(
     server that asks for no password lets it in). Raises UpstreamError (cannot connect),
     LoginFailed (the secret does not answer what the server asks) or ServerRefused."""
     server = ServerConnection(database=database)
-    listener = _LoginListener(server)
+    listener = LoginListener(server)
     server.attach(listener)
     try:
         return await asyncio.wait_for(
@@ -129,7 +129,7 @@ async def login_server(
 async def _login(
     target: UpstreamTarget,
     server: ServerConnection,
-    listener: _LoginListener,
+    listener: LoginListener,
     user: str,
     parameters: Mapping[str, str],
     secret: LoginSecret | None,

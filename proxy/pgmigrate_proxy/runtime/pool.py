@@ -26,6 +26,7 @@ from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.startup_options import startup_settings
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime.backend import ServerConnection
+from pgmigrate_proxy.runtime.stats import PoolStats
 from pgmigrate_proxy.settings import EMPTY_QUERY
 
 log = logging.getLogger("pgmigrate_proxy.pool")
@@ -161,6 +162,7 @@ class Pool:
         self._refill: asyncio.TimerHandle | None = None  # a min_pool_size retry after a failure
         self.size_opening = 0  # servers its opener is logging in
         self.closing = False
+        self.stats = PoolStats()  # its counters (the admin console and metrics read them)
 
     @property
     def size(self) -> int:
@@ -183,6 +185,7 @@ class Pool:
         options = parameters.get("options", "")
         login = synced(parameters)
         lease = Lease(server, self, time.monotonic(), login, options, reported(told or {}))
+        server.stats = self.stats
         self.leases[server] = lease
         return lease
 
@@ -366,11 +369,18 @@ class Pool:
         self._refill = None
         self.top_up()
 
+    def check_due(self, lease: Lease) -> bool:
+        """Whether the server must pass server_check_query before it is handed out."""
+        settings = self.settings
+        if not settings.server_check_query:
+            return False
+        return time.monotonic() - lease.idle_since >= settings.server_check_delay
+
     async def checked(self, lease: Lease) -> bool:
         """Run server_check_query on a server idle past server_check_delay; False: closed."""
-        query = self.settings.server_check_query
-        if not query or time.monotonic() - lease.idle_since < self.settings.server_check_delay:
+        if not self.check_due(lease):
             return True
+        query = self.settings.server_check_query
         park(lease)
         try:
             error = await simple_query(lease.server, "" if query == EMPTY_QUERY else query)

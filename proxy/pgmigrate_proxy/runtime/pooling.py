@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,7 @@ from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
+from pgmigrate_proxy.runtime import statements
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.pool import (
     SYNCED_PARAMETERS,
@@ -29,7 +31,7 @@ from pgmigrate_proxy.runtime.pool import (
     unpark,
     unpoolable,
 )
-from pgmigrate_proxy.sql.session_state import session_state
+from pgmigrate_proxy.sql.session_state import drops_prepared, session_state
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.backend import ServerConnection
@@ -85,6 +87,21 @@ def _shown(sql: str) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
+#: The parameter views clients share (never changed once made): most clients of a pool have the
+#: same one, and an idle client should cost little (bench/pooler.py's memory figure).
+_VIEWS: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+
+
+def _shared(view: dict[str, str]) -> dict[str, str]:
+    key = tuple(view.items())
+    found = _VIEWS.get(key)
+    if found is None:
+        if len(_VIEWS) >= 1024:
+            _VIEWS.clear()
+        found = _VIEWS[key] = view
+    return found
+
+
 class Refused(ProxyError):
     """A statement that leaves session state, in transaction mode with session_state refuse."""
 
@@ -111,7 +128,7 @@ class PoolLink:
 
     __slots__ = (
         "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
-        "session", "session_keeps", "transaction", "view", "wanted",
+        "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -131,6 +148,7 @@ class PoolLink:
         self._timer: asyncio.TimerHandle | None = None  # client_idle / idle_transaction_timeout
         self._seen = -1
         self._idle_since = 0.0
+        self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -141,12 +159,17 @@ class PoolLink:
         values). Transaction mode gives it back at once (the client gets one at its first
         message); session mode swaps it for an idle one."""
         self.lease = self.pool.join(server, parameters, told)
-        self.view = {**reported(told), **self.wanted}
+        self.view = _shared({**reported(told), **self.wanted})
         self._arm()
         holder = self.session.holder
         assert holder is not None
+        registry = statements.registry_for(self.pool.registry)
+        holder.ddl_done = statements.invalidator(registry)
         if self.transaction:
             holder.state_watch = self.watch_state
+            capacity = self.pool.settings.max_prepared_statements
+            if capacity > 0:
+                holder.prepared = statements.PreparedLink(registry, capacity)
             self._give_back(at_once=False)
             return
         if self.reserved is not None:  # taken before the client was told its server (reserve)
@@ -168,7 +191,7 @@ class PoolLink:
         self.pool.release(lease)
         holder = self.session.holder
         assert holder is not None
-        holder.wait_for_server(self.acquire, now=at_once)
+        holder.wait_for_server(self.acquire, now=at_once, at_once=self.acquire_at_once)
 
     def _same_defaults(self, lease: Lease) -> bool:
         """Session mode swaps only onto a server whose reset values this client would have
@@ -181,10 +204,16 @@ class PoolLink:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
         it, attach it. A client that waited too long gets query_wait_timeout."""
         lease, self.reserved = self.reserved, None
+        stats = self.pool.stats
+        started = self.waiting_since = time.monotonic()
         try:
             while lease is None or not await self.pool.checked(lease):
                 lease = await self.pool.acquire()
+            self.waiting_since = 0.0
+            stats.waited(time.monotonic() - started)
+            stats.server_assignment_count += 1
         except ProxyError as exc:
+            self.waiting_since = 0.0
             log.info("session %s: %s", self.session.peer, exc)
             extra = {}
             if isinstance(exc, QueryWaitTimeout):
@@ -193,6 +222,7 @@ class PoolLink:
             return
         park(lease)  # (the proxy's own queries need the relay on: the pool's, dropping)
         try:
+            await statements.checkout(lease.server)
             await self._sync_parameters(lease)
         except BaseException:
             self.pool.close(lease)
@@ -202,6 +232,28 @@ class PoolLink:
         self.session.attach(lease.server)
         if self.transaction:
             lease.server.on_idle = self.server_idle
+
+    def acquire_at_once(self) -> bool:
+        """acquire's fast path, without a task: an idle server that needs no check and no SET,
+        attached now; False: none (the holder runs acquire)."""
+        if self.reserved is not None:
+            return False
+        lease = self.pool.take_idle(self._ready)
+        if lease is None:
+            return False
+        self.lease = lease
+        self.session.attach(lease.server)
+        if self.transaction:
+            lease.server.on_idle = self.server_idle
+        return True
+
+    def _ready(self, lease: Lease) -> bool:
+        """An idle server this client can use as it is (acquire_at_once)."""
+        current = lease.current
+        for name, value in self.view.items():  # (as _sync_parameters would find nothing to SET)
+            if current.get(name) != value:
+                return False
+        return not self.pool.check_due(lease)
 
     async def _sync_parameters(self, lease: Lease) -> None:
         """SET the client's startup parameters that differ on the server (and those it did not
@@ -248,7 +300,11 @@ class PoolLink:
         server.unrelay()
         server.on_idle = None
         self.session.detach()
-        self.pool.check_in(lease, reset=not self.transaction or self.pinned is not None)
+        reset = not self.transaction or self.pinned is not None
+        query = self.pool.settings.server_reset_query
+        if reset and server.statements is not None and drops_prepared(query):
+            server.statements.clear()
+        self.pool.check_in(lease, reset=reset)
         return True
 
     def closed(self) -> None:
@@ -256,6 +312,9 @@ class PoolLink:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        holder = self.session.holder
+        if holder is not None and holder.prepared is not None:
+            holder.prepared.client.release_all()
         lease, self.lease = self.lease, None
         if lease is not None:
             self.pool.forget(lease.server)

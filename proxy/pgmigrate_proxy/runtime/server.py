@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
+import time
+from collections.abc import Callable, Collection
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pgmigrate_proxy import __version__, logsetup
 from pgmigrate_proxy.admin import AdminConnection, AdminLoginRefused, AdminUnavailable
 from pgmigrate_proxy.config import RELOADABLE, Config
+from pgmigrate_proxy.console import serve as console
+from pgmigrate_proxy.console.host import Gate
 from pgmigrate_proxy.guard import coordination
 from pgmigrate_proxy.poolconfig import pool_settings
 from pgmigrate_proxy.protocol.messages import CancelRequest
@@ -23,6 +29,10 @@ from pgmigrate_proxy.runtime.publish import EventPublisher
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
+from pgmigrate_proxy.settings import listen_address
+
+if TYPE_CHECKING:
+    from pgmigrate_proxy.metrics.http import MetricsServer
 
 log = logging.getLogger("pgmigrate_proxy.server")
 
@@ -74,6 +84,24 @@ def guard_settings(config: Config) -> guarding.GuardSettings | None:
     )
 
 
+async def _start_metrics(server: ProxyServer, listen: str) -> MetricsServer:
+    """Serve /metrics on `listen` (metrics_listen) from this loop (metrics/http.py says why).
+    Imported here: prometheus_client takes ~80 ms to import, and most proxies (the embedded
+    one of every `migrate`) serve no metrics."""
+    from prometheus_client import CollectorRegistry
+
+    from pgmigrate_proxy.metrics.collect import ProxyCollector
+    from pgmigrate_proxy.metrics.http import MetricsServer
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(server))
+    metrics = MetricsServer(registry)
+    host, port = listen_address(listen)
+    await metrics.start(host, port)
+    log.info("serving metrics on http://%s/metrics", listen.rpartition(":")[0] + f":{metrics.port}")
+    return metrics
+
+
 class ProxyServer:
     """Listens for clients and runs a ClientSession for each."""
 
@@ -95,6 +123,14 @@ class ProxyServer:
         self.migration_patterns = config.migration_application_names
         self.pools = PoolRegistry(lambda db, user: pool_settings(self.config, db, user))
         self.auth = AuthService.from_config(config, self._admin)
+        # the admin console's (console/): client ids, PAUSE's gate, the service's hooks
+        self._next_client = itertools.count(1)
+        self.gate = Gate()
+        self.started = time.time()
+        self.reload_hook: Callable[[str], None] | None = None
+        self.stop_hook: Callable[[str], None] | None = None
+        self._wait_for_clients = False
+        self.metrics: MetricsServer | None = None  # /metrics on metrics_listen
 
     @property
     def active_sessions(self) -> int:
@@ -103,12 +139,19 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(logsetup.loop_exception_handler)
-        if self.config.guard or self.config.auth_type == "auth_query":
-            await self._open_admin()
-        await self._start_events()
-        self._server = await loop.create_server(
-            self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
-        )
+        if self.config.metrics_listen:  # first: a bad address leaves nothing else open
+            self.metrics = await _start_metrics(self, self.config.metrics_listen)
+        try:
+            if self.config.guard or self.config.auth_type == "auth_query":
+                await self._open_admin()
+            await self._start_events()
+            self._server = await loop.create_server(
+                self._accept, self.config.listen_host, self.config.listen_port, backlog=1024
+            )
+        except BaseException:
+            if self.metrics is not None:
+                await self.metrics.close()
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _open_admin(self) -> None:
@@ -153,6 +196,7 @@ class ProxyServer:
     def _accept(self) -> ClientSession:
         session = ClientSession(self)
         self._sessions.add(session)
+        session.client_id = next(self._next_client)
         self._idle.clear()
         return session
 
@@ -178,8 +222,31 @@ class ProxyServer:
         """More clients than max_client_conn (this one counted)."""
         return len(self._sessions) > self.config.max_client_conn
 
+    @property
+    def sessions(self) -> Collection[ClientSession]:
+        return list(self._sessions)
+
+    def client_id(self, session: ClientSession) -> int:
+        """The id the admin console knows a client by (SHOW CLIENTS, KILL_CLIENT)."""
+        return session.client_id
+
+    async def serve_console(self, session: ClientSession) -> None:
+        """The admin console for a client of database pgmigrate or pgbouncer (console/)."""
+        self._starting.discard(session)  # (it holds no PostgreSQL slot)
+        await console.serve(self, session)
+
+    def stop(self, *, wait_for_clients: bool) -> None:
+        """SHUTDOWN from the admin console: through the service's stop (stop_hook), at once or
+        once every client has left."""
+        assert self.stop_hook is not None, "no service to stop"
+        self._wait_for_clients = wait_for_clients
+        self.stop_hook("SHUTDOWN from the admin console")
+        if not wait_for_clients:
+            self.hurry()
+
     def logged_in(self, session: ClientSession) -> None:
         self._starting.discard(session)
+        self.gate.admitted(session)
         if self.auth is not None:  # the proxy logs in servers for this pool from now on
             user = session.parameters.get("user", "")
             database = session.parameters.get("database") or user
@@ -250,11 +317,14 @@ class ProxyServer:
         grace = self.config.shutdown_grace if grace is None else grace
         if self._server is not None:
             self._server.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self._sessions:
             log.info("waiting up to %.0f s for %d session(s) to end", grace, len(self._sessions))
             ends = (self._idle, self._grace_over)
             waits = [asyncio.ensure_future(event.wait()) for event in ends]
-            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if self._wait_for_clients else grace
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for waiting in waits:
                 waiting.cancel()
         for session in list(self._sessions):

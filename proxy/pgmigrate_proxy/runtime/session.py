@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -56,6 +57,7 @@ from pgmigrate_proxy.protocol.types import (
 from pgmigrate_proxy.runtime import clientauth, guarding
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.backend import ALL_TYPES, ServerConnection
+from pgmigrate_proxy.runtime.context import CONSOLE_DATABASES
 from pgmigrate_proxy.runtime.hold import FRONTEND_WATCH, Holder
 from pgmigrate_proxy.runtime.options import (
     INVALID_PARAMETER_VALUE,
@@ -64,6 +66,7 @@ from pgmigrate_proxy.runtime.options import (
     with_options,
 )
 from pgmigrate_proxy.runtime.pooling import OPTIONS_HINT, PoolLink, options_refusal
+from pgmigrate_proxy.runtime.stats import UNPOOLED
 from pgmigrate_proxy.runtime.upstream import (
     CLIENT_RCVBUF,
     UpstreamError,
@@ -111,6 +114,7 @@ class SessionHub(Protocol):
     def session_closed(self, session: ClientSession) -> None: ...
     def cancel(self, request: CancelRequest) -> asyncio.Future[None] | None: ...
     def client_limit_reached(self) -> bool: ...
+    async def serve_console(self, session: ClientSession) -> None: ...
 
 
 class ClientSession(asyncio.Protocol):
@@ -118,13 +122,16 @@ class ClientSession(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
-        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_pid", "handshake",
-        "holder", "hub", "link", "parameters", "peer", "phase", "secret_key", "server", "settings",
+        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_id", "client_pid",
+        "gated",
+        "handshake", "holder", "hub", "link", "parameters", "peer", "phase", "secret_key",
+        "server", "settings", "started", "stats",
     )  # fmt: skip
 
     def __init__(self, hub: SessionHub) -> None:
         self.hub = hub
         self.settings = hub.settings
+        self.client_id = 0  # the admin console's id for it (set by the hub)
         self.phase = Phase.STARTUP
         self.peer = "?"
         self.client: asyncio.Transport | None = None
@@ -146,6 +153,9 @@ class ClientSession(asyncio.Protocol):
         self.holder: Holder | None = None  # the DDL guard's side (and the reply tracking)
         self.link: PoolLink | None = None  # its pool, once logged in
         self.chunks = 0  # chunks received while relaying (the idle timeouts read it)
+        self.stats = UNPOOLED  # its pool's counters, once it has a pool
+        self.gated = False  # paused by the admin console (PAUSE): its messages are not read
+        self.started = time.time()  # when it connected (the admin console shows it)
 
     # --- asyncio.Protocol, client side ---------------------------------------------------
 
@@ -162,6 +172,7 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.RELAY:
             self.chunks += 1
+            self.stats.bytes_received += len(data)
             holder = self.holder
             try:
                 if holder is None:
@@ -215,7 +226,7 @@ class ClientSession(asyncio.Protocol):
             self.client.pause_reading()
 
     def resume_client_reading(self) -> None:
-        if self.client is not None and self.phase is not Phase.DRAINING:
+        if self.client is not None and self.phase is not Phase.DRAINING and not self.gated:
             self.client.resume_reading()
 
     # --- the server connection (ServerListener) ----------------------------------------------
@@ -316,6 +327,11 @@ class ClientSession(asyncio.Protocol):
         code = SqlState.WARNING if severity == "WARNING" else SqlState.SUCCESSFUL_COMPLETION
         notice = ErrorResponse.build(severity, code, message, notice=True, extra=extra)
         client.write(notice.encode())
+
+    @property
+    def tls(self) -> bool:
+        """The client's link is TLS."""
+        return self._tls
 
     @property
     def relaying(self) -> bool:
@@ -439,6 +455,11 @@ class ClientSession(asyncio.Protocol):
         self.phase = Phase.CONNECTING
         self.secret_key = self.hub.register(self)
         params = {k: v for k, v in startup.parameters.items() if not k.startswith("_pq_.")}
+        if (params.get("database") or params.get("user")) in CONSOLE_DATABASES:
+            self._negotiate_version(startup)
+            self.parameters = params
+            await self.hub.serve_console(self)  # the admin console (console/)
+            return
         if self.hub.auth is not None:  # the proxy checks the client itself (clientauth.py)
             self._negotiate_version(startup)
             await self._log_in_here(self.hub.auth, params)
@@ -525,6 +546,12 @@ class ClientSession(asyncio.Protocol):
         assert self.handshake is not None
         limit = self.handshake.max_client_message
         self._fe.limit(self.settings.max_message_size if limit is None else limit)
+
+    def logged_in_here(self) -> None:
+        """The admin console let its client in: no startup timeout from now on."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _startup_timed_out(self) -> None:
         self._timer = None
@@ -618,6 +645,7 @@ class ClientSession(asyncio.Protocol):
             pool = self.hub.pools.pool(database, self.parameters.get("user", ""))
             keep = is_migration_session(self.parameters, self.hub.migration_patterns)
             self.link = PoolLink(self, pool, self.parameters, keep=keep)
+            self.stats = pool.stats
         return self.link
 
     # --- errors and closing -------------------------------------------------------------------

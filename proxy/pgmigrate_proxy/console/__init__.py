@@ -1,0 +1,1 @@
+"""The admin console: the virtual database `pgmigrate` (or `pgbouncer`) served by the proxy."""
