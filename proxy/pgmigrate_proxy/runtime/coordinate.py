@@ -57,14 +57,15 @@ class Why(enum.Enum):
 
 class DrainCoordinator:
     """One per proxy with an admin connection and a drain channel. `gate()`: the gate that a
-    drain of another proxy arms (GuardServices.drain_gate, looked up at each arm)."""
+    drain of another proxy arms (GuardServices.drain_gate, looked up at each arm);
+    `ack_timeout()`: drain_ack_timeout now."""
 
     def __init__(
         self,
         admin: AdminConnection,
         channel: str,
         gate: Callable[[], Gate],
-        ack_timeout: float,
+        ack_timeout: Callable[[], float],
         identity: Identity | None = None,
     ) -> None:
         self.admin = admin
@@ -139,7 +140,7 @@ class DrainCoordinator:
             sent = await self.admin.notify_all(self.channel, co.start_payloads(start))
             if sent and not done.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(done.wait(), self.ack_timeout)
+                    await asyncio.wait_for(done.wait(), self.ack_timeout())
         except BaseException:  # cancelled (the session went): whatever was sent is ended
             self.end(drain)
             raise

@@ -181,7 +181,7 @@ class ProxyServer:
                 admin,
                 coordination.channel(channel),
                 lambda: self.guard.drain_gate,
-                self.config.drain_ack_timeout,
+                lambda: self.config.drain_ack_timeout,  # (as RELOAD or SET leave it)
                 self.guard.events.identity,
             )
             await self.guard.coordinator.start()
