@@ -241,6 +241,9 @@ class PoolLink:
         lease = self.pool.take_idle(self._ready)
         if lease is None:
             return False
+        stats = self.pool.stats
+        stats.waited(0.0)  # (no wait: counted as acquire counts one)
+        stats.server_assignment_count += 1
         self.lease = lease
         self.session.attach(lease.server)
         if self.transaction:
