@@ -137,6 +137,7 @@ class Holder:
         self.prepared: PreparedLink | None = None
         #: told the statements of each guarded unit once it ran (prepared-statement invalidation)
         self.ddl_done: Callable[[tuple[Statement, ...]], None] | None = None
+        self._runner_client: Retiring | None = None  # the writer of the guarded unit running
         #: set while the session has no server: gets one (started by the client's next data)
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._gate = services.gate  # (runtime/gate.py)
@@ -684,8 +685,22 @@ class Holder:
         assert self.settings is not None
         done = self.ddl_done
         if done is not None:  # statements on its tables are prepared again after it
-            client = Retiring(client, lambda: done(unit.statements))
-        await guarding.run(self.server, client, self.services, self.settings, unit, self.targets)
+            client = self._runner_client = Retiring(client, lambda: done(unit.statements))
+        try:
+            await guarding.run(
+                self.server, client, self.services, self.settings, unit, self.targets
+            )
+        finally:
+            self._runner_client = None
+
+    @property
+    def finishing(self) -> bool:
+        """A guarded unit's replies went out: what its runner still does (restoring the
+        server's settings) needs no client (a client leaving then drops what it sent after).
+        Not in a migration session: its runner may have more of the client's statements to
+        run, which must be dropped when the client leaves."""
+        runner = self._runner_client
+        return runner is not None and runner.answered and self.migration is None
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""

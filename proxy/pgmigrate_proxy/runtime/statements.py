@@ -68,6 +68,7 @@ _COMPLETIONS = frozenset(
     {BackendType.PARSE_COMPLETE, BackendType.CLOSE_COMPLETE, BackendType.ERROR_RESPONSE}
 )
 _ERROR = BackendType.ERROR_RESPONSE.value
+_READY = BackendType.READY_FOR_QUERY.value
 _QUERY = FrontendType.QUERY.value
 _PARSE = FrontendType.PARSE.value
 _BIND = FrontendType.BIND.value
@@ -112,20 +113,28 @@ def invalidate(registry: Registry, statements: Iterable[Statement]) -> None:
 class Retiring:
     """A client writer for a guarded unit's runner that retires the statements on the tables
     of the unit right before each delivery to the client: before the client can learn that
-    the DDL is done (and another of its connections, or a client told by it, binds again)."""
+    the DDL is done (and another of its connections, or a client told by it, binds again).
 
-    __slots__ = ("client", "retire")
+    Once the unit's replies went out (`answered`: a ReadyForQuery among them), the client is
+    not `gone` for the runner: it restores the server's settings even if the client left
+    then, and the server goes back to the pool after (runtime/pooling.py, client_left)."""
+
+    __slots__ = ("answered", "client", "retire")
 
     def __init__(self, client: ClientWriter, retire: Callable[[], None]) -> None:
         self.client = client
         self.retire = retire
+        self.answered = False
 
     @property
     def gone(self) -> bool:
-        return self.client.gone
+        return self.client.gone and not self.answered
 
     def deliver(self, frames: Iterable[Frame]) -> None:
         self.retire()
+        frames = tuple(frames)
+        if any(item.type == _READY for item in frames):
+            self.answered = True
         self.client.deliver(frames)
 
     def deliver_raw(self, data: bytes) -> None:
