@@ -77,7 +77,7 @@ def run(replies: bytes, *, resend: bool, step: int = 0) -> tuple[bytes, bool, in
     """Feed `replies` through a window (in chunks of `step` bytes; 0: whole): what passed,
     whether the window was over, how many times on_stale was called."""
     called: list[None] = []
-    window = RetryWindow([], lambda: called.append(None), resend=resend)
+    window = RetryWindow([], lambda _: called.append(None), resend=resend)
     scanner = FrameScanner(watched=range(256))
     passed = b""
     over = False
@@ -133,7 +133,7 @@ def test_random_splits(data: st.DataObject) -> None:
     replies = data.draw(st.sampled_from([SUCCESS, FAILED, NOTICE + FAILED, BIND_COMPLETE + FAILED]))
     cuts = sorted(data.draw(st.sets(st.integers(1, len(replies) - 1), max_size=6)))
     called: list[None] = []
-    window = RetryWindow([], lambda: called.append(None), resend=True)
+    window = RetryWindow([], lambda _: called.append(None), resend=True)
     scanner = FrameScanner(watched=range(256))
     passed, over = b"", False
     for start, end in zip([0, *cuts], [*cuts, len(replies)], strict=True):

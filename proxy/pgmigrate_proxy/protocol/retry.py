@@ -101,7 +101,7 @@ class RetryWindow:
     __slots__ = ("_held", "_kept", "frames", "on_stale", "resend", "stale")
 
     def __init__(
-        self, frames: Sequence[Frame], on_stale: Callable[[], None], *, resend: bool
+        self, frames: Sequence[Frame], on_stale: Callable[[RetryWindow], None], *, resend: bool
     ) -> None:
         self.frames = frames
         self.on_stale = on_stale
@@ -130,7 +130,7 @@ class RetryWindow:
                 continue
             if mtype == _ERROR and stale_plan(item.payload):
                 self.stale = True
-                self.on_stale()
+                self.on_stale(self)
                 if not self.resend:  # the client gets the error (and what was held before)
                     self._held.append(data)
                     return self._release(), True

@@ -20,6 +20,7 @@ from pgmigrate_proxy.errors import ProxyError
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import HEADER, Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError
+from pgmigrate_proxy.protocol.retry import RetryWindow
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding, offload
@@ -445,7 +446,7 @@ class Holder:
             self._run_unit(self._after_window(window), "retrying a prepared statement")
         )
 
-    def _window_stale(self, window: Window) -> None:
+    def _window_stale(self, window: RetryWindow) -> None:
         """The server found a plan of the window's batch stale: its statements are retired;
         when it is resent, its replies are dropped up to its ReadyForQuery and it goes again
         then (the client waits meanwhile)."""
@@ -455,6 +456,7 @@ class Holder:
             self.session.peer, self.server.server_pid,
             "prepared again and resent" if window.resend else "error passed on, prepared again",
         )  # fmt: skip
+        assert isinstance(window, Window)
         if self.prepared is not None:
             self.prepared.retire(window)
         if window.resend and self.task is None:  # (else a task waits already)

@@ -175,9 +175,9 @@ class Window(RetryWindow):
     __slots__ = ("_waiter", "over")
 
     def __init__(
-        self, frames: list[Frame], on_stale: Callable[[Window], None], *, resend: bool
+        self, frames: list[Frame], on_stale: Callable[[RetryWindow], None], *, resend: bool
     ) -> None:
-        super().__init__(frames, functools.partial(on_stale, self), resend=resend)
+        super().__init__(frames, on_stale, resend=resend)
         self.over = False
         self._waiter: asyncio.Future[None] | None = None  # made only when someone waits
 
@@ -353,7 +353,11 @@ class PreparedLink:
         return True
 
     def open_window(
-        self, cut: Cut, first: int, server: ServerConnection, on_stale: Callable[[Window], None]
+        self,
+        cut: Cut,
+        first: int,
+        server: ServerConnection,
+        on_stale: Callable[[RetryWindow], None],
     ) -> None:
         """Hold back the replies of the batch cut.frames[first:] (just sent whole to an idle
         server, frame `first` a mapped statement's) while they may still show a stale plan."""
