@@ -19,10 +19,12 @@ the proxy's are kept, and then the client gets what PostgreSQL would have sent i
 - nothing, when PostgreSQL skipped the proxy's requests (an earlier message of the batch
   failed): the mapping is undone as if the client's message had been skipped.
 
-A batch of mapped statements in an implicit transaction opens a retry window
+A batch of mapped statements sent whole to a server that owed nothing opens a retry window
 (protocol/retry.py): when PostgreSQL finds a statement's plan stale (its table changed where
-the proxy's guard did not see it), the statements of the batch are retired in the registry,
-closed on that server, prepared again and the batch resent, once (`resend`).
+the proxy's guard did not see it), the statements of the batch are retired in the registry
+(`retire`: new names, prepared again where used next); in an implicit transaction, with
+nothing of the batch passed on yet, they are also closed on that server, prepared again and
+the batch resent, once (`resend`).
 """
 
 from __future__ import annotations
