@@ -18,7 +18,10 @@ from pgmigrate_proxy.protocol.extended import data_row
 from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType
 
+from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
+from tests.fixtures.tunnel import Direction, Tunnel
+from tests.integration.probes import wait_until
 from tests.integration.wire import WireClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -177,3 +180,48 @@ def test_asyncpg_statement_cache_after_direct_ddl(
             await conn.close()
 
     asyncio.run(main())
+
+
+def test_client_messages_sent_while_the_window_is_open_wait_for_the_resend(
+    proxy_factory: Factory, admin: psycopg.Connection[Any], table: str, pg: PgInfo, tunnel: Tunnel
+) -> None:
+    """The client's next batch, sent while the stale one's replies are still on their way (held
+    in the tunnel), waits in the proxy: it runs after the resent batch, its replies after."""
+    proxy = proxy_factory(
+        tunnel.url(pg), admin_upstream=pg.url(), pool_mode="transaction", default_pool_size=1
+    )
+    with WireClient(proxy.host, proxy.port) as client:
+        client.login()
+        client.send(_parse(b"t", QUERY_1) + _parse(b"plus", b"SELECT $1::int + 1") + SYNC)
+        client.read_until(BackendType.READY_FOR_QUERY)
+        client.send(_bind_describe_execute(b"t", b"1") + SYNC)
+        replies = client.read_until(BackendType.READY_FOR_QUERY)
+        assert _rows(replies) == [("1", "10")]
+        pid = _backend_pid(admin)
+        before = _query_start(admin, pid)
+        alter_directly(admin)
+        tunnel.delay(0.3, Direction.TO_CLIENT)
+        client.send(_bind_describe_execute(b"t", b"2") + SYNC)
+        # PostgreSQL has failed it (its error is in the tunnel): the next batch goes now
+        wait_until(lambda: _query_start(admin, pid) != before, "the first batch to run")
+        client.send(_bind_describe_execute(b"plus", b"5") + SYNC)
+        first = client.read_until(BackendType.READY_FOR_QUERY)
+        tunnel.delay(0, Direction.TO_CLIENT)
+        second = client.read_until(BackendType.READY_FOR_QUERY)
+    assert _rows(first) == [("2", "20")]
+    assert _rows(second) == [("6",)]
+
+
+def _backend_pid(admin: psycopg.Connection[Any]) -> int:
+    row = admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'",
+        [USER],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _query_start(admin: psycopg.Connection[Any], pid: int) -> object:
+    row = admin.execute("SELECT query_start FROM pg_stat_activity WHERE pid = %s", [pid])
+    found = row.fetchone()
+    return None if found is None else found[0]
