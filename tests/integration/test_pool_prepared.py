@@ -236,8 +236,8 @@ def test_cached_plan_after_alter_column_type(
     with conns[0].transaction(), conns[1].transaction():
         assert conns[0].execute(query, [2]).fetchone() == (2, 20)
         assert conns[1].execute(query, [2]).fetchone() == (2, 20)
-    # (kept open to the end: a client that leaves while the guard still restores its server's
-    # settings has that server closed, and a passthrough pool does not open another)
+    # (a client that leaves while the guard still restores its server's settings: its server
+    # goes back to the pool once restored, tests/integration/test_pool_guard_leave.py)
     ddl = psycopg.connect(proxy.conninfo(USER, connect_timeout="10"), autocommit=True)
     ddl.prepare_threshold = None
     ddl.execute("ALTER TABLE cached_plan ALTER COLUMN v TYPE text")

@@ -172,6 +172,12 @@ class Registry:
         keys = set(self._anywhere)
         for relation in relations:
             keys |= self._by_relation.get(relation.lower(), set())
+        return self.retire(keys)
+
+    def retire(self, keys: Iterable[StatementKey]) -> frozenset[bytes]:
+        """Retire the names of `keys` (a server found one stale: its schema changed where the
+        proxy did not see it); return the retired names. Their keys get new names; servers
+        close the old ones at checkout."""
         retired = frozenset(name for key in keys if (name := self._names.pop(key, None)))
         if retired:
             self.epoch += 1

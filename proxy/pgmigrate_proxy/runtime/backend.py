@@ -28,6 +28,7 @@ from pgmigrate_proxy.protocol.messages import (
 )
 from pgmigrate_proxy.protocol.prepared import ServerStatements
 from pgmigrate_proxy.protocol.replies import Owner, ReplyQueue, UnexpectedReply
+from pgmigrate_proxy.protocol.retry import RetryWindow
 from pgmigrate_proxy.protocol.types import BackendType, TransactionStatus
 from pgmigrate_proxy.runtime.stats import UNPOOLED
 from pgmigrate_proxy.runtime.upstream import UpstreamProtocol
@@ -40,7 +41,8 @@ BACKEND_WATCH = (
 )  # fmt: skip
 #: Without reply tracking (no guard) the relay reads only the transaction status.
 STATUS_WATCH = (BackendType.READY_FOR_QUERY,)
-ALL_TYPES = range(256)
+#: (a frozenset: framing.type_table finds its table without building one, 4 µs for a range)
+ALL_TYPES = frozenset(range(256))
 log = logging.getLogger("pgmigrate_proxy.session")
 _INJECTED_NAME = "pgmigrate_proxy"
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
@@ -100,7 +102,7 @@ class ServerConnection(UpstreamProtocol):
     __slots__ = (
         "_idle", "_observer", "_sink", "_sink_done", "_to_client", "_tracking",
         "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "statements",
-        "stats", "status",
+        "stats", "status", "window",
     )  # fmt: skip
 
     def __init__(self, database: str = "") -> None:
@@ -123,6 +125,8 @@ class ServerConnection(UpstreamProtocol):
         #: the proxy-wide prepared statements it holds (transaction pooling: runtime/statements.py)
         self.statements: ServerStatements | None = None
         self.stats = UNPOOLED  # its pool's counters (runtime/stats.py), once it joins one
+        #: a batch of prepared statements whose replies are held back (protocol/retry.py)
+        self.window: RetryWindow | None = None
 
     # --- who holds it ---------------------------------------------------------------------------
 
@@ -203,6 +207,10 @@ class ServerConnection(UpstreamProtocol):
                     self._received(frames)
                     if self._observer is not None:
                         data = _rewrite_status(frames, data, self._observer.client_status())
+                    if self.window is not None:
+                        data = self._windowed(frames, data)
+                        if not data:
+                            return
         except (FramingError, DecodeError) as exc:
             if self.listener is not None:
                 self.listener.server_violation(exc)
@@ -242,12 +250,23 @@ class ServerConnection(UpstreamProtocol):
         if self.every_reply and not replies.needs_every_reply:
             self.watch()
 
+    def _windowed(self, frames: list[Frame], data: bytes) -> bytes:
+        """The part of a chunk passed on while a retry window holds replies back."""
+        window = self.window
+        assert window is not None
+        data, over = window.feed(frames, data)
+        if over:
+            self.window = None
+            self.watch()
+            window.close()
+        return data
+
     def watch(self) -> None:
         """Show the scanner every frame while the reply queue needs every reply (or the proxy
         takes replies aside), only those it must always see otherwise. The holder calls it
         when what it sent changed that (`replies.needs_every_reply is not every_reply`: read
         inline on the hot path, not through a property)."""
-        every = self._sink is not None or self.replies.needs_every_reply
+        every = self._sink is not None or self.replies.needs_every_reply or self.window is not None
         self.every_reply = every
         self.scanner.watch(ALL_TYPES if every else BACKEND_WATCH)
 
@@ -378,6 +397,9 @@ class ServerConnection(UpstreamProtocol):
         super().connection_lost(exc)
         self.transport = None
         last_words = b""
+        window, self.window = self.window, None
+        if window is not None:
+            window.close()
         if self._sink is not None:
             last_words = b"".join(f.raw for f in self._sink if _fatal(f))
         for waiter in (self._sink_done, self._idle):

@@ -20,6 +20,7 @@ from pgmigrate_proxy.errors import ProxyError
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import HEADER, Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError
+from pgmigrate_proxy.protocol.retry import RetryWindow
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding, offload
@@ -29,7 +30,14 @@ from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, p
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.onemigration import LockFailed, MigrationLock
 from pgmigrate_proxy.runtime.ports import ClientWriter
-from pgmigrate_proxy.runtime.statements import MAPPED, Plan, PreparedLink, Retiring
+from pgmigrate_proxy.runtime.statements import (
+    MAPPED,
+    WINDOW_OPENERS,
+    Plan,
+    PreparedLink,
+    Retiring,
+    Window,
+)
 from pgmigrate_proxy.sql import Statement, first_keyword
 
 log = logging.getLogger("pgmigrate_proxy.session")
@@ -130,6 +138,7 @@ class Holder:
         self.prepared: PreparedLink | None = None
         #: told the statements of each guarded unit once it ran (prepared-statement invalidation)
         self.ddl_done: Callable[[tuple[Statement, ...]], None] | None = None
+        self._runner_client: Retiring | None = None  # the writer of the guarded unit running
         #: set while the session has no server: gets one (started by the client's next data)
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._gate = services.gate  # (runtime/gate.py)
@@ -288,6 +297,11 @@ class Holder:
                     return
                 self._start_acquire()
             return
+        open_window = self.server.window
+        if open_window is not None:  # (a retry may resend what went before: wait)
+            assert isinstance(open_window, Window)
+            self._behind_window(open_window, [(cut, first, pos)])
+            return
         if self._gate.predicate is not None and self._gate_holds(cut, first, pos):
             return
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
@@ -300,6 +314,7 @@ class Holder:
         note = sent.append
         extended = 0  # how many of them are extended-protocol requests (ReplyQueue.sent_all)
         prepared = self.prepared
+        window = -1  # the frame that may open a retry window (runtime/statements.py)
         for index in range(first, len(frames)):
             item = frames[index]
             mtype = item.type
@@ -310,6 +325,8 @@ class Holder:
                     out.append(data[pos:start])
                     pos = item.end
                     if plan.rename_only:
+                        if window < 0 and not sent and mtype in WINDOW_OPENERS:
+                            window = index if server.replies.idle else len(frames)
                         out.append(plan.inline)
                         note(mtype)
                         extended += mtype in _EXTENDED_REQUESTS
@@ -388,6 +405,8 @@ class Holder:
                 pos = item.end
         if sent:
             server.replies.sent_all(sent, extended)
+        if 0 <= window < len(frames) and prepared is not None:
+            prepared.open_window(cut, window, server, self._window_stale)
         if not out and pos == 0 and cut.tail == len(data):
             transport = server.transport
             if transport is not None:
@@ -415,6 +434,38 @@ class Holder:
             self._write_server([plan.inline])
         if server.replies.needs_every_reply is not server.every_reply:
             server.watch()
+
+    # --- a retry window (runtime/statements.py) ------------------------------------------------
+
+    def _behind_window(self, window: Window, backlog: list[tuple[Cut, int, int]]) -> None:
+        """Hold what the client sends from now on until the window is over (and its batch
+        resent, if a plan was stale)."""
+        self._backlog = backlog
+        self._backlog_bytes = sum(cut.tail - pos for cut, _, pos in backlog)
+        self.task = asyncio.get_running_loop().create_task(
+            self._run_unit(self._after_window(window), "retrying a prepared statement")
+        )
+
+    def _window_stale(self, window: RetryWindow) -> None:
+        """The server found a plan of the window's batch stale: its statements are retired;
+        when it is resent, its replies are dropped up to its ReadyForQuery and it goes again
+        then (the client waits meanwhile)."""
+        log.info(
+            "session %s: a prepared statement's plan went stale on server %s (its table changed "
+            "where the proxy did not see it): %s",
+            self.session.peer, self.server.server_pid,
+            "prepared again and resent" if window.resend else "error passed on, prepared again",
+        )  # fmt: skip
+        assert isinstance(window, Window)
+        if self.prepared is not None:
+            self.prepared.retire(window)
+        if window.resend and self.task is None:  # (else a task waits already)
+            self._behind_window(window, [])
+
+    async def _after_window(self, window: Window) -> None:
+        await window.wait()
+        if window.stale and window.resend and self.prepared is not None:
+            await self.prepared.resend(window, self.server, self.session)
 
     def _write_server(self, out: list[bytes]) -> None:
         transport = self.server.transport
@@ -636,8 +687,22 @@ class Holder:
         assert self.settings is not None
         done = self.ddl_done
         if done is not None:  # statements on its tables are prepared again after it
-            client = Retiring(client, lambda: done(unit.statements))
-        await guarding.run(self.server, client, self.services, self.settings, unit, self.targets)
+            client = self._runner_client = Retiring(client, lambda: done(unit.statements))
+        try:
+            await guarding.run(
+                self.server, client, self.services, self.settings, unit, self.targets
+            )
+        finally:
+            self._runner_client = None
+
+    @property
+    def finishing(self) -> bool:
+        """A guarded unit's replies went out: what its runner still does (restoring the
+        server's settings) needs no client (a client leaving then drops what it sent after).
+        Not in a migration session: its runner may have more of the client's statements to
+        run, which must be dropped when the client leaves."""
+        runner = self._runner_client
+        return runner is not None and runner.answered and self.migration is None
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""

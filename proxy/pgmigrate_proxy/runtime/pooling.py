@@ -102,6 +102,10 @@ def _shared(view: dict[str, str]) -> dict[str, str]:
     return found
 
 
+def _dropped(data: bytes) -> None:
+    """Where a server's bytes for a client that left go."""
+
+
 class Refused(ProxyError):
     """A statement that leaves session state, in transaction mode with session_state refuse."""
 
@@ -127,8 +131,8 @@ class PoolLink:
     """One client's side of its pool (module docstring)."""
 
     __slots__ = (
-        "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
-        "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
+        "_idle_since", "_seen", "_timer", "lease", "leaving", "options", "pinned", "pool",
+        "reserved", "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -149,6 +153,8 @@ class PoolLink:
         self._seen = -1
         self._idle_since = 0.0
         self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
+        #: the client left while the guard finished a unit on its server: checked in after
+        self.leaving = False
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -297,6 +303,19 @@ class PoolLink:
         server = lease.server
         holder = self.session.holder
         held = holder is not None and (holder.holding or holder.task is not None)
+        task = holder.task if holder is not None and holder.finishing else None
+        if clean and task is not None and not self.leaving:
+            # its guarded unit answered, the guard restores the server's settings: let it
+            # finish (the session does not cancel it), then check the server in
+            log.debug("session %s: left while the guard finishes its unit", self.session.peer)
+            self.leaving = True
+            server.on_idle = None
+            server.relay(_dropped, tracking=True)  # (the replies of the guard's own requests
+            server.watch()  # come through the relay; the client's, if any, have nowhere to go)
+            self.pool.tasks.add(task)  # (a shutdown cancels it: the server is closed then)
+            task.add_done_callback(self.pool.tasks.discard)
+            task.add_done_callback(lambda _: self._left_after_unit())
+            return True
         if not clean or held or server.busy is not None:
             return False
         self.lease = None
@@ -310,14 +329,27 @@ class PoolLink:
         self.pool.check_in(lease, reset=reset)
         return True
 
+    def _left_after_unit(self) -> None:
+        """The guard's unit ended after its client left: the server is checked in, or closed
+        when it cannot be (the unit failed, the server owes replies)."""
+        lease = self.lease
+        if lease is None or (not self.pool.closing and self.client_left(clean=True)):
+            return
+        self.lease = None
+        lease.server.close()
+        self.pool.forget(lease.server)
+
     def closed(self) -> None:
-        """The session ended with its server closed by it (not checked in)."""
+        """The session ended with its server closed by it (not checked in), or to be checked
+        in once the guard's unit on it ends (`leaving`)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         holder = self.session.holder
         if holder is not None and holder.prepared is not None:
             holder.prepared.client.release_all()
+        if self.leaving:
+            return
         lease, self.lease = self.lease, None
         if lease is not None:
             self.pool.forget(lease.server)

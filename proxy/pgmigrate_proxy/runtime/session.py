@@ -722,7 +722,8 @@ class ClientSession(asyncio.Protocol):
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
         holder = self.holder
-        if holder is not None and holder.task is not None:
+        leaving = self.link is not None and self.link.leaving  # (the unit ran: it may finish)
+        if holder is not None and holder.task is not None and not leaving:
             holder.task.cancel()  # a held statement is dropped, never sent later
         if holder is not None:
             holder.closed()

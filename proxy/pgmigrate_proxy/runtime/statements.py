@@ -18,10 +18,18 @@ the proxy's are kept, and then the client gets what PostgreSQL would have sent i
   statement not recorded on that server;
 - nothing, when PostgreSQL skipped the proxy's requests (an earlier message of the batch
   failed): the mapping is undone as if the client's message had been skipped.
+
+A batch of mapped statements sent whole to a server that owed nothing opens a retry window
+(protocol/retry.py): when PostgreSQL finds a statement's plan stale (its table changed where
+the proxy's guard did not see it), the statements of the batch are retired in the registry
+(`retire`: new names, prepared again where used next); in an implicit transaction, with
+nothing of the batch passed on yet, they are also closed on that server, prepared again and
+the batch resent, once (`resend`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +37,7 @@ from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 from pgmigrate_proxy.protocol import extended
-from pgmigrate_proxy.protocol.framing import Frame, frame
+from pgmigrate_proxy.protocol.framing import Cut, Frame, frame
 from pgmigrate_proxy.protocol.messages import DecodeError
 from pgmigrate_proxy.protocol.prepared import (
     PREFIX,
@@ -42,6 +50,7 @@ from pgmigrate_proxy.protocol.prepared import (
     Step,
     close_frame,
 )
+from pgmigrate_proxy.protocol.retry import RetryWindow, batch, describes
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter
 from pgmigrate_proxy.sql import Statement, is_plain
@@ -61,8 +70,13 @@ _COMPLETIONS = frozenset(
     {BackendType.PARSE_COMPLETE, BackendType.CLOSE_COMPLETE, BackendType.ERROR_RESPONSE}
 )
 _ERROR = BackendType.ERROR_RESPONSE.value
+_READY = BackendType.READY_FOR_QUERY.value
 _QUERY = FrontendType.QUERY.value
 _PARSE = FrontendType.PARSE.value
+_BIND = FrontendType.BIND.value
+_DESCRIBE = FrontendType.DESCRIBE.value
+#: Client messages that may open a retry window (a mapped statement's, renamed only).
+WINDOW_OPENERS = frozenset({_BIND, _DESCRIBE})
 _DROPPING = (b"deallocate", b"discard")
 #: Frames the mapping reads.
 MAPPED = frozenset(
@@ -101,20 +115,28 @@ def invalidate(registry: Registry, statements: Iterable[Statement]) -> None:
 class Retiring:
     """A client writer for a guarded unit's runner that retires the statements on the tables
     of the unit right before each delivery to the client: before the client can learn that
-    the DDL is done (and another of its connections, or a client told by it, binds again)."""
+    the DDL is done (and another of its connections, or a client told by it, binds again).
 
-    __slots__ = ("client", "retire")
+    Once the unit's replies went out (`answered`: a ReadyForQuery among them), the client is
+    not `gone` for the runner: it restores the server's settings even if the client left
+    then, and the server goes back to the pool after (runtime/pooling.py, client_left)."""
+
+    __slots__ = ("answered", "client", "retire")
 
     def __init__(self, client: ClientWriter, retire: Callable[[], None]) -> None:
         self.client = client
         self.retire = retire
+        self.answered = False
 
     @property
     def gone(self) -> bool:
-        return self.client.gone
+        return self.client.gone and not self.answered
 
     def deliver(self, frames: Iterable[Frame]) -> None:
         self.retire()
+        frames = tuple(frames)
+        if any(item.type == _READY for item in frames):
+            self.answered = True
         self.client.deliver(frames)
 
     def deliver_raw(self, data: bytes) -> None:
@@ -147,6 +169,30 @@ async def checkout(server: ServerConnection) -> None:
     step = statements.checkout()
     if step.frames:
         await server.exchange(b"".join(step.frames))
+
+
+class Window(RetryWindow):
+    """A retry window the holder can wait for (protocol/retry.py)."""
+
+    __slots__ = ("_waiter", "over")
+
+    def __init__(
+        self, frames: list[Frame], on_stale: Callable[[RetryWindow], None], *, resend: bool
+    ) -> None:
+        super().__init__(frames, on_stale, resend=resend)
+        self.over = False
+        self._waiter: asyncio.Future[None] | None = None  # made only when someone waits
+
+    def close(self) -> None:
+        self.over = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until the server is done with the window."""
+        if not self.over:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +353,66 @@ class PreparedLink:
             return False
         client.deliver_raw(plan.answer)
         return True
+
+    def open_window(
+        self,
+        cut: Cut,
+        first: int,
+        server: ServerConnection,
+        on_stale: Callable[[RetryWindow], None],
+    ) -> None:
+        """Hold back the replies of the batch cut.frames[first:] (just sent whole to an idle
+        server, frame `first` a mapped statement's) while they may still show a stale plan."""
+        frames = cut.frames
+        if batch(frames, first, len(cut.data)):
+            idle = server.status is TransactionStatus.IDLE
+            resend = describes(frames[first:], idle)
+            server.window = Window(frames[first:], on_stale, resend=resend)
+            server.watch()
+
+    def retire(self, window: Window) -> None:
+        """The statements of a window's batch: one of them is stale (which one, the error does
+        not say); they get new names, prepared again where they are used next."""
+        keys = set()
+        statements = self.client
+        for item in window.frames:
+            payload = item.payload
+            if item.type == _BIND:
+                start = payload.index(b"\0") + 1
+                key = statements.key(payload[start : payload.index(b"\0", start)])
+            elif item.type == _DESCRIBE and payload[:1] == b"S":
+                key = statements.key(payload[1 : payload.index(b"\0", 1)])
+            else:
+                continue
+            if key is not None:
+                keys.add(key)
+        self.registry.retire(keys)
+
+    async def resend(self, window: Window, server: ServerConnection, client: ClientWriter) -> None:
+        """After a stale-plan error (its replies dropped up to ReadyForQuery; the statements
+        retired: `retire`): close them on this server, send the batch again (each statement
+        prepared again first). Its replies go to the client as they come: no second retry."""
+        await checkout(server)
+        out: list[bytes] = []
+        for item in window.frames:
+            plan = self.plan(item, server) if item.type in WINDOW_OPENERS else None
+            if plan is None or plan.rename_only:
+                out.append(item.raw if plan is None else plan.inline)
+                server.replies.sent(item.type)
+                continue
+            _write(server, out)
+            out = []
+            await self.run(plan, server, client)  # (a Parse first: its error is the client's)
+            if plan.inline:
+                out.append(plan.inline)
+                server.replies.sent(item.type)
+        _write(server, out)
+        server.watch()
+
+
+def _write(server: ServerConnection, out: list[bytes]) -> None:
+    if out and server.transport is not None:
+        server.transport.write(b"".join(out))
 
 
 def _plan(step: Step) -> Plan:
