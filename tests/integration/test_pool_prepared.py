@@ -251,6 +251,37 @@ def test_cached_plan_after_alter_column_type(
     admin.execute("DROP TABLE cached_plan")
 
 
+def test_retired_statements_are_closed_before_the_server_is_handed_out(
+    proxy_factory: Factory, admin: psycopg.Connection[Any]
+) -> None:
+    """After a guarded DDL, the server's copy of a statement on that table is closed before any
+    client gets the server again, the fast path's hand-out (an idle ready server) included."""
+    admin.execute("DROP TABLE IF EXISTS retired_t")
+    admin.execute("CREATE TABLE retired_t (id int PRIMARY KEY, v int)")
+    admin.execute("ALTER TABLE retired_t OWNER TO u_trust")
+    proxy = pooled(proxy_factory, 1)
+    prepared = connect(proxy)
+    assert prepared.execute("SELECT * FROM retired_t WHERE id = %s", [1]).fetchone() is None
+    plain = psycopg.connect(proxy.conninfo(USER, connect_timeout="10"), autocommit=True)
+    plain.prepare_threshold = None  # its own queries are not prepared
+
+    def copies() -> int:
+        row = plain.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = %s",
+            ["SELECT * FROM retired_t WHERE id = $1"],
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    assert copies() == 1  # (one server: the statement is on it)
+    plain.execute("ALTER TABLE retired_t ADD COLUMN w int")  # guarded: the table changed
+    assert copies() == 0
+    assert prepared.execute("SELECT * FROM retired_t WHERE id = %s", [1]).fetchone() is None
+    prepared.close()
+    plain.close()
+    admin.execute("DROP TABLE retired_t")
+
+
 #: TPC-B's statements, each in its own implicit transaction: pgbench up to 16 prepares each
 #: command with a blocking PQprepare when a client first runs it, which stops all the clients
 #: of its thread; with BEGIN ... END scripts those hold their servers meanwhile, and with more

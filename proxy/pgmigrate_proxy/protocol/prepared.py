@@ -252,6 +252,11 @@ class ServerStatements:
             self.registry.release(key)
         self._lru.clear()
 
+    @property
+    def current(self) -> bool:
+        """No schema change retired anything since the last checkout (none is needed)."""
+        return self._epoch == self.registry.epoch
+
     def checkout(self) -> Step:
         """Before handing this server to a client: Close each statement a schema change retired
         (then a Sync), every reply swallowed; an empty Step when there is none."""

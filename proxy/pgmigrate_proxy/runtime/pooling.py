@@ -258,6 +258,9 @@ class PoolLink:
 
     def _ready(self, lease: Lease) -> bool:
         """An idle server this client can use as it is (acquire_at_once)."""
+        prepared = lease.server.statements
+        if prepared is not None and not prepared.current:
+            return False  # (acquire closes what a schema change retired: statements.checkout)
         current = lease.current
         for name, value in self.view.items():  # (as _sync_parameters would find nothing to SET)
             if current.get(name) != value:
