@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pgmigrate_proxy.errors import ConnectionFailure, ProxyError
 from pgmigrate_proxy.poolconfig import PoolSettings
@@ -40,6 +41,20 @@ SYNCED_PARAMETERS = (
 )  # fmt: skip
 #: How often a pool looks for servers past server_idle_timeout or server_lifetime (at most).
 _REAP_SECONDS = 1.0
+
+
+class Waiter(Protocol):
+    """A client queued for a server without a task (PoolLink): offered the next released one."""
+
+    waiting_since: float  # time.monotonic() when it began to wait
+
+    def offer(self, lease: Lease) -> bool:
+        """Take `lease` (True), or not (False: no longer waiting)."""
+        ...
+
+    def wait_timed_out(self) -> None:
+        """It waited past query_wait_timeout: end its session with the error."""
+        ...
 
 
 class QueryWaitTimeout(ProxyError):
@@ -156,9 +171,12 @@ class Pool:
         self.opener = opener
         self.idle: deque[Lease] = deque()  # most recently used last (handed out LIFO)
         self.leases: dict[ServerConnection, Lease] = {}  # every server counted here
-        self.waiters: deque[asyncio.Future[Lease]] = deque()
+        #: FIFO: a waiting acquire's future, or a client queued without a task (Waiter)
+        self.waiters: deque[asyncio.Future[Lease] | Waiter] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.TimerHandle | None = None
+        self._sweeper: asyncio.TimerHandle | None = None  # query_wait_timeout of queued clients
+        self._reserve_opening = 0  # servers opening for queued clients
         self._refill: asyncio.TimerHandle | None = None  # a min_pool_size retry after a failure
         self.size_opening = 0  # servers its opener is logging in
         self.closing = False
@@ -199,18 +217,20 @@ class Pool:
         if lifetime == 0 or now - lease.born > lifetime:
             self.close(lease)
             return
-        park(lease)
         lease.idle_since = now
         if lease.cancels:
+            park(lease)
             self.idle.append(lease)  # handed out once its cancel is delivered
             return
         over = self.size > self.settings.pool_size + self.settings.reserve_pool_size
         if over or self.registry.over(self.key, self.settings):
             self.close(lease)  # a login beyond the pool's size or a limit (passthrough)
             return
-        if not self._hand_over(lease):
-            self.idle.append(lease)
-            self._schedule_reap()
+        if self.waiters and self._hand_over(lease):
+            return
+        park(lease)
+        self.idle.append(lease)
+        self._schedule_reap()
 
     def check_in(self, lease: Lease, *, reset: bool) -> None:
         """The client left: roll back what it left open, run server_reset_query (`reset`),
@@ -241,12 +261,105 @@ class Pool:
         self.release(lease)
 
     def _hand_over(self, lease: Lease) -> bool:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(lease)
+        """Give a released (unparked) server to the first waiter, FIFO: a queued client
+        attaches it at once (no task); a waiting acquire gets it parked."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    park(lease)
+                    waiter.set_result(lease)
+                    return True
+            elif waiter.offer(lease):
                 return True
         return False
+
+    # --- clients queued without a task ----------------------------------------------------------
+
+    def wait(self, waiter: Waiter) -> None:
+        """Queue a client for the next released server (Waiter.offer); a periodic sweep, one
+        timer per pool, applies query_wait_timeout and the reserve pool's turn."""
+        self.waiters.append(waiter)
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    def unwait(self, waiter: Waiter) -> None:
+        """A queued client left."""
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _sweep_limits(self) -> list[float]:
+        settings = self.settings
+        limits = [settings.query_wait_timeout] if settings.query_wait_timeout else []
+        if self.opener is not None and settings.reserve_pool_size:
+            limits.append(settings.reserve_pool_timeout)
+        return limits
+
+    def _schedule_sweep(self) -> None:
+        limits = self._sweep_limits()
+        if not limits or self.closing:
+            return  # (nothing to time: queued clients wait for a release)
+        delay = min(_REAP_SECONDS, max(0.01, min(limits) / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        """query_wait_timeout for queued clients (pgbouncer's janitor), and reserve servers
+        for those waiting past reserve_pool_timeout."""
+        self._sweeper = None
+        now = time.monotonic()
+        settings = self.settings
+        limit = settings.query_wait_timeout
+        expired: list[Waiter] = []
+        due = 0
+        kept: deque[asyncio.Future[Lease] | Waiter] = deque()
+        queued = False
+        for waiter in self.waiters:
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    kept.append(waiter)
+                continue
+            waited = now - waiter.waiting_since
+            if limit and waited >= limit:
+                expired.append(waiter)
+                continue
+            kept.append(waiter)
+            queued = True
+            if waited >= settings.reserve_pool_timeout:
+                due += 1
+        self.waiters = kept
+        for waiter in expired:
+            waiter.wait_timed_out()
+        if self.opener is not None and settings.reserve_pool_size:
+            self._open_for_waiters(due, settings.reserve_pool_size)
+        if queued:
+            self._schedule_sweep()
+
+    def _open_for_waiters(self, count: int, extra: int) -> None:
+        """Open servers (with the opener, within pool_size + `extra` and the limits) until
+        `count` are opening for queued clients; each goes to the first waiter."""
+        if self.opener is None or self.closing:
+            return
+        while count > self._reserve_opening and self.room(extra):
+            self._reserve_opening += 1
+            self.size_opening += 1
+            task = asyncio.get_running_loop().create_task(self._open_reserve())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _open_reserve(self) -> None:
+        try:
+            lease = await self._open(counted=True)
+        except (ConnectionError, ProxyError, OSError) as exc:
+            log.warning("pool %s/%s: could not open a reserve server: %s",
+                        self.key[0], self.key[1], exc)  # fmt: skip
+            return
+        finally:
+            self._reserve_opening -= 1
+        lease.idle_since = time.monotonic()
+        self.release(lease)
 
     # --- servers going out ----------------------------------------------------------------------
 
@@ -352,6 +465,9 @@ class Pool:
             task = loop.create_task(self._open_idle())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        if self.waiters:  # queued clients wait for a release: a closed server makes room
+            queued = sum(not isinstance(w, asyncio.Future) for w in self.waiters)
+            self._open_for_waiters(queued, 0)
 
     async def _open_idle(self) -> None:
         try:
@@ -465,12 +581,16 @@ class Pool:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         for waiter in self.waiters:
-            waiter.cancel()
+            if isinstance(waiter, asyncio.Future):
+                waiter.cancel()
         for lease in list(self.idle):
             self.close(lease)
 

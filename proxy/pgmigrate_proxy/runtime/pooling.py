@@ -127,8 +127,8 @@ class PoolLink:
     """One client's side of its pool (module docstring)."""
 
     __slots__ = (
-        "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "reserved",
-        "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
+        "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "queued",
+        "reserved", "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -149,6 +149,7 @@ class PoolLink:
         self._seen = -1
         self._idle_since = 0.0
         self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
+        self.queued = False  # in its pool's waiters without a task (acquire_at_once, offer)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -233,19 +234,62 @@ class PoolLink:
         if self.transaction:
             lease.server.on_idle = self.server_idle
 
-    def acquire_at_once(self) -> bool:
+    def acquire_at_once(self, *, queue: bool = True) -> bool | None:
         """acquire's fast path, without a task: an idle server that needs no check and no SET,
-        attached now; False: none (the holder runs acquire)."""
+        attached now (True); or, when none is idle and the pool cannot open one, queued in the
+        pool (None: `offer` attaches the next released server, FIFO); False: the holder runs
+        acquire."""
         if self.reserved is not None:
             return False
-        lease = self.pool.take_idle(self._ready)
+        pool = self.pool
+        lease = pool.take_idle(self._ready)
         if lease is None:
-            return False
+            if not queue or pool.idle or pool.closing:
+                return False
+            if pool.opener is not None and pool.room():
+                return False  # (acquire opens one)
+            self.queued = True
+            self.waiting_since = time.monotonic()
+            pool.wait(self)
+            return None
         self.lease = lease
         self.session.attach(lease.server)
         if self.transaction:
             lease.server.on_idle = self.server_idle
         return True
+
+    def offer(self, lease: Lease) -> bool:
+        """The pool hands this queued client a released server (unparked): attached at once
+        and the held data pumped when it is ready as it is; else acquire checks it and SETs
+        the client's parameters in a task. False: not waiting any more."""
+        holder = self.session.holder
+        if not self.queued or holder is None:
+            return False
+        self.queued = False
+        stats = self.pool.stats
+        stats.waited(time.monotonic() - self.waiting_since)
+        self.waiting_since = 0.0
+        if not self._ready(lease):
+            self.reserved = lease
+            holder.acquire_now()
+            return True
+        stats.server_assignment_count += 1
+        self.lease = lease
+        self.session.attach(lease.server)
+        if self.transaction:
+            lease.server.on_idle = self.server_idle
+        holder.server_came()
+        return True
+
+    def wait_timed_out(self) -> None:
+        """Queued past query_wait_timeout (the pool's sweep)."""
+        self.queued = False
+        self.waiting_since = 0.0
+        log.info("session %s: query_wait_timeout", self.session.peer)
+        self.session.fail(
+            QueryWaitTimeout.sqlstate, "query_wait_timeout",
+            detail="no server connection became free in time",
+        )  # fmt: skip
 
     def _ready(self, lease: Lease) -> bool:
         """An idle server this client can use as it is (acquire_at_once)."""
@@ -315,6 +359,9 @@ class PoolLink:
         holder = self.session.holder
         if holder is not None and holder.prepared is not None:
             holder.prepared.client.release_all()
+        if self.queued:
+            self.queued = False
+            self.pool.unwait(self)
         lease, self.lease = self.lease, None
         if lease is not None:
             self.pool.forget(lease.server)
