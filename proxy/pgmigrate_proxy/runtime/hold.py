@@ -65,7 +65,7 @@ _TERMINATE = FrontendType.TERMINATE.value
 #: transactions): never connected, so it behaves as a lost one. Keeping the server given back
 #: instead would keep it alive (scanner, reply queue, lease) for as long as the client idles:
 #: with more clients than pooled servers, mostly closed login servers, 1.5 kB a client.
-_NO_SERVER = ServerConnection()
+_NO_SERVER = NO_SERVER = ServerConnection()
 _STATEFUL = frozenset({_QUERY, FrontendType.PARSE.value})
 _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 

@@ -12,6 +12,7 @@ only by the logins of its clients; an opener (another auth type) lets it open on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -32,8 +33,9 @@ from pgmigrate_proxy.settings import EMPTY_QUERY
 
 log = logging.getLogger("pgmigrate_proxy.pool")
 
-#: Opens a logged-in, idle server connection for a pool (auth types other than passthrough).
-Opener = Callable[[], Awaitable[ServerConnection]]
+#: Opens a logged-in, idle server connection for a pool (auth types other than passthrough),
+#: alone or with the ParameterStatus values its login reported (the pool's welcome for clients).
+Opener = Callable[[], Awaitable[ServerConnection | tuple[ServerConnection, dict[str, str]]]]
 #: The startup parameters kept per client and set on the server it gets when they differ.
 SYNCED_PARAMETERS = (
     "application_name", "client_encoding", "datestyle", "timezone", "search_path",
@@ -74,6 +76,22 @@ def unpoolable(options: str) -> str | None:
         if name not in SYNCED_PARAMETERS and not name.startswith("pgmigrate."):
             return f"-c {name}={value}"
     return None
+
+
+def _spelling(value: str) -> str:
+    return value.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+def welcome_for(welcome: dict[str, str], parameters: dict[str, str]) -> dict[str, str]:
+    """What a client logging in without a server is told (ParameterStatus): a pool server's
+    values, the synced startup parameters the client gave overriding them (in the server's
+    spelling when they differ only in case or separators: UTF8 for utf8)."""
+    wanted = synced(parameters)
+    told = {}
+    for name, value in welcome.items():
+        mine = wanted.get(name.lower())
+        told[name] = value if mine is None or _spelling(mine) == _spelling(value) else mine
+    return told
 
 
 def reported(parameters: dict[str, str]) -> dict[str, str]:
@@ -179,6 +197,12 @@ class Pool:
         self._reserve_opening = 0  # servers opening for queued clients
         self._refill: asyncio.TimerHandle | None = None  # a min_pool_size retry after a failure
         self.size_opening = 0  # servers its opener is logging in
+        #: the ParameterStatus values of a server of this pool (its defaults: application_name
+        #: empty), for clients the proxy logs in without a server (None: none known yet)
+        self.welcome: dict[str, str] | None = None
+        self._welcome_exact = False  # learned from a server the pool opened (no client's values)
+        #: done when the login that teaches the pool its welcome ends (concurrent logins wait)
+        self.learning: asyncio.Future[None] | None = None
         self.closing = False
         self.stats = PoolStats()  # its counters (the admin console and metrics read them)
 
@@ -202,10 +226,25 @@ class Pool:
         and `told` these ParameterStatus values): count it (the client holds it)."""
         options = parameters.get("options", "")
         login = synced(parameters)
+        if told:
+            self.learn(told, set(login))
         lease = Lease(server, self, time.monotonic(), login, options, reported(told or {}))
         server.stats = self.stats
         self.leases[server] = lease
         return lease
+
+    def learn(self, told: dict[str, str], chosen: set[str]) -> None:
+        """A server login reported `told`; `chosen`: the synced parameters (lowercased) its
+        client set, not the server's defaults: application_name is then taken as empty. A
+        server the pool opened itself (no client's values) is the exact welcome."""
+        if self._welcome_exact or (chosen and self.welcome is not None):
+            return
+        welcome = dict(told)
+        for name in welcome:
+            if name.lower() == "application_name" and "application_name" in chosen:
+                welcome[name] = ""
+        self.welcome = welcome
+        self._welcome_exact = not chosen
 
     def release(self, lease: Lease) -> None:
         """A server that owes nothing and is idle comes back: to a waiter, idle, or closed."""
@@ -286,10 +325,8 @@ class Pool:
 
     def unwait(self, waiter: Waiter) -> None:
         """A queued client left."""
-        try:
+        with contextlib.suppress(ValueError):
             self.waiters.remove(waiter)
-        except ValueError:
-            pass
 
     def _sweep_limits(self) -> list[float]:
         settings = self.settings
@@ -443,12 +480,15 @@ class Pool:
         if not counted:
             self.size_opening += 1  # counted while it logs in
         try:
-            server = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
+            opened = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
         except asyncio.TimeoutError:
             raise ConnectionFailure("server_connect_timeout: no server connection") from None
         finally:
             self.size_opening -= 1
-        return self.join(server, {})
+        if isinstance(opened, tuple):
+            server, told = opened
+            return self.join(server, {}, told)
+        return self.join(opened, {})
 
     def top_up(self) -> None:
         """Open servers in the background up to min_pool_size (with an opener, within the

@@ -176,6 +176,21 @@ class PoolLink:
         if self.reserved is not None:  # taken before the client was told its server (reserve)
             self._give_back(at_once=True)
 
+    def logged_in_without_server(self, told: dict[str, str]) -> None:
+        """Transaction mode, logged in from the pool's parameters (`told`): the client gets a
+        server at its first message."""
+        self.view = _shared({**reported(told), **self.wanted})
+        self._arm()
+        holder = self.session.holder
+        assert holder is not None
+        registry = statements.registry_for(self.pool.registry)
+        holder.ddl_done = statements.invalidator(registry)
+        holder.state_watch = self.watch_state
+        capacity = self.pool.settings.max_prepared_statements
+        if capacity > 0:
+            holder.prepared = statements.PreparedLink(registry, capacity)
+        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+
     def reserve(self) -> int | None:
         """Session mode, before the client is told its server's process id: take an idle
         pooled server for it (its login server joins the pool instead); the id to announce."""
