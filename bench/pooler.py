@@ -17,8 +17,8 @@ Shares relay.py's helpers.
     python bench/pooler.py --quick         # smoke test: 16,256 clients, 3 s runs, 100 idle
     python bench/pooler.py --idle-only     # the idle-memory test alone (1000 clients)
     python bench/pooler.py --duration 10 --reps 1 --idle-clients 0
-    python bench/pooler.py --quick --idle-clients 0 --baseline HEAD~3   # before/after, one run
-    python bench/pooler.py --quick --idle-clients 0 --profile /tmp/prof  # cProfile of the proxies"""
+    python bench/pooler.py --quick --idle-clients 0 --baseline HEAD~3  # before/after, one run
+    python bench/pooler.py --quick --idle-clients 0 --profile /tmp/prof  # cProfile, per proxy"""
 
 from __future__ import annotations
 
@@ -402,6 +402,11 @@ HEADER = [
 BASELINE_HEADER = ["baseline TPS", "proxy/baseline", f"baseline CPU {relay.MICRO}/tx"]
 
 
+def baseline_cells(tps: dict[str, float | None], cells: dict[str, list[Run]]) -> list[str]:
+    cpu = median_cpu(cells[BASELINE])
+    return [fmt(tps[BASELINE]), ratio(tps[PROXY], tps[BASELINE]), fmt(cpu, "{:.1f}")]
+
+
 def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
     out = []
     for clients in opts.clients:
@@ -417,11 +422,7 @@ def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
                 + [ratio(tps[PROXY], tps[PGBOUNCER]), ratio(tps[PROXY], tps[DIRECT])]
                 + [f"{peak[t]} / {steady[t]}" for t in TARGETS]
                 + [fmt(median_cpu(cells[t]), "{:.1f}") for t in (PGBOUNCER, PROXY)]
-                + (
-                    [fmt(tps[BASELINE]), ratio(tps[PROXY], tps[BASELINE]),
-                     fmt(median_cpu(cells[BASELINE]), "{:.1f}")]
-                    if opts.baseline else []
-                )  # fmt: skip
+                + (baseline_cells(tps, cells) if opts.baseline else [])
             )
     return out
 
