@@ -136,6 +136,9 @@ class Holder:
         self._gated: Frame | None = None  # the frame the gate last let through
         self._acquire_at_once: Callable[..., bool | None] | None = None
         self._queued = False  # queued in its pool for a server, without a task (server_came)
+        #: transaction pooling: set while the session's server is lent to the pool, idle
+        #: (PoolLink.take_back): the client's next data takes it back first
+        self.take_back: Callable[[], None] | None = None
 
     @property
     def holding(self) -> bool:
@@ -299,6 +302,10 @@ class Holder:
         self.session.fail(code, message)
 
     def _pump(self, cut: Cut, first: int, pos: int) -> None:
+        take_back = self.take_back
+        if take_back is not None:
+            self.take_back = None
+            take_back()
         if self._backlog is not None and not self._attached_at_once(cut):
             self._backlog.append((cut, first, pos))
             self._backlog_bytes += cut.tail - pos

@@ -59,6 +59,14 @@ class Waiter(Protocol):
         ...
 
 
+class Lender(Protocol):
+    """The client a server is lent from (PoolLink): still attached to it, idle in the pool."""
+
+    def revoke(self) -> None:
+        """Detach the lent server from the client (it then gets another at its next data)."""
+        ...
+
+
 class QueryWaitTimeout(ProxyError):
     """A client waited longer than query_wait_timeout for a server (pgbouncer's words)."""
 
@@ -124,6 +132,9 @@ class Lease:
     current: dict[str, str] = field(default_factory=dict)  # what they are now
     idle_since: float = 0.0
     cancels: int = 0  # cancel requests in flight for it: not handed out meanwhile
+    #: idle in the pool but still attached to the client it served last (lent, not parked):
+    #: that client takes it back at its next data at no cost; another takes it with revoke
+    owner: Lender | None = None
 
     def __post_init__(self) -> None:
         self.defaults = {**self.defaults, **self.login}
@@ -401,18 +412,60 @@ class Pool:
     # --- servers going out ----------------------------------------------------------------------
 
     def take_idle(self, accept: Callable[[Lease], bool] | None = None) -> Lease | None:
-        """An idle server (that `accept`s), unparked, or None (the most recently used: LIFO,
-        as pgbouncer)."""
-        for lease in reversed(self.idle):
+        """An idle server (that `accept`s), unparked (or revoked from the client it is lent
+        from), or None (the most recently used: LIFO, as pgbouncer)."""
+        idle = self.idle
+        for index in range(len(idle) - 1, -1, -1):
+            lease = idle[index]
             if lease.cancels or (accept is not None and not accept(lease)):
                 continue
-            self.idle.remove(lease)
+            if lease.owner is not None and lease.server.busy is not None:
+                continue  # (a message of its own half received by its client)
+            del idle[index]
             if lease.server.gone:
                 self.leases.pop(lease.server, None)
-                continue
-            unpark(lease)
+                return self.take_idle(accept)
+            self._unidle(lease)
             return lease
         return None
+
+    def _unidle(self, lease: Lease) -> None:
+        """A lease just taken out of `idle`: unparked, or revoked from its owner."""
+        owner = lease.owner
+        if owner is not None:
+            lease.owner = None
+            owner.revoke()
+        else:
+            unpark(lease)
+
+    def lendable(self, lease: Lease) -> bool:
+        """Whether release would keep this server (it may be lent instead)."""
+        if self.closing or lease.cancels or lease.server.gone:
+            return False
+        lifetime = self.settings.server_lifetime
+        if lifetime == 0 or (lifetime > 0 and time.monotonic() - lease.born > lifetime):
+            return False
+        if self.size > self.settings.pool_size + self.settings.reserve_pool_size:
+            return False
+        return not self.registry.over(self.key, self.settings)
+
+    def lend(self, lease: Lease, owner: Lender) -> None:
+        """A server idle at a transaction's end, no client waiting: it stays attached to its
+        client (`owner`) and counts as idle; see Lease.owner."""
+        lease.owner = owner
+        lease.idle_since = time.monotonic()
+        self.idle.append(lease)
+        if self._reaper is None:
+            self._schedule_reap()
+
+    def reclaim(self, lease: Lease) -> None:
+        """The owner of a lent server takes it back (it sends its next transaction)."""
+        lease.owner = None
+        idle = self.idle
+        if idle and idle[-1] is lease:
+            idle.pop()
+        else:
+            idle.remove(lease)
 
     async def acquire(self) -> Lease:
         """A server for a client: an idle one (checked if idle past server_check_delay), a
@@ -559,6 +612,9 @@ class Pool:
         self.leases.pop(lease.server, None)
         if lease in self.idle:
             self.idle.remove(lease)
+            if lease.owner is not None and lease.server.busy is None:
+                self._unidle(lease)  # (else its owner hears it is lost: PoolLink.lent_lost)
+            lease.owner = None
         server = lease.server
         if not server.gone:
             if server.busy is None:
@@ -567,7 +623,8 @@ class Pool:
         self.top_up()
 
     def lost(self, lease: Lease) -> None:
-        """A parked server's connection went away."""
+        """A parked (or lent) server's connection went away."""
+        lease.owner = None
         self.leases.pop(lease.server, None)
         if lease in self.idle:
             self.idle.remove(lease)
@@ -577,6 +634,7 @@ class Pool:
         """A client's server was closed with the client."""
         lease = self.leases.pop(server, None)
         if lease is not None and lease in self.idle:
+            lease.owner = None
             self.idle.remove(lease)
         if lease is not None:
             self.top_up()
@@ -584,9 +642,11 @@ class Pool:
     def cancel_done(self, lease: Lease) -> None:
         """A cancel request for it was delivered: it may be handed out again."""
         lease.cancels -= 1
+        if lease.owner is not None and lease.server.busy is not None:
+            return
         if not lease.cancels and lease in self.idle and self.waiters:
             self.idle.remove(lease)
-            unpark(lease)
+            self._unidle(lease)
             self.release(lease)
 
     def _schedule_reap(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
@@ -119,6 +119,7 @@ class PooledSession(Protocol):
     @property
     def at_boundary(self) -> bool: ...
     def attach(self, server: ServerConnection) -> None: ...
+    def lend_server(self, take_back: Callable[[], None] | None) -> None: ...
     def detach(self) -> ServerConnection: ...
     def fail(self, code: str, message: str, **extra: str) -> None: ...
 
@@ -127,7 +128,7 @@ class PoolLink:
     """One client's side of its pool (module docstring)."""
 
     __slots__ = (
-        "_idle_since", "_seen", "_timer", "lease", "options", "pinned", "pool", "queued",
+        "_idle_since", "_seen", "_timer", "lease", "lent", "options", "pinned", "pool", "queued",
         "reserved", "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
@@ -150,6 +151,7 @@ class PoolLink:
         self._idle_since = 0.0
         self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
         self.queued = False  # in its pool's waiters without a task (acquire_at_once, offer)
+        self.lent = False  # its server is idle in the pool, still attached to it (Lease.owner)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -340,9 +342,54 @@ class PoolLink:
         if holder.holding or holder.task is not None or not self.session.at_boundary:
             return
         server = self.lease.server
-        if server.status is not TransactionStatus.IDLE or server.busy is not None:
+        if self.lent or server.status is not TransactionStatus.IDLE or server.busy is not None:
             return
-        self._give_back(at_once=False)
+        pool = self.pool
+        if pool.waiters or not pool.lendable(self.lease):
+            self._give_back(at_once=False)
+            return
+        # nobody waits: lend it (it stays attached; the next data takes it back: _pump)
+        self.lent = True
+        pool.lend(self.lease, self)
+        self.session.lend_server(self.take_back)
+
+    def take_back(self) -> None:
+        """The client's next data while its server is lent: it is its own again, unless it
+        needs server_check_query first (then given back, and acquired as usual)."""
+        lease = self.lease
+        assert lease is not None and self.lent
+        self.lent = False
+        self.pool.reclaim(lease)
+        self.session.lend_server(None)
+        if self.pool.check_due(lease):
+            self._give_back(at_once=False)
+
+    def revoke(self) -> None:
+        """The pool gives this client's lent server to another client (or closes it): it is
+        detached; the client gets a server at its next data."""
+        lease, self.lease = self.lease, None
+        assert lease is not None
+        self.lent = False
+        self.session.lend_server(None)
+        server = self.session.detach()
+        server.on_idle = None
+        holder = self.session.holder
+        assert holder is not None
+        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+
+    def lent_lost(self) -> bool:
+        """The lent server's connection went away (as a parked one's would: the client stays);
+        False when it was not lent."""
+        if not self.lent:
+            return False
+        lease, self.lease = self.lease, None
+        assert lease is not None
+        self.lent = False
+        self.pool.lost(lease)
+        holder = self.session.holder
+        assert holder is not None
+        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+        return True
 
     def client_left(self, *, clean: bool) -> bool:
         """The client is gone: check its server in (rolled back, reset when it carries a
@@ -350,6 +397,9 @@ class PoolLink:
         lease = self.lease
         if lease is None:
             return False
+        if self.lent:  # (its own again, to be checked in)
+            self.lent = False
+            self.pool.reclaim(lease)
         server = lease.server
         holder = self.session.holder
         held = holder is not None and (holder.holding or holder.task is not None)
@@ -377,6 +427,7 @@ class PoolLink:
         if self.queued:
             self.queued = False
             self.pool.unwait(self)
+        self.lent = False  # (forget takes it out of the idle ones)
         lease, self.lease = self.lease, None
         if lease is not None:
             self.pool.forget(lease.server)

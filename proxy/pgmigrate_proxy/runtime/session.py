@@ -89,6 +89,10 @@ _STARTUP_BUFFER = MAX_STARTUP_PACKET + MAX_AUTH_TOKEN
 _DRAIN_SECONDS = 5.0
 
 
+def _unasked(data: bytes) -> None:
+    """Where a lent server's unasked messages go (notices, a FATAL: dropped)."""
+
+
 class Phase(enum.Enum):
     """Where a session stands."""
 
@@ -191,6 +195,8 @@ class ClientSession(asyncio.Protocol):
                 holder.pump(cut)
             elif self._to_server is not None:
                 self._to_server(data)
+            elif holder is not None:
+                holder.pump(cut)  # (its server is lent: the holder takes it back first)
         elif self.phase is Phase.AUTHENTICATING:
             self._auth_frontend(data)
         elif self.phase in (Phase.STARTUP, Phase.CONNECTING):
@@ -248,6 +254,19 @@ class ClientSession(asyncio.Protocol):
                 observer=holder.migration if holder is not None else None,
             )
 
+    def lend_server(self, take_back: Callable[[], None] | None) -> None:
+        """Transaction pooling: the attached server is lent to the pool, idle (`take_back`:
+        what the client's next data calls first), or its own again (None)."""
+        holder = self.holder
+        assert holder is not None
+        holder.take_back = take_back
+        server = self.server
+        transport = server.transport if server is not None and take_back is None else None
+        self._to_server = transport.write if transport is not None else None
+        if server is not None:  # (what a lent server sends unasked is dropped, as a parked one's)
+            to_client = self.client.write if self.client is not None else _unasked
+            server.relay(_unasked if take_back is not None else to_client, tracking=True)
+
     def detach(self) -> ServerConnection:
         """Hand the server connection back (refused with ServerBusy unless it owes nothing
         and no unit of this session is held)."""
@@ -274,6 +293,10 @@ class ClientSession(asyncio.Protocol):
     def server_lost(self, last_words: bytes) -> None:
         self.server = None
         self._to_server = None
+        if self.link is not None and self.link.lent and self.holder is not None:
+            self.holder.take_back = None
+            self.link.lent_lost()  # an idle pooled server: the client carries on
+            return
         if self.phase is Phase.CONNECTING:
             return  # open_upstream fails or _connect notices: _startup tells the client why
         if self.client is not None:
