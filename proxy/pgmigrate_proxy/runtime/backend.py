@@ -148,6 +148,11 @@ class ServerConnection(UpstreamProtocol):
         self.every_reply = False
         self.scanner.watch(BACKEND_WATCH if tracking else STATUS_WATCH)
 
+    def redirect(self, to_client: Callable[[bytes], object]) -> None:
+        """While relaying: pass the server's chunks to `to_client` instead (nothing else
+        changes; a lent pooled server's unasked messages are dropped this way)."""
+        self._to_client = to_client
+
     def unrelay(self) -> None:
         """Back to handing the holder raw chunks (it is closing, or handing the connection back)."""
         self._to_client = None

@@ -20,6 +20,7 @@ from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import statements
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
+from pgmigrate_proxy.runtime.detect import plain_query
 from pgmigrate_proxy.runtime.pool import (
     SYNCED_PARAMETERS,
     Lease,
@@ -100,6 +101,20 @@ def _shared(view: dict[str, str]) -> dict[str, str]:
             _VIEWS.clear()
         found = _VIEWS[key] = view
     return found
+
+
+#: What session_state's scan looks for anywhere in a text (sql/session_state.py is_candidate).
+_STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
+
+
+def _stateless(text: bytes) -> bool:
+    """session_state's answer without decoding, for the usual text (NUL-terminated): one
+    plain DML statement (detect.plain_query) naming none of _STATE_WORDS leaves no state."""
+    if not plain_query(text):
+        return False
+    lowered = text.lower()
+    return not (_STATE_WORDS[0] in lowered or _STATE_WORDS[1] in lowered or
+                _STATE_WORDS[2] in lowered)  # fmt: skip
 
 
 class Refused(ProxyError):
@@ -479,12 +494,19 @@ class PoolLink:
 
     def watch_state(self, item: Frame) -> None:
         """A Query or Parse going out: pin on session state (or refuse it: a FATAL)."""
+        payload = item.payload
         if item.type == FrontendType.QUERY:
+            if _stateless(payload):
+                return
             sql = extended.query_text(item.payload)
             kinds = session_state(sql)
             reason = ", ".join(sorted(k.value for k in kinds)) if kinds else None
         else:
-            name, sql = extended.parse_statement(item.payload)
+            if payload[:1] == b"\0":  # unnamed
+                end = payload.find(b"\0", 1)
+                if end > 0 and _stateless(payload[1 : end + 1]):
+                    return
+            name, sql = extended.parse_statement(payload)
             if name:
                 reason = "a named prepared statement"
             else:

@@ -265,7 +265,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server = transport.write if transport is not None else None
         if server is not None:  # (what a lent server sends unasked is dropped, as a parked one's)
             to_client = self.client.write if self.client is not None else _unasked
-            server.relay(_unasked if take_back is not None else to_client, tracking=True)
+            server.redirect(_unasked if take_back is not None else to_client)
 
     def detach(self) -> ServerConnection:
         """Hand the server connection back (refused with ServerBusy unless it owes nothing
