@@ -288,6 +288,7 @@ class PoolLink:
         self.session.attach(lease.server)
         if self.transaction:
             lease.server.on_idle = self.server_idle
+        pool.stats.assigned_at_once()
         return True
 
     def offer(self, lease: Lease) -> bool:
@@ -374,10 +375,13 @@ class PoolLink:
         lease = self.lease
         assert lease is not None and self.lent
         self.lent = False
-        self.pool.reclaim(lease)
+        pool = self.pool
+        pool.reclaim(lease)
         self.session.lend_server(None)
-        if self.pool.check_due(lease):
+        if pool.check_due(lease):
             self._give_back(at_once=False)
+        else:
+            pool.stats.assigned_at_once()
 
     def revoke(self) -> None:
         """The pool gives this client's lent server to another client (or closes it): it is
