@@ -35,12 +35,13 @@ from pgmigrate_proxy.runtime.upstream import UpstreamProtocol
 #: Backend frames the reply queue must always see (protocol/replies.py); every frame while it
 #: says it needs every reply. Migration sessions also read the errors that stream past (COPY):
 #: they fail the virtual block.
-BACKEND_WATCH = (
+BACKEND_WATCH = frozenset((
     BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE, BackendType.ERROR_RESPONSE,
-)  # fmt: skip
+))  # fmt: skip
 #: Without reply tracking (no guard) the relay reads only the transaction status.
-STATUS_WATCH = (BackendType.READY_FOR_QUERY,)
-ALL_TYPES = range(256)
+STATUS_WATCH = frozenset((BackendType.READY_FOR_QUERY,))
+#: (frozensets: FrameScanner.watch finds their table without hashing the members again)
+ALL_TYPES = frozenset(range(256))
 log = logging.getLogger("pgmigrate_proxy.session")
 _INJECTED_NAME = "pgmigrate_proxy"
 _READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
