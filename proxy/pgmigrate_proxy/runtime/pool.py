@@ -412,22 +412,31 @@ class Pool:
     # --- servers going out ----------------------------------------------------------------------
 
     def take_idle(self, accept: Callable[[Lease], bool] | None = None) -> Lease | None:
-        """An idle server (that `accept`s), unparked (or revoked from the client it is lent
-        from), or None (the most recently used: LIFO, as pgbouncer)."""
+        """An idle server (that `accept`s), unparked, or None: the most recently used (LIFO,
+        as pgbouncer), a parked one before one lent to its last client (revoked from it: that
+        client would then take another's at its next transaction)."""
         idle = self.idle
+        lent = -1
         for index in range(len(idle) - 1, -1, -1):
             lease = idle[index]
             if lease.cancels or (accept is not None and not accept(lease)):
                 continue
-            if lease.owner is not None and lease.server.busy is not None:
-                continue  # (a message of its own half received by its client)
-            del idle[index]
-            if lease.server.gone:
-                self.leases.pop(lease.server, None)
-                return self.take_idle(accept)
-            self._unidle(lease)
-            return lease
-        return None
+            if lease.owner is not None:
+                if lent < 0 and lease.server.busy is None:  # (busy: a message half received)
+                    lent = index
+                continue
+            return self._taken(index, accept)
+        return self._taken(lent, accept) if lent >= 0 else None
+
+    def _taken(self, index: int, accept: Callable[[Lease], bool] | None) -> Lease | None:
+        lease = self.idle[index]
+        del self.idle[index]
+        if lease.server.gone:
+            lease.owner = None
+            self.leases.pop(lease.server, None)
+            return self.take_idle(accept)
+        self._unidle(lease)
+        return lease
 
     def _unidle(self, lease: Lease) -> None:
         """A lease just taken out of `idle`: unparked, or revoked from its owner."""
