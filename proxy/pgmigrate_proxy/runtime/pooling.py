@@ -396,6 +396,18 @@ class PoolLink:
         assert holder is not None
         holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
 
+    def return_lent(self) -> None:
+        """The client ends while its server is lent (an idle timeout, the admin console): the
+        server goes back to the pool instead of closing with the client."""
+        lease = self.lease
+        if not self.lent or lease is None:
+            return
+        self.lent = False
+        self.pool.reclaim(lease)
+        self.session.lend_server(None)
+        if lease.server.busy is None:  # (else it closes with the client)
+            self._give_back(at_once=False)
+
     def lent_lost(self) -> bool:
         """The lent server's connection went away (as a parked one's would: the client stays);
         False when it was not lent."""

@@ -741,6 +741,8 @@ class ClientSession(asyncio.Protocol):
         """Send the client a FATAL error at a message boundary, then close the session."""
         if self.phase in (Phase.CLOSED, Phase.DRAINING):
             return
+        if self.link is not None and self.link.lent:
+            self.link.return_lent()  # (between transactions: the pool keeps the server)
         if code == SqlState.PROTOCOL_VIOLATION:
             log.warning("session %s: protocol violation: %s", self.peer, message)
         error = fatal(code, message, **extra)
