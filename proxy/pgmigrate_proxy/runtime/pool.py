@@ -4,7 +4,11 @@ query), the check on reuse, and closing what outlived server_lifetime or server_
 
 A server in a pool (idle, or between its client and the next) is parked: the pool is its
 listener and its relay drops what the server sends unasked (notices), so that the proxy's own
-requests (`ServerConnection.exchange`) work on it and a lost one is noticed at once. With
+requests (`ServerConnection.exchange`) work on it and a lost one is noticed at once. In
+transaction pooling a server idle at a transaction's end while nobody waits is lent instead:
+idle in the pool but still attached to its client, which takes it back at no cost (Lease.owner).
+Clients waiting for a server queue here without a task (Waiter): a released server goes to the
+first, and one timer per pool applies query_wait_timeout and the reserve pool's turn. With
 passthrough authentication the pool never opens servers itself (`opener` None): it grows
 only by the logins of its clients; an opener (another auth type) lets it open one on demand.
 """

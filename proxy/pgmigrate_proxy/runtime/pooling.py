@@ -1,7 +1,8 @@
 """A client session's link to its pool: what it does with its login server, when it gives its
 server back (client gone in session mode; each ReadyForQuery 'I' with nothing owed in
-transaction mode), how it gets one again (its client's data waits in the holder meanwhile),
-the startup parameters set on the server it gets, and the session-state pins.
+transaction mode: lent while nobody waits, see runtime/pool.py), how it gets one again (its
+client's data waits in the holder meanwhile: at once, queued in the pool, or in a task), the
+startup parameters set on the server it gets, and the session-state pins.
 """
 
 from __future__ import annotations
