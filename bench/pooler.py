@@ -16,7 +16,9 @@ Shares relay.py's helpers.
     python bench/pooler.py                 # full: 16,256 clients x 3 modes x 3 reps x 10 s
     python bench/pooler.py --quick         # smoke test: 16,256 clients, 3 s runs, 100 idle
     python bench/pooler.py --idle-only     # the idle-memory test alone (1000 clients)
-    python bench/pooler.py --duration 10 --reps 1 --idle-clients 0"""
+    python bench/pooler.py --duration 10 --reps 1 --idle-clients 0
+    python bench/pooler.py --quick --idle-clients 0 --baseline HEAD~3  # before/after, one run
+    python bench/pooler.py --quick --idle-clients 0 --profile /tmp/prof  # cProfile, per proxy"""
 
 from __future__ import annotations
 
@@ -47,8 +49,10 @@ if TYPE_CHECKING:
 
 POOL_SIZE = 16
 DIRECT, PGBOUNCER, PROXY = relay.DIRECT, relay.PGBOUNCER, relay.PROXY
+BASELINE = relay.BASELINE  # the proxy of another git revision (--baseline)
 TARGETS = (DIRECT, PGBOUNCER, PROXY)
-ROLES = {PGBOUNCER: "bench_pgbouncer", PROXY: "bench_proxy"}  # whom each pooler logs in as
+#: whom each pooler logs in as
+ROLES = {PGBOUNCER: "bench_pgbouncer", PROXY: "bench_proxy", BASELINE: "bench_baseline"}
 FLOOR_RATIO = 0.7
 ERROR_RE = re.compile(r"(ERROR|FATAL):\s*(.*)")
 
@@ -65,6 +69,8 @@ class Options:
     json_path: Path | None
     command: str
     idle_only: bool = False
+    baseline: str | None = None  # a git revision whose proxy runs too (before/after)
+    profile: Path | None = None  # run the proxies under cProfile, stats written here
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -80,6 +86,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--pg", default=None, help="embedded | 15 | <bin dir> (default: env PGMIGRATE_PG)")
     add("--idle-only", action="store_true", help="only the idle-memory test (no pgbench)")
     add("--json", type=Path, dest="json_path", help="also write all results to this file")
+    add("--baseline", help="also run the proxy of this git revision (e.g. HEAD~1), side by side")
+    add("--profile", type=Path, help="run the proxies under cProfile; NAME.prof in this folder")
     ns = parser.parse_args(argv)
     quick: bool = ns.quick
     return Options(
@@ -93,6 +101,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         json_path=ns.json_path,
         command=shlex.join(["python", "bench/pooler.py", *argv]),
         idle_only=ns.idle_only,
+        baseline=ns.baseline,
+        profile=ns.profile,
     )
 
 
@@ -229,23 +239,30 @@ def start_pgbouncer(
 
 
 def start_proxy(
-    stack: contextlib.ExitStack, work: Path, server: PostgresServer, password: str
+    stack: contextlib.ExitStack,
+    work: Path,
+    server: PostgresServer,
+    password: str,
+    name: str = PROXY,
+    source: Path = relay.PROXY_SOURCE,
+    profile: Path | None = None,
 ) -> relay.Relay | str:
-    directory = work / f"proxy-{relay.free_port()}"
+    directory = work / f"{name}-{relay.free_port()}"
     directory.mkdir()
-    userlist = write_userlist(directory / "userlist.txt", ROLES[PROXY], password)
+    userlist = write_userlist(directory / "userlist.txt", ROLES[name], password)
     port = relay.free_port()
     argv = [sys.executable, "-m", "pgmigrate_proxy", "--listen-host", "127.0.0.1"]
+    if profile is not None:  # (written when the proxy exits on SIGTERM)
+        profile.mkdir(parents=True, exist_ok=True)
+        argv[1:1] = ["-m", "cProfile", "-o", str(profile / f"{name}.prof")]
     argv += f"--listen-port {port} --log-level warning --pool-mode transaction".split()
     argv += f"--default-pool-size {POOL_SIZE} --max-client-conn 5000".split()
     argv += ["--auth-type", "auth_file", "--auth-file", str(userlist)]
     env = {**os.environ, "PGMIGRATE_PROXY_UPSTREAM": server.url(password=password)}
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(relay.PROXY_SOURCE), env.get("PYTHONPATH")])
-    )
-    service = relay.spawn(stack, PROXY, argv, directory / "proxy.log", env=env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    service = relay.spawn(stack, name, argv, directory / "proxy.log", env=env)
     endpoint = relay.Endpoint(
-        PROXY, "127.0.0.1", port, password, service.process.pid, user=ROLES[PROXY]
+        name, "127.0.0.1", port, password, service.process.pid, user=ROLES[name]
     )
     try:
         relay.wait_until_accepting(endpoint, service)
@@ -382,11 +399,19 @@ HEADER = [
 ]  # fmt: skip
 
 
+BASELINE_HEADER = ["baseline TPS", "proxy/baseline", f"baseline CPU {relay.MICRO}/tx"]
+
+
+def baseline_cells(tps: dict[str, float | None], cells: dict[str, list[Run]]) -> list[str]:
+    cpu = median_cpu(cells[BASELINE])
+    return [fmt(tps[BASELINE]), ratio(tps[PROXY], tps[BASELINE]), fmt(cpu, "{:.1f}")]
+
+
 def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
     out = []
     for clients in opts.clients:
         for mode in opts.modes:
-            cells = {t: cell(runs, clients, mode, t) for t in TARGETS}
+            cells = {t: cell(runs, clients, mode, t) for t in (*TARGETS, BASELINE)}
             tps = {t: median_tps(c) for t, c in cells.items()}
             peak = {t: max((r.servers for r in c), default=0) for t, c in cells.items()}
             steady = {t: max((r.servers_median for r in c), default=0) for t, c in cells.items()}
@@ -397,6 +422,7 @@ def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
                 + [ratio(tps[PROXY], tps[PGBOUNCER]), ratio(tps[PROXY], tps[DIRECT])]
                 + [f"{peak[t]} / {steady[t]}" for t in TARGETS]
                 + [fmt(median_cpu(cells[t]), "{:.1f}") for t in (PGBOUNCER, PROXY)]
+                + (baseline_cells(tps, cells) if opts.baseline else [])
             )
     return out
 
@@ -435,6 +461,7 @@ def render(
     runs: Sequence[Run], idle: Sequence[relay.IdleResult], machine: relay.MachineInfo, opts: Options
 ) -> str:
     table = rows(runs, opts)
+    header = HEADER + BASELINE_HEADER if opts.baseline else HEADER
     head = (
         f"pgbench -S -n, transaction pooling, pool size {POOL_SIZE}, {opts.duration} s per run, "
         f"{opts.reps} rep(s), median TPS; CPU = the pooler's utime+stime per transaction;\n"
@@ -442,7 +469,7 @@ def render(
         "(peak / median of samples every 0.2 s: the peak includes pgbench's logins)"
     )
     parts = (
-        [head, "", relay.text_table(HEADER, table), "", *floor_lines(runs, opts)] if runs else []
+        [head, "", relay.text_table(header, table), "", *floor_lines(runs, opts)] if runs else []
     )
     if errors := error_lines(runs):
         parts += ["", "errors (first per cell):", *errors]
@@ -450,7 +477,7 @@ def render(
         parts += ["", relay.text_table(relay.IDLE_HEADER, idle_table(idle))]
     parts += ["", "Markdown for the README:"]
     if runs:
-        parts += ["", relay.markdown_table(HEADER, table)]
+        parts += ["", relay.markdown_table(header, table)]
     if idle:
         parts += ["", relay.markdown_table(relay.IDLE_HEADER, idle_table(idle))]
     parts += ["", f"Command: `{opts.command}`", "", f"Machine: {relay.machine_line(machine)}"]
@@ -485,17 +512,27 @@ def pgbench_phase(
     bouncer = start_pgbouncer(stack, work, direct)
     if bouncer:
         targets.append(bouncer.endpoint)
-    proxy = start_proxy(stack, work, server, direct.password)
+    proxy = start_proxy(stack, work, server, direct.password, profile=opts.profile)
     if isinstance(proxy, str):
         relay.note(f"proxy: skipped: {proxy}")
     else:
         targets.append(proxy.endpoint)
+    proxies = [] if isinstance(proxy, str) else [proxy]
+    if opts.baseline:
+        source = relay.baseline_source(work, opts.baseline)
+        base = start_proxy(stack, work, server, direct.password, BASELINE, source, opts.profile)
+        if isinstance(base, str):
+            relay.note(f"baseline: skipped: {base}")
+        else:
+            targets.append(base.endpoint)
+            proxies.append(base)
     warm_up = dataclasses.replace(opts, duration=2)
     for endpoint in targets:  # caches, pools
         run_once(binary, endpoint, sampler, warm_up, (16, "simple", 0))
     runs = run_matrix(binary, targets, sampler, opts)
-    if not isinstance(proxy, str):
-        relay.report_relay_logs([proxy])
+    relay.report_relay_logs(proxies)
+    for started in proxies if opts.profile else []:
+        started.service.stop(timeout=60)  # (cProfile writes its file on the way out)
     return runs
 
 

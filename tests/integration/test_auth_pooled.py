@@ -300,7 +300,9 @@ def test_cached_secret_is_dropped_when_it_no_longer_logs_in(
     opener = auth.opener(lambda: proxy.server.settings.upstream, "postgres", PLAIN)
 
     async def open_one() -> ServerConnection:
-        return await opener()
+        server, told = await opener()
+        assert told["session_authorization"] == PLAIN  # (its login's ParameterStatus)
+        return server
 
     server = proxy.call(open_one())
     try:

@@ -110,3 +110,75 @@ def test_refusals_in_transaction_mode(
         assert (code, message) == ("28P01", f'password authentication failed for user "{EXPIRED}"')
     with psycopg.connect(proxy.conninfo("u_scram", connect_timeout="10"), autocommit=True) as ok:
         assert ok.execute("SELECT current_user").fetchone() == ("u_scram",)
+
+
+def test_logins_open_no_server_once_the_pool_knows_its_parameters(
+    proxy_factory: ProxyFactory, roles: PgInfo, tmp_path: Path
+) -> None:
+    """Logins the proxy checks itself, in transaction mode, are answered from the pool's
+    server parameters: many clients logging in at once through auth_file never make more than
+    the pool's servers; each is told its own application_name and the server's values, and a
+    cancel right after such a login reaches the server its query runs on."""
+    proxy = pooling_proxy(proxy_factory, "auth_file", tmp_path, roles)
+    user, logins = "u_scram", 12
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, len(server_pids(roles, user)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    clients: list[psycopg.Connection[Any]] = []
+    failures: list[BaseException] = []
+
+    def log_in(i: int) -> None:
+        try:
+            conninfo = proxy.conninfo(user, connect_timeout="10", application_name=f"app{i}")
+            clients.append(psycopg.connect(conninfo, autocommit=True))
+        except BaseException as exc:
+            failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=log_in, args=(i,)) for i in range(logins)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures[:3]
+        for conn in clients:
+            name = conn.info.parameter_status("application_name")
+            assert name is not None and name.startswith("app")
+            assert conn.execute("SHOW application_name").fetchone() == (name,)
+            assert conn.info.parameter_status("server_version")
+            assert conn.info.parameter_status("session_authorization") == user
+    finally:
+        stop.set()
+        sampler.join()
+    assert 1 <= peak <= POOL_SIZE
+    with psycopg.connect(proxy.conninfo(user, connect_timeout="10"), autocommit=True) as conn:
+        assert conn.info.parameter_status("application_name") == ""
+        caught: list[BaseException] = []
+
+        def sleep() -> None:
+            try:
+                conn.execute("SELECT pg_sleep(60)")
+            except BaseException as exc:
+                caught.append(exc)
+
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+        with roles.connect() as admin:
+            while not admin.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+                " AND state = 'active'"
+            ).fetchone():
+                pass
+        conn.cancel_safe()
+        sleeper.join()
+        assert caught and isinstance(caught[0], psycopg.errors.QueryCanceled)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    for conn in clients:
+        conn.close()

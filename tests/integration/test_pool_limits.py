@@ -88,6 +88,22 @@ def test_client_idle_timeout(proxy_factory: Factory) -> None:
         conn.execute("SELECT 1")
 
 
+def test_client_idle_timeout_keeps_the_server_in_the_pool(
+    proxy_factory: Factory, admin: psycopg.Connection[Any]
+) -> None:
+    """Transaction mode: a client closed for idling between transactions leaves its server
+    (lent to the pool, still attached to it) in the pool, not closed with it."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1, client_idle_timeout=0.3)
+    conn = connect(proxy, autocommit=True)
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    wait_until(lambda: active_sessions(proxy) == 0, "the idle client closed")
+    assert row[0] in pids(admin)
+    with connect(proxy, autocommit=True) as again:
+        assert again.execute("SELECT pg_backend_pid()").fetchone() == row
+    conn.close()
+
+
 def test_server_lifetime_zero_uses_a_server_once(
     proxy_factory: Factory, admin: psycopg.Connection[Any]
 ) -> None:

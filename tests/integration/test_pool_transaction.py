@@ -370,3 +370,40 @@ def test_guarded_ddl_from_a_pooled_client(
     conn.close()
     blocker.close()
     admin.execute("DROP TABLE pool_guarded")
+
+
+def test_waiting_clients_get_the_server_in_arrival_order(
+    proxy_factory: Factory, admin: psycopg.Connection[Any]
+) -> None:
+    """A released server goes straight to the client that has waited longest (queued in the
+    pool without a task): with the only server held in a transaction, clients that queue one
+    after another run in that order once it is released."""
+    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    sequence = f"fifo_{os.getpid()}_{id(proxy)}"
+    admin.execute(f"CREATE SEQUENCE {sequence}")
+    admin.execute(f"GRANT USAGE ON SEQUENCE {sequence} TO u_trust")
+    holder = connect(proxy)
+    holder.execute("SELECT 1")  # in a transaction: keeps the only server
+    pool = proxy.server.pools.pools[("postgres", "u_trust")]
+    waiters = [connect(proxy, autocommit=True) for _ in range(4)]
+    got: dict[int, int] = {}
+    threads = []
+
+    def run(i: int, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute("SELECT nextval(%s)", [sequence]).fetchone()
+        assert row is not None
+        got[i] = row[0]
+
+    for i, conn in enumerate(waiters):
+        thread = threading.Thread(target=run, args=(i, conn))
+        thread.start()
+        threads.append(thread)
+        wait_until(lambda: len(pool.waiters) == i + 1, f"client {i} to wait")  # noqa: B023
+    holder.rollback()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [got[i] for i in range(len(waiters))] == sorted(got.values())
+    assert pool.stats.server_assignment_count >= len(waiters)
+    for conn in (holder, *waiters):
+        conn.close()
+    admin.execute(f"DROP SEQUENCE {sequence}")

@@ -36,12 +36,12 @@ from pgmigrate_proxy.runtime.upstream import UpstreamProtocol
 #: Backend frames the reply queue must always see (protocol/replies.py); every frame while it
 #: says it needs every reply. Migration sessions also read the errors that stream past (COPY):
 #: they fail the virtual block.
-BACKEND_WATCH = (
+BACKEND_WATCH = frozenset((
     BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE, BackendType.ERROR_RESPONSE,
-)  # fmt: skip
+))  # fmt: skip
 #: Without reply tracking (no guard) the relay reads only the transaction status.
-STATUS_WATCH = (BackendType.READY_FOR_QUERY,)
-#: (a frozenset: framing.type_table finds its table without building one, 4 µs for a range)
+STATUS_WATCH = frozenset((BackendType.READY_FOR_QUERY,))
+#: (frozensets: FrameScanner.watch finds their table without hashing the members again)
 ALL_TYPES = frozenset(range(256))
 log = logging.getLogger("pgmigrate_proxy.session")
 _INJECTED_NAME = "pgmigrate_proxy"
@@ -151,6 +151,11 @@ class ServerConnection(UpstreamProtocol):
         self._observer = observer
         self.every_reply = False
         self.scanner.watch(BACKEND_WATCH if tracking else STATUS_WATCH)
+
+    def redirect(self, to_client: Callable[[bytes], object]) -> None:
+        """While relaying: pass the server's chunks to `to_client` instead (nothing else
+        changes; a lent pooled server's unasked messages are dropped this way)."""
+        self._to_client = to_client
 
     def unrelay(self) -> None:
         """Back to handing the holder raw chunks (it is closing, or handing the connection back)."""

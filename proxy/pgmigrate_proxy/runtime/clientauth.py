@@ -7,8 +7,10 @@ run the SCRAM-SHA-256 (or md5) exchange of auth/frontend.py (a wrong password an
 user get the same messages and work, then the same 28P01), send AuthenticationOk, then log in a
 new server connection with the secret the client's proof left (runtime/login.py); the session
 relays the server's ParameterStatus, BackendKeyData (its own key) and ReadyForQuery as for a
-relayed login. The secret is remembered per user for the pool's openers, replaced by each
-newer login and dropped as soon as it fails to log in; it is never logged.
+relayed login. In transaction pooling, once its pool knows a server's parameters, the session
+answers the client from them instead and logs in no server (runtime/session.py). The secret is
+remembered per user for the pool's openers, replaced by each newer login and dropped as soon
+as it fails to log in; it is never logged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
@@ -177,28 +180,44 @@ class ClientLink(Protocol):
     def fail(self, code: str, message: str, **extra: str) -> None: ...
 
 
-async def log_in(
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A client the proxy let in, and the secret that logs in its servers (None: none)."""
+
+    user: str
+    secret: LoginSecret | None
+
+
+async def check(
+    client: ClientLink, service: AuthService, user: str, *, tls: bool
+) -> Checked | None:
+    """Check the client (AuthenticationOk sent); None when it was refused (session closed)."""
+    if service.auth_type is AuthType.TRUST:
+        client.deliver_raw(Authentication(AuthCode.OK).encode())
+        return Checked(user, service.secret(user))
+    secret = await verify(client, service, user, tls=tls)
+    return None if secret is None else Checked(user, secret)
+
+
+def accepted(service: AuthService, checked: Checked) -> None:
+    """The client's login is done: its secret logs in the pool's servers from now on."""
+    if checked.secret is not None and service.auth_type is not AuthType.TRUST:
+        service.remember(checked.user, checked.secret)  # (trust: from the cache or auth_file)
+
+
+async def log_in_server(
     client: ClientLink,
     service: AuthService,
     target: UpstreamTarget,
     parameters: dict[str, str],
-    *,
-    tls: bool,
+    checked: Checked,
 ) -> Login | None:
-    """Check the client, then log in its server connection; None when the client was refused
-    (the session is then closed)."""
-    user = parameters["user"]
+    """Log in the checked client's server connection; None when that failed (the client was
+    told, the session is closed)."""
+    user = checked.user
     database = parameters.get("database") or user
-    if service.auth_type is AuthType.TRUST:
-        secret = service.secret(user)
-        client.deliver_raw(Authentication(AuthCode.OK).encode())
-    else:
-        checked = await verify(client, service, user, tls=tls)
-        if checked is None:
-            return None
-        secret = checked
     try:
-        login = await login_server(target, database, user, parameters, secret)
+        login = await login_server(target, database, user, parameters, checked.secret)
     except LoginFailed as exc:
         service.forget(user)
         log.warning("session %s: cannot log in to PostgreSQL as %s: %s", client.peer, user, exc)
@@ -209,9 +228,24 @@ async def log_in(
             service.forget(user)
         client.refuse(exc.error)
         return None
-    if secret is not None and service.auth_type is not AuthType.TRUST:
-        service.remember(user, secret)  # (trust: it came from the cache or the auth_file)
+    accepted(service, checked)
     return login
+
+
+async def log_in(
+    client: ClientLink,
+    service: AuthService,
+    target: UpstreamTarget,
+    parameters: dict[str, str],
+    *,
+    tls: bool,
+) -> Login | None:
+    """Check the client, then log in its server connection; None when the client was refused
+    (the session is then closed)."""
+    checked = await check(client, service, parameters["user"], tls=tls)
+    if checked is None:
+        return None
+    return await log_in_server(client, service, target, parameters, checked)
 
 
 async def verify(

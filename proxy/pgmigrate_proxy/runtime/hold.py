@@ -73,7 +73,7 @@ _TERMINATE = FrontendType.TERMINATE.value
 #: transactions): never connected, so it behaves as a lost one. Keeping the server given back
 #: instead would keep it alive (scanner, reply queue, lease) for as long as the client idles:
 #: with more clients than pooled servers, mostly closed login servers, 1.5 kB a client.
-_NO_SERVER = ServerConnection()
+_NO_SERVER = NO_SERVER = ServerConnection()
 _STATEFUL = frozenset({_QUERY, FrontendType.PARSE.value})
 _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 
@@ -143,7 +143,11 @@ class Holder:
         self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._gate = services.gate  # (runtime/gate.py)
         self._gated: Frame | None = None  # the frame the gate last let through
-        self._acquire_at_once: Callable[[], bool] | None = None
+        self._acquire_at_once: Callable[..., bool | None] | None = None
+        self._queued = False  # queued in its pool for a server, without a task (server_came)
+        #: transaction pooling: set while the session's server is lent to the pool, idle
+        #: (PoolLink.take_back): the client's next data takes it back first
+        self.take_back: Callable[[], None] | None = None
 
     @property
     def holding(self) -> bool:
@@ -160,11 +164,12 @@ class Holder:
         acquire: Callable[[], Coroutine[Any, Any, None]],
         *,
         now: bool = False,
-        at_once: Callable[[], bool] | None = None,
+        at_once: Callable[..., bool | None] | None = None,
     ) -> None:
         """The session gave its server back: hold what the client sends until `acquire` has
         attached another (run at the client's next data, or `now`). `at_once`, tried first at
-        the client's next data, attaches a server without a task when one is ready (True)."""
+        the client's next data, attaches a server without a task when one is ready (True), or
+        queues the session in its pool (None: server_came or acquire_now follows)."""
         self.server = _NO_SERVER
         self._acquire_at_once = at_once
         self._backlog = []
@@ -175,17 +180,39 @@ class Holder:
 
     def _attached_at_once(self, cut: Cut) -> bool:
         """Transaction pooling's fast path: the client's next data found its session without a
-        server, and an idle one was attached at once (no task, no backlog)."""
+        server, and an idle one was attached at once (no task, no backlog). With none idle the
+        session may be queued in its pool instead (self._queued: the data waits in the backlog
+        until server_came)."""
         at_once = self._acquire_at_once
         if at_once is None or self._acquire is None or self.task is not None or self._backlog:
             return False
+        if self._queued:
+            return False
         if cut.frames and cut.frames[0].type == _TERMINATE:
             return False  # a client without a server leaves: none needed (_pump)
-        if not at_once():
+        outcome = at_once(queue=self._gate.predicate is None)  # (the gate: acquire's task)
+        if outcome is None:
+            self._queued = True
+            return False
+        if not outcome:
             return False
         self._backlog = None
         self._acquire = self._acquire_at_once = None
         return True
+
+    def server_came(self) -> None:
+        """The pool attached a server to this queued session: pump what waited (no task)."""
+        self._queued = False
+        self._acquire = self._acquire_at_once = None
+        self.release()
+        if self.task is None and not self.holding:
+            self.session.units_done()
+
+    def acquire_now(self) -> None:
+        """The pool handed this queued session a server that needs a check or SETs first:
+        acquire runs in a task (the server is reserved for it)."""
+        self._queued = False
+        self._start_acquire()
 
     def _start_acquire(self) -> None:
         work, self._acquire = self._acquire, None
@@ -284,6 +311,10 @@ class Holder:
         self.session.fail(code, message)
 
     def _pump(self, cut: Cut, first: int, pos: int) -> None:
+        take_back = self.take_back
+        if take_back is not None:
+            self.take_back = None
+            take_back()
         if self._backlog is not None and not self._attached_at_once(cut):
             self._backlog.append((cut, first, pos))
             self._backlog_bytes += cut.tail - pos
@@ -291,7 +322,7 @@ class Holder:
                 self.session.pause_client_reading()
             if self._unit is not None:
                 self._collect()
-            elif self._acquire is not None and self.task is None:
+            elif self._acquire is not None and self.task is None and not self._queued:
                 if cut.frames and cut.frames[0].type == _TERMINATE and cut.frames[0].start == 0:
                     self.session.terminated()  # a client without a server leaves: none needed
                     return

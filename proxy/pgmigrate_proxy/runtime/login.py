@@ -26,6 +26,7 @@ from pgmigrate_proxy.protocol.messages import (
     BackendKeyData,
     DecodeError,
     ErrorResponse,
+    ParameterStatus,
     ReadyForQuery,
     StartupMessage,
 )
@@ -35,8 +36,9 @@ from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, open
 
 log = logging.getLogger("pgmigrate_proxy.login")
 
-#: A pool's way to grow: a logged-in, idle server connection (issue 8's pool opener).
-ServerOpener = Callable[[], Awaitable[ServerConnection]]
+#: A pool's way to grow: a logged-in, idle server connection and the ParameterStatus values its
+#: login reported (issue 8's pool opener).
+ServerOpener = Callable[[], Awaitable[tuple[ServerConnection, dict[str, str]]]]
 
 
 class ServerRefused(ConnectionFailure):
@@ -167,6 +169,16 @@ async def _login(
         raise UpstreamError(f"invalid message from PostgreSQL during login: {exc}") from None
 
 
+def reported_parameters(frames: tuple[Frame, ...]) -> dict[str, str]:
+    """The ParameterStatus values among a login's frames."""
+    found = {}
+    for item in frames:
+        if item.type == BackendType.PARAMETER_STATUS:
+            status = ParameterStatus.decode(item.payload)
+            found[status.name] = status.value
+    return found
+
+
 def _logged_in(server: ServerConnection, after: list[Frame]) -> Login:
     server.status = ReadyForQuery.decode(after[-1].payload).status
     for item in after:
@@ -200,9 +212,10 @@ def server_opener(
     `target`: the current upstream (a reload may change it)."""
     fixed = dict(parameters or {})
 
-    async def open_one() -> ServerConnection:
+    async def open_one() -> tuple[ServerConnection, dict[str, str]]:
         try:
-            return await open_server(target(), database, user, fixed, secret(user))
+            login = await login_server(target(), database, user, fixed, secret(user))
+            return login.server, reported_parameters(login.frames)
         except (LoginFailed, ServerRefused) as exc:
             if isinstance(exc, LoginFailed) or exc.code.startswith("28"):
                 forget(user)

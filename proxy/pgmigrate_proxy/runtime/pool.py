@@ -4,7 +4,11 @@ query), the check on reuse, and closing what outlived server_lifetime or server_
 
 A server in a pool (idle, or between its client and the next) is parked: the pool is its
 listener and its relay drops what the server sends unasked (notices), so that the proxy's own
-requests (`ServerConnection.exchange`) work on it and a lost one is noticed at once. With
+requests (`ServerConnection.exchange`) work on it and a lost one is noticed at once. In
+transaction pooling a server idle at a transaction's end while nobody waits is lent instead:
+idle in the pool but still attached to its client, which takes it back at no cost (Lease.owner).
+Clients waiting for a server queue here without a task (Waiter): a released server goes to the
+first, and one timer per pool applies query_wait_timeout and the reserve pool's turn. With
 passthrough authentication the pool never opens servers itself (`opener` None): it grows
 only by the logins of its clients; an opener (another auth type) lets it open one on demand.
 """
@@ -12,11 +16,13 @@ only by the logins of its clients; an opener (another auth type) lets it open on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pgmigrate_proxy.errors import ConnectionFailure, ProxyError
 from pgmigrate_proxy.poolconfig import PoolSettings
@@ -31,8 +37,9 @@ from pgmigrate_proxy.settings import EMPTY_QUERY
 
 log = logging.getLogger("pgmigrate_proxy.pool")
 
-#: Opens a logged-in, idle server connection for a pool (auth types other than passthrough).
-Opener = Callable[[], Awaitable[ServerConnection]]
+#: Opens a logged-in, idle server connection for a pool (auth types other than passthrough),
+#: alone or with the ParameterStatus values its login reported (the pool's welcome for clients).
+Opener = Callable[[], Awaitable[ServerConnection | tuple[ServerConnection, dict[str, str]]]]
 #: The startup parameters kept per client and set on the server it gets when they differ.
 SYNCED_PARAMETERS = (
     "application_name", "client_encoding", "datestyle", "timezone", "search_path",
@@ -40,6 +47,28 @@ SYNCED_PARAMETERS = (
 )  # fmt: skip
 #: How often a pool looks for servers past server_idle_timeout or server_lifetime (at most).
 _REAP_SECONDS = 1.0
+
+
+class Waiter(Protocol):
+    """A client queued for a server without a task (PoolLink): offered the next released one."""
+
+    waiting_since: float  # time.monotonic() when it began to wait
+
+    def offer(self, lease: Lease) -> bool:
+        """Take `lease` (True), or not (False: no longer waiting)."""
+        ...
+
+    def wait_timed_out(self) -> None:
+        """It waited past query_wait_timeout: end its session with the error."""
+        ...
+
+
+class Lender(Protocol):
+    """The client a server is lent from (PoolLink): still attached to it, idle in the pool."""
+
+    def revoke(self) -> None:
+        """Detach the lent server from the client (it then gets another at its next data)."""
+        ...
 
 
 class QueryWaitTimeout(ProxyError):
@@ -59,6 +88,22 @@ def unpoolable(options: str) -> str | None:
         if name not in SYNCED_PARAMETERS and not name.startswith("pgmigrate."):
             return f"-c {name}={value}"
     return None
+
+
+def _spelling(value: str) -> str:
+    return value.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+def welcome_for(welcome: dict[str, str], parameters: dict[str, str]) -> dict[str, str]:
+    """What a client logging in without a server is told (ParameterStatus): a pool server's
+    values, the synced startup parameters the client gave overriding them (in the server's
+    spelling when they differ only in case or separators: UTF8 for utf8)."""
+    wanted = synced(parameters)
+    told = {}
+    for name, value in welcome.items():
+        mine = wanted.get(name.lower())
+        told[name] = value if mine is None or _spelling(mine) == _spelling(value) else mine
+    return told
 
 
 def reported(parameters: dict[str, str]) -> dict[str, str]:
@@ -91,6 +136,9 @@ class Lease:
     current: dict[str, str] = field(default_factory=dict)  # what they are now
     idle_since: float = 0.0
     cancels: int = 0  # cancel requests in flight for it: not handed out meanwhile
+    #: idle in the pool but still attached to the client it served last (lent, not parked):
+    #: that client takes it back at its next data at no cost; another takes it with revoke
+    owner: Lender | None = None
 
     def __post_init__(self) -> None:
         self.defaults = {**self.defaults, **self.login}
@@ -156,11 +204,20 @@ class Pool:
         self.opener = opener
         self.idle: deque[Lease] = deque()  # most recently used last (handed out LIFO)
         self.leases: dict[ServerConnection, Lease] = {}  # every server counted here
-        self.waiters: deque[asyncio.Future[Lease]] = deque()
+        #: FIFO: a waiting acquire's future, or a client queued without a task (Waiter)
+        self.waiters: deque[asyncio.Future[Lease] | Waiter] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.TimerHandle | None = None
+        self._sweeper: asyncio.TimerHandle | None = None  # query_wait_timeout of queued clients
+        self._reserve_opening = 0  # servers opening for queued clients
         self._refill: asyncio.TimerHandle | None = None  # a min_pool_size retry after a failure
         self.size_opening = 0  # servers its opener is logging in
+        #: the ParameterStatus values of a server of this pool (its defaults: application_name
+        #: empty), for clients the proxy logs in without a server (None: none known yet)
+        self.welcome: dict[str, str] | None = None
+        self._welcome_exact = False  # learned from a server the pool opened (no client's values)
+        #: done when the login that teaches the pool its welcome ends (concurrent logins wait)
+        self.learning: asyncio.Future[None] | None = None
         self.closing = False
         self.stats = PoolStats()  # its counters (the admin console and metrics read them)
 
@@ -184,10 +241,25 @@ class Pool:
         and `told` these ParameterStatus values): count it (the client holds it)."""
         options = parameters.get("options", "")
         login = synced(parameters)
+        if told:
+            self.learn(told, set(login))
         lease = Lease(server, self, time.monotonic(), login, options, reported(told or {}))
         server.stats = self.stats
         self.leases[server] = lease
         return lease
+
+    def learn(self, told: dict[str, str], chosen: set[str]) -> None:
+        """A server login reported `told`; `chosen`: the synced parameters (lowercased) its
+        client set, not the server's defaults: application_name is then taken as empty. A
+        server the pool opened itself (no client's values) is the exact welcome."""
+        if self._welcome_exact or (chosen and self.welcome is not None):
+            return
+        welcome = dict(told)
+        for name in welcome:
+            if name.lower() == "application_name" and "application_name" in chosen:
+                welcome[name] = ""
+        self.welcome = welcome
+        self._welcome_exact = not chosen
 
     def release(self, lease: Lease) -> None:
         """A server that owes nothing and is idle comes back: to a waiter, idle, or closed."""
@@ -199,18 +271,20 @@ class Pool:
         if lifetime == 0 or now - lease.born > lifetime:
             self.close(lease)
             return
-        park(lease)
         lease.idle_since = now
         if lease.cancels:
+            park(lease)
             self.idle.append(lease)  # handed out once its cancel is delivered
             return
         over = self.size > self.settings.pool_size + self.settings.reserve_pool_size
         if over or self.registry.over(self.key, self.settings):
             self.close(lease)  # a login beyond the pool's size or a limit (passthrough)
             return
-        if not self._hand_over(lease):
-            self.idle.append(lease)
-            self._schedule_reap()
+        if self.waiters and self._hand_over(lease):
+            return
+        park(lease)
+        self.idle.append(lease)
+        self._schedule_reap()
 
     def check_in(self, lease: Lease, *, reset: bool) -> None:
         """The client left: roll back what it left open, run server_reset_query (`reset`),
@@ -241,28 +315,170 @@ class Pool:
         self.release(lease)
 
     def _hand_over(self, lease: Lease) -> bool:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(lease)
+        """Give a released (unparked) server to the first waiter, FIFO: a queued client
+        attaches it at once (no task); a waiting acquire gets it parked."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    park(lease)
+                    waiter.set_result(lease)
+                    return True
+            elif waiter.offer(lease):
                 return True
         return False
+
+    # --- clients queued without a task ----------------------------------------------------------
+
+    def wait(self, waiter: Waiter) -> None:
+        """Queue a client for the next released server (Waiter.offer); a periodic sweep, one
+        timer per pool, applies query_wait_timeout and the reserve pool's turn."""
+        self.waiters.append(waiter)
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    def unwait(self, waiter: Waiter) -> None:
+        """A queued client left."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+
+    def _sweep_limits(self) -> list[float]:
+        settings = self.settings
+        limits = [settings.query_wait_timeout] if settings.query_wait_timeout else []
+        if self.opener is not None and settings.reserve_pool_size:
+            limits.append(settings.reserve_pool_timeout)
+        return limits
+
+    def _schedule_sweep(self) -> None:
+        limits = self._sweep_limits()
+        if not limits or self.closing:
+            return  # (nothing to time: queued clients wait for a release)
+        delay = min(_REAP_SECONDS, max(0.01, min(limits) / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        """query_wait_timeout for queued clients (pgbouncer's janitor), and reserve servers
+        for those waiting past reserve_pool_timeout."""
+        self._sweeper = None
+        now = time.monotonic()
+        settings = self.settings
+        limit = settings.query_wait_timeout
+        expired: list[Waiter] = []
+        due = 0
+        kept: deque[asyncio.Future[Lease] | Waiter] = deque()
+        queued = False
+        for waiter in self.waiters:
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    kept.append(waiter)
+                continue
+            waited = now - waiter.waiting_since
+            if limit and waited >= limit:
+                expired.append(waiter)
+                continue
+            kept.append(waiter)
+            queued = True
+            if waited >= settings.reserve_pool_timeout:
+                due += 1
+        self.waiters = kept
+        for waiter in expired:
+            waiter.wait_timed_out()
+        if self.opener is not None and settings.reserve_pool_size:
+            self._open_for_waiters(due, settings.reserve_pool_size)
+        if queued:
+            self._schedule_sweep()
+
+    def _open_for_waiters(self, count: int, extra: int) -> None:
+        """Open servers (with the opener, within pool_size + `extra` and the limits) until
+        `count` are opening for queued clients; each goes to the first waiter."""
+        if self.opener is None or self.closing:
+            return
+        while count > self._reserve_opening and self.room(extra):
+            self._reserve_opening += 1
+            self.size_opening += 1
+            task = asyncio.get_running_loop().create_task(self._open_reserve())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _open_reserve(self) -> None:
+        try:
+            lease = await self._open(counted=True)
+        except (ConnectionError, ProxyError, OSError) as exc:
+            log.warning("pool %s/%s: could not open a reserve server: %s",
+                        self.key[0], self.key[1], exc)  # fmt: skip
+            return
+        finally:
+            self._reserve_opening -= 1
+        lease.idle_since = time.monotonic()
+        self.release(lease)
 
     # --- servers going out ----------------------------------------------------------------------
 
     def take_idle(self, accept: Callable[[Lease], bool] | None = None) -> Lease | None:
-        """An idle server (that `accept`s), unparked, or None (the most recently used: LIFO,
-        as pgbouncer)."""
-        for lease in reversed(self.idle):
+        """An idle server (that `accept`s), unparked, or None: the most recently used (LIFO,
+        as pgbouncer), a parked one before one lent to its last client (revoked from it: that
+        client would then take another's at its next transaction)."""
+        idle = self.idle
+        lent = -1
+        for index in range(len(idle) - 1, -1, -1):
+            lease = idle[index]
             if lease.cancels or (accept is not None and not accept(lease)):
                 continue
-            self.idle.remove(lease)
-            if lease.server.gone:
-                self.leases.pop(lease.server, None)
+            if lease.owner is not None:
+                if lent < 0 and lease.server.busy is None:  # (busy: a message half received)
+                    lent = index
                 continue
+            return self._taken(index, accept)
+        return self._taken(lent, accept) if lent >= 0 else None
+
+    def _taken(self, index: int, accept: Callable[[Lease], bool] | None) -> Lease | None:
+        lease = self.idle[index]
+        del self.idle[index]
+        if lease.server.gone:
+            lease.owner = None
+            self.leases.pop(lease.server, None)
+            return self.take_idle(accept)
+        self._unidle(lease)
+        return lease
+
+    def _unidle(self, lease: Lease) -> None:
+        """A lease just taken out of `idle`: unparked, or revoked from its owner."""
+        owner = lease.owner
+        if owner is not None:
+            lease.owner = None
+            owner.revoke()
+        else:
             unpark(lease)
-            return lease
-        return None
+
+    def lendable(self, lease: Lease) -> bool:
+        """Whether release would keep this server (it may be lent instead)."""
+        if self.closing or lease.cancels or lease.server.gone:
+            return False
+        lifetime = self.settings.server_lifetime
+        if lifetime == 0 or (lifetime > 0 and time.monotonic() - lease.born > lifetime):
+            return False
+        if self.size > self.settings.pool_size + self.settings.reserve_pool_size:
+            return False
+        return not self.registry.over(self.key, self.settings)
+
+    def lend(self, lease: Lease, owner: Lender) -> None:
+        """A server idle at a transaction's end, no client waiting: it stays attached to its
+        client (`owner`) and counts as idle; see Lease.owner."""
+        lease.owner = owner
+        lease.idle_since = time.monotonic()
+        self.idle.append(lease)
+        if self._reaper is None:
+            self._schedule_reap()
+
+    def reclaim(self, lease: Lease) -> None:
+        """The owner of a lent server takes it back (it sends its next transaction)."""
+        lease.owner = None
+        idle = self.idle
+        if idle and idle[-1] is lease:
+            idle.pop()
+        else:
+            idle.remove(lease)
 
     async def acquire(self) -> Lease:
         """A server for a client: an idle one (checked if idle past server_check_delay), a
@@ -330,12 +546,15 @@ class Pool:
         if not counted:
             self.size_opening += 1  # counted while it logs in
         try:
-            server = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
+            opened = await asyncio.wait_for(self.opener(), self.settings.server_connect_timeout)
         except asyncio.TimeoutError:
             raise ConnectionFailure("server_connect_timeout: no server connection") from None
         finally:
             self.size_opening -= 1
-        return self.join(server, {})
+        if isinstance(opened, tuple):
+            server, told = opened
+            return self.join(server, {}, told)
+        return self.join(opened, {})
 
     def top_up(self) -> None:
         """Open servers in the background up to min_pool_size (with an opener, within the
@@ -352,6 +571,9 @@ class Pool:
             task = loop.create_task(self._open_idle())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        if self.waiters:  # queued clients wait for a release: a closed server makes room
+            queued = sum(not isinstance(w, asyncio.Future) for w in self.waiters)
+            self._open_for_waiters(queued, 0)
 
     async def _open_idle(self) -> None:
         try:
@@ -403,6 +625,9 @@ class Pool:
         self.leases.pop(lease.server, None)
         if lease in self.idle:
             self.idle.remove(lease)
+            if lease.owner is not None and lease.server.busy is None:
+                self._unidle(lease)  # (else its owner hears it is lost: PoolLink.lent_lost)
+            lease.owner = None
         server = lease.server
         if not server.gone:
             if server.busy is None:
@@ -411,7 +636,8 @@ class Pool:
         self.top_up()
 
     def lost(self, lease: Lease) -> None:
-        """A parked server's connection went away."""
+        """A parked (or lent) server's connection went away."""
+        lease.owner = None
         self.leases.pop(lease.server, None)
         if lease in self.idle:
             self.idle.remove(lease)
@@ -421,6 +647,7 @@ class Pool:
         """A client's server was closed with the client."""
         lease = self.leases.pop(server, None)
         if lease is not None and lease in self.idle:
+            lease.owner = None
             self.idle.remove(lease)
         if lease is not None:
             self.top_up()
@@ -428,9 +655,11 @@ class Pool:
     def cancel_done(self, lease: Lease) -> None:
         """A cancel request for it was delivered: it may be handed out again."""
         lease.cancels -= 1
+        if lease.owner is not None and lease.server.busy is not None:
+            return
         if not lease.cancels and lease in self.idle and self.waiters:
             self.idle.remove(lease)
-            unpark(lease)
+            self._unidle(lease)
             self.release(lease)
 
     def _schedule_reap(self) -> None:
@@ -465,12 +694,16 @@ class Pool:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         for waiter in self.waiters:
-            waiter.cancel()
+            if isinstance(waiter, asyncio.Future):
+                waiter.cancel()
         for lease in list(self.idle):
             self.close(lease)
 

@@ -1,7 +1,8 @@
 """A client session's link to its pool: what it does with its login server, when it gives its
 server back (client gone in session mode; each ReadyForQuery 'I' with nothing owed in
-transaction mode), how it gets one again (its client's data waits in the holder meanwhile),
-the startup parameters set on the server it gets, and the session-state pins.
+transaction mode: lent while nobody waits, see runtime/pool.py), how it gets one again (its
+client's data waits in the holder meanwhile: at once, queued in the pool, or in a task), the
+startup parameters set on the server it gets, and the session-state pins.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
@@ -20,6 +21,7 @@ from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import statements
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
+from pgmigrate_proxy.runtime.detect import plain_query
 from pgmigrate_proxy.runtime.pool import (
     SYNCED_PARAMETERS,
     Lease,
@@ -106,6 +108,20 @@ def _dropped(data: bytes) -> None:
     """Where a server's bytes for a client that left go."""
 
 
+#: What session_state's scan looks for anywhere in a text (sql/session_state.py is_candidate).
+_STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
+
+
+def _stateless(text: bytes) -> bool:
+    """session_state's answer without decoding, for the usual text (NUL-terminated): one
+    plain DML statement (detect.plain_query) naming none of _STATE_WORDS leaves no state."""
+    if not plain_query(text):
+        return False
+    lowered = text.lower()
+    return not (_STATE_WORDS[0] in lowered or _STATE_WORDS[1] in lowered or
+                _STATE_WORDS[2] in lowered)  # fmt: skip
+
+
 class Refused(ProxyError):
     """A statement that leaves session state, in transaction mode with session_state refuse."""
 
@@ -123,6 +139,7 @@ class PooledSession(Protocol):
     @property
     def at_boundary(self) -> bool: ...
     def attach(self, server: ServerConnection) -> None: ...
+    def lend_server(self, take_back: Callable[[], None] | None) -> None: ...
     def detach(self) -> ServerConnection: ...
     def fail(self, code: str, message: str, **extra: str) -> None: ...
 
@@ -131,7 +148,8 @@ class PoolLink:
     """One client's side of its pool (module docstring)."""
 
     __slots__ = (
-        "_idle_since", "_seen", "_timer", "lease", "leaving", "options", "pinned", "pool",
+        "_idle_since", "_seen", "_timer", "lease", "leaving", "lent", "options", "pinned", "pool",
+        "queued",
         "reserved", "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
@@ -155,6 +173,8 @@ class PoolLink:
         self.waiting_since = 0.0  # time.monotonic() when it began waiting for a server (0: not)
         #: the client left while the guard finished a unit on its server: checked in after
         self.leaving = False
+        self.queued = False  # in its pool's waiters without a task (acquire_at_once, offer)
+        self.lent = False  # its server is idle in the pool, still attached to it (Lease.owner)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -180,6 +200,21 @@ class PoolLink:
             return
         if self.reserved is not None:  # taken before the client was told its server (reserve)
             self._give_back(at_once=True)
+
+    def logged_in_without_server(self, told: dict[str, str]) -> None:
+        """Transaction mode, logged in from the pool's parameters (`told`): the client gets a
+        server at its first message."""
+        self.view = _shared({**reported(told), **self.wanted})
+        self._arm()
+        holder = self.session.holder
+        assert holder is not None
+        registry = statements.registry_for(self.pool.registry)
+        holder.ddl_done = statements.invalidator(registry)
+        holder.state_watch = self.watch_state
+        capacity = self.pool.settings.max_prepared_statements
+        if capacity > 0:
+            holder.prepared = statements.PreparedLink(registry, capacity)
+        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
 
     def reserve(self) -> int | None:
         """Session mode, before the client is told its server's process id: take an idle
@@ -239,22 +274,63 @@ class PoolLink:
         if self.transaction:
             lease.server.on_idle = self.server_idle
 
-    def acquire_at_once(self) -> bool:
+    def acquire_at_once(self, *, queue: bool = True) -> bool | None:
         """acquire's fast path, without a task: an idle server that needs no check and no SET,
-        attached now; False: none (the holder runs acquire)."""
+        attached now (True); or, when none is idle and the pool cannot open one, queued in the
+        pool (None: `offer` attaches the next released server, FIFO); False: the holder runs
+        acquire."""
         if self.reserved is not None:
             return False
-        lease = self.pool.take_idle(self._ready)
+        pool = self.pool
+        lease = pool.take_idle(self._ready)
         if lease is None:
+            if not queue or pool.idle or pool.closing:
+                return False
+            if pool.opener is not None and pool.room():
+                return False  # (acquire opens one)
+            self.queued = True
+            self.waiting_since = time.monotonic()
+            pool.wait(self)
+            return None
+        self.lease = lease
+        self.session.attach(lease.server)
+        if self.transaction:
+            lease.server.on_idle = self.server_idle
+        pool.stats.assigned_at_once()
+        return True
+
+    def offer(self, lease: Lease) -> bool:
+        """The pool hands this queued client a released server (unparked): attached at once
+        and the held data pumped when it is ready as it is; else acquire checks it and SETs
+        the client's parameters in a task. False: not waiting any more."""
+        holder = self.session.holder
+        if not self.queued or holder is None:
             return False
+        self.queued = False
         stats = self.pool.stats
-        stats.waited(0.0)  # (no wait: counted as acquire counts one)
+        stats.waited(time.monotonic() - self.waiting_since)
+        self.waiting_since = 0.0
+        if not self._ready(lease):
+            self.reserved = lease
+            holder.acquire_now()
+            return True
         stats.server_assignment_count += 1
         self.lease = lease
         self.session.attach(lease.server)
         if self.transaction:
             lease.server.on_idle = self.server_idle
+        holder.server_came()
         return True
+
+    def wait_timed_out(self) -> None:
+        """Queued past query_wait_timeout (the pool's sweep)."""
+        self.queued = False
+        self.waiting_since = 0.0
+        log.info("session %s: query_wait_timeout", self.session.peer)
+        self.session.fail(
+            QueryWaitTimeout.sqlstate, "query_wait_timeout",
+            detail="no server connection became free in time",
+        )  # fmt: skip
 
     def _ready(self, lease: Lease) -> bool:
         """An idle server this client can use as it is (acquire_at_once)."""
@@ -293,9 +369,71 @@ class PoolLink:
         if holder.holding or holder.task is not None or not self.session.at_boundary:
             return
         server = self.lease.server
-        if server.status is not TransactionStatus.IDLE or server.busy is not None:
+        if self.lent or server.status is not TransactionStatus.IDLE or server.busy is not None:
             return
-        self._give_back(at_once=False)
+        pool = self.pool
+        if pool.waiters or not pool.lendable(self.lease):
+            self._give_back(at_once=False)
+            return
+        # nobody waits: lend it (it stays attached; the next data takes it back: _pump)
+        self.lent = True
+        pool.lend(self.lease, self)
+        self.session.lend_server(self.take_back)
+
+    def take_back(self) -> None:
+        """The client's next data while its server is lent: it is its own again, unless it
+        needs server_check_query or a schema change retired statements on it first (then given
+        back, and acquired as usual)."""
+        lease = self.lease
+        assert lease is not None and self.lent
+        self.lent = False
+        pool = self.pool
+        pool.reclaim(lease)
+        self.session.lend_server(None)
+        prepared = lease.server.statements
+        if pool.check_due(lease) or (prepared is not None and not prepared.current):
+            self._give_back(at_once=False)  # (acquire checks it, and closes retired statements)
+        else:
+            pool.stats.assigned_at_once()
+
+    def revoke(self) -> None:
+        """The pool gives this client's lent server to another client (or closes it): it is
+        detached; the client gets a server at its next data."""
+        lease, self.lease = self.lease, None
+        assert lease is not None
+        self.lent = False
+        self.session.lend_server(None)
+        server = self.session.detach()
+        server.on_idle = None
+        holder = self.session.holder
+        assert holder is not None
+        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+
+    def return_lent(self) -> None:
+        """The client ends while its server is lent (an idle timeout, the admin console): the
+        server goes back to the pool instead of closing with the client."""
+        lease = self.lease
+        if not self.lent or lease is None:
+            return
+        self.lent = False
+        self.pool.reclaim(lease)
+        self.session.lend_server(None)
+        if lease.server.busy is None:  # (else it closes with the client)
+            self._give_back(at_once=False)
+
+    def lent_lost(self) -> bool:
+        """The lent server's connection went away (as a parked one's would: the client stays);
+        False when it was not lent."""
+        if not self.lent:
+            return False
+        lease, self.lease = self.lease, None
+        assert lease is not None
+        self.lent = False
+        self.pool.lost(lease)
+        holder = self.session.holder
+        assert holder is not None
+        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+        return True
 
     def client_left(self, *, clean: bool) -> bool:
         """The client is gone: check its server in (rolled back, reset when it carries a
@@ -303,6 +441,9 @@ class PoolLink:
         lease = self.lease
         if lease is None:
             return False
+        if self.lent:  # (its own again, to be checked in)
+            self.lent = False
+            self.pool.reclaim(lease)
         server = lease.server
         holder = self.session.holder
         held = holder is not None and (holder.holding or holder.task is not None)
@@ -351,6 +492,10 @@ class PoolLink:
         holder = self.session.holder
         if holder is not None and holder.prepared is not None:
             holder.prepared.client.release_all()
+        if self.queued:
+            self.queued = False
+            self.pool.unwait(self)
+        self.lent = False  # (forget takes it out of the idle ones)
         if self.leaving:
             return
         lease, self.lease = self.lease, None
@@ -404,12 +549,19 @@ class PoolLink:
 
     def watch_state(self, item: Frame) -> None:
         """A Query or Parse going out: pin on session state (or refuse it: a FATAL)."""
+        payload = item.payload
         if item.type == FrontendType.QUERY:
+            if _stateless(payload):
+                return
             sql = extended.query_text(item.payload)
             kinds = session_state(sql)
             reason = ", ".join(sorted(k.value for k in kinds)) if kinds else None
         else:
-            name, sql = extended.parse_statement(item.payload)
+            if payload[:1] == b"\0":  # unnamed
+                end = payload.find(b"\0", 1)
+                if end > 0 and _stateless(payload[1 : end + 1]):
+                    return
+            name, sql = extended.parse_statement(payload)
             if name:
                 reason = "a named prepared statement"
             else:

@@ -77,7 +77,9 @@ def pool_counts(
                 counts.clients["waiting"] += 1
                 counts.oldest_wait = min(since, counts.oldest_wait or since)
             else:
-                counts.clients["active" if session.server is not None else "idle"] += 1
+                link = session.link  # (a lent server is idle in its pool: so is its client)
+                active = session.server is not None and not (link is not None and link.lent)
+                counts.clients["active" if active else "idle"] += 1
         for lease in pool.leases.values():
             counts.servers[server_state(lease)] += 1
             counts.cancelling += 1 if lease.cancels else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol, cast
@@ -58,13 +59,14 @@ from pgmigrate_proxy.runtime import clientauth, guarding
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.backend import ALL_TYPES, ServerConnection
 from pgmigrate_proxy.runtime.context import CONSOLE_DATABASES
-from pgmigrate_proxy.runtime.hold import FRONTEND_WATCH, Holder
+from pgmigrate_proxy.runtime.hold import FRONTEND_WATCH, NO_SERVER, Holder
 from pgmigrate_proxy.runtime.options import (
     INVALID_PARAMETER_VALUE,
     OptionError,
     applied,
     with_options,
 )
+from pgmigrate_proxy.runtime.pool import welcome_for
 from pgmigrate_proxy.runtime.pooling import OPTIONS_HINT, PoolLink, options_refusal
 from pgmigrate_proxy.runtime.stats import UNPOOLED
 from pgmigrate_proxy.runtime.upstream import (
@@ -76,7 +78,7 @@ from pgmigrate_proxy.runtime.upstream import (
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.context import SessionSettings
-    from pgmigrate_proxy.runtime.pool import PoolRegistry
+    from pgmigrate_proxy.runtime.pool import Pool, PoolRegistry
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
@@ -85,6 +87,10 @@ _FRONTEND_VALID = type_table(FRONTEND_TYPES)
 _STARTUP_BUFFER = MAX_STARTUP_PACKET + MAX_AUTH_TOKEN
 #: How long a session closing on an error waits for the server to reach a message boundary.
 _DRAIN_SECONDS = 5.0
+
+
+def _unasked(data: bytes) -> None:
+    """Where a lent server's unasked messages go (notices, a FATAL: dropped)."""
 
 
 class Phase(enum.Enum):
@@ -189,6 +195,8 @@ class ClientSession(asyncio.Protocol):
                 holder.pump(cut)
             elif self._to_server is not None:
                 self._to_server(data)
+            elif holder is not None:
+                holder.pump(cut)  # (its server is lent: the holder takes it back first)
         elif self.phase is Phase.AUTHENTICATING:
             self._auth_frontend(data)
         elif self.phase in (Phase.STARTUP, Phase.CONNECTING):
@@ -246,6 +254,19 @@ class ClientSession(asyncio.Protocol):
                 observer=holder.migration if holder is not None else None,
             )
 
+    def lend_server(self, take_back: Callable[[], None] | None) -> None:
+        """Transaction pooling: the attached server is lent to the pool, idle (`take_back`:
+        what the client's next data calls first), or its own again (None)."""
+        holder = self.holder
+        assert holder is not None
+        holder.take_back = take_back
+        server = self.server
+        transport = server.transport if server is not None and take_back is None else None
+        self._to_server = transport.write if transport is not None else None
+        if server is not None:  # (what a lent server sends unasked is dropped, as a parked one's)
+            to_client = self.client.write if self.client is not None else _unasked
+            server.redirect(_unasked if take_back is not None else to_client)
+
     def detach(self) -> ServerConnection:
         """Hand the server connection back (refused with ServerBusy unless it owes nothing
         and no unit of this session is held)."""
@@ -272,6 +293,10 @@ class ClientSession(asyncio.Protocol):
     def server_lost(self, last_words: bytes) -> None:
         self.server = None
         self._to_server = None
+        if self.link is not None and self.link.lent and self.holder is not None:
+            self.holder.take_back = None
+            self.link.lent_lost()  # an idle pooled server: the client carries on
+            return
         if self.phase is Phase.CONNECTING:
             return  # open_upstream fails or _connect notices: _startup tells the client why
         if self.client is not None:
@@ -498,22 +523,84 @@ class ClientSession(asyncio.Protocol):
             self._write(NegotiateProtocolVersion(PROTOCOL_3_0, unknown).encode())
 
     async def _log_in_here(self, auth: clientauth.AuthService, params: dict[str, str]) -> None:
-        """Check the client and log its server connection in (clientauth.py), then relay."""
+        """Check the client (clientauth.py), then log its server connection in and relay; in
+        transaction pooling, once the pool knows its servers' parameters, answer the client
+        from them and log in no server (it gets one at its first message)."""
         self.parameters = params
-        target = self.settings.upstream
-        done = await clientauth.log_in(self, auth, target, params, tls=self._tls)
-        if done is None or self.phase is not Phase.CONNECTING:
-            if done is not None:
-                done.server.close()
+        checked = await clientauth.check(self, auth, params["user"], tls=self._tls)
+        if checked is None or self.phase is not Phase.CONNECTING:
             return
-        self.attach(done.server)
-        self.handshake = Handshake(
-            secret_key=self.secret_key,
-            announce=(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version),),
+        pool = self._pooled_login()
+        learning: asyncio.Future[None] | None = None
+        if pool is not None:
+            while pool.welcome is None and pool.learning is not None:
+                await asyncio.shield(pool.learning)  # another login is learning it
+                if self.phase is not Phase.CONNECTING:
+                    return
+            if pool.welcome is not None:
+                clientauth.accepted(auth, checked)
+                self._enter_relay_pooled(welcome_for(pool.welcome, params))
+                return
+            learning = pool.learning = asyncio.get_running_loop().create_future()
+        try:
+            done = await clientauth.log_in_server(
+                self, auth, self.settings.upstream, params, checked
+            )
+            if done is None or self.phase is not Phase.CONNECTING:
+                if done is not None:
+                    done.server.close()
+                return
+            self.attach(done.server)
+            self.handshake = Handshake(
+                secret_key=self.secret_key,
+                announce=(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version),),
+            )
+            self.handshake.announced_pid = self._pool_link().reserve()
+            self._write(b"".join(self.handshake.backend(f.type, f.payload) for f in done.frames))
+            self._enter_relay(ReadyForQuery.decode(done.frames[-1].payload))
+        finally:
+            if learning is not None and pool is not None:
+                pool.learning = None
+                learning.set_result(None)
+        self._relay_pending()
+
+    def _pooled_login(self) -> Pool | None:
+        """The pool of a client that may log in without a server: transaction pooling, not a
+        migration session (it keeps its login server)."""
+        if is_migration_session(self.parameters, self.hub.migration_patterns):
+            return None
+        link = self._pool_link()
+        return link.pool if link.transaction else None
+
+    def _enter_relay_pooled(self, told: dict[str, str]) -> None:
+        """Log the client in without a server: its pool's parameters (`told`), a BackendKeyData
+        of the proxy's (cancel requests go to the server it holds at that moment), relaying."""
+        self.client_pid = 1 + secrets.randbelow(0x7FFFFFFE)
+        out = [ParameterStatus(name, value).encode() for name, value in told.items()]
+        out.append(BackendKeyData(self.client_pid, self.secret_key).encode())
+        out.append(ParameterStatus(PROXY_PARAMETER, self.settings.proxy_version).encode())
+        out.append(ReadyForQuery(TransactionStatus.IDLE).encode())
+        self._write(b"".join(out))
+        self.phase = Phase.RELAY
+        self.hub.logged_in(self)
+        self._fe.limit(self.settings.max_message_size)
+        guard = self.hub.guard_settings
+        options = self.parameters.get("options", "")
+        self.holder = Holder(
+            self, NO_SERVER, self.hub.guard, applied(guard, options) if guard is not None else None
         )
-        self.handshake.announced_pid = self._pool_link().reserve()
-        self._write(b"".join(self.handshake.backend(f.type, f.payload) for f in done.frames))
-        self._enter_relay(ReadyForQuery.decode(done.frames[-1].payload))
+        self._fe.watch(FRONTEND_WATCH)
+        self._pool_link().logged_in_without_server(told)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        user = self.parameters.get("user")
+        log.debug("session %s: ready as user %s (no server)", self.peer, user)
+        self._relay_pending()
+
+    def _relay_pending(self) -> None:
+        if self.phase is not Phase.RELAY:
+            return
         if self._inbuf:  # what the client sent after its login, before the relay began
             pending, self._inbuf = bytes(self._inbuf), bytearray()
             self.data_received(pending)
@@ -654,6 +741,8 @@ class ClientSession(asyncio.Protocol):
         """Send the client a FATAL error at a message boundary, then close the session."""
         if self.phase in (Phase.CLOSED, Phase.DRAINING):
             return
+        if self.link is not None and self.link.lent:
+            self.link.return_lent()  # (between transactions: the pool keeps the server)
         if code == SqlState.PROTOCOL_VIOLATION:
             log.warning("session %s: protocol violation: %s", self.peer, message)
         error = fatal(code, message, **extra)

@@ -78,6 +78,13 @@ class PoolStats:
         self.wait_count += 1
         self.waits.observe(seconds)
 
+    def assigned_at_once(self) -> None:
+        """A client got a server without waiting (transaction pooling's fast paths): an
+        assignment and a wait of 0 s (the first bucket), no clock read."""
+        self.server_assignment_count += 1
+        self.wait_count += 1
+        self.waits.counts[0] += 1
+
     def add(self, other: PoolStats) -> None:
         for item in fields(self):
             setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
