@@ -274,11 +274,13 @@ def test_retired_statements_are_closed_before_the_server_is_handed_out(
         return int(row[0])
 
     assert copies() == 1  # (one server: the statement is on it)
-    plain.execute("ALTER TABLE retired_t ADD COLUMN w int")  # guarded: the table changed
+    ddl = psycopg.connect(proxy.conninfo(USER, connect_timeout="10"), autocommit=True)
+    ddl.execute("ALTER TABLE retired_t ADD COLUMN w int")  # guarded: the table changed
+    # (the DDL's own client may go on on its server; any other client gets it checked out)
     assert copies() == 0
     assert prepared.execute("SELECT * FROM retired_t WHERE id = %s", [1]).fetchone() is None
-    prepared.close()
-    plain.close()
+    for conn in (prepared, plain, ddl):
+        conn.close()
     admin.execute("DROP TABLE retired_t")
 
 
