@@ -110,3 +110,20 @@ def test_statement_texts() -> None:
     assert statement_texts([bind("s2"), EXECUTE, SYNC], prepared) is None  # unknown
     assert statement_texts([EXECUTE, SYNC], prepared) is None  # a portal bound earlier
     assert statement_texts([Frame(FrontendType.QUERY.value, b"no end", 0)], {}) is None
+
+
+def test_recheck_lets_go_what_the_predicate_no_longer_holds() -> None:
+    async def main() -> None:
+        gate = Gate()
+        let_through: set[int] = set()
+        arm = gate.arm(lambda session, texts: session.backend_pid not in let_through)
+        first = gate.hold(GatedSession("a", "app", 7), [query("SELECT 1")], {})
+        second = gate.hold(GatedSession("b", "app", 8), [query("SELECT 1")], {})
+        assert first and second
+        let_through.add(7)
+        arm.recheck()
+        assert first.done() and not second.done()
+        arm.release()
+        assert second.done()
+
+    asyncio.run(main())

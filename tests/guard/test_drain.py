@@ -27,6 +27,7 @@ from pgmigrate_proxy.guard.steps import (
     Event,
     Inject,
     LockHolders,
+    Recheck,
     Release,
     Send,
     Signal,
@@ -135,7 +136,7 @@ class DrainFake(Fake):
         match step:
             case LockHolders():
                 return [(pid, TABLE, "AccessShareLock", True) for pid in self.holders]
-            case Arm() | Release():
+            case Arm() | Release() | Recheck():
                 return None
         return super().answer(step)
 
@@ -265,3 +266,15 @@ def test_the_in_flight_watch_only_reports_under_drain() -> None:
     assert fake.signalled == []
     assert not any(isinstance(s, Signal) for s in fake.steps)
     assert fake.of(Inject)  # (it ran, and watched: the blocker was only reported)
+
+
+def test_a_holder_missed_by_the_snapshots_is_let_through_at_the_next_look() -> None:
+    """A session whose first lock came after the arm's pg_locks snapshots: found holding at a
+    look, it is let through (and the gate asked again), not held until `then` ends it."""
+    holder = blocker(7, BackendState.IDLE_IN_TRANSACTION)
+    fake = DrainFake(blockers=lambda now: [holder] if now < 0.2 else [], holders=())
+    run(fake, drain_settings())
+    rule = fake.of(Arm)[0].rule
+    assert rule.let_through == {7}
+    assert len(fake.of(Recheck)) == 1  # asked again once, when it grew
+    assert fake.signalled == []

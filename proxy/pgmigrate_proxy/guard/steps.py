@@ -159,11 +159,16 @@ class Arm:
 
 
 @dataclass(frozen=True)
+class Recheck:
+    """-> None: the armed rule lets more sessions through now: what it held of theirs goes on."""
+
+
+@dataclass(frozen=True)
 class Release:
     """-> None: release what the armed rule held, in order, and disarm it."""
 
 
 Step = (
     Now | Sleep | WaitIdle | Inject | Send | Replies | FindBlockers | BlockingPids | Activity
-    | WaiterOwns | Signal | Notice | Deliver | Event | LockHolders | Arm | Release
+    | WaiterOwns | Signal | Notice | Deliver | Event | LockHolders | Arm | Recheck | Release
 )  # fmt: skip

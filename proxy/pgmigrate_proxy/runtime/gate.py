@@ -118,6 +118,9 @@ class Arm:
     def release(self) -> None:
         self.gate.release(self)
 
+    def recheck(self) -> None:
+        self.gate.recheck(self)
+
 
 class Gate:
     """One proxy's gate (see the module docstring); used on the proxy's event loop only."""
@@ -173,6 +176,22 @@ class Gate:
                 new = [a for a in self.arms if a not in held.asked]
                 held.asked = self.arms
                 held.rules = {a for a in new if a.predicate(held.session, held.texts)}
+            if held.rules:
+                kept.append(held)
+            else:
+                held.place.set_result(None)
+        self._held = kept
+
+
+    def recheck(self, arm: Arm) -> None:
+        """Ask `arm` again about what it holds (its predicate changed); let go, in order, what
+        no predicate holds any more."""
+        kept: deque[_Held] = deque()
+        for held in self._held:
+            if held.place.done():
+                continue
+            if arm in held.rules and not arm.predicate(held.session, held.texts):
+                held.rules.discard(arm)
             if held.rules:
                 kept.append(held)
             else:

@@ -33,6 +33,7 @@ from pgmigrate_proxy.guard.steps import (
     LockHolders,
     Notice,
     Now,
+    Recheck,
     Release,
     Replies,
     Send,
@@ -267,6 +268,9 @@ class _Driver:
                 self.hold = self.services.drain_gate.arm(rule)
             case Release():
                 self._release()
+            case Recheck():
+                if self.hold is not None:
+                    self.hold.recheck()
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
                 if self.report_events:
