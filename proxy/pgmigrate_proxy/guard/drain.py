@@ -312,8 +312,10 @@ def drain(
             rule.let_through |= holding_pids((yield LockHolders(oids, database)), oids)
             yield Arm(rule)
             armed = True
-            # (a session that got its first lock between the two snapshots is let through too)
+            # (a session that got its first lock between the two snapshots is let through too,
+            # and what the gate held of it meanwhile goes on)
             rule.let_through |= holding_pids((yield LockHolders(oids, database)), oids)
+            yield Recheck()
         outcome = yield from _wait(host, settings, interval, rule if armed else None)
     except AdminDown as exc:
         yield from host.admin_lost(exc)
