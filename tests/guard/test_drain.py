@@ -29,6 +29,7 @@ from pgmigrate_proxy.guard.steps import (
     Event,
     Inject,
     LockHolders,
+    Recheck,
     Release,
     Send,
     Signal,
@@ -138,7 +139,7 @@ class DrainFake(Fake):
         match step:
             case LockHolders():
                 return [(pid, TABLE, "AccessShareLock", True) for pid in self.holders]
-            case Arm() | Release():
+            case Arm() | Release() | Recheck():
                 return None
             case Announce():
                 return self.acks
@@ -314,3 +315,16 @@ def test_without_coordination_no_announce_event() -> None:
     run(fake, drain_settings())
     assert not any(e.name.startswith("drain_a") for e in fake.of(Event))
     assert fake.order() == ["Arm", "Announce", "Send", "Release"]
+
+
+def test_a_holder_missed_by_the_snapshots_is_let_through_at_the_next_look() -> None:
+    """A session whose first lock came after the arm's pg_locks snapshots: found holding at a
+    look, it is let through (and the gate asked again), not held until `then` ends it."""
+    holder = blocker(7, BackendState.IDLE_IN_TRANSACTION)
+    fake = DrainFake(blockers=lambda now: [holder] if now < 0.2 else [], holders=())
+    run(fake, drain_settings())
+    rule = fake.of(Arm)[0].rule
+    assert rule.let_through == {7}
+    # asked again after the second snapshot, and when a look found it
+    assert len(fake.of(Recheck)) == 2
+    assert fake.signalled == []

@@ -224,6 +224,9 @@ class RecordingGate:
             def release(self) -> None:
                 gate.released.append(rule)
 
+            def recheck(self) -> None:
+                return None
+
         return Hold()
 
 

@@ -33,6 +33,7 @@ from pgmigrate_proxy.guard.steps import (
     LockHolders,
     Notice,
     Now,
+    Recheck,
     SessionInfo,
     Sleep,
     Step,
@@ -227,9 +228,11 @@ class HoldRule:
 
 
 class GateHold(Protocol):
-    """One armed rule; release() lets what it held go on, in order (idempotent)."""
+    """One armed rule; release() lets what it held go on, in order (idempotent); recheck()
+    asks the rule again about what it holds (its let_through grew)."""
 
     def release(self) -> None: ...
+    def recheck(self) -> None: ...
 
 
 class Gate(Protocol):
@@ -242,6 +245,9 @@ class Gate(Protocol):
 
 class _NoHold:
     def release(self) -> None:
+        return None
+
+    def recheck(self) -> None:
         return None
 
 
@@ -304,16 +310,19 @@ def drain(
     sent); that ends the announced drain too."""
     oids = tuple(sorted(targets))
     armed = False
+    rule: HoldRule | None = None
     try:
         if scope is not None:
             rule = HoldRule(scope, own_pid)
             rule.let_through |= holding_pids((yield LockHolders(oids, database)), oids)
             yield Arm(rule)
             armed = True
-            # (a session that got its first lock between the two snapshots is let through too)
+            # (a session that got its first lock between the two snapshots is let through too,
+            # and what the gate held of it meanwhile goes on)
             rule.let_through |= holding_pids((yield LockHolders(oids, database)), oids)
+            yield Recheck()
             yield from _announce(host, rule, oids, settings.timeout + attempt)
-        outcome = yield from _wait(host, settings, interval, armed)
+        outcome = yield from _wait(host, settings, interval, rule if armed else None)
     except AdminDown as exc:
         yield from host.admin_lost(exc)
         outcome = Outcome.DRAINED  # go on: the attempt's lock_timeout still bounds the wait
@@ -337,7 +346,11 @@ def _announce(host: Host, rule: HoldRule, oids: tuple[int, ...], bound: float) -
         yield host.event("drain_announced", fields)
 
 
-def _wait(host: Host, settings: DrainSettings, interval: float, armed: bool) -> Steps:
+def _wait(host: Host, settings: DrainSettings, interval: float, rule: HoldRule | None) -> Steps:
+    """Wait for the holders; each look lets through the sessions found holding (or awaiting) a
+    lock on a target that the gate may have held meanwhile (one whose first lock came after the
+    arm's snapshots): held, it would never end its transaction, and `then` would end it."""
+    armed = rule is not None
     started: float = yield Now()
     timeout_ms = round(settings.timeout * 1000)
     yield host.event(
@@ -347,6 +360,11 @@ def _wait(host: Host, settings: DrainSettings, interval: float, armed: bool) -> 
     while not host.gone:
         look: float = yield Now()
         blockers: list[Blocker] = yield host.find_blockers()
+        if rule is not None:
+            grown = {b.pid for b in blockers if b.pid} - rule.let_through
+            if grown:
+                rule.let_through |= grown
+                yield Recheck()
         decisions: list[Decision] = yield from host.decide_as(blockers, BlockingAction.SHOW)
         left = holders_to_wait_for(decisions, look - started)
         now: float = yield Now()

@@ -159,6 +159,11 @@ class Arm:
 
 
 @dataclass(frozen=True)
+class Recheck:
+    """-> None: the armed rule lets more sessions through now: what it held of theirs goes on."""
+
+
+@dataclass(frozen=True)
 class Release:
     """-> None: release what the armed rule held, in order, and disarm it (and announce the
     end of the drain to the other proxies, when it was announced)."""
@@ -189,5 +194,6 @@ class Acks:
 
 Step = (
     Now | Sleep | WaitIdle | Inject | Send | Replies | FindBlockers | BlockingPids | Activity
-    | WaiterOwns | Signal | Notice | Deliver | Event | LockHolders | Arm | Release | Announce
+    | WaiterOwns | Signal | Notice | Deliver | Event | LockHolders | Arm | Recheck | Release
+    | Announce
 )  # fmt: skip

@@ -82,13 +82,16 @@ def check_readable(item: Frame) -> None:
 
 class Detector:
     """One session's detection: what its frames start, which of its prepared statements are
-    guarded (`statements`, by name, read by the relay's Bind shortcut), and its allowance of
-    classification on the loop (`budget`; past it, Deferred: runtime/offload.py)."""
+    guarded (`statements`, by name, read by the relay's Bind shortcut; `texts`: all of them),
+    and its allowance of classification on the loop (`budget`; past it, Deferred)."""
 
-    __slots__ = ("budget", "classified", "statements")
+    __slots__ = ("budget", "classified", "statements", "texts")
 
     def __init__(self) -> None:
         self.statements: dict[str, tuple[Statement, ...]] = {}
+        #: The Parse payloads of the session's prepared statements, by name (the gate reads
+        #: a Bind's statement text there: runtime/gate.py).
+        self.texts: dict[str, bytes] = {}
         self.budget = offload.LoopBudget()
         #: The last text classified apart, and its statements.
         self.classified: tuple[str, tuple[Statement, ...]] | None = None
@@ -104,6 +107,7 @@ class Detector:
                 return self._guarded_sql(extended.query_text(item.payload), failed)
             if item.type == FrontendType.PARSE:
                 name, found = self._parse(item.payload, failed)
+                self.texts[name] = item.payload
                 if found:
                     self.statements[name] = found
                 elif self.statements:

@@ -18,7 +18,7 @@ from pgmigrate_proxy.admin import AdminConnection, AdminUnavailable
 from pgmigrate_proxy.guard import pipeline
 from pgmigrate_proxy.guard.blockers import INSUFFICIENT_PRIVILEGE
 from pgmigrate_proxy.guard.drain import Gate as DrainGate
-from pgmigrate_proxy.guard.drain import GateHold, HoldRule, NoGate
+from pgmigrate_proxy.guard.drain import GateHold, HoldRule
 from pgmigrate_proxy.guard.pipeline import GuardContext, Steps
 from pgmigrate_proxy.guard.policy import Verdict
 from pgmigrate_proxy.guard.steps import (
@@ -35,6 +35,7 @@ from pgmigrate_proxy.guard.steps import (
     LockHolders,
     Notice,
     Now,
+    Recheck,
     Release,
     Replies,
     Send,
@@ -54,6 +55,7 @@ from pgmigrate_proxy.guard.unit import (
 from pgmigrate_proxy.protocol.framing import Frame
 from pgmigrate_proxy.protocol.types import TransactionStatus
 from pgmigrate_proxy.runtime.coordinate import DrainCoordinator
+from pgmigrate_proxy.runtime.gate import DrainGate as GateForDrains
 from pgmigrate_proxy.runtime.gate import Gate
 from pgmigrate_proxy.runtime.ports import Capture, ClientWriter, ServerPort
 from pgmigrate_proxy.runtime.publish import EventPublisher
@@ -86,14 +88,16 @@ class GuardServices:
 
     admin: AdminConnection | None
     context: GuardContext = field(default_factory=GuardContext)
-    gate: Gate = field(default_factory=Gate)  # holds new transactions' first statements
-    #: What a drain arms (blocking_action = drain; guard/drain.py's Gate protocol): not yet an
-    #: adapter over `gate`, so a drain holds nothing, waits for the holders, then drain_then.
-    drain_gate: DrainGate = field(default_factory=NoGate)
+    gate: Gate = field(default_factory=Gate)  # holds other sessions' statements at the proxy
+    #: What a drain arms (blocking_action = drain; guard/drain.py's Gate protocol): `gate`.
+    drain_gate: DrainGate = field(init=False)
     events: EventPublisher | None = None  # NOTIFY of each event (events_channel)
     recent: GuardEvents = field(default_factory=GuardEvents)  # the recent ones, for the console
     #: Drains announced to the other proxies, and theirs armed on drain_gate (the drain channel)
     coordinator: DrainCoordinator | None = None
+
+    def __post_init__(self) -> None:
+        self.drain_gate = GateForDrains(self.gate)
 
     @property
     def in_flight(self) -> set[int]:
@@ -278,14 +282,14 @@ class _Driver:
                 client.deliver(frames)
             case Arm(rule=rule):
                 self._release()
-                gate = self.services.drain_gate
-                if isinstance(gate, NoGate):
-                    _warn_no_gate()
-                self.hold = gate.arm(rule)
+                self.hold = self.services.drain_gate.arm(rule)
             case Release():
                 self._release()
             case Announce(rule=rule, targets=targets, hold_seconds=bound):
                 return await self._announce(rule, targets, bound)
+            case Recheck():
+                if self.hold is not None:
+                    self.hold.recheck()
             case Event(name=name, fields=fields, level=level):
                 _event(name, fields, level)
                 self._publish(name, fields)
@@ -365,18 +369,6 @@ class _Driver:
             task.cancel()
         elif not task.cancelled():
             task.exception()  # retrieved: a lost connection is reported by whoever awaited it
-
-
-_warned: list[bool] = []
-
-
-def _warn_no_gate() -> None:
-    if not _warned:
-        _warned.append(True)
-        log.warning(
-            "blocking_action = drain: this proxy cannot hold other sessions' statements yet;"
-            " a drain waits for the sessions holding locks on the tables, then drain_then applies"
-        )
 
 
 def _event(event: str, fields: Mapping[str, object], level: str = "INFO") -> None:

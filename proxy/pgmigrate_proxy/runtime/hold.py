@@ -27,6 +27,7 @@ from pgmigrate_proxy.runtime import guarding, offload
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
 from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, plain_query
+from pgmigrate_proxy.runtime.gate import GatedSession
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.onemigration import LockFailed, MigrationLock
 from pgmigrate_proxy.runtime.ports import ClientWriter
@@ -190,7 +191,7 @@ class Holder:
             return False
         if cut.frames and cut.frames[0].type == _TERMINATE:
             return False  # a client without a server leaves: none needed (_pump)
-        outcome = at_once(queue=self._gate.predicate is None)  # (the gate: acquire's task)
+        outcome = at_once(queue=not self._gate.arms)  # (the gate: acquire's task)
         if outcome is None:
             self._queued = True
             return False
@@ -218,7 +219,7 @@ class Holder:
         work, self._acquire = self._acquire, None
         self._acquire_at_once = None
         assert work is not None
-        waiter = self._gate_waiter() if self._gate.predicate is not None else None
+        waiter = self._gate_waiter() if self._gate.arms else None
         # (held by the armed gate: before a server is acquired)
         coro = self._after_gate(waiter, work) if waiter is not None else work()
         self.task = asyncio.get_running_loop().create_task(
@@ -227,34 +228,34 @@ class Holder:
 
     # --- the gate (runtime/gate.py) ---------------------------------------------------------
 
+    def _gate_place(self, cut: Cut, first: int, pid: int) -> asyncio.Future[None] | None:
+        """Show the armed gate the statements of a chunk from frame `first` on (`pid`: the
+        session's backend, 0 without a server); its place in the gate's queue if it holds them."""
+        if first >= len(cut.frames) or self.migration is not None:
+            return None  # (a migration session's own statements are never held)
+        item = cut.frames[first]
+        if item is self._gated:
+            return None  # (released: it goes on)
+        seen = GatedSession(self.session.peer, self.server.database, pid)
+        place = self._gate.hold(seen, cut.frames[first:], self.detect.texts)
+        if place is not None:
+            self._gated = item
+        return place
+
     def _gate_waiter(self) -> asyncio.Future[None] | None:
-        """Show the armed gate the first message held (the session has no server: a new
-        transaction's); its place in the gate's queue when it holds it."""
+        """The session has no server: show the armed gate what it sent first."""
         backlog = self._backlog
-        if not backlog or self.migration is not None:
-            return None
-        cut, first, _ = backlog[0]
-        if first >= len(cut.frames) or not self._gate.holds(self.session, cut.frames[first]):
-            return None
-        self._gated = cut.frames[first]
-        return self._gate.hold()
+        return self._gate_place(*backlog[0][:2], 0) if backlog else None
 
     def _gate_holds(self, cut: Cut, first: int, pos: int) -> bool:
-        """Show the armed gate a chunk's first message when the server owes nothing and is
-        idle (a new transaction's); when it holds it, the chunk from there waits for it."""
-        if first >= len(cut.frames) or self.migration is not None:
-            return False  # (a migration session's own statements are never held)
-        item = cut.frames[first]
-        server = self.server
-        if item is self._gated or server.status is not TransactionStatus.IDLE:
+        """Show the armed gate a chunk; when it holds it, the chunk from there waits for it."""
+        place = self._gate_place(cut, first, self.server.server_pid)
+        if place is None:
             return False
-        if not server.replies.idle or not self._gate.holds(self.session, item):
-            return False
-        self._gated = item
         self._backlog = [(cut, first, pos)]
         self._backlog_bytes = cut.tail - pos
         self.task = asyncio.get_running_loop().create_task(
-            self._run_unit(self._after_gate(self._gate.hold(), None), "the gate")
+            self._run_unit(self._after_gate(place, None), "the gate")
         )
         return True
 
@@ -333,7 +334,7 @@ class Holder:
             assert isinstance(open_window, Window)
             self._behind_window(open_window, [(cut, first, pos)])
             return
-        if self._gate.predicate is not None and self._gate_holds(cut, first, pos):
+        if self._gate.arms and self._gate_holds(cut, first, pos):
             return
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
         data = cut.data
