@@ -112,8 +112,8 @@ def _dropped(data: bytes) -> None:
 _STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
 
 
-#: Query and Parse payloads _stateless passed (an application repeats its texts): a set lookup
-#: instead of the scans. Short texts only, at most _SEEN_MAX of them (then cleared).
+#: Unnamed Parse payloads _stateless passed (their texts repeat, the values go in Bind): a set
+#: lookup instead of the scans. Short texts only, at most _SEEN_MAX of them (then cleared).
 _SEEN_STATELESS: set[bytes] = set()
 _SEEN_MAX, _SEEN_LENGTH = 1024, 512
 
@@ -563,16 +563,15 @@ class PoolLink:
     def watch_state(self, item: Frame) -> None:
         """A Query or Parse going out: pin on session state (or refuse it: a FATAL)."""
         payload = item.payload
-        if payload in _SEEN_STATELESS:
-            return
         if item.type == FrontendType.QUERY:
-            if _stateless(payload):
-                _seen_stateless(payload)
+            if _stateless(payload):  # (not remembered: a Query's text carries its values)
                 return
             sql = extended.query_text(item.payload)
             kinds = session_state(sql)
             reason = ", ".join(sorted(k.value for k in kinds)) if kinds else None
         else:
+            if payload in _SEEN_STATELESS:
+                return
             if payload[:1] == b"\0":  # unnamed
                 end = payload.find(b"\0", 1)
                 if end > 0 and _stateless(payload[1 : end + 1]):
