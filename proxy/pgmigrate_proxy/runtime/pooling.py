@@ -112,6 +112,19 @@ def _dropped(data: bytes) -> None:
 _STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
 
 
+#: Unnamed Parse payloads _stateless passed (their texts repeat, the values go in Bind): a set
+#: lookup instead of the scans. Short texts only, at most _SEEN_MAX of them (then cleared).
+_SEEN_STATELESS: set[bytes] = set()
+_SEEN_MAX, _SEEN_LENGTH = 1024, 512
+
+
+def _seen_stateless(payload: bytes) -> None:
+    if len(payload) <= _SEEN_LENGTH:
+        if len(_SEEN_STATELESS) >= _SEEN_MAX:
+            _SEEN_STATELESS.clear()
+        _SEEN_STATELESS.add(payload)
+
+
 def _stateless(text: bytes) -> bool:
     """session_state's answer without decoding, for the usual text (NUL-terminated): one
     plain DML statement (detect.plain_query) naming none of _STATE_WORDS leaves no state."""
@@ -551,15 +564,18 @@ class PoolLink:
         """A Query or Parse going out: pin on session state (or refuse it: a FATAL)."""
         payload = item.payload
         if item.type == FrontendType.QUERY:
-            if _stateless(payload):
+            if _stateless(payload):  # (not remembered: a Query's text carries its values)
                 return
             sql = extended.query_text(item.payload)
             kinds = session_state(sql)
             reason = ", ".join(sorted(k.value for k in kinds)) if kinds else None
         else:
+            if payload in _SEEN_STATELESS:
+                return
             if payload[:1] == b"\0":  # unnamed
                 end = payload.find(b"\0", 1)
                 if end > 0 and _stateless(payload[1 : end + 1]):
+                    _seen_stateless(payload)
                     return
             name, sql = extended.parse_statement(payload)
             if name:

@@ -78,6 +78,8 @@ _DESCRIBE = FrontendType.DESCRIBE.value
 #: Client messages that may open a retry window (a mapped statement's, renamed only).
 WINDOW_OPENERS = frozenset({_BIND, _DESCRIBE})
 _DROPPING = (b"deallocate", b"discard")
+#: The first bytes a DEALLOCATE or DISCARD may start with (bytes.lstrip's whitespace).
+_DROP_FIRST = frozenset(bytes([c]) for c in b"dD \t\n\r\x0b\x0c")
 #: Frames the mapping reads.
 MAPPED = frozenset(
     t.value for t in (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
@@ -240,15 +242,26 @@ class PreparedLink:
         return found
 
     def plan(self, item: Frame, server: ServerConnection) -> Plan | None:
-        """The Plan of a client frame; None: it goes as it is (not about a mapped name)."""
+        """The Plan of a client frame; None: it goes as it is (not about a mapped name).
+        Unnamed statements (most drivers, pgbench -M extended) cost a byte check or two: they
+        never reach the map (nor make the client's side of it)."""
         mtype = item.type
-        if mtype == _QUERY:
+        payload = item.payload
+        if mtype == _BIND:
+            name = payload.find(b"\0") + 1  # (after the portal's name)
+            if payload[name : name + 1] == b"\0":
+                return None  # the unnamed statement
+        elif mtype == _QUERY:
+            if payload[:1] not in _DROP_FIRST:
+                return None  # (every Query comes here: not a DEALLOCATE or DISCARD)
             return self._query(item, server)
-        if mtype == _PARSE:
-            name_end = item.payload.find(b"\0")
+        elif mtype == _PARSE:
+            name_end = payload.find(b"\0")
             if name_end < 0:
                 return None  # malformed: PostgreSQL rejects it
             if name_end == 0:  # unnamed: psycopg sends its DEALLOCATE (ALL) this way
+                if payload[1:2] not in _DROP_FIRST:
+                    return None
                 return self._deallocate(item, server)
             try:
                 sql = extended.parse_statement(item.payload)[1]
@@ -256,6 +269,8 @@ class PreparedLink:
                 return None
             if not is_plain(sql) or session_state(sql):
                 return None  # may need the DDL guard, or leaves state: unmapped (pinned)
+        elif payload[1:2] == b"\0" or payload[:1] != b"S":
+            return None  # Describe, Close: a portal, or the unnamed statement
         step = self.client.message(mtype, item.payload, self.server_statements(server))
         return None if step is None else _plan(step)
 
