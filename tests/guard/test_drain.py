@@ -184,7 +184,8 @@ def test_a_drain_waits_for_a_short_holder_and_terminates_nobody() -> None:
     assert isinstance(rule, HoldRule) and rule.let_through == {7} and rule.own_pid == 100
     assert rule.scope.touches("SELECT * FROM t") and rule.scope.touches("SELECT f()")
     sleeps = [s.seconds for s in fake.of(Sleep)]
-    assert sleeps and all(s == 0.05 for s in sleeps)  # polled at the watch_interval
+    # polled every DRAIN_POLL (10 ms: shorter than the 50 ms watch_interval)
+    assert sleeps and all(s == drain.DRAIN_POLL for s in sleeps)
     assert fake.codes() == []
     assert any(e.name == "drained" for e in fake.of(Event))
 
@@ -193,8 +194,8 @@ def test_after_the_timeout_then_terminates_those_left() -> None:
     fake = DrainFake(blockers=lambda now: [blocker(7)])
     run(fake, drain_settings(timeout=0.5))
     assert fake.signalled == [(7, Verdict.TERMINATE)]
-    # the first look at 0, then every 50 ms: the timeout is kept to the poll
-    assert round(sum(s.seconds for s in fake.of(Sleep) if s.seconds == 0.05), 3) >= 0.5
+    # the first look at 0, then every DRAIN_POLL: the timeout is kept to the poll
+    assert round(sum(s.seconds for s in fake.of(Sleep)), 3) >= 0.5
     assert fake.order() == ["Arm", "Announce", "Send", "Release"]
     assert fake.codes() == []
 
