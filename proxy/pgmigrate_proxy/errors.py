@@ -26,3 +26,10 @@ class ProtocolViolation(ProxyError):
 
 class ServerBusy(ProxyError):
     """A server connection was to change hands while it still owed replies or was held."""
+
+
+class ServerLost(ServerBusy):
+    """The server connection was to change hands, but PostgreSQL had closed it (terminated,
+    restarted): the client is told as a direct client would be, a connection failure."""
+
+    sqlstate = SqlState.CONNECTION_FAILURE

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from pgmigrate_proxy.errors import ServerBusy
+from pgmigrate_proxy.errors import ServerBusy, ServerLost
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Frame, FrameScanner, FramingError, message_types
 from pgmigrate_proxy.protocol.messages import (
@@ -180,6 +180,8 @@ class ServerConnection(UpstreamProtocol):
         """Take the connection back from its holder; refused (ServerBusy) unless it owes nothing."""
         reason = self.busy
         if reason is not None:
+            if self.transport is None:  # (terminated by PostgreSQL: 08006, not XX000)
+                raise ServerLost("server closed the connection unexpectedly")
             raise ServerBusy(f"cannot detach the server connection: {reason}")
         self.listener = None
         self._to_client = None
