@@ -198,6 +198,25 @@ class PoolLink:
         values). Transaction mode gives it back at once (the client gets one at its first
         message); session mode swaps it for an idle one."""
         self.lease = self.pool.join(server, parameters, told)
+        self._logged_in(told)
+        if self.transaction:
+            self._give_back(at_once=False)
+            return
+        if self.reserved is not None:  # taken before the client was told its server (reserve)
+            self._give_back(at_once=True)
+
+    def logged_in_without_server(self, told: dict[str, str]) -> None:
+        """Transaction mode, logged in from the pool's parameters (`told`): the client gets a
+        server at its first message."""
+        self._logged_in(told)
+        holder = self.session.holder
+        assert holder is not None
+        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+
+    def _logged_in(self, told: dict[str, str]) -> None:
+        """What either login sets up: the client's parameter view, its timers, and on its
+        holder the schema-change hook and (transaction mode) the session-state watch and the
+        prepared-statement map."""
         self.view = _shared({**reported(told), **self.wanted})
         self._arm()
         holder = self.session.holder
@@ -209,25 +228,6 @@ class PoolLink:
             capacity = self.pool.settings.max_prepared_statements
             if capacity > 0:
                 holder.prepared = statements.PreparedLink(registry, capacity)
-            self._give_back(at_once=False)
-            return
-        if self.reserved is not None:  # taken before the client was told its server (reserve)
-            self._give_back(at_once=True)
-
-    def logged_in_without_server(self, told: dict[str, str]) -> None:
-        """Transaction mode, logged in from the pool's parameters (`told`): the client gets a
-        server at its first message."""
-        self.view = _shared({**reported(told), **self.wanted})
-        self._arm()
-        holder = self.session.holder
-        assert holder is not None
-        registry = statements.registry_for(self.pool.registry)
-        holder.ddl_done = statements.invalidator(registry)
-        holder.state_watch = self.watch_state
-        capacity = self.pool.settings.max_prepared_statements
-        if capacity > 0:
-            holder.prepared = statements.PreparedLink(registry, capacity)
-        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
 
     def reserve(self) -> int | None:
         """Session mode, before the client is told its server's process id: take an idle
@@ -253,6 +253,13 @@ class PoolLink:
         if lease.options != self.options:
             return False
         return all(name in self.wanted for name in lease.login)
+
+    def _attach(self, lease: Lease) -> None:
+        """The client's server from now on (transaction mode: until its next ReadyForQuery 'I')."""
+        self.lease = lease
+        self.session.attach(lease.server)
+        if self.transaction:
+            lease.server.on_idle = self.server_idle
 
     async def acquire(self) -> None:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
@@ -282,10 +289,7 @@ class PoolLink:
             self.pool.close(lease)
             raise
         unpark(lease)
-        self.lease = lease
-        self.session.attach(lease.server)
-        if self.transaction:
-            lease.server.on_idle = self.server_idle
+        self._attach(lease)
 
     def acquire_at_once(self, *, queue: bool = True) -> bool | None:
         """acquire's fast path, without a task: an idle server that needs no check and no SET,
@@ -305,10 +309,7 @@ class PoolLink:
             self.waiting_since = time.monotonic()
             pool.wait(self)
             return None
-        self.lease = lease
-        self.session.attach(lease.server)
-        if self.transaction:
-            lease.server.on_idle = self.server_idle
+        self._attach(lease)
         pool.stats.assigned_at_once()
         return True
 
@@ -328,10 +329,7 @@ class PoolLink:
             holder.acquire_now()
             return True
         stats.server_assignment_count += 1
-        self.lease = lease
-        self.session.attach(lease.server)
-        if self.transaction:
-            lease.server.on_idle = self.server_idle
+        self._attach(lease)
         holder.server_came()
         return True
 
