@@ -119,7 +119,7 @@ STATEMENTS = [
 ]
 
 
-@pytest.mark.parametrize("action", ["terminate", "show"])
+@pytest.mark.parametrize("action", ["terminate", "show", "drain"])
 @pytest.mark.parametrize("template", STATEMENTS)
 def test_a_role_without_rights_ends_and_sees_no_one(
     pg: PgInfo,
