@@ -131,6 +131,71 @@ class FrameScanner:
             break
         return frames
 
+    def single(self, data: bytes) -> int:
+        """The type byte of `data` when it is exactly one whole, valid frame and the scanner is
+        at a boundary (scanning it would leave the scanner as it is: the relay's shortcut for
+        a chunk of one message); -1 otherwise (scan it with feed or cut)."""
+        n = len(data)
+        if self._need or self._header or n < HEADER_SIZE:
+            return -1
+        mtype: int
+        length: int
+        mtype, length = HEADER.unpack_from(data)
+        if length + 1 != n or not self._valid[mtype] or length < 4 or length > self._max_size:
+            return -1
+        return mtype
+
+    def starts(self, data: bytes) -> list[int] | None:
+        """Where each frame of `data` starts, when `data` is whole, valid frames from a
+        boundary (scanning it would leave the scanner as it is: the relay's shortcut for a
+        batch); None otherwise (scan it with cut)."""
+        if self._need or self._header:
+            return None
+        n = len(data)
+        pos = 0
+        unpack = HEADER.unpack_from
+        valid = self._valid
+        limit = self._max_size
+        found: list[int] = []
+        while pos < n:
+            if n - pos < HEADER_SIZE:
+                return None
+            mtype, length = unpack(data, pos)
+            if not valid[mtype] or length < 4 or length > limit:
+                return None
+            found.append(pos)
+            pos += 1 + length
+        return found if pos == n else None
+
+    def last_watched(self, data: bytes) -> int:
+        """Where the last frame of `data` starts, when `data` is whole, valid frames from a
+        boundary and no frame but the last is watched (scanning it would leave the scanner as
+        it is, and show at most that frame: the relay's shortcut for a reply that ends with
+        its ReadyForQuery); -1 otherwise (scan it with feed)."""
+        if self._need or self._header:
+            return -1
+        n = len(data)
+        pos = 0
+        unpack = HEADER.unpack_from
+        valid = self._valid
+        watched = self._watched
+        limit = self._max_size
+        while n - pos >= HEADER_SIZE:
+            mtype, length = unpack(data, pos)
+            if not valid[mtype] or length < 4 or length > limit:
+                return -1
+            end = pos + 1 + length
+            if end >= n:
+                return pos if end == n else -1
+            if watched[mtype]:
+                return -1
+            pos = end
+        return -1
+
+    def watches(self, mtype: int) -> bool:
+        """Whether frames of this type are watched now."""
+        return bool(self._watched[mtype])
+
     def cut(self, data: bytes) -> Cut:
         """Scan one chunk for a relay that forwards raw bytes around the watched frames.
 

@@ -19,7 +19,13 @@ from typing import Protocol
 
 from pgmigrate_proxy.errors import ServerBusy, ServerLost
 from pgmigrate_proxy.protocol import extended
-from pgmigrate_proxy.protocol.framing import Frame, FrameScanner, FramingError, message_types
+from pgmigrate_proxy.protocol.framing import (
+    HEADER_SIZE,
+    Frame,
+    FrameScanner,
+    FramingError,
+    message_types,
+)
 from pgmigrate_proxy.protocol.messages import (
     BackendKeyData,
     DecodeError,
@@ -198,6 +204,10 @@ class ServerConnection(UpstreamProtocol):
             if self.listener is not None:
                 self.listener.server_data(data)
             return
+        if self._tracking and self._sink is None and self.window is None and self._observer is None:
+            last = self.scanner.last_watched(data)
+            if last >= 0 and self._shortcut(data, last, to_client):
+                return
         try:
             frames = self.scanner.feed(data)
             if self._sink is not None:
@@ -227,6 +237,44 @@ class ServerConnection(UpstreamProtocol):
         on_idle = self.on_idle
         if on_idle is not None and frames and self.status is _IDLE and self.replies.idle:
             on_idle()  # (the holder checks the rest: see PoolLink.server_idle)
+
+    def _shortcut(self, data: bytes, last: int, to_client: Callable[[bytes], object]) -> bool:
+        """data_received for a chunk of whole frames, none watched but the last (a reply
+        ending with its ReadyForQuery, or a run of rows): what feed and _received would do,
+        without making frames. False when the last frame needs the general path."""
+        mtype = data[last]
+        if mtype == _READY_FOR_QUERY:
+            status = _STATUSES.get(data[last + HEADER_SIZE : last + HEADER_SIZE + 1])
+            if status is None or len(data) - last != HEADER_SIZE + 1:
+                return False  # (malformed: the general path says so)
+            replies = self.replies
+            try:
+                replies.received(mtype)
+            except UnexpectedReply as exc:
+                if self.listener is not None:
+                    self.listener.server_violation(DecodeError(str(exc)))
+                return True
+            self.status = status
+            stats = self.stats
+            stats.query_count += 1
+            if status is _IDLE:
+                stats.xact_count += 1
+            idle = self._idle
+            if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
+                idle.set_result(None)
+            if self.every_reply and not replies.needs_every_reply:
+                self.watch()
+            to_client(data)
+            stats.bytes_sent += len(data)
+            on_idle = self.on_idle
+            if on_idle is not None and status is _IDLE and replies.idle:
+                on_idle()  # (the holder checks the rest: see PoolLink.server_idle)
+            return True
+        if self.scanner.watches(mtype):
+            return False
+        to_client(data)  # (no frame watched: nothing to track)
+        self.stats.bytes_sent += len(data)
+        return True
 
     def _received(self, frames: list[Frame]) -> None:
         """Bookkeeping for watched server frames passed on to the client."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
 from pgmigrate_proxy.protocol import extended
-from pgmigrate_proxy.protocol.framing import HEADER, Cut, Frame
+from pgmigrate_proxy.protocol.framing import HEADER, HEADER_SIZE, Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError
 from pgmigrate_proxy.protocol.retry import RetryWindow
 from pgmigrate_proxy.protocol.sqlstate import SqlState
@@ -40,6 +40,7 @@ from pgmigrate_proxy.runtime.statements import (
     Window,
 )
 from pgmigrate_proxy.sql import Statement, first_keyword
+from pgmigrate_proxy.sql.session_state import names_no_state
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
@@ -65,6 +66,7 @@ _SYNC = FrontendType.SYNC.value
 _QUERY = FrontendType.QUERY.value
 _EXECUTE = FrontendType.EXECUTE.value
 _BIND = FrontendType.BIND.value
+_PARSE = FrontendType.PARSE.value
 #: Messages that have no body (Flush, Sync).
 _EMPTY_MESSAGES = frozenset({FrontendType.FLUSH.value, FrontendType.SYNC.value})
 #: Frontend messages of an ordinary session that never start a guarded statement.
@@ -149,6 +151,8 @@ class Holder:
         #: transaction pooling: set while the session's server is lent to the pool, idle
         #: (PoolLink.take_back): the client's next data takes it back first
         self.take_back: Callable[[], None] | None = None
+        #: the last Parse _plain_batch found plain (most drivers send the same one each time)
+        self._plain_parse = b""
 
     @property
     def holding(self) -> bool:
@@ -283,6 +287,123 @@ class Holder:
         except Exception as exc:
             self._failed(exc)
 
+    def query(self, data: bytes) -> bool:
+        """The relay's shortcut for a chunk that is one whole Query (FrameScanner.single): an
+        ordinary DML statement that leaves no session state, no unit held, no gate armed, no
+        retry window open, not a migration session, goes out as pump would send it, without a
+        scan; False when it is not that case (pump it). Its lent server is taken back first;
+        a session without a server gets one at once, or waits in its pool with the Query held
+        (_attached_at_once, as pump would)."""
+        if self.migration is not None or self._gate.arms:
+            return False
+        backlog = self._backlog
+        if backlog is not None and (backlog or self._unit is not None or self.task is not None):
+            return False
+        payload = data[HEADER_SIZE:]
+        if not plain_query(payload) or payload[:1] in (b"d", b"D"):
+            return False  # (a DELETE: the prepared-statement map reads it for a DEALLOCATE)
+        if self.state_watch is not None and not names_no_state(payload):
+            return False  # (the watch decides: pin, or refuse)
+        try:
+            if backlog is not None:
+                at_once = self._acquire_at_once
+                if at_once is None or self._acquire is None or self._queued:
+                    return False
+                outcome = at_once(queue=True)
+                if outcome is None:  # queued in its pool: the Query waits for server_came
+                    self._queued = True
+                    query = Frame(_QUERY, payload, len(data), 0)
+                    backlog.append((Cut(data, [query], b"", len(data)), 0, 0))
+                    self._backlog_bytes += len(data)
+                    return True
+                if not outcome:
+                    return False  # (pump starts acquire)
+                self._backlog = None
+                self._acquire = self._acquire_at_once = None
+            take_back = self.take_back
+            if take_back is not None:
+                self.take_back = None
+                take_back()
+                if self._backlog is not None:
+                    return False  # (given back to be checked first: pump waits for a server)
+            server = self.server
+            transport = server.transport
+            if server.window is not None or transport is None:
+                return False
+            replies = server.replies
+            replies.sent(_QUERY)
+            transport.write(data)
+            if replies.needs_every_reply is not server.every_reply:
+                server.watch()
+        except Exception as exc:
+            self._failed(exc)
+        return True
+
+    def batch(self, data: bytes, starts: list[int]) -> bool:
+        """query()'s shortcut for a chunk of whole frames (`starts`: FrameScanner.starts) that
+        is one batch of the unnamed statement: the Parse that _plain_batch found plain last
+        (byte for byte) or none, Bind, Describe, Execute, Close of the unnamed statement or
+        portals, ending with its Sync. False when it is not that case (pump it)."""
+        if self._backlog is not None or self.migration is not None or self._gate.arms:
+            return False
+        parse = self._plain_parse
+        parsed = False
+        end = len(data)
+        types: list[int] = []
+        note = types.append
+        for index, pos in enumerate(starts):
+            mtype = data[pos]
+            if mtype == _BIND:
+                if data[pos + HEADER_SIZE : pos + HEADER_SIZE + 2] != b"\0\0":
+                    return False  # (a named portal or statement)
+            elif mtype in _PASSING:  # Execute, Describe, Close: a portal, or unnamed
+                name = pos + HEADER_SIZE + 1
+                if mtype != _EXECUTE and data[name : name + 1] != b"\0" and data[name - 1] == 83:
+                    return False  # (83: "S", a named statement)
+            elif mtype == _PARSE and index == 0:
+                stop = starts[1] if len(starts) > 1 else end
+                if not parse or data[pos + HEADER_SIZE : stop] != parse:
+                    return False
+                parsed = True
+            elif mtype != _SYNC or pos + HEADER_SIZE != end:
+                return False  # (anything else; a Sync with a body, or not last)
+            note(mtype)
+        if not types or types[-1] != _SYNC:
+            return False
+        detect = self.detect
+        if parsed:  # (what Detector.guarded does for it: replaces the unnamed)
+            detect.texts[""] = parse
+            if detect.statements:
+                detect.statements.pop("", None)
+        elif "" in detect.statements:
+            return False  # binds a guarded unnamed statement
+        try:
+            take_back = self.take_back
+            if take_back is not None:
+                self.take_back = None
+                take_back()
+                if self._backlog is not None:
+                    return False  # (given back to be checked first: pump waits for a server)
+            server = self.server
+            transport = server.transport
+            if server.window is not None or transport is None:
+                return False
+            replies = server.replies
+            replies.sent_all(types, len(types) - 1)
+            transport.write(data)
+            if replies.needs_every_reply is not server.every_reply:
+                server.watch()
+        except Exception as exc:
+            self._failed(exc)
+        return True
+
+    def _one_query(self, cut: Cut) -> bool:
+        """Whether a held chunk that is one whole Query went out through query()."""
+        frames = cut.frames
+        if len(frames) != 1 or frames[0].type != _QUERY or frames[0].start != 0:
+            return False
+        return frames[0].end == len(cut.data) and self.query(cut.data)
+
     def _safely(self, step: Callable[..., None], *args: Any) -> None:
         """Run a step over client data; see pump for what a failure does."""
         try:
@@ -335,6 +456,8 @@ class Holder:
             self._behind_window(open_window, [(cut, first, pos)])
             return
         if self._gate.arms and self._gate_holds(cut, first, pos):
+            return
+        if pos == 0 and not cut.carry and self.migration is None and self._plain_batch(cut):
             return
         out: list[bytes] = [cut.carry] if cut.carry and pos == 0 and first == 0 else []
         data = cut.data
@@ -446,6 +569,69 @@ class Holder:
             return
         out.append(data[pos : cut.tail])
         self._write_server(out)
+
+    def _plain_batch(self, cut: Cut) -> bool:
+        """_pump's shortcut for the usual extended-protocol chunk (pgbench -M extended, most
+        drivers): one whole batch of the unnamed statement and portals, ending with its Sync,
+        whose Parse is an ordinary DML statement that leaves no session state. It goes out
+        as the loop would send it; False when it is not that case (the loop takes it)."""
+        data = cut.data
+        frames = cut.frames
+        if cut.tail != len(data) or not frames or frames[-1].type != _SYNC:
+            return False
+        parse: Frame | None = None
+        types: list[int] = []
+        for item in frames:
+            mtype = item.type
+            payload = item.payload
+            if item.start < 0:
+                return False
+            if mtype == _BIND:
+                if payload[:2] != b"\0\0":
+                    return False  # (a named portal or statement)
+            elif mtype in _PASSING:  # Execute, Describe, Close: a portal, or unnamed
+                if mtype != _EXECUTE and payload[1:2] != b"\0" and payload[:1] == b"S":
+                    return False
+            elif mtype == _PARSE and parse is None:
+                if payload != self._plain_parse and not self._plain_unnamed(item):
+                    return False
+                parse = item
+            elif mtype != _SYNC or payload or item is not frames[-1]:
+                return False
+            types.append(mtype)
+        detect = self.detect
+        if parse is not None:  # (what Detector.guarded does for it: replaces the unnamed)
+            detect.texts[""] = parse.payload
+            if detect.statements:
+                detect.statements.pop("", None)
+        elif "" in detect.statements:
+            return False  # binds a guarded unnamed statement
+        server = self.server
+        transport = server.transport
+        if transport is None:
+            return False
+        server.replies.sent_all(types, len(types) - 1)
+        transport.write(data)
+        return True
+
+    def _plain_unnamed(self, item: Frame) -> bool:
+        """Whether a Parse may take _plain_batch's shortcut (remembered when it may): the
+        unnamed statement, an ordinary DML statement that leaves no state, nothing the
+        prepared-statement map reads, not guarded."""
+        payload = item.payload
+        end = payload.find(b"\0", 1)
+        if payload[:1] != b"\0" or end < 0:
+            return False
+        text = payload[1 : end + 1]
+        if not plain_query(text) or not names_no_state(text):
+            return False
+        if self.prepared is not None and self.prepared.plan(item, self.server) is not None:
+            return False
+        failed = self.server.status is TransactionStatus.FAILED
+        if self.settings is not None and self.detect.guarded(item, failed=failed) is not None:
+            return False
+        self._plain_parse = payload
+        return True
 
     def _prepared_round(self, plan: Plan, mtype: int, cut: Cut, index: int) -> None:
         """Hold the chunk after frame `index` while the proxy's requests for it go first."""
@@ -740,6 +926,10 @@ class Holder:
         """Stop holding; pump what waited, in order (it may start another unit)."""
         backlog, self._backlog = self._backlog, None
         self.session.resume_client_reading()
+        if backlog is not None and len(backlog) == 1 and self.session.relaying:
+            cut, first, pos = backlog[0]  # (one whole Query waited: query's shortcut)
+            if not first and not pos and not cut.carry and self._one_query(cut):
+                return
         while backlog and self.session.relaying:
             cut, first, pos = backlog.pop(0)
             self.pump(cut, first, pos)

@@ -263,7 +263,8 @@ class Pool:
 
     def release(self, lease: Lease) -> None:
         """A server that owes nothing and is idle comes back: to a waiter, idle, or closed."""
-        if lease.server.gone or lease.server.status is not TransactionStatus.IDLE:
+        server = lease.server
+        if server.transport is None or server.status is not TransactionStatus.IDLE:
             self.close(lease)
             return
         now = time.monotonic()
@@ -276,8 +277,11 @@ class Pool:
             park(lease)
             self.idle.append(lease)  # handed out once its cancel is delivered
             return
-        over = self.size > self.settings.pool_size + self.settings.reserve_pool_size
-        if over or self.registry.over(self.key, self.settings):
+        settings = self.settings
+        size = len(self.leases) + self.size_opening
+        over = size > settings.pool_size + settings.reserve_pool_size
+        limited = settings.max_db_connections or settings.max_user_connections
+        if over or (limited and self.registry.over(self.key, settings)):
             self.close(lease)  # a login beyond the pool's size or a limit (passthrough)
             return
         if self.waiters and self._hand_over(lease):
@@ -451,25 +455,28 @@ class Pool:
         else:
             unpark(lease)
 
-    def lendable(self, lease: Lease) -> bool:
-        """Whether release would keep this server (it may be lent instead)."""
-        if self.closing or lease.cancels or lease.server.gone:
-            return False
-        lifetime = self.settings.server_lifetime
-        if lifetime == 0 or (lifetime > 0 and time.monotonic() - lease.born > lifetime):
-            return False
-        if self.size > self.settings.pool_size + self.settings.reserve_pool_size:
-            return False
-        return not self.registry.over(self.key, self.settings)
-
-    def lend(self, lease: Lease, owner: Lender) -> None:
+    def lend(self, lease: Lease, owner: Lender) -> bool:
         """A server idle at a transaction's end, no client waiting: it stays attached to its
-        client (`owner`) and counts as idle; see Lease.owner."""
+        client (`owner`) and counts as idle (see Lease.owner), when release would keep it;
+        False when release would not (nothing done)."""
+        if self.closing or lease.cancels or lease.server.transport is None:
+            return False
+        settings = self.settings
+        now = time.monotonic()
+        lifetime = settings.server_lifetime
+        if lifetime == 0 or (lifetime > 0 and now - lease.born > lifetime):
+            return False
+        if len(self.leases) + self.size_opening > settings.pool_size + settings.reserve_pool_size:
+            return False
+        limited = settings.max_db_connections or settings.max_user_connections
+        if limited and self.registry.over(self.key, settings):
+            return False
         lease.owner = owner
-        lease.idle_since = time.monotonic()
+        lease.idle_since = now
         self.idle.append(lease)
         if self._reaper is None:
             self._schedule_reap()
+        return True
 
     def reclaim(self, lease: Lease) -> None:
         """The owner of a lent server takes it back (it sends its next transaction)."""

@@ -33,7 +33,7 @@ from pgmigrate_proxy.runtime.pool import (
     unpark,
     unpoolable,
 )
-from pgmigrate_proxy.sql.session_state import drops_prepared, session_state
+from pgmigrate_proxy.sql.session_state import drops_prepared, names_no_state, session_state
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.backend import ServerConnection
@@ -108,10 +108,6 @@ def _dropped(data: bytes) -> None:
     """Where a server's bytes for a client that left go."""
 
 
-#: What session_state's scan looks for anywhere in a text (sql/session_state.py is_candidate).
-_STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
-
-
 #: Unnamed Parse payloads _stateless passed (their texts repeat, the values go in Bind): a set
 #: lookup instead of the scans. Short texts only, at most _SEEN_MAX of them (then cleared).
 _SEEN_STATELESS: set[bytes] = set()
@@ -127,12 +123,8 @@ def _seen_stateless(payload: bytes) -> None:
 
 def _stateless(text: bytes) -> bool:
     """session_state's answer without decoding, for the usual text (NUL-terminated): one
-    plain DML statement (detect.plain_query) naming none of _STATE_WORDS leaves no state."""
-    if not plain_query(text):
-        return False
-    lowered = text.lower()
-    return not (_STATE_WORDS[0] in lowered or _STATE_WORDS[1] in lowered or
-                _STATE_WORDS[2] in lowered)  # fmt: skip
+    plain DML statement (detect.plain_query) naming none of the state words leaves none."""
+    return plain_query(text) and names_no_state(text)
 
 
 class Refused(ProxyError):
@@ -161,8 +153,8 @@ class PoolLink:
     """One client's side of its pool (module docstring)."""
 
     __slots__ = (
-        "_idle_since", "_seen", "_timer", "lease", "leaving", "lent", "options", "pinned", "pool",
-        "queued",
+        "_idle_since", "_seen", "_take_back", "_timer", "lease", "leaving", "lent", "options",
+        "pinned", "pool", "queued",
         "reserved", "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
@@ -188,6 +180,7 @@ class PoolLink:
         self.leaving = False
         self.queued = False  # in its pool's waiters without a task (acquire_at_once, offer)
         self.lent = False  # its server is idle in the pool, still attached to it (Lease.owner)
+        self._take_back = self.take_back  # (made once: lent at each transaction's end)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -349,6 +342,8 @@ class PoolLink:
         if prepared is not None and not prepared.current:
             return False  # (acquire closes what a schema change retired: statements.checkout)
         current = lease.current
+        if current == self.view:
+            return not self.pool.check_due(lease)
         for name, value in self.view.items():  # (as _sync_parameters would find nothing to SET)
             if current.get(name) != value:
                 return False
@@ -372,24 +367,25 @@ class PoolLink:
     def server_idle(self) -> None:
         """ReadyForQuery 'I' with nothing owed (transaction mode): back to the pool, unless
         pinned, a statement is held, or the client is amid a message."""
-        holder = self.session.holder
-        if not self.transaction or self.pinned is not None or self.lease is None:
+        lease = self.lease
+        if not self.transaction or self.pinned is not None or lease is None or self.lent:
             return
-        if holder is None:
+        session = self.session
+        holder = session.holder
+        if holder is None or holder.holding or holder.task is not None:
             return
-        if holder.holding or holder.task is not None or not self.session.at_boundary:
+        server = lease.server
+        if server.status is not TransactionStatus.IDLE or server.busy is not None:
             return
-        server = self.lease.server
-        if self.lent or server.status is not TransactionStatus.IDLE or server.busy is not None:
+        if not session.at_boundary:
             return
         pool = self.pool
-        if pool.waiters or not pool.lendable(self.lease):
-            self._give_back(at_once=False)
-            return
         # nobody waits: lend it (it stays attached; the next data takes it back: _pump)
-        self.lent = True
-        pool.lend(self.lease, self)
-        self.session.lend_server(self.take_back)
+        if not pool.waiters and pool.lend(lease, self):
+            self.lent = True
+            session.lend_server(self._take_back)
+            return
+        self._give_back(at_once=False)
 
     def take_back(self) -> None:
         """The client's next data while its server is lent: it is its own again, unless it
@@ -402,7 +398,8 @@ class PoolLink:
         pool.reclaim(lease)
         self.session.lend_server(None)
         prepared = lease.server.statements
-        if pool.check_due(lease) or (prepared is not None and not prepared.current):
+        due = pool.settings.server_check_query and pool.check_due(lease)
+        if due or (prepared is not None and not prepared.current):
             self._give_back(at_once=False)  # (acquire checks it, and closes retired statements)
         else:
             pool.stats.assigned_at_once()

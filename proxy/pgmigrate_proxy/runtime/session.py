@@ -53,6 +53,7 @@ from pgmigrate_proxy.protocol.types import (
     SSL_ACCEPT,
     SSL_REJECT,
     BackendType,
+    FrontendType,
     TransactionStatus,
 )
 from pgmigrate_proxy.runtime import clientauth, guarding
@@ -85,6 +86,9 @@ log = logging.getLogger("pgmigrate_proxy.session")
 _FRONTEND_VALID = type_table(FRONTEND_TYPES)
 #: Bytes a client may send ahead before the proxy reads them as messages (then it pauses).
 _STARTUP_BUFFER = MAX_STARTUP_PACKET + MAX_AUTH_TOKEN
+_QUERY = FrontendType.QUERY.value
+_PARSE = FrontendType.PARSE.value
+_BIND = FrontendType.BIND.value
 #: How long a session closing on an error waits for the server to reach a message boundary.
 _DRAIN_SECONDS = 5.0
 
@@ -180,6 +184,15 @@ class ClientSession(asyncio.Protocol):
             self.chunks += 1
             self.stats.bytes_received += len(data)
             holder = self.holder
+            if holder is not None:  # (the usual chunks: Holder.query and Holder.batch)
+                first = data[0]
+                if first == _QUERY:
+                    if self._fe.single(data) == _QUERY and holder.query(data):
+                        return
+                elif first in (_PARSE, _BIND):
+                    starts = self._fe.starts(data)
+                    if starts is not None and holder.batch(data, starts):
+                        return
             try:
                 if holder is None:
                     self._fe.feed(data)
@@ -261,11 +274,16 @@ class ClientSession(asyncio.Protocol):
         assert holder is not None
         holder.take_back = take_back
         server = self.server
-        transport = server.transport if server is not None and take_back is None else None
-        self._to_server = transport.write if transport is not None else None
-        if server is not None:  # (what a lent server sends unasked is dropped, as a parked one's)
-            to_client = self.client.write if self.client is not None else _unasked
-            server.redirect(_unasked if take_back is not None else to_client)
+        if server is None:
+            self._to_server = None
+        elif take_back is not None:  # (what a lent server sends unasked is dropped, as a
+            self._to_server = None  # parked one's)
+            server.redirect(_unasked)
+        else:
+            transport = server.transport
+            self._to_server = transport.write if transport is not None else None
+            client = self.client
+            server.redirect(client.write if client is not None else _unasked)
 
     def detach(self) -> ServerConnection:
         """Hand the server connection back (refused with ServerBusy unless it owes nothing

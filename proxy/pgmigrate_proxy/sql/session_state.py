@@ -56,6 +56,19 @@ _NONE: Effects = (frozenset(), False)
 _cache: ByteLRU[str, Effects] = ByteLRU(1024 * 1024, 64 * 1024)
 
 
+#: What is_candidate looks for anywhere in a text, as bytes (names_no_state).
+_STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
+
+
+def names_no_state(text: bytes) -> bool:
+    """is_candidate's substring test on a statement's bytes, without decoding: True when the
+    text names none of the functions and words that may leave state (a plain DML statement,
+    runtime/detect.plain_query, that passes it leaves none)."""
+    lowered = text.lower()
+    return not (_STATE_WORDS[0] in lowered or _STATE_WORDS[1] in lowered or
+                _STATE_WORDS[2] in lowered)  # fmt: skip
+
+
 def session_state(sql: str) -> frozenset[StateKind]:
     """The kinds of state the statements of `sql` leave on the server connection past their
     transaction; empty for ordinary statements (and for text PostgreSQL would reject)."""
