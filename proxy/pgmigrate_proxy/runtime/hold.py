@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
 from pgmigrate_proxy.protocol import extended
+from pgmigrate_proxy.protocol.batches import unnamed_batch
 from pgmigrate_proxy.protocol.framing import HEADER, HEADER_SIZE, Cut, Frame
 from pgmigrate_proxy.protocol.messages import DecodeError
 from pgmigrate_proxy.protocol.retry import RetryWindow
@@ -320,81 +321,57 @@ class Holder:
                     return False  # (pump starts acquire)
                 self._backlog = None
                 self._acquire = self._acquire_at_once = None
-            take_back = self.take_back
-            if take_back is not None:
-                self.take_back = None
-                take_back()
-                if self._backlog is not None:
-                    return False  # (given back to be checked first: pump waits for a server)
-            server = self.server
-            transport = server.transport
-            if server.window is not None or transport is None:
-                return False
-            replies = server.replies
-            replies.sent(_QUERY)
-            transport.write(data)
-            if replies.needs_every_reply is not server.every_reply:
-                server.watch()
+            return self._send(data, None)
         except Exception as exc:
             self._failed(exc)
         return True
 
     def batch(self, data: bytes, starts: list[int]) -> bool:
-        """query()'s shortcut for a chunk of whole frames (`starts`: FrameScanner.starts) that
-        is one batch of the unnamed statement: the Parse that _plain_batch found plain last
-        (byte for byte) or none, Bind, Describe, Execute, Close of the unnamed statement or
-        portals, ending with its Sync. False when it is not that case (pump it)."""
+        """query()'s shortcut for a chunk of whole messages (`starts`: FrameScanner.starts)
+        that is one batch of the unnamed statement (protocol/batches.py) whose Parse, if it
+        has one, is the one _plain_batch last found plain, byte for byte. False when it is not
+        that case (pump it)."""
         if self._backlog is not None or self.migration is not None or self._gate.arms:
             return False
-        parse = self._plain_parse
-        parsed = False
-        end = len(data)
-        types: list[int] = []
-        note = types.append
-        for index, pos in enumerate(starts):
-            mtype = data[pos]
-            if mtype == _BIND:
-                if data[pos + HEADER_SIZE : pos + HEADER_SIZE + 2] != b"\0\0":
-                    return False  # (a named portal or statement)
-            elif mtype in _PASSING:  # Execute, Describe, Close: a portal, or unnamed
-                name = pos + HEADER_SIZE + 1
-                if mtype != _EXECUTE and data[name : name + 1] != b"\0" and data[name - 1] == 83:
-                    return False  # (83: "S", a named statement)
-            elif mtype == _PARSE and index == 0:
-                stop = starts[1] if len(starts) > 1 else end
-                if not parse or data[pos + HEADER_SIZE : stop] != parse:
-                    return False
-                parsed = True
-            elif mtype != _SYNC or pos + HEADER_SIZE != end:
-                return False  # (anything else; a Sync with a body, or not last)
-            note(mtype)
-        if not types or types[-1] != _SYNC:
+        types = unnamed_batch(data, starts, self._plain_parse)
+        if types is None:
             return False
         detect = self.detect
-        if parsed:  # (what Detector.guarded does for it: replaces the unnamed)
-            detect.texts[""] = parse
+        if types[0] == _PARSE:  # (what Detector.guarded does for it: replaces the unnamed)
+            detect.texts[""] = self._plain_parse
             if detect.statements:
                 detect.statements.pop("", None)
         elif "" in detect.statements:
             return False  # binds a guarded unnamed statement
         try:
-            take_back = self.take_back
-            if take_back is not None:
-                self.take_back = None
-                take_back()
-                if self._backlog is not None:
-                    return False  # (given back to be checked first: pump waits for a server)
-            server = self.server
-            transport = server.transport
-            if server.window is not None or transport is None:
-                return False
-            replies = server.replies
-            replies.sent_all(types, len(types) - 1)
-            transport.write(data)
-            if replies.needs_every_reply is not server.every_reply:
-                server.watch()
+            return self._send(data, types)
         except Exception as exc:
             self._failed(exc)
+        return True
+
+    def _send(self, data: bytes, types: list[int] | None) -> bool:
+        """The shortcuts' end: take the lent server back, feed the reply queue the chunk's
+        messages (`types`; None: one Query), write the chunk. False, with nothing sent, when
+        the general path must take it (the server went back to be checked, a retry window
+        is open, the server is lost)."""
+        take_back = self.take_back
+        if take_back is not None:
+            self.take_back = None
+            take_back()
+            if self._backlog is not None:
+                return False  # (given back to be checked first: pump waits for a server)
+        server = self.server
+        transport = server.transport
+        if server.window is not None or transport is None:
+            return False
+        replies = server.replies
+        if types is None:
+            replies.sent(_QUERY)
+        else:
+            replies.sent_all(types, len(types) - 1)
+        transport.write(data)
+        if replies.needs_every_reply is not server.every_reply:
+            server.watch()
         return True
 
     def _one_query(self, cut: Cut) -> bool:
@@ -571,48 +548,19 @@ class Holder:
         self._write_server(out)
 
     def _plain_batch(self, cut: Cut) -> bool:
-        """_pump's shortcut for the usual extended-protocol chunk (pgbench -M extended, most
-        drivers): one whole batch of the unnamed statement and portals, ending with its Sync,
-        whose Parse is an ordinary DML statement that leaves no session state. It goes out
-        as the loop would send it; False when it is not that case (the loop takes it)."""
-        data = cut.data
+        """_pump's way into batch() for a chunk it scanned: one whole batch of the unnamed
+        statement whose Parse, new or not, is plain (then remembered). False: the loop takes
+        the chunk."""
         frames = cut.frames
-        if cut.tail != len(data) or not frames or frames[-1].type != _SYNC:
+        if cut.tail != len(cut.data) or not frames or frames[-1].type != _SYNC:
             return False
-        parse: Frame | None = None
-        types: list[int] = []
-        for item in frames:
-            mtype = item.type
-            payload = item.payload
-            if item.start < 0:
-                return False
-            if mtype == _BIND:
-                if payload[:2] != b"\0\0":
-                    return False  # (a named portal or statement)
-            elif mtype in _PASSING:  # Execute, Describe, Close: a portal, or unnamed
-                if mtype != _EXECUTE and payload[1:2] != b"\0" and payload[:1] == b"S":
-                    return False
-            elif mtype == _PARSE and parse is None:
-                if payload != self._plain_parse and not self._plain_unnamed(item):
-                    return False
-                parse = item
-            elif mtype != _SYNC or payload or item is not frames[-1]:
-                return False
-            types.append(mtype)
-        detect = self.detect
-        if parse is not None:  # (what Detector.guarded does for it: replaces the unnamed)
-            detect.texts[""] = parse.payload
-            if detect.statements:
-                detect.statements.pop("", None)
-        elif "" in detect.statements:
-            return False  # binds a guarded unnamed statement
-        server = self.server
-        transport = server.transport
-        if transport is None:
+        if any(item.start < 0 for item in frames):
             return False
-        server.replies.sent_all(types, len(types) - 1)
-        transport.write(data)
-        return True
+        first = frames[0]
+        parse = first.type == _PARSE
+        if parse and first.payload != self._plain_parse and not self._plain_unnamed(first):
+            return False
+        return self.batch(cut.data, [item.start for item in frames])
 
     def _plain_unnamed(self, item: Frame) -> bool:
         """Whether a Parse may take _plain_batch's shortcut (remembered when it may): the

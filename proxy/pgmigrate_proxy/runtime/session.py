@@ -189,7 +189,9 @@ class ClientSession(asyncio.Protocol):
                 if first == _QUERY:
                     if self._fe.single(data) == _QUERY and holder.query(data):
                         return
-                elif first in (_PARSE, _BIND):
+                elif (first == _PARSE and data[5:6] == b"\0") or (
+                    first == _BIND and data[5:7] == b"\0\0"
+                ):  # (the unnamed statement; named ones go to the prepared-statement map)
                     starts = self._fe.starts(data)
                     if starts is not None and holder.batch(data, starts):
                         return
