@@ -440,3 +440,60 @@ def test_cut_sends_a_held_header_of_an_unwatched_frame_first() -> None:
     rest = scanner.cut(copy[3:])
     assert rest.carry == copy[:3] and rest.frames == [] and rest.tail == len(copy) - 3
     assert scanner.cut(b"").plain
+
+
+# --- the relay's shortcuts (single, starts, last_watched) agree with feed ---------------------
+
+_TYPES = st.sampled_from([ord(c) for c in "QPBDESTCZXd12n"])
+_FRAMES = st.lists(st.tuples(_TYPES, st.binary(max_size=40)), min_size=1, max_size=6)
+
+
+@given(frames=_FRAMES, prefix=st.binary(max_size=12), suffix=st.binary(max_size=12))
+def test_shortcuts_agree_with_feed(
+    frames: list[tuple[int, bytes]], prefix: bytes, suffix: bytes
+) -> None:
+    """For any chunk (whole frames, possibly with stray bytes before or after): single, starts
+    and last_watched answer only for whole, valid frames from a boundary, leave the scanner as
+    it was, and what they report is what feed finds."""
+    watched = {ord("Z"), ord("E")}
+    for data in (
+        b"".join(frame(t, p) for t, p in frames),
+        prefix + b"".join(frame(t, p) for t, p in frames),
+        b"".join(frame(t, p) for t, p in frames) + suffix,
+    ):
+        scanner = FrameScanner(watched=watched, max_size=60)
+        reference = FrameScanner(watched=range(256), max_size=60)
+        try:
+            every = reference.feed(data)
+            whole = reference.at_boundary
+        except FramingError:
+            every, whole = [], False
+        starts = scanner.starts(data)
+        last = scanner.last_watched(data)
+        single = scanner.single(data)
+        assert scanner.at_boundary  # (none of them moved it)
+        if starts is not None:
+            assert whole and starts == [item.start for item in every]
+        elif whole and every:
+            pytest.fail("starts refused whole, valid frames")
+        if single >= 0:
+            assert whole and len(every) == 1 and every[0].type == single
+        if last >= 0:
+            assert whole and every[-1].start == last
+            assert all(item.type not in watched for item in every[:-1])
+        if whole:  # (and the scanner, left as it was, still scans the chunk the same)
+            assert scanner.feed(data) == [item for item in every if item.type in watched]
+
+
+def test_shortcuts_refuse_midway_through_a_frame() -> None:
+    scanner = FrameScanner(watched={ord("Z")})
+    query = frame(ord("Q"), b"SELECT 1\0")
+    scanner.feed(query[:3])  # a header not whole yet
+    assert scanner.single(query[3:]) == -1
+    assert scanner.starts(query[3:]) is None
+    assert scanner.last_watched(query[3:]) == -1
+    scanner = FrameScanner(watched={ord("Z")})
+    scanner.feed(query[:7])  # a body not whole yet
+    assert scanner.single(query[7:]) == -1
+    assert scanner.starts(query[7:]) is None
+    assert scanner.last_watched(query[7:]) == -1
