@@ -576,8 +576,11 @@ class Holder:
         if self.prepared is not None and self.prepared.plan(item, self.server) is not None:
             return False
         failed = self.server.status is TransactionStatus.FAILED
-        if self.settings is not None and self.detect.guarded(item, failed=failed) is not None:
-            return False
+        try:
+            if self.settings is not None and self.detect.guarded(item, failed=failed) is not None:
+                return False
+        except Deferred:
+            return False  # (classified apart past the loop's budget: the loop defers it)
         self._plain_parse = payload
         return True
 
