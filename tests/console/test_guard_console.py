@@ -5,7 +5,6 @@ end the blocker itself in PostgreSQL (the privilege rule of DESIGN.md)."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -17,6 +16,7 @@ from psycopg import errors, sql
 from tests.console.conftest import STATS_USER, console, show
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
+from tests.fixtures.tables import scratch_table
 from tests.guard.scenarios import connect_through, wait_for
 
 pytestmark = pytest.mark.integration
@@ -26,12 +26,8 @@ Keep = Callable[[psycopg.Connection[Any]], psycopg.Connection[Any]]
 
 @pytest.fixture
 def table(pg: PgInfo) -> Iterator[str]:
-    name = f"console_{secrets.token_hex(4)}"
-    with pg.connect() as conn:
-        conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(name)))
-    yield name
-    with pg.connect() as conn:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+    with scratch_table(pg, "console") as name:
+        yield name
 
 
 @pytest.fixture

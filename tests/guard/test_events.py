@@ -22,6 +22,7 @@ from psycopg import sql
 
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
+from tests.fixtures.tables import scratch_table
 from tests.guard.scenarios import BOUND, connect_through, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -31,17 +32,14 @@ SECRET = "blocker-secret-" + secrets.token_hex(4)
 
 @pytest.fixture
 def table(pg: PgInfo) -> Iterator[str]:
-    name = f"evt_{secrets.token_hex(4)}"
-    with pg.connect() as conn:
-        conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(name)))
-    yield name
-    with pg.connect() as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks"
-            " WHERE relation = to_regclass(%s) AND pid <> pg_backend_pid()",
-            (name,),
-        )
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+    with scratch_table(pg, "evt") as name:
+        yield name
+        with pg.connect() as conn:  # (sessions still holding it go before the DROP)
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE relation = to_regclass(%s) AND pid <> pg_backend_pid()",
+                (name,),
+            )
 
 
 class Watch:

@@ -6,7 +6,6 @@ state, a Bind of a guarded unnamed statement), in transaction and session poolin
 
 from __future__ import annotations
 
-import secrets
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from psycopg import sql
 
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
+from tests.fixtures.tables import scratch_table
 from tests.integration.wire import Message, WireClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -54,14 +54,8 @@ def rows(messages: list[Message]) -> int:
 
 @pytest.fixture
 def table(pg: PgInfo) -> Iterator[str]:
-    name = f"shortcut_{secrets.token_hex(4)}"
-    with pg.connect() as conn:
-        conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(
-            sql.Identifier(name), sql.Identifier(USER)))  # fmt: skip
-    yield name
-    with pg.connect() as conn:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+    with scratch_table(pg, "shortcut", owner=USER) as name:
+        yield name
 
 
 def blocker(pg: PgInfo, table: str) -> psycopg.Connection[Any]:

@@ -5,7 +5,6 @@ metrics_listen is one line and exit 2."""
 
 from __future__ import annotations
 
-import secrets
 import socket
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from psycopg import sql
 from tests.console.conftest import client
 from tests.fixtures.postgres import PgInfo
 from tests.fixtures.proxy import RunningProxy
+from tests.fixtures.tables import scratch_table
 from tests.guard.scenarios import connect_through, wait_for
 from tests.test_cli import run_module
 
@@ -63,12 +63,8 @@ def held_now(proxy: RunningProxy, who: dict[str, str]) -> float:
 
 @pytest.fixture
 def table(pg: PgInfo) -> Iterator[str]:
-    name = f"metrics_{secrets.token_hex(4)}"
-    with pg.connect() as conn:
-        conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(name)))
-    yield name
-    with pg.connect() as conn:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+    with scratch_table(pg, "metrics") as name:
+        yield name
 
 
 def test_a_guarded_alter_with_a_terminated_blocker_moves_the_guard_metrics(
