@@ -153,3 +153,38 @@ def test_deletes_and_dml_go_out_with_their_replies(proxy_factory: Factory, table
         assert not errors(two.query(f"UPDATE {table} SET id = id + 1"))
         assert rows(one.query(f"WITH t AS (SELECT id FROM {table}) SELECT count(*) FROM t")) == 1
         assert one.query(f"SELECT count(*) FROM {table}")[-2][0] == BackendType.COMMAND_COMPLETE
+
+
+def test_chunks_queued_for_a_server_go_out_whole(
+    proxy_factory: Factory, pg: PgInfo, table: str
+) -> None:
+    """A client whose pool has no idle server waits in it with its chunk (Holder._server_for):
+    a plain batch and a whole Query each go out once the other client's transaction ends,
+    answered in full; and a DDL batch that waited the same way still goes through the guard
+    (the blocker is ended, the ALTER succeeds). (No Bind without its Parse here: the other
+    client's Query replaced the server's unnamed statement, as it may under any pooler.)"""
+    proxy = proxy_factory(pool_mode="transaction", blocking_action="terminate", default_pool_size=1)
+    plain = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)).as_string()
+    with WireClient(proxy.host, proxy.port) as owner, WireClient(proxy.host, proxy.port) as waiter:
+        owner.login(USER)
+        waiter.login(USER)
+        for _ in range(2):  # (the first teaches _plain_batch the Parse, the second takes it)
+            waiter.send(batch(plain))
+            assert rows(waiter.read_until(BackendType.READY_FOR_QUERY)) == 1
+        for chunk in (batch(plain), query(plain)):
+            assert not errors(owner.query("BEGIN"))  # the one server stays with owner
+            waiter.send(chunk)
+            assert not errors(owner.query("SELECT pg_sleep(0.2)"))
+            assert not errors(owner.query("COMMIT"))
+            replies = waiter.read_until(BackendType.READY_FOR_QUERY)
+            assert not errors(replies) and rows(replies) == 1
+            assert replies[-1][1] == b"I"
+        held = blocker(pg, table)
+        assert not errors(owner.query("BEGIN"))
+        waiter.send(batch(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS queued int"))
+        assert not errors(owner.query("COMMIT"))
+        assert not errors(waiter.read_until(BackendType.READY_FOR_QUERY))
+        assert ended(held)
+        waiter.send(batch(plain))
+        replies = waiter.read_until(BackendType.READY_FOR_QUERY)
+        assert not errors(replies) and rows(replies) == 1

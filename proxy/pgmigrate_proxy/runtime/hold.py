@@ -82,6 +82,19 @@ _STATEFUL = frozenset({_QUERY, FrontendType.PARSE.value})
 _PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 
 
+def _frames(data: bytes, types: list[int] | None, starts: list[int] | None) -> list[Frame]:
+    """The frames a scan of a whole chunk would show (FRONTEND_WATCH: every message of a
+    Query or of an unnamed batch), for a chunk the shortcuts queued (`types`: its messages,
+    None: one Query; `starts`: where they begin)."""
+    if types is None or starts is None:
+        return [Frame(_QUERY, data[HEADER_SIZE:], len(data), 0)]
+    ends = [*starts[1:], len(data)]
+    return [
+        Frame(mtype, data[pos + HEADER_SIZE : end], end, pos)
+        for mtype, pos, end in zip(types, starts, ends, strict=True)
+    ]
+
+
 class HolderOwner(ClientWriter, Protocol):
     """The client session a Holder works for: how it writes to the client and closes."""
 
@@ -154,6 +167,9 @@ class Holder:
         self.take_back: Callable[[], None] | None = None
         #: the last Parse _plain_batch found plain (most drivers send the same one each time)
         self._plain_parse = b""
+        #: the chunk a shortcut judged and queued in the pool, and its message types (None: one
+        #: Query): release sends it as the shortcut would have, without judging it again
+        self._judged: tuple[bytes, list[int] | None] | None = None
 
     @property
     def holding(self) -> bool:
@@ -211,8 +227,8 @@ class Holder:
         self._queued = False
         self._acquire = self._acquire_at_once = None
         self.release()
-        if self.task is None and not self.holding:
-            self.session.units_done()
+        if self.task is None and not self.holding and self.server.replies.idle:
+            self.session.units_done()  # (with replies owed, the server is not idle yet)
 
     def acquire_now(self) -> None:
         """The pool handed this queued session a server that needs a check or SETs first:
@@ -307,20 +323,9 @@ class Holder:
             return False  # (the watch decides: pin, or refuse)
         try:
             if backlog is not None:
-                at_once = self._acquire_at_once
-                if at_once is None or self._acquire is None or self._queued:
-                    return False
-                outcome = at_once(queue=True)
-                if outcome is None:  # queued in its pool: the Query waits for server_came
-                    self._queued = True
-                    query = Frame(_QUERY, payload, len(data), 0)
-                    backlog.append((Cut(data, [query], b"", len(data)), 0, 0))
-                    self._backlog_bytes += len(data)
-                    return True
-                if not outcome:
-                    return False  # (pump starts acquire)
-                self._backlog = None
-                self._acquire = self._acquire_at_once = None
+                found = self._server_for(data, None, backlog)
+                if found is not True:
+                    return found is None
             return self._send(data, None)
         except Exception as exc:
             self._failed(exc)
@@ -331,7 +336,10 @@ class Holder:
         that is one batch of the unnamed statement (protocol/batches.py) whose Parse, if it
         has one, is the one _plain_batch last found plain, byte for byte. False when it is not
         that case (pump it)."""
-        if self._backlog is not None or self.migration is not None or self._gate.arms:
+        if self.migration is not None or self._gate.arms:
+            return False
+        backlog = self._backlog
+        if backlog is not None and (backlog or self._unit is not None or self.task is not None):
             return False
         types = unnamed_batch(data, starts, self._plain_parse)
         if types is None:
@@ -344,9 +352,40 @@ class Holder:
         elif "" in detect.statements:
             return False  # binds a guarded unnamed statement
         try:
+            if backlog is not None:
+                found = self._server_for(data, types, backlog, starts)
+                if found is not True:
+                    return found is None
             return self._send(data, types)
         except Exception as exc:
             self._failed(exc)
+        return True
+
+    def _server_for(
+        self,
+        data: bytes,
+        types: list[int] | None,
+        backlog: list[tuple[Cut, int, int]],
+        starts: list[int] | None = None,
+    ) -> bool | None:
+        """The shortcuts' step for a session without a server, as _attached_at_once takes it
+        for pump: True when an idle server was attached at once; None when the session was
+        queued in its pool with the chunk (`types`: its messages, None: one Query; `starts`:
+        where they begin) held for server_came; False: the general path takes the chunk."""
+        at_once = self._acquire_at_once
+        if at_once is None or self._acquire is None or self._queued:
+            return False
+        outcome = at_once(queue=True)
+        if outcome is None:  # queued in its pool: the chunk waits for server_came
+            self._queued = True
+            backlog.append((Cut(data, _frames(data, types, starts), b"", len(data)), 0, 0))
+            self._backlog_bytes += len(data)
+            self._judged = (data, types)
+            return None
+        if not outcome:
+            return False  # (pump starts acquire)
+        self._backlog = None
+        self._acquire = self._acquire_at_once = None
         return True
 
     def _send(self, data: bytes, types: list[int] | None) -> bool:
@@ -372,6 +411,20 @@ class Holder:
         transport.write(data)
         if replies.needs_every_reply is not server.every_reply:
             server.watch()
+        return True
+
+    def _judged_sent(self, judged: tuple[bytes, list[int] | None]) -> bool:
+        """Whether the chunk a shortcut queued (_server_for) went out as it would have then:
+        nothing it depends on changed while it waited but the gate's arming, a unit or task
+        of this session (each sends it through pump instead)."""
+        if self.migration is not None or self._gate.arms or self._unit is not None:
+            return False
+        if self.task is not None:
+            return False
+        try:
+            return self._send(*judged)
+        except Exception as exc:
+            self._failed(exc)
         return True
 
     def _one_query(self, cut: Cut) -> bool:
@@ -877,10 +930,14 @@ class Holder:
         """Stop holding; pump what waited, in order (it may start another unit)."""
         backlog, self._backlog = self._backlog, None
         self.session.resume_client_reading()
+        judged, self._judged = self._judged, None
         if backlog is not None and len(backlog) == 1 and self.session.relaying:
-            cut, first, pos = backlog[0]  # (one whole Query waited: query's shortcut)
-            if not first and not pos and not cut.carry and self._one_query(cut):
-                return
+            cut, first, pos = backlog[0]  # (one whole Query or batch waited: the shortcuts)
+            if not first and not pos and not cut.carry:
+                if judged is not None and judged[0] is cut.data and self._judged_sent(judged):
+                    return
+                if self._one_query(cut):
+                    return
         while backlog and self.session.relaying:
             cut, first, pos = backlog.pop(0)
             self.pump(cut, first, pos)
