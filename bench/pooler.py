@@ -11,14 +11,17 @@ ratios, the server connections of each target (peak / median of the samples), ea
 per transaction, what went wrong (pgbouncer < 1.21 has no prepared statements in transaction
 mode: its errors are reported, the run goes on), and the floor of issue 8. Then the idle-memory
 test, on a fresh pooler each: (VmRSS with N idle logged-in clients - VmRSS with none) / N.
-Shares relay.py's helpers.
+``--bare`` adds bench/barepool.py, a bare Python transaction pooler on uvloop that parses
+nothing (a measuring stick: what the relay of a Python pooler costs here, without the proxy's
+work). Shares relay.py's helpers.
 
     python bench/pooler.py                 # full: 16,256 clients x 3 modes x 3 reps x 10 s
     python bench/pooler.py --quick         # smoke test: 16,256 clients, 3 s runs, 100 idle
     python bench/pooler.py --idle-only     # the idle-memory test alone (1000 clients)
     python bench/pooler.py --duration 10 --reps 1 --idle-clients 0
     python bench/pooler.py --quick --idle-clients 0 --baseline HEAD~3  # before/after, one run
-    python bench/pooler.py --quick --idle-clients 0 --profile /tmp/prof  # cProfile, per proxy"""
+    python bench/pooler.py --quick --idle-clients 0 --profile /tmp/prof  # cProfile, per proxy
+    python bench/pooler.py --quick --idle-clients 0 --modes simple,extended --bare"""
 
 from __future__ import annotations
 
@@ -50,9 +53,13 @@ if TYPE_CHECKING:
 POOL_SIZE = 16
 DIRECT, PGBOUNCER, PROXY = relay.DIRECT, relay.PGBOUNCER, relay.PROXY
 BASELINE = relay.BASELINE  # the proxy of another git revision (--baseline)
+BARE = "bare"  # bench/barepool.py, the bare Python transaction pooler (--bare)
 TARGETS = (DIRECT, PGBOUNCER, PROXY)
 #: whom each pooler logs in as
-ROLES = {PGBOUNCER: "bench_pgbouncer", PROXY: "bench_proxy", BASELINE: "bench_baseline"}
+ROLES = {
+    PGBOUNCER: "bench_pgbouncer", PROXY: "bench_proxy", BASELINE: "bench_baseline",
+    BARE: "bench_bare",
+}  # fmt: skip
 FLOOR_RATIO = 0.7
 ERROR_RE = re.compile(r"(ERROR|FATAL):\s*(.*)")
 
@@ -71,6 +78,7 @@ class Options:
     idle_only: bool = False
     baseline: str | None = None  # a git revision whose proxy runs too (before/after)
     profile: Path | None = None  # run the proxies under cProfile, stats written here
+    bare: bool = False  # also run bench/barepool.py (what a Python pooler's relay alone costs)
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -88,6 +96,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--json", type=Path, dest="json_path", help="also write all results to this file")
     add("--baseline", help="also run the proxy of this git revision (e.g. HEAD~1), side by side")
     add("--profile", type=Path, help="run the proxies under cProfile; NAME.prof in this folder")
+    add("--bare", action="store_true", help="also run bench/barepool.py, a bare Python pooler")
     ns = parser.parse_args(argv)
     quick: bool = ns.quick
     return Options(
@@ -103,6 +112,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         idle_only=ns.idle_only,
         baseline=ns.baseline,
         profile=ns.profile,
+        bare=ns.bare,
     )
 
 
@@ -272,6 +282,27 @@ def start_proxy(
     return relay.Relay(endpoint, service)
 
 
+def start_bare(
+    stack: contextlib.ExitStack, work: Path, direct: relay.Endpoint
+) -> relay.Relay | str:
+    """bench/barepool.py: its first POOL_SIZE clients' logins make its pool (as bench_bare)."""
+    directory = work / BARE
+    directory.mkdir()
+    port = relay.free_port()
+    script = Path(__file__).with_name("barepool.py")
+    argv = [sys.executable, str(script), direct.host, str(direct.port), str(port), str(POOL_SIZE)]
+    service = relay.spawn(stack, BARE, argv, directory / "barepool.log")
+    endpoint = relay.Endpoint(
+        BARE, "127.0.0.1", port, direct.password, service.process.pid, user=ROLES[BARE]
+    )
+    try:
+        relay.wait_until_accepting(endpoint, service)
+    except relay.BenchError as exc:
+        service.stop()
+        return str(exc)
+    return relay.Relay(endpoint, service)
+
+
 # ----------------------------------------------------------------------------- pgbench
 
 
@@ -407,11 +438,24 @@ def baseline_cells(tps: dict[str, float | None], cells: dict[str, list[Run]]) ->
     return [fmt(tps[BASELINE]), ratio(tps[PROXY], tps[BASELINE]), fmt(cpu, "{:.1f}")]
 
 
+BARE_HEADER = ["bare TPS", "bare/pgbouncer", f"bare CPU {relay.MICRO}/tx"]
+
+
+def bare_cells(tps: dict[str, float | None], cells: dict[str, list[Run]]) -> list[str]:
+    cpu = median_cpu(cells[BARE])
+    failed = tps[BARE] is None or any(r.error for r in cells[BARE])
+    return [
+        "failed" if failed else fmt(tps[BARE]),
+        "n/a" if failed else ratio(tps[BARE], tps[PGBOUNCER]),
+        fmt(cpu, "{:.1f}"),
+    ]
+
+
 def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
     out = []
     for clients in opts.clients:
         for mode in opts.modes:
-            cells = {t: cell(runs, clients, mode, t) for t in (*TARGETS, BASELINE)}
+            cells = {t: cell(runs, clients, mode, t) for t in (*TARGETS, BASELINE, BARE)}
             tps = {t: median_tps(c) for t, c in cells.items()}
             peak = {t: max((r.servers for r in c), default=0) for t, c in cells.items()}
             steady = {t: max((r.servers_median for r in c), default=0) for t, c in cells.items()}
@@ -423,6 +467,7 @@ def rows(runs: Sequence[Run], opts: Options) -> list[list[str]]:
                 + [f"{peak[t]} / {steady[t]}" for t in TARGETS]
                 + [fmt(median_cpu(cells[t]), "{:.1f}") for t in (PGBOUNCER, PROXY)]
                 + (baseline_cells(tps, cells) if opts.baseline else [])
+                + (bare_cells(tps, cells) if opts.bare else [])
             )
     return out
 
@@ -461,7 +506,8 @@ def render(
     runs: Sequence[Run], idle: Sequence[relay.IdleResult], machine: relay.MachineInfo, opts: Options
 ) -> str:
     table = rows(runs, opts)
-    header = HEADER + BASELINE_HEADER if opts.baseline else HEADER
+    header = [*HEADER, *(BASELINE_HEADER if opts.baseline else ())]
+    header += BARE_HEADER if opts.bare else []
     head = (
         f"pgbench -S -n, transaction pooling, pool size {POOL_SIZE}, {opts.duration} s per run, "
         f"{opts.reps} rep(s), median TPS; CPU = the pooler's utime+stime per transaction;\n"
@@ -526,6 +572,12 @@ def pgbench_phase(
         else:
             targets.append(base.endpoint)
             proxies.append(base)
+    if opts.bare:
+        bare = start_bare(stack, work, direct)
+        if isinstance(bare, str):
+            relay.note(f"bare: skipped: {bare}")
+        else:
+            targets.append(bare.endpoint)
     warm_up = dataclasses.replace(opts, duration=2)
     for endpoint in targets:  # caches, pools
         run_once(binary, endpoint, sampler, warm_up, (16, "simple", 0))
