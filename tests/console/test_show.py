@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +87,36 @@ def test_show_stats_count_what_went_through(
     assert tuple(columns) == pools.STATS_TOTALS_COLUMNS
     (totals,) = [row for row in found if row["database"] == "postgres"]
     assert totals["query_count"] >= stats["total_query_count"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "guard"), [("session", True), ("session", False), ("transaction", True)]
+)
+def test_show_stats_time_queries_and_transactions(
+    proxy_factory: Callable[..., RunningProxy], pg: PgInfo, opened: Keep, mode: str, guard: bool
+) -> None:
+    """query_time counts a query's run on the server, xact_time its transaction's, idle in
+    transaction included; the averages are per query and per transaction, in microseconds."""
+    proxy = proxy_factory(admin_users=(pg.superuser,), guard=guard, pool_mode=mode)
+    conn = opened(client(proxy))
+    conn.execute("SELECT pg_sleep(0.3)")
+    conn.execute("BEGIN")
+    conn.execute("SELECT pg_sleep(0.2)")
+    time.sleep(0.5)  # idle in transaction: xact_time, not query_time
+    conn.execute("COMMIT")
+    admin = opened(console(proxy, pg.superuser))
+    _, found = show(admin, "STATS_TOTALS")
+    (totals,) = [row for row in found if row["database"] == "postgres"]
+    assert 500_000 <= totals["query_time"] < 1_000_000, totals
+    assert totals["xact_time"] >= totals["query_time"] + 450_000, totals
+    _, found = show(admin, "STATS")
+    (stats,) = [row for row in found if row["database"] == "postgres"]
+    assert stats["total_query_time"] >= totals["query_time"]
+    per_query = stats["total_query_time"] / stats["total_query_count"]
+    per_xact = stats["total_xact_time"] / stats["total_xact_count"]
+    assert abs(stats["avg_query_time"] - per_query) <= 1  # (rounding)
+    assert abs(stats["avg_xact_time"] - per_xact) <= 1
+    assert stats["avg_xact_time"] >= 500_000  # (1 s over 2 transactions, at least)
 
 
 def test_show_databases_users_config_state_version_help(

@@ -168,6 +168,10 @@ def test_a_transaction_pool_counts_its_transactions_and_idle_clients(
     assert value(samples, P + "client_received_bytes_total", **pool) > 0
     assert value(samples, P + "client_sent_bytes_total", **pool) > 0
     assert value(samples, P + "client_wait_seconds_count", **pool) >= 4
+    assert value(samples, P + "query_seconds_total", **pool) > 0
+    assert value(samples, P + "transaction_seconds_total", **pool) >= value(
+        samples, P + "query_seconds_total", **pool
+    )
     assert value(samples, P + "clients", **pool, state="idle") == 1  # between transactions
     assert value(samples, P + "clients", **pool, state="active") == 0
 

@@ -1,8 +1,12 @@
 """The admin console's views of clients, servers and pools: SHOW POOLS, CLIENTS, SERVERS, STATS,
 STATS_TOTALS, DATABASES and USERS, with pgbouncer's column names and meanings.
 
-Times are microseconds where pgbouncer's are (wait_us, total_wait_time); timestamps are UTC
-text. xact_time and query_time are not measured (the relay takes no clock per message): 0.
+Times are microseconds where pgbouncer's are (wait_us, total_wait_time, xact_time,
+query_time); timestamps are UTC text. query_time runs from a client's request going out to a
+server with no query running there until its ReadyForQuery, xact_time from a transaction's
+first request until its ReadyForQuery 'I' (idle in transaction included), as the relay sees
+them (runtime/backend.py ServerConnection.sending): the proxy's own queries on a server, and
+the guard's attempts of a held statement, are not counted.
 """
 
 from __future__ import annotations
@@ -147,18 +151,24 @@ def _avg_wait(stats: PoolStats) -> int:
     return int(stats.wait_time / stats.wait_count * _MICRO) if stats.wait_count else 0
 
 
+def _avg(seconds: float, count: int) -> int:
+    return int(seconds / count * _MICRO) if count else 0
+
+
 def stats(host: ConsoleHost) -> Table:
-    """Totals since the start, and averages: counts per second since the start, wait time per
-    wait (pgbouncer averages over its last stats_period instead)."""
+    """Totals since the start, and averages: counts per second since the start; wait, query
+    and transaction time per wait, query and transaction (pgbouncer averages over its last
+    stats_period instead)."""
     uptime = max(time.time() - host.started, 1e-6)
     rows: list[tuple[Value, ...]] = []
     for database, s in sorted(_per_database(host).items()):
         rows.append((
             database, s.server_assignment_count, s.xact_count, s.query_count, s.bytes_received,
-            s.bytes_sent, 0, 0, int(s.wait_time * _MICRO),
-            round(s.server_assignment_count / uptime), round(s.xact_count / uptime),
-            round(s.query_count / uptime), round(s.bytes_received / uptime),
-            round(s.bytes_sent / uptime), 0, 0, _avg_wait(s),
+            s.bytes_sent, int(s.xact_time * _MICRO), int(s.query_time * _MICRO),
+            int(s.wait_time * _MICRO), round(s.server_assignment_count / uptime),
+            round(s.xact_count / uptime), round(s.query_count / uptime),
+            round(s.bytes_received / uptime), round(s.bytes_sent / uptime),
+            _avg(s.xact_time, s.xact_count), _avg(s.query_time, s.query_count), _avg_wait(s),
         ))  # fmt: skip
     return Table(STATS_COLUMNS, rows)
 
@@ -168,7 +178,8 @@ def stats_totals(host: ConsoleHost) -> Table:
     for database, s in sorted(_per_database(host).items()):
         rows.append((
             database, s.server_assignment_count, s.xact_count, s.query_count, s.bytes_received,
-            s.bytes_sent, 0, 0, int(s.wait_time * _MICRO),
+            s.bytes_sent, int(s.xact_time * _MICRO), int(s.query_time * _MICRO),
+            int(s.wait_time * _MICRO),
         ))  # fmt: skip
     return Table(STATS_TOTALS_COLUMNS, rows)
 

@@ -41,6 +41,17 @@ POOL_COUNTERS = (
         "server_assignment_count",
         "Times a client was given a server connection",
     ),
+    (
+        "transaction_seconds",
+        "xact_time",
+        "Seconds server connections spent in transactions (first request to ReadyForQuery "
+        "'I', idle in transaction included)",
+    ),
+    (
+        "query_seconds",
+        "query_time",
+        "Seconds server connections spent running queries (request to ReadyForQuery)",
+    ),
 )
 _BY = "by the guard or the admin console"
 #: The guard's counters: name, GuardCounts attribute, help.

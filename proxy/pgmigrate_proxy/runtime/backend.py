@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -107,8 +108,8 @@ class ServerConnection(UpstreamProtocol):
 
     __slots__ = (
         "_idle", "_observer", "_sink", "_sink_done", "_to_client", "_tracking",
-        "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "statements",
-        "stats", "status", "window",
+        "database", "every_reply", "key", "listener", "on_idle", "replies", "scanner", "sent_at",
+        "statements", "stats", "status", "window", "xact_at",
     )  # fmt: skip
 
     def __init__(self, database: str = "") -> None:
@@ -133,6 +134,10 @@ class ServerConnection(UpstreamProtocol):
         self.stats = UNPOOLED  # its pool's counters (runtime/stats.py), once it joins one
         #: a batch of prepared statements whose replies are held back (protocol/retry.py)
         self.window: RetryWindow | None = None
+        #: time.monotonic() when the query running now, and the transaction it is in, began
+        #: (0: none): SHOW STATS's query_time and xact_time (see sending, and _timed)
+        self.sent_at = 0.0
+        self.xact_at = 0.0
 
     # --- who holds it ---------------------------------------------------------------------------
 
@@ -195,6 +200,26 @@ class ServerConnection(UpstreamProtocol):
 
     # --- the relay (hot path) -------------------------------------------------------------------
 
+    def sending(self) -> None:
+        """A client's request goes out with no query running (the relay checks sent_at first):
+        a query begins, and a transaction unless one is open."""
+        now = time.monotonic()
+        self.sent_at = now
+        if not self.xact_at:
+            self.xact_at = now
+
+    def _timed(self, status: TransactionStatus, more: bool) -> None:
+        """A ReadyForQuery ended the running query (`more`: others were sent behind it, the next
+        runs from now) and, with status 'I', its transaction."""
+        now = time.monotonic()
+        stats = self.stats
+        stats.query_time += now - self.sent_at
+        self.sent_at = now if more else 0.0
+        if status is _IDLE:
+            if self.xact_at:
+                stats.xact_time += now - self.xact_at
+            self.xact_at = now if more else 0.0
+
     def data_received(self, data: bytes) -> None:
         if self._byte_waiter is not None:
             super().data_received(data)
@@ -220,6 +245,8 @@ class ServerConnection(UpstreamProtocol):
                     stats.query_count += len(frames)  # (only ReadyForQuery is watched)
                     if self.status is _IDLE:
                         stats.xact_count += 1
+                    if self.sent_at:
+                        self._timed(self.status, more=False)
                 else:
                     self._received(frames)
                     if self._observer is not None:
@@ -259,6 +286,8 @@ class ServerConnection(UpstreamProtocol):
             stats.query_count += 1
             if status is _IDLE:
                 stats.xact_count += 1
+            if self.sent_at:
+                self._timed(status, not replies.empty)
             idle = self._idle
             if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
                 idle.set_result(None)
@@ -295,6 +324,8 @@ class ServerConnection(UpstreamProtocol):
                 stats.query_count += 1
                 if status is _IDLE:
                     stats.xact_count += 1
+                if self.sent_at:
+                    self._timed(status, not replies.empty)
                 if observer is not None:
                     observer.ready()
             elif mtype == _ERROR_RESPONSE and observer is not None:

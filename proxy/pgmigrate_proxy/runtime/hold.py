@@ -408,6 +408,8 @@ class Holder:
             replies.sent(_QUERY)
         else:
             replies.sent_all(types, len(types) - 1)
+        if not server.sent_at:
+            server.sending()
         transport.write(data)
         if replies.needs_every_reply is not server.every_reply:
             server.watch()
@@ -590,6 +592,8 @@ class Holder:
                 pos = item.end
         if sent:
             server.replies.sent_all(sent, extended)
+            if not server.sent_at:
+                server.sending()
         if 0 <= window < len(frames) and prepared is not None:
             prepared.open_window(cut, window, server, self._window_stale)
         if not out and pos == 0 and cut.tail == len(data):

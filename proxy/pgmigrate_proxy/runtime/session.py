@@ -209,6 +209,9 @@ class ClientSession(asyncio.Protocol):
             if holder is not None and (not cut.plain or holder.holding):
                 holder.pump(cut)
             elif self._to_server is not None:
+                server = self.server
+                if server is not None and not server.sent_at:
+                    server.sending()
                 self._to_server(data)
             elif holder is not None:
                 holder.pump(cut)  # (its server is lent: the holder takes it back first)

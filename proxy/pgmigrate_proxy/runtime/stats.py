@@ -69,6 +69,10 @@ class PoolStats:
     bytes_sent: int = 0  # to the clients
     server_assignment_count: int = 0  # times a client was given a server from the pool
     wait_time: float = 0.0  # seconds the clients waited for a server, summed
+    #: seconds its server connections spent in transactions (from the first request that went
+    #: out to the ReadyForQuery 'I'), and running queries (request to ReadyForQuery), summed
+    xact_time: float = 0.0
+    query_time: float = 0.0
     wait_count: int = 0  # waits counted in wait_time
     waits: Buckets = field(default_factory=lambda: Buckets(WAIT_BUCKETS))  # wait_time's spread
 
