@@ -271,6 +271,11 @@ def start_proxy(
     env = {**os.environ, "PGMIGRATE_PROXY_UPSTREAM": server.url(password=password)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     service = relay.spawn(stack, name, argv, directory / "proxy.log", env=env)
+    return accepting(service, name, port, password)
+
+
+def accepting(service: relay.Service, name: str, port: int, password: str) -> relay.Relay | str:
+    """The started pooler once it accepts a login as its role; why not, after stopping it."""
     endpoint = relay.Endpoint(
         name, "127.0.0.1", port, password, service.process.pid, user=ROLES[name]
     )
@@ -292,15 +297,7 @@ def start_bare(
     script = Path(__file__).with_name("barepool.py")
     argv = [sys.executable, str(script), direct.host, str(direct.port), str(port), str(POOL_SIZE)]
     service = relay.spawn(stack, BARE, argv, directory / "barepool.log")
-    endpoint = relay.Endpoint(
-        BARE, "127.0.0.1", port, direct.password, service.process.pid, user=ROLES[BARE]
-    )
-    try:
-        relay.wait_until_accepting(endpoint, service)
-    except relay.BenchError as exc:
-        service.stop()
-        return str(exc)
-    return relay.Relay(endpoint, service)
+    return accepting(service, BARE, port, direct.password)
 
 
 # ----------------------------------------------------------------------------- pgbench
