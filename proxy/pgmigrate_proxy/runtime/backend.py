@@ -135,7 +135,7 @@ class ServerConnection(UpstreamProtocol):
         #: a batch of prepared statements whose replies are held back (protocol/retry.py)
         self.window: RetryWindow | None = None
         #: time.monotonic() when the query running now, and the transaction it is in, began
-        #: (0: none): SHOW STATS's query_time and xact_time (see sending, and _timed)
+        #: (0: none): SHOW STATS's query_time and xact_time (see sending, and _ready)
         self.sent_at = 0.0
         self.xact_at = 0.0
 
@@ -208,17 +208,35 @@ class ServerConnection(UpstreamProtocol):
         if not self.xact_at:
             self.xact_at = now
 
-    def _timed(self, status: TransactionStatus, more: bool) -> None:
-        """A ReadyForQuery ended the running query (`more`: others were sent behind it, the next
-        runs from now) and, with status 'I', its transaction."""
-        now = time.monotonic()
+    def _ready(self, status: TransactionStatus, queries: int = 1, more: bool = False) -> None:
+        """`queries` ReadyForQuery relayed, the last with `status`: the connection's status and
+        its pool's counters; the running query ended (`more`: others were sent behind it, the
+        next runs from now) and, with status 'I', its transaction."""
+        self.status = status
         stats = self.stats
+        stats.query_count += queries
+        if status is _IDLE:
+            stats.xact_count += 1
+        if not self.sent_at:
+            return
+        now = time.monotonic()
         stats.query_time += now - self.sent_at
         self.sent_at = now if more else 0.0
         if status is _IDLE:
             if self.xact_at:
                 stats.xact_time += now - self.xact_at
             self.xact_at = now if more else 0.0
+
+    def _settled(self) -> None:
+        """After replies were fed to the queue: wake wait_idle once no ReadyForQuery is owed
+        (or a COPY waits for the client), and stop showing the scanner every frame once the
+        queue no longer needs them."""
+        replies = self.replies
+        idle = self._idle
+        if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
+            idle.set_result(None)
+        if self.every_reply and not replies.needs_every_reply:
+            self.watch()
 
     def data_received(self, data: bytes) -> None:
         if self._byte_waiter is not None:
@@ -239,14 +257,8 @@ class ServerConnection(UpstreamProtocol):
                 self._sink_frames(frames)
                 return
             if frames:
-                if not self._tracking:
-                    self.status = ReadyForQuery.decode(frames[-1].payload).status
-                    stats = self.stats
-                    stats.query_count += len(frames)  # (only ReadyForQuery is watched)
-                    if self.status is _IDLE:
-                        stats.xact_count += 1
-                    if self.sent_at:
-                        self._timed(self.status, more=False)
+                if not self._tracking:  # (only ReadyForQuery is watched)
+                    self._ready(ReadyForQuery.decode(frames[-1].payload).status, len(frames))
                 else:
                     self._received(frames)
                     if self._observer is not None:
@@ -281,20 +293,10 @@ class ServerConnection(UpstreamProtocol):
                 if self.listener is not None:
                     self.listener.server_violation(DecodeError(str(exc)))
                 return True
-            self.status = status
-            stats = self.stats
-            stats.query_count += 1
-            if status is _IDLE:
-                stats.xact_count += 1
-            if self.sent_at:
-                self._timed(status, not replies.empty)
-            idle = self._idle
-            if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
-                idle.set_result(None)
-            if self.every_reply and not replies.needs_every_reply:
-                self.watch()
+            self._ready(status, 1, not replies.empty)
+            self._settled()
             to_client(data)
-            stats.bytes_sent += len(data)
+            self.stats.bytes_sent += len(data)
             on_idle = self.on_idle
             if on_idle is not None and status is _IDLE and replies.idle:
                 on_idle()  # (the holder checks the rest: see PoolLink.server_idle)
@@ -319,22 +321,12 @@ class ServerConnection(UpstreamProtocol):
                 status = _STATUSES.get(item.payload[:1])
                 if status is None:
                     raise DecodeError("malformed ReadyForQuery")
-                self.status = status
-                stats = self.stats
-                stats.query_count += 1
-                if status is _IDLE:
-                    stats.xact_count += 1
-                if self.sent_at:
-                    self._timed(status, not replies.empty)
+                self._ready(status, 1, not replies.empty)
                 if observer is not None:
                     observer.ready()
             elif mtype == _ERROR_RESPONSE and observer is not None:
                 observer.passed_error(in_batch=replies.batch_open)
-        idle = self._idle
-        if idle is not None and not idle.done() and (not replies.readies or replies.copy_in):
-            idle.set_result(None)
-        if self.every_reply and not replies.needs_every_reply:
-            self.watch()
+        self._settled()
 
     def _windowed(self, frames: list[Frame], data: bytes) -> bytes:
         """The part of a chunk passed on while a retry window holds replies back."""

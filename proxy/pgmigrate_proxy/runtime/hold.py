@@ -311,35 +311,21 @@ class Holder:
         scan; False when it is not that case (pump it). Its lent server is taken back first;
         a session without a server gets one at once, or waits in its pool with the Query held
         (_attached_at_once, as pump would)."""
-        if self.migration is not None or self._gate.arms:
-            return False
-        backlog = self._backlog
-        if backlog is not None and (backlog or self._unit is not None or self.task is not None):
+        if self._busy_for_shortcuts():
             return False
         payload = data[HEADER_SIZE:]
         if not plain_query(payload) or payload[:1] in (b"d", b"D"):
             return False  # (a DELETE: the prepared-statement map reads it for a DEALLOCATE)
         if self.state_watch is not None and not names_no_state(payload):
             return False  # (the watch decides: pin, or refuse)
-        try:
-            if backlog is not None:
-                found = self._server_for(data, None, backlog)
-                if found is not True:
-                    return found is None
-            return self._send(data, None)
-        except Exception as exc:
-            self._failed(exc)
-        return True
+        return self._go(data, None)
 
     def batch(self, data: bytes, starts: list[int]) -> bool:
         """query()'s shortcut for a chunk of whole messages (`starts`: FrameScanner.starts)
         that is one batch of the unnamed statement (protocol/batches.py) whose Parse, if it
         has one, is the one _plain_batch last found plain, byte for byte. False when it is not
         that case (pump it)."""
-        if self.migration is not None or self._gate.arms:
-            return False
-        backlog = self._backlog
-        if backlog is not None and (backlog or self._unit is not None or self.task is not None):
+        if self._busy_for_shortcuts():
             return False
         types = unnamed_batch(data, starts, self._plain_parse)
         if types is None:
@@ -351,7 +337,24 @@ class Holder:
                 detect.statements.pop("", None)
         elif "" in detect.statements:
             return False  # binds a guarded unnamed statement
+        return self._go(data, types, starts)
+
+    def _busy_for_shortcuts(self) -> bool:
+        """A migration session, an armed gate, or a session without a server that holds data,
+        collects a unit or runs a task: the shortcuts leave its chunks to pump."""
+        if self.migration is not None or self._gate.arms:
+            return True
+        backlog = self._backlog
+        return backlog is not None and bool(
+            backlog or self._unit is not None or self.task is not None
+        )
+
+    def _go(self, data: bytes, types: list[int] | None, starts: list[int] | None = None) -> bool:
+        """The shortcuts' way out for a chunk they took (`types`: its messages, None: one
+        Query): to the session's server, or for a session without one through _server_for;
+        False when pump must take it after all."""
         try:
+            backlog = self._backlog
             if backlog is not None:
                 found = self._server_for(data, types, backlog, starts)
                 if found is not True:

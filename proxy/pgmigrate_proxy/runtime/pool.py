@@ -277,11 +277,7 @@ class Pool:
             park(lease)
             self.idle.append(lease)  # handed out once its cancel is delivered
             return
-        settings = self.settings
-        size = len(self.leases) + self.size_opening
-        over = size > settings.pool_size + settings.reserve_pool_size
-        limited = settings.max_db_connections or settings.max_user_connections
-        if over or (limited and self.registry.over(self.key, settings)):
+        if self._over():
             self.close(lease)  # a login beyond the pool's size or a limit (passthrough)
             return
         if self.waiters and self._hand_over(lease):
@@ -461,15 +457,9 @@ class Pool:
         False when release would not (nothing done)."""
         if self.closing or lease.cancels or lease.server.transport is None:
             return False
-        settings = self.settings
         now = time.monotonic()
-        lifetime = settings.server_lifetime
-        if lifetime == 0 or (lifetime > 0 and now - lease.born > lifetime):
-            return False
-        if len(self.leases) + self.size_opening > settings.pool_size + settings.reserve_pool_size:
-            return False
-        limited = settings.max_db_connections or settings.max_user_connections
-        if limited and self.registry.over(self.key, settings):
+        lifetime = self.settings.server_lifetime  # (as release: 0 uses a server once)
+        if lifetime == 0 or now - lease.born > lifetime or self._over():
             return False
         lease.owner = owner
         lease.idle_since = now
@@ -477,6 +467,15 @@ class Pool:
         if self._reaper is None:
             self._schedule_reap()
         return True
+
+    def _over(self) -> bool:
+        """More servers than the pool's size and reserve, or than its database's or user's
+        limit allows (release closes a server back then; lend does not lend it)."""
+        settings = self.settings
+        if len(self.leases) + self.size_opening > settings.pool_size + settings.reserve_pool_size:
+            return True
+        limited = settings.max_db_connections or settings.max_user_connections
+        return bool(limited) and self.registry.over(self.key, settings)
 
     def reclaim(self, lease: Lease) -> None:
         """The owner of a lent server takes it back (it sends its next transaction)."""
