@@ -127,7 +127,8 @@ class ServerConnection(UpstreamProtocol):
         self._sink: list[Frame] | None = None
         self._sink_done: asyncio.Future[list[Frame]] | None = None
         self._idle: asyncio.Future[None] | None = None
-        #: called after a ReadyForQuery 'I' passed on with nothing owed (transaction pooling)
+        #: called after a ReadyForQuery 'I' passed on with nothing owed, at a message boundary,
+        #: no request of the proxy's own in flight: `busy` is None (transaction pooling)
         self.on_idle: Callable[[], None] | None = None
         #: the proxy-wide prepared statements it holds (transaction pooling: runtime/statements.py)
         self.statements: ServerStatements | None = None
@@ -273,9 +274,10 @@ class ServerConnection(UpstreamProtocol):
             return
         to_client(data)
         self.stats.bytes_sent += len(data)
-        on_idle = self.on_idle
-        if on_idle is not None and frames and self.status is _IDLE and self.replies.idle:
-            on_idle()  # (the holder checks the rest: see PoolLink.server_idle)
+        on_idle = self.on_idle  # (at a boundary: the shortcut's chunks are whole, not these)
+        idle = frames and self.status is _IDLE and self.replies.idle
+        if on_idle is not None and idle and self.scanner.at_boundary:
+            on_idle()  # (the link checks the rest: see PoolLink.transaction_ended)
 
     def _shortcut(self, data: bytes, last: int, to_client: Callable[[bytes], object]) -> bool:
         """data_received for a chunk of whole frames, none watched but the last (a reply
@@ -294,12 +296,13 @@ class ServerConnection(UpstreamProtocol):
                     self.listener.server_violation(DecodeError(str(exc)))
                 return True
             self._ready(status, 1, not replies.empty)
-            self._settled()
+            if self._idle is not None or self.every_reply:
+                self._settled()  # (else it has nothing to do)
             to_client(data)
             self.stats.bytes_sent += len(data)
             on_idle = self.on_idle
             if on_idle is not None and status is _IDLE and replies.idle:
-                on_idle()  # (the holder checks the rest: see PoolLink.server_idle)
+                on_idle()  # (the link checks the rest: see PoolLink.transaction_ended)
             return True
         if self.scanner.watches(mtype):
             return False

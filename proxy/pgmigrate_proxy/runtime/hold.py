@@ -167,9 +167,10 @@ class Holder:
         self.take_back: Callable[[], None] | None = None
         #: the last Parse _plain_batch found plain (most drivers send the same one each time)
         self._plain_parse = b""
-        #: the chunk a shortcut judged and queued in the pool, and its message types (None: one
-        #: Query): release sends it as the shortcut would have, without judging it again
-        self._judged: tuple[bytes, list[int] | None] | None = None
+        #: the chunk a shortcut judged and queued in the pool, its message types (None: one
+        #: Query) and where they start: release sends it as the shortcut would have, without
+        #: judging it again; its frames are made only if the general path takes it (_unjudged)
+        self._judged: tuple[bytes, list[int] | None, list[int] | None] | None = None
 
     @property
     def holding(self) -> bool:
@@ -230,6 +231,37 @@ class Holder:
         if self.task is None and not self.holding and self.server.replies.idle:
             self.session.units_done()  # (with replies owed, the server is not idle yet)
 
+    def takes(self, server: ServerConnection) -> bool:
+        """Whether this queued session can take `server` the short way (PoolLink._pass_on):
+        one chunk held, the one a shortcut judged and queued, nothing changed since that
+        would send it through pump (_judged_sent's conditions), the server clean (no retry
+        window, no frame shown to the scanner beyond the usual)."""
+        judged = self._judged
+        backlog = self._backlog
+        if judged is None or not self._queued or backlog is None or len(backlog) != 1:
+            return False
+        if self.migration is not None or self._gate.arms or self._unit is not None:
+            return False
+        if self.task is not None or server.window is not None or server.every_reply:
+            return False
+        if server.transport is None:
+            return False
+        return backlog[0][0].data is judged[0] and self.session.relaying
+
+    def send_taken(self) -> None:
+        """The server `takes` accepted is attached: send the held chunk as server_came would."""
+        self._queued = False
+        self._acquire = self._acquire_at_once = None
+        self._backlog = None
+        judged, self._judged = self._judged, None
+        self.session.resume_client_reading()
+        assert judged is not None
+        try:
+            if not self._send(judged[0], judged[1]):
+                raise AssertionError("a taken server refused its judged chunk")
+        except Exception as exc:
+            self._failed(exc)
+
     def acquire_now(self) -> None:
         """The pool handed this queued session a server that needs a check or SETs first:
         acquire runs in a task (the server is reserved for it)."""
@@ -265,6 +297,7 @@ class Holder:
 
     def _gate_waiter(self) -> asyncio.Future[None] | None:
         """The session has no server: show the armed gate what it sent first."""
+        self._unjudged()
         backlog = self._backlog
         return self._gate_place(*backlog[0][:2], 0) if backlog else None
 
@@ -381,9 +414,9 @@ class Holder:
         outcome = at_once(queue=True)
         if outcome is None:  # queued in its pool: the chunk waits for server_came
             self._queued = True
-            backlog.append((Cut(data, _frames(data, types, starts), b"", len(data)), 0, 0))
+            backlog.append((Cut(data, [], b"", len(data)), 0, 0))  # (frames: _unjudged)
             self._backlog_bytes += len(data)
-            self._judged = (data, types)
+            self._judged = (data, types, starts)
             return None
         if not outcome:
             return False  # (pump starts acquire)
@@ -418,7 +451,17 @@ class Holder:
             server.watch()
         return True
 
-    def _judged_sent(self, judged: tuple[bytes, list[int] | None]) -> bool:
+    def _unjudged(self) -> None:
+        """Give the chunk a shortcut queued (_server_for) its frames, before the general path
+        reads the backlog: most such chunks go out without them (PoolLink._pass_on)."""
+        judged = self._judged
+        backlog = self._backlog
+        if judged is not None and backlog:
+            cut = backlog[0][0]
+            if cut.data is judged[0] and not cut.frames:
+                cut.frames = _frames(*judged)
+
+    def _judged_sent(self, judged: tuple[bytes, list[int] | None, list[int] | None]) -> bool:
         """Whether the chunk a shortcut queued (_server_for) went out as it would have then:
         nothing it depends on changed while it waited but the gate's arming, a unit or task
         of this session (each sends it through pump instead)."""
@@ -427,7 +470,7 @@ class Holder:
         if self.task is not None:
             return False
         try:
-            return self._send(*judged)
+            return self._send(judged[0], judged[1])
         except Exception as exc:
             self._failed(exc)
         return True
@@ -935,6 +978,7 @@ class Holder:
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""
+        self._unjudged()
         backlog, self._backlog = self._backlog, None
         self.session.resume_client_reading()
         judged, self._judged = self._judged, None

@@ -286,6 +286,21 @@ class Pool:
         self.idle.append(lease)
         self._schedule_reap()
 
+    def passes(self, lease: Lease) -> bool:
+        """Whether release would hand this server (idle, owing nothing, at a transaction's
+        end) to its first waiter, from the server's side (PoolLink._pass_on): not past
+        server_lifetime, no cancel in flight, not over a limit, and not to be checked before
+        reuse (server_check_delay 0: check_due on every one). Notes it idle from now."""
+        now = time.monotonic()
+        settings = self.settings
+        lifetime = settings.server_lifetime
+        if lifetime == 0 or now - lease.born > lifetime or lease.cancels or self._over():
+            return False
+        if settings.server_check_query and settings.server_check_delay <= 0:
+            return False
+        lease.idle_since = now
+        return True
+
     def check_in(self, lease: Lease, *, reset: bool) -> None:
         """The client left: roll back what it left open, run server_reset_query (`reset`),
         then release; a server that fails any of it is closed."""

@@ -146,6 +146,8 @@ class PooledSession(Protocol):
     def attach(self, server: ServerConnection) -> None: ...
     def lend_server(self, take_back: Callable[[], None] | None) -> None: ...
     def detach(self) -> ServerConnection: ...
+    def drop_server(self) -> None: ...
+    def take_server(self, server: ServerConnection) -> None: ...
     def fail(self, code: str, message: str, **extra: str) -> None: ...
 
 
@@ -252,7 +254,7 @@ class PoolLink:
         self.lease = lease
         self.session.attach(lease.server)
         if self.transaction:
-            lease.server.on_idle = self.server_idle
+            lease.server.on_idle = self.transaction_ended
 
     async def acquire(self) -> None:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
@@ -338,16 +340,16 @@ class PoolLink:
 
     def _ready(self, lease: Lease) -> bool:
         """An idle server this client can use as it is (acquire_at_once)."""
+        return self._fits(lease) and not self.pool.check_due(lease)
+
+    def _fits(self, lease: Lease) -> bool:
+        """A server whose statements and parameters this client can use as they are."""
         prepared = lease.server.statements
         if prepared is not None and not prepared.current:
             return False  # (acquire closes what a schema change retired: statements.checkout)
         current = lease.current
-        if current == self.view:
-            return not self.pool.check_due(lease)
-        for name, value in self.view.items():  # (as _sync_parameters would find nothing to SET)
-            if current.get(name) != value:
-                return False
-        return not self.pool.check_due(lease)
+        view = self.view  # (as _sync_parameters would find nothing to SET)
+        return current == view or all(current.get(name) == value for name, value in view.items())
 
     async def _sync_parameters(self, lease: Lease) -> None:
         """SET the client's startup parameters that differ on the server (and those it did not
@@ -365,27 +367,70 @@ class PoolLink:
     # --- giving the server back -----------------------------------------------------------------
 
     def server_idle(self) -> None:
-        """ReadyForQuery 'I' with nothing owed (transaction mode): back to the pool, unless
-        pinned, a statement is held, or the client is amid a message."""
+        """The holder ran what it held (transaction mode): the server goes back to the pool
+        if it is idle and owes nothing (see transaction_ended)."""
         lease = self.lease
-        if not self.transaction or self.pinned is not None or lease is None or self.lent:
+        if not self.transaction or lease is None:
+            return
+        server = lease.server
+        if server.status is TransactionStatus.IDLE and server.busy is None:
+            self.transaction_ended()
+
+    def transaction_ended(self) -> None:
+        """Its server is idle, owes nothing, is at a message boundary (ServerConnection.on_idle,
+        server_idle): back to the pool, unless pinned, a statement is held, or the client is
+        amid a message. Lent when nobody waits (it stays attached; the client's next data
+        takes it back: Holder._send); else straight to the first client queued (_pass_on)."""
+        lease = self.lease
+        if self.pinned is not None or lease is None or self.lent:
             return
         session = self.session
         holder = session.holder
         if holder is None or holder.holding or holder.task is not None:
             return
-        server = lease.server
-        if server.status is not TransactionStatus.IDLE or server.busy is not None:
-            return
         if not session.at_boundary:
             return
         pool = self.pool
-        # nobody waits: lend it (it stays attached; the next data takes it back: _pump)
-        if not pool.waiters and pool.lend(lease, self):
-            self.lent = True
-            session.lend_server(self._take_back)
+        if not pool.waiters:
+            if pool.lend(lease, self):
+                self.lent = True
+                session.lend_server(self._take_back)
+                return
+        elif self._pass_on(lease):
             return
         self._give_back(at_once=False)
+
+    def _pass_on(self, lease: Lease) -> bool:
+        """transaction_ended's hand-over in one step, the way release, offer and server_came
+        take it for the usual case: the first client queued in the pool has one chunk held,
+        which a shortcut judged (Holder.takes), and can use the server as it is; it gets the
+        server and its chunk goes out. False, with nothing changed, in any other case
+        (_give_back then takes the general way)."""
+        pool = self.pool
+        waiter = pool.waiters[0]
+        if type(waiter) is not PoolLink or not waiter.queued or not pool.passes(lease):
+            return False
+        taker = waiter.session
+        holder = taker.holder
+        server = lease.server
+        if holder is None or not holder.takes(server) or not waiter._fits(lease):
+            return False  # (no check is due: passes said so)
+        pool.waiters.popleft()
+        self.lease = None
+        self.session.drop_server()
+        taker.take_server(server)
+        giver = self.session.holder
+        assert giver is not None
+        giver.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+        waiter.queued = False
+        stats = pool.stats
+        stats.waited(time.monotonic() - waiter.waiting_since)
+        stats.server_assignment_count += 1
+        waiter.waiting_since = 0.0
+        waiter.lease = lease
+        server.on_idle = waiter.transaction_ended
+        holder.send_taken()
+        return True
 
     def take_back(self) -> None:
         """The client's next data while its server is lent: it is its own again, unless it

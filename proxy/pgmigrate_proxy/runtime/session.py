@@ -302,6 +302,23 @@ class ClientSession(asyncio.Protocol):
         self._to_server = None
         return server
 
+    def drop_server(self) -> None:
+        """Transaction pooling's hand-over (PoolLink._pass_on), the giver's side: detach
+        without the checks (its link made them: the server owes nothing, nothing is held)."""
+        self.server = None
+        self._to_server = None
+
+    def take_server(self, server: ServerConnection) -> None:
+        """The taker's side: attach as `attach` would, to a server that is relaying with its
+        replies tracked (a pooled session's, which the giver just dropped)."""
+        self.server = server
+        self._to_server = server.transport.write if server.transport is not None else None
+        holder = self.holder
+        assert holder is not None and self.client is not None
+        holder.server = server  # (Holder.attach: a pooled session runs no migration)
+        server.listener = self
+        server.redirect(self.client.write)
+
     def server_data(self, data: bytes) -> None:
         if self.client is None:
             return

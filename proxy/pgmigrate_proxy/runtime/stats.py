@@ -80,7 +80,9 @@ class PoolStats:
         """A client got a server after waiting `seconds` (PoolLink.acquire)."""
         self.wait_time += seconds
         self.wait_count += 1
-        self.waits.observe(seconds)
+        waits = self.waits  # (Histogram.observe, inline: once per transaction when queued)
+        waits.counts[bisect.bisect_left(waits.bounds, seconds)] += 1
+        waits.sum += seconds
 
     def assigned_at_once(self) -> None:
         """A client got a server without waiting (transaction pooling's fast paths): an
