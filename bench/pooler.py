@@ -21,7 +21,13 @@ work). Shares relay.py's helpers.
     python bench/pooler.py --duration 10 --reps 1 --idle-clients 0
     python bench/pooler.py --quick --idle-clients 0 --baseline HEAD~3  # before/after, one run
     python bench/pooler.py --quick --idle-clients 0 --profile /tmp/prof  # cProfile, per proxy
-    python bench/pooler.py --quick --idle-clients 0 --modes simple,extended --bare"""
+    python bench/pooler.py --quick --idle-clients 0 --modes simple,extended --bare
+    python bench/pooler.py --quick --idle-clients 0 --build pure  # the interpreted relay
+
+The proxy runs as ``pip install ./django-pgmigrate`` installs it: a wheel of this checkout is
+built first (setup.py compiles the relay's hot path with mypyc), unpacked in the run's
+temporary folder and put first on the proxy's PYTHONPATH; ``--build pure`` runs the checkout's
+modules as they are (what an editable install and the tests run). ``--baseline`` runs pure."""
 
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +86,7 @@ class Options:
     baseline: str | None = None  # a git revision whose proxy runs too (before/after)
     profile: Path | None = None  # run the proxies under cProfile, stats written here
     bare: bool = False  # also run bench/barepool.py (what a Python pooler's relay alone costs)
+    build: str = "compiled"  # the proxy as pip installs it (compiled), or the checkout's modules
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -97,6 +105,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--baseline", help="also run the proxy of this git revision (e.g. HEAD~1), side by side")
     add("--profile", type=Path, help="run the proxies under cProfile; NAME.prof in this folder")
     add("--bare", action="store_true", help="also run bench/barepool.py, a bare Python pooler")
+    add("--build", choices=("compiled", "pure"), default="compiled",
+        help="the proxy as pip installs it (mypyc-compiled: the default), or pure")  # fmt: skip
     ns = parser.parse_args(argv)
     quick: bool = ns.quick
     return Options(
@@ -113,6 +123,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         baseline=ns.baseline,
         profile=ns.profile,
         bare=ns.bare,
+        build=ns.build,
     )
 
 
@@ -246,6 +257,30 @@ def start_pgbouncer(
     )
     relay.wait_until_accepting(endpoint, service)
     return relay.Relay(endpoint, service)
+
+
+def compiled_source(work: Path) -> Path:
+    """The proxy as `pip install ./django-pgmigrate` builds it: a wheel of this checkout
+    (setup.py compiles the relay's hot path with mypyc), unpacked under `work`."""
+    wheels = work / "wheel"
+    relay.note("building the wheel (pip wheel --no-deps: mypyc compiles the hot path) ...")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+         "--disable-pip-version-check", "-w", str(wheels), str(relay.REPO)],
+        capture_output=True, text=True, check=False, timeout=900,
+    )  # fmt: skip
+    found = sorted(wheels.glob("*.whl"))
+    if built.returncode != 0 or not found:
+        raise relay.BenchError(f"pip wheel failed: {built.stderr.strip()[-2000:]}")
+    target = work / "compiled"
+    with zipfile.ZipFile(found[0]) as wheel:
+        wheel.extractall(target)
+    if not list(target.glob("pgmigrate_proxy/runtime/*.so")):
+        raise relay.BenchError(
+            f"the wheel has no compiled modules ({built.stderr.strip()[-500:]}): "
+            "see setup.py, or run with --build pure"
+        )
+    return target
 
 
 def start_proxy(
@@ -387,6 +422,7 @@ def idle_phase(
     direct: relay.Endpoint,
     sampler: ServerSampler,
     opts: Options,
+    source: Path,
 ) -> list[relay.IdleResult]:
     """A fresh pooler each (no freed memory of the pgbench runs to reuse), warmed by one login."""
     results = []
@@ -395,7 +431,7 @@ def idle_phase(
         started = (
             start_pgbouncer(stack, work / "idle-bouncer", direct)
             if name == PGBOUNCER
-            else start_proxy(stack, work, server, direct.password)
+            else start_proxy(stack, work, server, direct.password, source=source)
         )
         if started is None or isinstance(started, str):
             relay.note(f"idle memory: {name} did not start: {started}")
@@ -523,7 +559,11 @@ def render(
         parts += ["", relay.markdown_table(header, table)]
     if idle:
         parts += ["", relay.markdown_table(relay.IDLE_HEADER, idle_table(idle))]
-    parts += ["", f"Command: `{opts.command}`", "", f"Machine: {relay.machine_line(machine)}"]
+    build = (
+        "compiled with mypyc (as pip installs it)" if opts.build == "compiled" else "pure Python"
+    )
+    parts += ["", f"Command: `{opts.command}`", "", f"Proxy: {build}"]
+    parts += ["", f"Machine: {relay.machine_line(machine)}"]
     return "\n".join(parts)
 
 
@@ -545,6 +585,7 @@ def pgbench_phase(
     direct: relay.Endpoint,
     sampler: ServerSampler,
     opts: Options,
+    source: Path,
 ) -> list[Run]:
     """Load pgbench's tables, start both poolers, warm each target up, run the matrix."""
     binary = relay.find_pgbench(relay.postgres_bin_dir(opts.pg))
@@ -555,7 +596,7 @@ def pgbench_phase(
     bouncer = start_pgbouncer(stack, work, direct)
     if bouncer:
         targets.append(bouncer.endpoint)
-    proxy = start_proxy(stack, work, server, direct.password, profile=opts.profile)
+    proxy = start_proxy(stack, work, server, direct.password, source=source, profile=opts.profile)
     if isinstance(proxy, str):
         relay.note(f"proxy: skipped: {proxy}")
     else:
@@ -601,9 +642,14 @@ def benchmark(opts: Options, stack: contextlib.ExitStack) -> str:
     create_roles(direct)
     sampler = ServerSampler(direct)
     stack.callback(sampler.close)
-    runs = [] if opts.idle_only else pgbench_phase(stack, work, server, direct, sampler, opts)
+    source = relay.PROXY_SOURCE if opts.build == "pure" else compiled_source(work)
+    runs = []
+    if not opts.idle_only:
+        runs = pgbench_phase(stack, work, server, direct, sampler, opts, source)
     machine = relay.machine_info(direct, binary, load_at_start)
-    idle = idle_phase(stack, work, server, direct, sampler, opts) if opts.idle_clients else []
+    idle = (
+        idle_phase(stack, work, server, direct, sampler, opts, source) if opts.idle_clients else []
+    )
     if opts.json_path:
         data = {
             "options": dataclasses.asdict(opts),

@@ -3,13 +3,15 @@ client is sent when one ends its session."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 
 
 class ProxyError(Exception):
     """Base of every error the proxy raises on purpose; `sqlstate` is what clients are sent."""
 
-    sqlstate: SqlState = SqlState.INTERNAL_ERROR
+    sqlstate: ClassVar[SqlState] = SqlState.INTERNAL_ERROR
 
 
 class ConnectionFailure(ProxyError):

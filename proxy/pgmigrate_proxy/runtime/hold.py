@@ -914,9 +914,9 @@ class Holder:
                 SqlState.CONNECTION_FAILURE, f"pgmigrate-proxy: lost the server connection: {exc}"
             )
             return
-        except DecodeError as exc:  # (the client's messages were checked: the server's?)
-            self.task = None
-            self.abandon(SqlState.PROTOCOL_VIOLATION, f"pgmigrate-proxy: invalid message: {exc}")
+        except DecodeError as bad:  # (the client's messages were checked: the server's?)
+            self.task = None  # (a name per exception type: mypyc types each name once)
+            self.abandon(SqlState.PROTOCOL_VIOLATION, f"pgmigrate-proxy: invalid message: {bad}")
             return
         except Exception:
             self.task = None
@@ -926,6 +926,12 @@ class Holder:
         # (cleared before release: it may start the next unit's task)
         self.task = None
         self.release()  # pump() catches its own errors
+        self._done_unless_busy()
+
+    def _done_unless_busy(self) -> None:
+        """After a unit ran and release pumped the backlog: tell the session, unless another
+        unit or task began. (A method: in _run_unit mypy keeps `task` narrowed to the None it
+        set before release, and mypyc would trust that.)"""
         if self.task is None and not self.holding:
             self.session.units_done()
 
@@ -992,8 +998,17 @@ class Holder:
         while backlog and self.session.relaying:
             cut, first, pos = backlog.pop(0)
             self.pump(cut, first, pos)
-            if self._backlog is not None:  # a new unit began: the rest waits behind it
-                self._backlog.extend(backlog)
-                if self._unit is not None:
-                    self._safely(self._collect)  # a bad message in it ends the session
+            if self._held_again(backlog):
                 return
+
+    def _held_again(self, rest: list[tuple[Cut, int, int]]) -> bool:
+        """After release pumped a chunk: when a new unit began, the rest waits behind it.
+        (A method of its own: read here, `_backlog` is not narrowed to release's None, which
+        mypyc would trust: mypy keeps narrowing an attribute across calls.)"""
+        backlog = self._backlog
+        if backlog is None:
+            return False
+        backlog.extend(rest)
+        if self._unit is not None:
+            self._safely(self._collect)  # a bad message in it ends the session
+        return True

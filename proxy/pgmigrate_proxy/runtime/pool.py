@@ -28,6 +28,7 @@ from pgmigrate_proxy.errors import ConnectionFailure, ProxyError
 from pgmigrate_proxy.poolconfig import PoolSettings
 from pgmigrate_proxy.protocol.framing import frame
 from pgmigrate_proxy.protocol.messages import ErrorResponse
+from pgmigrate_proxy.protocol.prepared import Registry
 from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.startup_options import startup_settings
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType, TransactionStatus
@@ -736,6 +737,8 @@ class PoolRegistry:
         self.settings_for = settings_for
         self.pools: dict[tuple[str, str], Pool] = {}
         self.openers: dict[tuple[str, str], Opener] = {}
+        #: the proxy-wide prepared statements of its pools' servers (runtime/statements.py)
+        self.statements = Registry()
 
     def pool(self, database: str, user: str) -> Pool:
         key = (database, user)

@@ -216,7 +216,7 @@ class PoolLink:
         self._arm()
         holder = self.session.holder
         assert holder is not None
-        registry = statements.registry_for(self.pool.registry)
+        registry = self.pool.registry.statements
         holder.ddl_done = statements.invalidator(registry)
         if self.transaction:
             holder.state_watch = self.watch_state
@@ -294,7 +294,7 @@ class PoolLink:
         if self.reserved is not None:
             return False
         pool = self.pool
-        lease = pool.take_idle(self._ready)
+        lease = pool.take_idle(self._ready) if pool.idle else None
         if lease is None:
             if not queue or pool.idle or pool.closing:
                 return False

@@ -61,6 +61,7 @@ from pgmigrate_proxy.runtime.autocommit import is_migration_session
 from pgmigrate_proxy.runtime.backend import ALL_TYPES, ServerConnection
 from pgmigrate_proxy.runtime.context import CONSOLE_DATABASES
 from pgmigrate_proxy.runtime.hold import FRONTEND_WATCH, NO_SERVER, Holder
+from pgmigrate_proxy.runtime.login import Login
 from pgmigrate_proxy.runtime.options import (
     INVALID_PARAMETER_VALUE,
     OptionError,
@@ -412,9 +413,9 @@ class ClientSession(asyncio.Protocol):
                 await self._connect(startup)
         except DecodeError as exc:
             self.fail(exc.sqlstate, f"invalid startup packet: {exc}")
-        except UpstreamError as exc:
-            log.warning("session %s: %s", self.peer, exc)
-            self.fail(exc.sqlstate, str(exc))
+        except UpstreamError as failed:  # (a name per type: mypyc types each name once)
+            log.warning("session %s: %s", self.peer, failed)
+            self.fail(failed.sqlstate, str(failed))
         except ConnectionError:
             self.abort()
         finally:
@@ -533,7 +534,7 @@ class ClientSession(asyncio.Protocol):
         server.attach(self)
         target = self.settings.upstream
         transport = await open_upstream(target, server)
-        if self.phase is not Phase.CONNECTING:  # the client went away meanwhile
+        if self._left_meanwhile():
             transport.close()
             return
         if transport.is_closing():
@@ -568,14 +569,14 @@ class ClientSession(asyncio.Protocol):
         from them and log in no server (it gets one at its first message)."""
         self.parameters = params
         checked = await clientauth.check(self, auth, params["user"], tls=self._tls)
-        if checked is None or self.phase is not Phase.CONNECTING:
+        if checked is None or self._left_meanwhile():
             return
         pool = self._pooled_login()
         learning: asyncio.Future[None] | None = None
         if pool is not None:
             while pool.welcome is None and pool.learning is not None:
                 await asyncio.shield(pool.learning)  # another login is learning it
-                if self.phase is not Phase.CONNECTING:
+                if self._left_meanwhile():
                     return
             if pool.welcome is not None:
                 clientauth.accepted(auth, checked)
@@ -583,10 +584,10 @@ class ClientSession(asyncio.Protocol):
                 return
             learning = pool.learning = asyncio.get_running_loop().create_future()
         try:
-            done = await clientauth.log_in_server(
+            done: Login | None = await clientauth.log_in_server(
                 self, auth, self.settings.upstream, params, checked
             )
-            if done is None or self.phase is not Phase.CONNECTING:
+            if done is None or self._left_meanwhile():
                 if done is not None:
                     done.server.close()
                 return
@@ -603,6 +604,11 @@ class ClientSession(asyncio.Protocol):
                 pool.learning = None
                 learning.set_result(None)
         self._relay_pending()
+
+    def _left_meanwhile(self) -> bool:
+        """After an await of the login: the client went away (or the session failed) meanwhile.
+        (A method: mypy keeps `phase` narrowed across awaits, and mypyc trusts it.)"""
+        return self.phase is not Phase.CONNECTING
 
     def _pooled_login(self) -> Pool | None:
         """The pool of a client that may log in without a server: transaction pooling, not a
@@ -698,10 +704,10 @@ class ClientSession(asyncio.Protocol):
         except FramingError as exc:
             self.fail(SqlState.PROTOCOL_VIOLATION, str(exc))
             return
-        except ChannelBindingMismatch as exc:
+        except ChannelBindingMismatch as mismatch:  # (a name per type: mypyc)
             self.fail(
                 SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
-                str(exc),
+                str(mismatch),
                 hint="connect with channel_binding=disable",
             )
             return

@@ -34,7 +34,6 @@ import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
 
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Cut, Frame, frame
@@ -85,16 +84,6 @@ MAPPED = frozenset(
     t.value for t in (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
                       FrontendType.CLOSE, FrontendType.QUERY)
 )  # fmt: skip
-#: One statement registry per set of pools (a proxy): key -> proxy-wide names.
-_REGISTRIES: WeakKeyDictionary[object, Registry] = WeakKeyDictionary()
-
-
-def registry_for(pools: object) -> Registry:
-    """The proxy-wide statement registry of a PoolRegistry."""
-    found = _REGISTRIES.get(pools)
-    if found is None:
-        found = _REGISTRIES[pools] = Registry()
-    return found
 
 
 def invalidator(registry: Registry) -> Callable[[Iterable[Statement]], None]:

@@ -64,9 +64,10 @@ def names_no_state(text: bytes) -> bool:
     """is_candidate's substring test on a statement's bytes, without decoding: True when the
     text names none of the functions and words that may leave state (a plain DML statement,
     runtime/detect.plain_query, that passes it leaves none)."""
-    lowered = text.lower()
-    return not (_STATE_WORDS[0] in lowered or _STATE_WORDS[1] in lowered or
-                _STATE_WORDS[2] in lowered)  # fmt: skip
+    lowered = text.lower()  # (find, not `in`: bytes.__contains__ tries the word as an int
+    # first, and raises and clears a TypeError with a formatted message each time)
+    return (lowered.find(_STATE_WORDS[0]) < 0 and lowered.find(_STATE_WORDS[1]) < 0 and
+            lowered.find(_STATE_WORDS[2]) < 0)  # fmt: skip
 
 
 def session_state(sql: str) -> frozenset[StateKind]:
