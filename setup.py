@@ -41,6 +41,7 @@ COMPILED = (
 _LENIENT = (
     "--ignore-missing-imports", "--no-warn-return-any", "--no-warn-unused-ignores",
     "--allow-subclassing-any", "--allow-untyped-calls", "--allow-untyped-decorators",
+    "--follow-imports=silent",  # (the modules not compiled are read for their types only)
 )  # fmt: skip
 
 
@@ -65,8 +66,9 @@ class OptionalBuildExt(build_ext):
                 Path(output).unlink(missing_ok=True)
             self.extensions = []
             print(
-                f"django-pgmigrate: could not compile the relay with mypyc ({exc}); "
-                "installing the pure-Python modules (slower, same behaviour)",
+                f"django-pgmigrate: could not compile the relay with mypyc "
+                f"({type(exc).__name__}: {str(exc)[:200]}); installing the pure-Python "
+                "modules (slower, same behaviour)",
                 file=sys.stderr,
             )
 
@@ -89,13 +91,21 @@ def _ext_modules() -> list[Any]:
     here = Path(__file__).parent
     os.chdir(here)  # (mypyc names the modules from the paths, relative to the project)
     shutil.rmtree(here / "build" / "mypyc", ignore_errors=True)
-    return list(
-        mypycify(
-            [*_LENIENT, *COMPILED],
-            opt_level="3",
-            target_dir=str(Path("build") / "mypyc"),
+    try:
+        return list(
+            mypycify(
+                [*_LENIENT, *COMPILED],
+                opt_level="3",
+                target_dir=str(Path("build") / "mypyc"),
+            )
         )
-    )
+    except (Exception, SystemExit) as exc:  # (mypy's type errors exit)
+        print(
+            f"django-pgmigrate: mypyc could not compile the relay ({exc!r}, the type errors "
+            "above); installing the pure-Python modules (slower, same behaviour)",
+            file=sys.stderr,
+        )
+        return []
 
 
 setup(ext_modules=_ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
