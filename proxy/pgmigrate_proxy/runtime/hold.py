@@ -95,6 +95,18 @@ def _frames(data: bytes, types: list[int] | None, starts: list[int] | None) -> l
     ]
 
 
+def _with_frames(
+    backlog: list[tuple[Cut, int, int]] | None,
+    judged: tuple[bytes, list[int] | None, list[int] | None] | None,
+) -> None:
+    """Give the chunk a shortcut queued (Holder._server_for: `judged`) its frames before the
+    general path reads the backlog; most such chunks go out without them."""
+    if judged is not None and backlog:
+        cut = backlog[0][0]
+        if cut.data is judged[0] and not cut.frames:
+            cut.frames = _frames(*judged)
+
+
 class HolderOwner(ClientWriter, Protocol):
     """The client session a Holder works for: how it writes to the client and closes."""
 
@@ -169,7 +181,7 @@ class Holder:
         self._plain_parse = b""
         #: the chunk a shortcut judged and queued in the pool, its message types (None: one
         #: Query) and where they start: release sends it as the shortcut would have, without
-        #: judging it again; its frames are made only if the general path takes it (_unjudged)
+        #: judging it again; its frames are made only if the general path takes it
         self._judged: tuple[bytes, list[int] | None, list[int] | None] | None = None
 
     @property
@@ -240,27 +252,11 @@ class Holder:
         backlog = self._backlog
         if judged is None or not self._queued or backlog is None or len(backlog) != 1:
             return False
-        if self.migration is not None or self._gate.arms or self._unit is not None:
-            return False
-        if self.task is not None or server.window is not None or server.every_reply:
+        if not self._judgement_holds() or server.window is not None or server.every_reply:
             return False
         if server.transport is None:
             return False
         return backlog[0][0].data is judged[0] and self.session.relaying
-
-    def send_taken(self) -> None:
-        """The server `takes` accepted is attached: send the held chunk as server_came would."""
-        self._queued = False
-        self._acquire = self._acquire_at_once = None
-        self._backlog = None
-        judged, self._judged = self._judged, None
-        self.session.resume_client_reading()
-        assert judged is not None
-        try:
-            if not self._send(judged[0], judged[1]):
-                raise AssertionError("a taken server refused its judged chunk")
-        except Exception as exc:
-            self._failed(exc)
 
     def acquire_now(self) -> None:
         """The pool handed this queued session a server that needs a check or SETs first:
@@ -297,8 +293,8 @@ class Holder:
 
     def _gate_waiter(self) -> asyncio.Future[None] | None:
         """The session has no server: show the armed gate what it sent first."""
-        self._unjudged()
         backlog = self._backlog
+        _with_frames(backlog, self._judged)
         return self._gate_place(*backlog[0][:2], 0) if backlog else None
 
     def _gate_holds(self, cut: Cut, first: int, pos: int) -> bool:
@@ -414,7 +410,7 @@ class Holder:
         outcome = at_once(queue=True)
         if outcome is None:  # queued in its pool: the chunk waits for server_came
             self._queued = True
-            backlog.append((Cut(data, [], b"", len(data)), 0, 0))  # (frames: _unjudged)
+            backlog.append((Cut(data, [], b"", len(data)), 0, 0))  # (frames: _with_frames)
             self._backlog_bytes += len(data)
             self._judged = (data, types, starts)
             return None
@@ -451,23 +447,20 @@ class Holder:
             server.watch()
         return True
 
-    def _unjudged(self) -> None:
-        """Give the chunk a shortcut queued (_server_for) its frames, before the general path
-        reads the backlog: most such chunks go out without them (PoolLink._pass_on)."""
-        judged = self._judged
-        backlog = self._backlog
-        if judged is not None and backlog:
-            cut = backlog[0][0]
-            if cut.data is judged[0] and not cut.frames:
-                cut.frames = _frames(*judged)
+    def _judgement_holds(self) -> bool:
+        """Nothing that a chunk a shortcut queued (_server_for) depends on changed while it
+        waited: not a migration session, no armed gate, no unit or task of this session
+        (each sends it through pump instead)."""
+        return (
+            self.migration is None and not self._gate.arms and self._unit is None
+            and self.task is None
+        )  # fmt: skip
 
     def _judged_sent(self, judged: tuple[bytes, list[int] | None, list[int] | None]) -> bool:
         """Whether the chunk a shortcut queued (_server_for) went out as it would have then:
         nothing it depends on changed while it waited but the gate's arming, a unit or task
-        of this session (each sends it through pump instead)."""
-        if self.migration is not None or self._gate.arms or self._unit is not None:
-            return False
-        if self.task is not None:
+        of this session (_judgement_holds)."""
+        if not self._judgement_holds():
             return False
         try:
             return self._send(judged[0], judged[1])
@@ -984,7 +977,6 @@ class Holder:
 
     def release(self) -> None:
         """Stop holding; pump what waited, in order (it may start another unit)."""
-        self._unjudged()
         backlog, self._backlog = self._backlog, None
         self.session.resume_client_reading()
         judged, self._judged = self._judged, None
@@ -993,8 +985,10 @@ class Holder:
             if not first and not pos and not cut.carry:
                 if judged is not None and judged[0] is cut.data and self._judged_sent(judged):
                     return
+                _with_frames(backlog, judged)
                 if self._one_query(cut):
                     return
+        _with_frames(backlog, judged)
         while backlog and self.session.relaying:
             cut, first, pos = backlog.pop(0)
             self.pump(cut, first, pos)

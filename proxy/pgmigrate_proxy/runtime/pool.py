@@ -269,8 +269,7 @@ class Pool:
             self.close(lease)
             return
         now = time.monotonic()
-        lifetime = self.settings.server_lifetime
-        if lifetime == 0 or now - lease.born > lifetime:
+        if self._outlived(lease, now):
             self.close(lease)
             return
         lease.idle_since = now
@@ -294,8 +293,7 @@ class Pool:
         reuse (server_check_delay 0: check_due on every one). Notes it idle from now."""
         now = time.monotonic()
         settings = self.settings
-        lifetime = settings.server_lifetime
-        if lifetime == 0 or now - lease.born > lifetime or lease.cancels or self._over():
+        if self._outlived(lease, now) or lease.cancels or self._over():
             return False
         if settings.server_check_query and settings.server_check_delay <= 0:
             return False
@@ -474,8 +472,7 @@ class Pool:
         if self.closing or lease.cancels or lease.server.transport is None:
             return False
         now = time.monotonic()
-        lifetime = self.settings.server_lifetime  # (as release: 0 uses a server once)
-        if lifetime == 0 or now - lease.born > lifetime or self._over():
+        if self._outlived(lease, now) or self._over():  # (as release)
             return False
         lease.owner = owner
         lease.idle_since = now
@@ -483,6 +480,11 @@ class Pool:
         if self._reaper is None:
             self._schedule_reap()
         return True
+
+    def _outlived(self, lease: Lease, now: float) -> bool:
+        """Past server_lifetime (0: a server is used once)."""
+        lifetime = self.settings.server_lifetime
+        return lifetime == 0 or now - lease.born > lifetime
 
     def _over(self) -> bool:
         """More servers than the pool's size and reserve, or than its database's or user's

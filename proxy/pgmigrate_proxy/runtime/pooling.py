@@ -315,18 +315,21 @@ class PoolLink:
         holder = self.session.holder
         if not self.queued or holder is None:
             return False
-        self.queued = False
-        stats = self.pool.stats
-        stats.waited(time.monotonic() - self.waiting_since)
-        self.waiting_since = 0.0
+        self._waited()
         if not self._ready(lease):
             self.reserved = lease
             holder.acquire_now()
             return True
-        stats.server_assignment_count += 1
+        self.pool.stats.server_assignment_count += 1
         self._attach(lease)
         holder.server_came()
         return True
+
+    def _waited(self) -> None:
+        """No longer queued: its wait counts in its pool's stats."""
+        self.queued = False
+        self.pool.stats.waited(time.monotonic() - self.waiting_since)
+        self.waiting_since = 0.0
 
     def wait_timed_out(self) -> None:
         """Queued past query_wait_timeout (the pool's sweep)."""
@@ -404,8 +407,8 @@ class PoolLink:
         """transaction_ended's hand-over in one step, the way release, offer and server_came
         take it for the usual case: the first client queued in the pool has one chunk held,
         which a shortcut judged (Holder.takes), and can use the server as it is; it gets the
-        server and its chunk goes out. False, with nothing changed, in any other case
-        (_give_back then takes the general way)."""
+        server and its chunk goes out (Holder.server_came). False, with nothing changed, in
+        any other case (_give_back then takes the general way)."""
         pool = self.pool
         waiter = pool.waiters[0]
         if type(waiter) is not PoolLink or not waiter.queued or not pool.passes(lease):
@@ -422,14 +425,11 @@ class PoolLink:
         giver = self.session.holder
         assert giver is not None
         giver.wait_for_server(self.acquire, at_once=self.acquire_at_once)
-        waiter.queued = False
-        stats = pool.stats
-        stats.waited(time.monotonic() - waiter.waiting_since)
-        stats.server_assignment_count += 1
-        waiter.waiting_since = 0.0
+        waiter._waited()
+        pool.stats.server_assignment_count += 1
         waiter.lease = lease
         server.on_idle = waiter.transaction_ended
-        holder.send_taken()
+        holder.server_came()
         return True
 
     def take_back(self) -> None:

@@ -80,9 +80,7 @@ class PoolStats:
         """A client got a server after waiting `seconds` (PoolLink.acquire)."""
         self.wait_time += seconds
         self.wait_count += 1
-        waits = self.waits  # (Histogram.observe, inline: once per transaction when queued)
-        waits.counts[bisect.bisect_left(waits.bounds, seconds)] += 1
-        waits.sum += seconds
+        self.waits.observe(seconds)
 
     def assigned_at_once(self) -> None:
         """A client got a server without waiting (transaction pooling's fast paths): an
