@@ -8,15 +8,17 @@ by message. Pure: bytes and offsets in, message types out.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pgmigrate_proxy.protocol.framing import HEADER_SIZE
 from pgmigrate_proxy.protocol.types import FrontendType
 
-_PARSE = FrontendType.PARSE.value
-_BIND = FrontendType.BIND.value
-_DESCRIBE = FrontendType.DESCRIBE.value
-_CLOSE = FrontendType.CLOSE.value
-_EXECUTE = FrontendType.EXECUTE.value
-_SYNC = FrontendType.SYNC.value
+_PARSE: Final = FrontendType.PARSE.value
+_BIND: Final = FrontendType.BIND.value
+_DESCRIBE: Final = FrontendType.DESCRIBE.value
+_CLOSE: Final = FrontendType.CLOSE.value
+_EXECUTE: Final = FrontendType.EXECUTE.value
+_SYNC: Final = FrontendType.SYNC.value
 
 
 def unnamed_batch(data: bytes, starts: list[int], parse: bytes) -> list[int] | None:

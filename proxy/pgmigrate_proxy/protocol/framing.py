@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from pgmigrate_proxy.errors import ProtocolViolation
 
-HEADER = struct.Struct("!BI")
-HEADER_SIZE = HEADER.size  # 5: type byte + int32 length (which counts itself)
-INT32 = struct.Struct("!I")
+HEADER: Final = struct.Struct("!BI")
+HEADER_SIZE: Final = 5  # type byte + int32 length (which counts itself); a literal: compiled,
+# it is inlined (setup.py)
+assert HEADER.size == HEADER_SIZE
+INT32: Final = struct.Struct("!I")
 
 
 class Frame(NamedTuple):
@@ -46,7 +47,7 @@ class FramingError(ProtocolViolation):
         self.offset = offset
 
 
-_TABLES: dict[frozenset[int], bytes] = {}
+_TABLES: Final[dict[frozenset[int], bytes]] = {}
 
 
 def type_table(types: Iterable[int]) -> bytes:
@@ -61,7 +62,7 @@ def type_table(types: Iterable[int]) -> bytes:
     return table
 
 
-ANY_TYPE = bytes([1] * 256)
+ANY_TYPE: Final = bytes([1] * 256)
 
 
 class FrameScanner:
@@ -138,9 +139,9 @@ class FrameScanner:
         n = len(data)
         if self._need or self._header or n < HEADER_SIZE:
             return -1
-        mtype: int
-        length: int
-        mtype, length = HEADER.unpack_from(data)
+        mtype = data[0]
+        length = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]  # (HEADER,
+        # by hand: compiled, these are native reads, where unpack_from builds a tuple)
         if length + 1 != n or not self._valid[mtype] or length < 4 or length > self._max_size:
             return -1
         return mtype
@@ -153,14 +154,16 @@ class FrameScanner:
             return None
         n = len(data)
         pos = 0
-        unpack = HEADER.unpack_from
         valid = self._valid
         limit = self._max_size
         found: list[int] = []
         while pos < n:
             if n - pos < HEADER_SIZE:
                 return None
-            mtype, length = unpack(data, pos)
+            mtype = data[pos]
+            length = (
+                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            )
             if not valid[mtype] or length < 4 or length > limit:
                 return None
             found.append(pos)
@@ -176,12 +179,14 @@ class FrameScanner:
             return -1
         n = len(data)
         pos = 0
-        unpack = HEADER.unpack_from
         valid = self._valid
         watched = self._watched
         limit = self._max_size
         while n - pos >= HEADER_SIZE:
-            mtype, length = unpack(data, pos)
+            mtype = data[pos]
+            length = (
+                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            )
             if not valid[mtype] or length < 4 or length > limit:
                 return -1
             end = pos + 1 + length
@@ -294,19 +299,28 @@ class FrameScanner:
         return f"message of {length} bytes exceeds the limit of {self._max_size} bytes"
 
 
-@dataclass(slots=True)
 class Cut:
     """A scanned chunk: watched frames, bytes withheld earlier to send first, where it stops.
 
     Raw bytes to forward are `carry`, then `data` up to `tail` except the watched frames;
     `data[tail:]` is withheld (it belongs to a frame not complete yet). A frame with
     start == -1 was withheld in earlier chunks: send `frame.raw`, and skip data up to its end.
+
+    A plain class, not a dataclass: compiled (setup.py), a dataclass's __init__ is the one
+    the dataclasses module generates, run as Python; one is made per chunk the relay holds.
     """
 
-    data: bytes
-    frames: list[Frame]
-    carry: bytes
-    tail: int
+    __slots__ = ("carry", "data", "frames", "tail")
+
+    def __init__(self, data: bytes, frames: list[Frame], carry: bytes, tail: int) -> None:
+        self.data = data
+        self.frames = frames
+        self.carry = carry
+        self.tail = tail
+
+    def __repr__(self) -> str:
+        fields = f"data={self.data!r}, frames={self.frames!r}, carry={self.carry!r}"
+        return f"Cut({fields}, tail={self.tail})"
 
     @property
     def plain(self) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from typing import Final
 
 from pgmigrate_proxy.protocol.types import BackendType, FrontendType
 
@@ -59,13 +60,15 @@ class UnexpectedReply(Exception):
 
 F, B = FrontendType, BackendType
 #: Frontend message -> what it expects (FunctionCall and the COPY ends are handled apart).
-_PUSHES: dict[int, Expect] = {
+_PUSHES: Final[dict[int, Expect]] = {
     F.PARSE: Expect.PARSE, F.BIND: Expect.BIND, F.DESCRIBE: Expect.DESCRIBE,
     F.CLOSE: Expect.CLOSE, F.EXECUTE: Expect.EXECUTE, F.QUERY: Expect.QUERY, F.SYNC: Expect.SYNC,
 }  # fmt: skip
-_EXTENDED = frozenset({Expect.PARSE, Expect.BIND, Expect.DESCRIBE, Expect.CLOSE, Expect.EXECUTE})
+_EXTENDED: Final = frozenset(
+    {Expect.PARSE, Expect.BIND, Expect.DESCRIBE, Expect.CLOSE, Expect.EXECUTE}
+)
 #: Backend message -> the request kinds it completes.
-_COMPLETES: dict[int, frozenset[Expect]] = {
+_COMPLETES: Final[dict[int, frozenset[Expect]]] = {
     B.PARSE_COMPLETE: frozenset({Expect.PARSE}),
     B.BIND_COMPLETE: frozenset({Expect.BIND}),
     B.CLOSE_COMPLETE: frozenset({Expect.CLOSE}),
@@ -76,16 +79,16 @@ _COMPLETES: dict[int, frozenset[Expect]] = {
     B.PORTAL_SUSPENDED: frozenset({Expect.EXECUTE}),
     B.FUNCTION_CALL_RESPONSE: frozenset({Expect.FUNCTION}),
 }
-_READY = (Expect.QUERY, Expect.SYNC)
-_CLIENT = Owner.CLIENT
+_READY: Final = (Expect.QUERY, Expect.SYNC)
+_CLIENT: Final = Owner.CLIENT
 #: The client's extended-protocol messages that wait in a batch's plain list (see _materialize).
-_LAZY: dict[int, Expect] = {t: k for t, k in _PUSHES.items() if k in _EXTENDED}
-_EXECUTE_TYPE = int(F.EXECUTE)
-_SYNC_TYPE = int(F.SYNC)
-_QUERY_TYPE = int(F.QUERY)
-_READY_TYPE = int(B.READY_FOR_QUERY)
-_QUERY = Expect.QUERY
-_SYNC = Expect.SYNC
+_LAZY: Final[dict[int, Expect]] = {t: k for t, k in _PUSHES.items() if k in _EXTENDED}
+_EXECUTE_TYPE: Final = int(F.EXECUTE)
+_SYNC_TYPE: Final = int(F.SYNC)
+_QUERY_TYPE: Final = int(F.QUERY)
+_READY_TYPE: Final = int(B.READY_FOR_QUERY)
+_QUERY: Final = Expect.QUERY
+_SYNC: Final = Expect.SYNC
 
 
 class _Entry:

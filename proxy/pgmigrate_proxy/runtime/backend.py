@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from pgmigrate_proxy.errors import ServerBusy, ServerLost
 from pgmigrate_proxy.protocol import extended
@@ -43,22 +43,24 @@ from pgmigrate_proxy.runtime.upstream import UpstreamProtocol
 #: Backend frames the reply queue must always see (protocol/replies.py); every frame while it
 #: says it needs every reply. Migration sessions also read the errors that stream past (COPY):
 #: they fail the virtual block.
-BACKEND_WATCH = frozenset((
+BACKEND_WATCH: Final = frozenset((
     BackendType.READY_FOR_QUERY, BackendType.COPY_IN_RESPONSE, BackendType.ERROR_RESPONSE,
 ))  # fmt: skip
 #: Without reply tracking (no guard) the relay reads only the transaction status.
-STATUS_WATCH = frozenset((BackendType.READY_FOR_QUERY,))
+STATUS_WATCH: Final = frozenset((BackendType.READY_FOR_QUERY,))
 #: (frozensets: FrameScanner.watch finds their table without hashing the members again)
-ALL_TYPES = frozenset(range(256))
+ALL_TYPES: Final = frozenset(range(256))
 log = logging.getLogger("pgmigrate_proxy.session")
-_INJECTED_NAME = "pgmigrate_proxy"
-_READY_FOR_QUERY = BackendType.READY_FOR_QUERY.value
-_ERROR_RESPONSE = BackendType.ERROR_RESPONSE.value
-_IDLE = TransactionStatus.IDLE
-_STATUSES = {bytes([s]): s for s in TransactionStatus}
-_COPY_IN = (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE)
+_INJECTED_NAME: Final = "pgmigrate_proxy"
+_READY_FOR_QUERY: Final = BackendType.READY_FOR_QUERY.value
+_ERROR_RESPONSE: Final = BackendType.ERROR_RESPONSE.value
+_IDLE: Final = TransactionStatus.IDLE
+_STATUSES: Final = {bytes([s]): s for s in TransactionStatus}
+#: The same by the status byte's value (the relay's shortcut reads the byte, not a slice).
+_STATUS_OF: Final = [_STATUSES.get(bytes([value])) for value in range(256)]
+_COPY_IN: Final = (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE)
 #: Server messages that may come at any time: passed on even amid an injected query's replies.
-ASYNCHRONOUS = (
+ASYNCHRONOUS: Final = (
     BackendType.NOTIFICATION_RESPONSE, BackendType.PARAMETER_STATUS, BackendType.NOTICE_RESPONSE,
 )  # fmt: skip
 
@@ -285,9 +287,11 @@ class ServerConnection(UpstreamProtocol):
         without making frames. False when the last frame needs the general path."""
         mtype = data[last]
         if mtype == _READY_FOR_QUERY:
-            status = _STATUSES.get(data[last + HEADER_SIZE : last + HEADER_SIZE + 1])
-            if status is None or len(data) - last != HEADER_SIZE + 1:
+            if len(data) - last != HEADER_SIZE + 1:
                 return False  # (malformed: the general path says so)
+            status = _STATUS_OF[data[last + HEADER_SIZE]]
+            if status is None:
+                return False
             replies = self.replies
             try:
                 replies.received(mtype)

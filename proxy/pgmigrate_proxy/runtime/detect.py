@@ -4,6 +4,7 @@ the guarded prepared statements of one session (for its Binds)."""
 from __future__ import annotations
 
 import sys
+from typing import Final
 
 from pgmigrate_proxy.guard.unit import needs_guard
 from pgmigrate_proxy.protocol import extended
@@ -15,14 +16,27 @@ from pgmigrate_proxy.sql import Statement, classify, first_keyword, is_plain
 from pgmigrate_proxy.sql.cache import ByteLRU
 from pgmigrate_proxy.sql.classify import MAX_CLASSIFIED, unclassified
 from pgmigrate_proxy.sql.prefilter import PLAIN_KEYWORDS
+from pgmigrate_proxy.sql.session_state import STATE_WORDS
 
 #: First words of a Query that, alone in it, cannot take a lock that queues traffic.
-_PLAIN_HEADS = (b"select ", b"select\n", b"insert ", b"update ", b"delete ", b"with ", b"values ")
+_PLAIN_HEADS: Final = (
+    b"select ",
+    b"select\n",
+    b"insert ",
+    b"update ",
+    b"delete ",
+    b"with ",
+    b"values ",
+)
 #: Parse messages seen lately, by their bytes: (statement name, guarded statements or None);
 #: at most 4 MB of them, all sessions together, none over 64 kB (a long one is parsed again).
-_PARSES: ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]] = ByteLRU(4 << 20, 64 << 10)
+_PARSES: Final[ByteLRU[bytes, tuple[str, tuple[Statement, ...] | None]]] = ByteLRU(
+    4 << 20, 64 << 10
+)
 #: Bytes of a text (no NUL among them) past which it has over MAX_CLASSIFIED characters.
-_LONG_TEXT = 4 * MAX_CLASSIFIED
+_LONG_TEXT: Final = 4 * MAX_CLASSIFIED
+#: (a name of this module's: compiled, read without a lookup in the module's dict)
+_STATE_WORDS: Final = STATE_WORDS
 
 
 class Deferred(Exception):
@@ -67,6 +81,18 @@ def plain_query(payload: bytes) -> bool:
         return False
     semicolon = payload.find(b";")
     return semicolon < 0 or not payload[semicolon + 1 : -1].strip()
+
+
+def names_no_state(text: bytes) -> bool:
+    """sql.session_state.is_candidate's substring test on a statement's bytes, without
+    decoding: True when the text names none of the functions and words that may leave state
+    (a plain_query that passes it leaves none). Here, not in sql/, so that it is compiled
+    with the relay that calls it on every Query in transaction pooling (setup.py)."""
+    lowered = text.lower()  # (find, not `in`: bytes.__contains__ tries the word as an int
+    # first, and raises and clears a TypeError with a formatted message each time)
+    words = _STATE_WORDS
+    return (lowered.find(words[0]) < 0 and lowered.find(words[1]) < 0 and
+            lowered.find(words[2]) < 0)  # fmt: skip
 
 
 def check_readable(item: Frame) -> None:

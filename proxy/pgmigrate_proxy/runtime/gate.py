@@ -182,7 +182,6 @@ class Gate:
                 held.place.set_result(None)
         self._held = kept
 
-
     def recheck(self, arm: Arm) -> None:
         """Ask `arm` again about what it holds (its predicate changed); let go, in order, what
         no predicate holds any more."""

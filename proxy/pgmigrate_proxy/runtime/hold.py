@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pgmigrate_proxy.errors import ProxyError
 from pgmigrate_proxy.protocol import extended
@@ -27,7 +27,13 @@ from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import guarding, offload
 from pgmigrate_proxy.runtime.autocommit import State
 from pgmigrate_proxy.runtime.backend import ServerConnection
-from pgmigrate_proxy.runtime.detect import Deferred, Detector, check_readable, plain_query
+from pgmigrate_proxy.runtime.detect import (
+    Deferred,
+    Detector,
+    check_readable,
+    names_no_state,
+    plain_query,
+)
 from pgmigrate_proxy.runtime.gate import GatedSession
 from pgmigrate_proxy.runtime.migration import MigrationRunner, single_statement
 from pgmigrate_proxy.runtime.onemigration import LockFailed, MigrationLock
@@ -41,45 +47,45 @@ from pgmigrate_proxy.runtime.statements import (
     Window,
 )
 from pgmigrate_proxy.sql import Statement, first_keyword
-from pgmigrate_proxy.sql.session_state import names_no_state
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
 #: Frontend frames the guard reads: statements, every extended-protocol message (each opens a
 #: batch: the reply queue must see them all, or an error's skipping is misread), COPY ends,
 #: function calls.
-FRONTEND_WATCH = (
+FRONTEND_WATCH: Final = (
     FrontendType.QUERY, FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
     FrontendType.CLOSE, FrontendType.EXECUTE, FrontendType.SYNC, FrontendType.FLUSH,
     FrontendType.FUNCTION_CALL, FrontendType.COPY_DONE, FrontendType.COPY_FAIL,
     FrontendType.TERMINATE,
 )  # fmt: skip
 #: Past this many bytes waiting behind a held unit, stop reading from the client.
-_BACKLOG_PAUSE = 1 << 20
+_BACKLOG_PAUSE: Final = 1 << 20
 #: Pieces of a write up to this size are joined into one; larger ones go out as they are.
-_JOIN_LIMIT = 64 * 1024
-_EXTENDED_REQUESTS = frozenset(
+_JOIN_LIMIT: Final = 64 * 1024
+_EXTENDED_REQUESTS: Final = frozenset(
     t.value for t in (FrontendType.PARSE, FrontendType.BIND, FrontendType.DESCRIBE,
                       FrontendType.CLOSE, FrontendType.EXECUTE)
 )  # fmt: skip
-_TRANSACTION_CONTROL = "TransactionStmt"
-_SYNC = FrontendType.SYNC.value
-_QUERY = FrontendType.QUERY.value
-_EXECUTE = FrontendType.EXECUTE.value
-_BIND = FrontendType.BIND.value
-_PARSE = FrontendType.PARSE.value
+_TRANSACTION_CONTROL: Final = "TransactionStmt"
+_SYNC: Final = FrontendType.SYNC.value
+_QUERY: Final = FrontendType.QUERY.value
+_EXECUTE: Final = FrontendType.EXECUTE.value
+_BIND: Final = FrontendType.BIND.value
+_PARSE: Final = FrontendType.PARSE.value
 #: Messages that have no body (Flush, Sync).
-_EMPTY_MESSAGES = frozenset({FrontendType.FLUSH.value, FrontendType.SYNC.value})
+_EMPTY_MESSAGES: Final = frozenset({FrontendType.FLUSH.value, FrontendType.SYNC.value})
 #: Frontend messages of an ordinary session that never start a guarded statement.
 #: Frontend messages read for session state in transaction pooling.
-_TERMINATE = FrontendType.TERMINATE.value
+_TERMINATE: Final = FrontendType.TERMINATE.value
 #: What a holder points at while its session has no server (transaction pooling, between
 #: transactions): never connected, so it behaves as a lost one. Keeping the server given back
 #: instead would keep it alive (scanner, reply queue, lease) for as long as the client idles:
 #: with more clients than pooled servers, mostly closed login servers, 1.5 kB a client.
-_NO_SERVER = NO_SERVER = ServerConnection()
-_STATEFUL = frozenset({_QUERY, FrontendType.PARSE.value})
-_PASSING = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
+NO_SERVER: Final = ServerConnection()
+_NO_SERVER: Final = NO_SERVER
+_STATEFUL: Final = frozenset({_QUERY, FrontendType.PARSE.value})
+_PASSING: Final = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 
 
 def _frames(data: bytes, types: list[int] | None, starts: list[int] | None) -> list[Frame]:
@@ -119,6 +125,22 @@ class HolderOwner(ClientWriter, Protocol):
     def terminated(self) -> None: ...
     def pause_client_reading(self) -> None: ...
     def resume_client_reading(self) -> None: ...
+
+
+class ServerSource:
+    """Where a session without a server gets one: its pool link (runtime/pooling.py PoolLink
+    subclasses this). A base class, not a Protocol: compiled (setup.py), the holder calls it
+    natively, with no import of pooling (which imports this module)."""
+
+    __slots__ = ()
+
+    async def acquire(self) -> None:
+        """Get a server for the session, in a task (it may wait, check the server, SET)."""
+        raise NotImplementedError
+
+    def acquire_at_once(self, *, queue: bool = True) -> bool | None:
+        """Attach an idle server now (True), queue the session (None), or neither (False)."""
+        raise NotImplementedError
 
 
 class Holder:
@@ -168,11 +190,11 @@ class Holder:
         #: told the statements of each guarded unit once it ran (prepared-statement invalidation)
         self.ddl_done: Callable[[tuple[Statement, ...]], None] | None = None
         self._runner_client: Retiring | None = None  # the writer of the guarded unit running
-        #: set while the session has no server: gets one (started by the client's next data)
-        self._acquire: Callable[[], Coroutine[Any, Any, None]] | None = None
+        #: set while the session has no server: its pool link gets one (acquire, started by
+        #: the client's next data; acquire_at_once, tried first, without a task)
+        self._waits_on: ServerSource | None = None
         self._gate = services.gate  # (runtime/gate.py)
         self._gated: Frame | None = None  # the frame the gate last let through
-        self._acquire_at_once: Callable[..., bool | None] | None = None
         self._queued = False  # queued in its pool for a server, without a task (server_came)
         #: transaction pooling: set while the session's server is lent to the pool, idle
         #: (PoolLink.take_back): the client's next data takes it back first
@@ -194,22 +216,16 @@ class Holder:
         if self.migration is not None:
             self.migration.server = server
 
-    def wait_for_server(
-        self,
-        acquire: Callable[[], Coroutine[Any, Any, None]],
-        *,
-        now: bool = False,
-        at_once: Callable[..., bool | None] | None = None,
-    ) -> None:
-        """The session gave its server back: hold what the client sends until `acquire` has
-        attached another (run at the client's next data, or `now`). `at_once`, tried first at
-        the client's next data, attaches a server without a task when one is ready (True), or
-        queues the session in its pool (None: server_came or acquire_now follows)."""
+    def wait_for_server(self, link: ServerSource, *, now: bool = False) -> None:
+        """The session gave its server back: hold what the client sends until the pool `link`
+        has attached another, with acquire (run at the client's next data, or `now`) or first
+        with acquire_at_once, which attaches a server without a task when one is ready
+        (True), or queues the session in its pool (None: server_came or acquire_now
+        follows). The link itself, not its bound methods: nothing made per transaction."""
         self.server = _NO_SERVER
-        self._acquire_at_once = at_once
         self._backlog = []
         self._backlog_bytes = 0
-        self._acquire = acquire
+        self._waits_on = link
         if now:
             self._start_acquire()
 
@@ -218,27 +234,27 @@ class Holder:
         server, and an idle one was attached at once (no task, no backlog). With none idle the
         session may be queued in its pool instead (self._queued: the data waits in the backlog
         until server_came)."""
-        at_once = self._acquire_at_once
-        if at_once is None or self._acquire is None or self.task is not None or self._backlog:
+        link = self._waits_on
+        if link is None or self.task is not None or self._backlog:
             return False
         if self._queued:
             return False
         if cut.frames and cut.frames[0].type == _TERMINATE:
             return False  # a client without a server leaves: none needed (_pump)
-        outcome = at_once(queue=not self._gate.arms)  # (the gate: acquire's task)
+        outcome = link.acquire_at_once(queue=not self._gate.arms)  # (the gate: acquire's task)
         if outcome is None:
             self._queued = True
             return False
         if not outcome:
             return False
         self._backlog = None
-        self._acquire = self._acquire_at_once = None
+        self._waits_on = None
         return True
 
     def server_came(self) -> None:
         """The pool attached a server to this queued session: pump what waited (no task)."""
         self._queued = False
-        self._acquire = self._acquire_at_once = None
+        self._waits_on = None
         self.release()
         if self.task is None and not self.holding and self.server.replies.idle:
             self.session.units_done()  # (with replies owed, the server is not idle yet)
@@ -265,12 +281,11 @@ class Holder:
         self._start_acquire()
 
     def _start_acquire(self) -> None:
-        work, self._acquire = self._acquire, None
-        self._acquire_at_once = None
-        assert work is not None
+        link, self._waits_on = self._waits_on, None
+        assert link is not None
         waiter = self._gate_waiter() if self._gate.arms else None
         # (held by the armed gate: before a server is acquired)
-        coro = self._after_gate(waiter, work) if waiter is not None else work()
+        coro = self._after_gate(waiter, link.acquire) if waiter is not None else link.acquire()
         self.task = asyncio.get_running_loop().create_task(
             self._run_unit(coro, "acquiring a server connection")
         )
@@ -404,10 +419,10 @@ class Holder:
         for pump: True when an idle server was attached at once; None when the session was
         queued in its pool with the chunk (`types`: its messages, None: one Query; `starts`:
         where they begin) held for server_came; False: the general path takes the chunk."""
-        at_once = self._acquire_at_once
-        if at_once is None or self._acquire is None or self._queued:
+        link = self._waits_on
+        if link is None or self._queued:
             return False
-        outcome = at_once(queue=True)
+        outcome = link.acquire_at_once(queue=True)
         if outcome is None:  # queued in its pool: the chunk waits for server_came
             self._queued = True
             backlog.append((Cut(data, [], b"", len(data)), 0, 0))  # (frames: _with_frames)
@@ -417,7 +432,7 @@ class Holder:
         if not outcome:
             return False  # (pump starts acquire)
         self._backlog = None
-        self._acquire = self._acquire_at_once = None
+        self._waits_on = None
         return True
 
     def _send(self, data: bytes, types: list[int] | None) -> bool:
@@ -515,7 +530,7 @@ class Holder:
                 self.session.pause_client_reading()
             if self._unit is not None:
                 self._collect()
-            elif self._acquire is not None and self.task is None and not self._queued:
+            elif self._waits_on is not None and self.task is None and not self._queued:
                 if cut.frames and cut.frames[0].type == _TERMINATE and cut.frames[0].start == 0:
                     self.session.terminated()  # a client without a server leaves: none needed
                     return

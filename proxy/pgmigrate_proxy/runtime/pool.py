@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from pgmigrate_proxy.errors import ConnectionFailure, ProxyError
 from pgmigrate_proxy.poolconfig import PoolSettings
@@ -42,12 +42,12 @@ log = logging.getLogger("pgmigrate_proxy.pool")
 #: alone or with the ParameterStatus values its login reported (the pool's welcome for clients).
 Opener = Callable[[], Awaitable[ServerConnection | tuple[ServerConnection, dict[str, str]]]]
 #: The startup parameters kept per client and set on the server it gets when they differ.
-SYNCED_PARAMETERS = (
+SYNCED_PARAMETERS: Final = (
     "application_name", "client_encoding", "datestyle", "timezone", "search_path",
     "intervalstyle", "standard_conforming_strings",
 )  # fmt: skip
 #: How often a pool looks for servers past server_idle_timeout or server_lifetime (at most).
-_REAP_SECONDS = 1.0
+_REAP_SECONDS: Final = 1.0
 
 
 class Waiter(Protocol):
@@ -286,12 +286,12 @@ class Pool:
         self.idle.append(lease)
         self._schedule_reap()
 
-    def passes(self, lease: Lease) -> bool:
+    def passes(self, lease: Lease, now: float) -> bool:
         """Whether release would hand this server (idle, owing nothing, at a transaction's
         end) to its first waiter, from the server's side (PoolLink._pass_on): not past
         server_lifetime, no cancel in flight, not over a limit, and not to be checked before
-        reuse (server_check_delay 0: check_due on every one). Notes it idle from now."""
-        now = time.monotonic()
+        reuse (server_check_delay 0: check_due on every one). Notes it idle from `now`
+        (time.monotonic())."""
         settings = self.settings
         if self._outlived(lease, now) or lease.cancels or self._over():
             return False

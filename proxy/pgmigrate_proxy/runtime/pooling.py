@@ -11,9 +11,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from pgmigrate_proxy.errors import ProxyError
+from pgmigrate_proxy.errors import ProxyError, ServerLost
 from pgmigrate_proxy.poolconfig import PoolMode, SessionStateAction
 from pgmigrate_proxy.protocol import extended
 from pgmigrate_proxy.protocol.framing import Frame
@@ -21,7 +21,8 @@ from pgmigrate_proxy.protocol.sqlstate import SqlState
 from pgmigrate_proxy.protocol.types import FrontendType, TransactionStatus
 from pgmigrate_proxy.runtime import statements
 from pgmigrate_proxy.runtime.autocommit import is_migration_session
-from pgmigrate_proxy.runtime.detect import plain_query
+from pgmigrate_proxy.runtime.detect import names_no_state, plain_query
+from pgmigrate_proxy.runtime.hold import Holder, ServerSource
 from pgmigrate_proxy.runtime.pool import (
     SYNCED_PARAMETERS,
     Lease,
@@ -33,21 +34,20 @@ from pgmigrate_proxy.runtime.pool import (
     unpark,
     unpoolable,
 )
-from pgmigrate_proxy.sql.session_state import drops_prepared, names_no_state, session_state
+from pgmigrate_proxy.sql.session_state import drops_prepared, session_state
 
 if TYPE_CHECKING:
     from pgmigrate_proxy.runtime.backend import ServerConnection
-    from pgmigrate_proxy.runtime.hold import Holder
     from pgmigrate_proxy.runtime.pool import PoolRegistry
 
 log = logging.getLogger("pgmigrate_proxy.pool")
 
 #: Clients pinned to their server so far (session state in transaction mode), by reason.
-PINS: dict[str, int] = {}
+PINS: Final[dict[str, int]] = {}
 
 
 #: What a client refused for its startup options in transaction pooling is told to do instead.
-OPTIONS_HINT = (
+OPTIONS_HINT: Final = (
     "set it with ALTER ROLE ... SET or ALTER DATABASE ... SET, or run SET after connecting "
     "(which pins the client to its server connection), or use pool_mode = session"
 )
@@ -81,7 +81,7 @@ def options_refusal(
 
 
 #: Characters of a refused statement repeated in its error.
-_SHOWN = 80
+_SHOWN: Final = 80
 
 
 def _shown(sql: str) -> str:
@@ -91,7 +91,7 @@ def _shown(sql: str) -> str:
 
 #: The parameter views clients share (never changed once made): most clients of a pool have the
 #: same one, and an idle client should cost little (bench/pooler.py's memory figure).
-_VIEWS: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+_VIEWS: Final[dict[tuple[tuple[str, str], ...], dict[str, str]]] = {}
 
 
 def _shared(view: dict[str, str]) -> dict[str, str]:
@@ -110,7 +110,7 @@ def _dropped(data: bytes) -> None:
 
 #: Unnamed Parse payloads _stateless passed (their texts repeat, the values go in Bind): a set
 #: lookup instead of the scans. Short texts only, at most _SEEN_MAX of them (then cleared).
-_SEEN_STATELESS: set[bytes] = set()
+_SEEN_STATELESS: Final[set[bytes]] = set()
 _SEEN_MAX, _SEEN_LENGTH = 1024, 512
 
 
@@ -151,13 +151,13 @@ class PooledSession(Protocol):
     def fail(self, code: str, message: str, **extra: str) -> None: ...
 
 
-class PoolLink:
+class PoolLink(ServerSource):
     """One client's side of its pool (module docstring)."""
 
     __slots__ = (
-        "_idle_since", "_seen", "_take_back", "_timer", "lease", "leaving", "lent", "options",
-        "pinned", "pool", "queued",
-        "reserved", "session", "session_keeps", "transaction", "view", "waiting_since", "wanted",
+        "_ended", "_idle_since", "_seen", "_take_back", "_timer", "lease", "leaving", "lent",
+        "options", "pinned", "pool", "queued", "reserved", "session", "session_keeps",
+        "transaction", "view", "waiting_since", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -183,6 +183,7 @@ class PoolLink:
         self.queued = False  # in its pool's waiters without a task (acquire_at_once, offer)
         self.lent = False  # its server is idle in the pool, still attached to it (Lease.owner)
         self._take_back = self.take_back  # (made once: lent at each transaction's end)
+        self._ended = self.transaction_ended  # (made once: its server's on_idle at each one)
 
     # --- login ----------------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class PoolLink:
         self._logged_in(told)
         holder = self.session.holder
         assert holder is not None
-        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+        holder.wait_for_server(self)
 
     def _logged_in(self, told: dict[str, str]) -> None:
         """What either login sets up: the client's parameter view, its timers, and on its
@@ -240,7 +241,7 @@ class PoolLink:
         self.pool.release(lease)
         holder = self.session.holder
         assert holder is not None
-        holder.wait_for_server(self.acquire, now=at_once, at_once=self.acquire_at_once)
+        holder.wait_for_server(self, now=at_once)
 
     def _same_defaults(self, lease: Lease) -> bool:
         """Session mode swaps only onto a server whose reset values this client would have
@@ -254,37 +255,54 @@ class PoolLink:
         self.lease = lease
         self.session.attach(lease.server)
         if self.transaction:
-            lease.server.on_idle = self.transaction_ended
+            lease.server.on_idle = self._ended
 
     async def acquire(self) -> None:
         """Get a server (the reserved one, or from the pool), set the client's parameters on
-        it, attach it. A client that waited too long gets query_wait_timeout."""
+        it, attach it. A client that waited too long gets query_wait_timeout; a server lost
+        meanwhile (terminated while its statements or parameters were set) is closed, and
+        another one taken."""
         lease, self.reserved = self.reserved, None
         stats = self.pool.stats
         started = self.waiting_since = time.monotonic()
-        try:
-            while lease is None or not await self.pool.checked(lease):
-                lease = await self.pool.acquire()
-            self.waiting_since = 0.0
-            stats.waited(time.monotonic() - started)
-            stats.server_assignment_count += 1
-        except ProxyError as exc:
-            self.waiting_since = 0.0
-            log.info("session %s: %s", self.session.peer, exc)
-            extra = {}
-            if isinstance(exc, QueryWaitTimeout):
-                extra["detail"] = "no server connection became free in time"
-            self.session.fail(exc.sqlstate, str(exc), **extra)
-            return
+        while True:
+            try:
+                while lease is None or not await self.pool.checked(lease):
+                    lease = await self.pool.acquire()
+            except ProxyError as exc:
+                self.waiting_since = 0.0
+                log.info("session %s: %s", self.session.peer, exc)
+                extra = {}
+                if isinstance(exc, QueryWaitTimeout):
+                    extra["detail"] = "no server connection became free in time"
+                self.session.fail(exc.sqlstate, str(exc), **extra)
+                return
+            if await self._prepared(lease):
+                break
+            lease = None
+        self.waiting_since = 0.0
+        stats.waited(time.monotonic() - started)
+        stats.server_assignment_count += 1
+        self._attach(lease)
+
+    async def _prepared(self, lease: Lease) -> bool:
+        """Close the statements a schema change retired on the server and SET the client's
+        parameters on it; False when PostgreSQL closed it meanwhile (it is closed here too:
+        acquire takes another). Any other failure closes it and is raised."""
         park(lease)  # (the proxy's own queries need the relay on: the pool's, dropping)
         try:
             await statements.checkout(lease.server)
             await self._sync_parameters(lease)
+            unpark(lease)
+        except ServerLost:
+            peer = self.session.peer
+            log.info("session %s: server closed by PostgreSQL before use: taking another", peer)
+            self.pool.close(lease)
+            return False
         except BaseException:
             self.pool.close(lease)
             raise
-        unpark(lease)
-        self._attach(lease)
+        return True
 
     def acquire_at_once(self, *, queue: bool = True) -> bool | None:
         """acquire's fast path, without a task: an idle server that needs no check and no SET,
@@ -315,7 +333,7 @@ class PoolLink:
         holder = self.session.holder
         if not self.queued or holder is None:
             return False
-        self._waited()
+        self._waited(time.monotonic())
         if not self._ready(lease):
             self.reserved = lease
             holder.acquire_now()
@@ -325,10 +343,10 @@ class PoolLink:
         holder.server_came()
         return True
 
-    def _waited(self) -> None:
-        """No longer queued: its wait counts in its pool's stats."""
+    def _waited(self, now: float) -> None:
+        """No longer queued (`now`: time.monotonic()): its wait counts in its pool's stats."""
         self.queued = False
-        self.pool.stats.waited(time.monotonic() - self.waiting_since)
+        self.pool.stats.waited(now - self.waiting_since)
         self.waiting_since = 0.0
 
     def wait_timed_out(self) -> None:
@@ -411,7 +429,8 @@ class PoolLink:
         any other case (_give_back then takes the general way)."""
         pool = self.pool
         waiter = pool.waiters[0]
-        if type(waiter) is not PoolLink or not waiter.queued or not pool.passes(lease):
+        now = time.monotonic()  # (one clock read for both: passes, _waited)
+        if type(waiter) is not PoolLink or not waiter.queued or not pool.passes(lease, now):
             return False
         taker = waiter.session
         holder = taker.holder
@@ -424,11 +443,11 @@ class PoolLink:
         taker.take_server(server)
         giver = self.session.holder
         assert giver is not None
-        giver.wait_for_server(self.acquire, at_once=self.acquire_at_once)
-        waiter._waited()
+        giver.wait_for_server(self)
+        waiter._waited(now)
         pool.stats.server_assignment_count += 1
         waiter.lease = lease
-        server.on_idle = waiter.transaction_ended
+        server.on_idle = waiter._ended
         holder.server_came()
         return True
 
@@ -460,7 +479,7 @@ class PoolLink:
         server.on_idle = None
         holder = self.session.holder
         assert holder is not None
-        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+        holder.wait_for_server(self)
 
     def return_lent(self) -> None:
         """The client ends while its server is lent (an idle timeout, the admin console): the
@@ -485,7 +504,7 @@ class PoolLink:
         self.pool.lost(lease)
         holder = self.session.holder
         assert holder is not None
-        holder.wait_for_server(self.acquire, at_once=self.acquire_at_once)
+        holder.wait_for_server(self)
         return True
 
     def client_left(self, *, clean: bool) -> bool:

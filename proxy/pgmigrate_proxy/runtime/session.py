@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from pgmigrate_proxy.errors import ServerBusy
 from pgmigrate_proxy.protocol.framing import (
@@ -84,14 +84,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgmigrate_proxy.session")
 
-_FRONTEND_VALID = type_table(FRONTEND_TYPES)
+_FRONTEND_VALID: Final = type_table(FRONTEND_TYPES)
 #: Bytes a client may send ahead before the proxy reads them as messages (then it pauses).
-_STARTUP_BUFFER = MAX_STARTUP_PACKET + MAX_AUTH_TOKEN
-_QUERY = FrontendType.QUERY.value
-_PARSE = FrontendType.PARSE.value
-_BIND = FrontendType.BIND.value
+_STARTUP_BUFFER: Final = MAX_STARTUP_PACKET + MAX_AUTH_TOKEN
+_QUERY: Final = FrontendType.QUERY.value
+_PARSE: Final = FrontendType.PARSE.value
+_BIND: Final = FrontendType.BIND.value
 #: How long a session closing on an error waits for the server to reach a message boundary.
-_DRAIN_SECONDS = 5.0
+_DRAIN_SECONDS: Final = 5.0
 
 
 def _unasked(data: bytes) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass
-from typing import cast
+from typing import Final, cast
 
 from pgmigrate_proxy.errors import ConnectionFailure
 from pgmigrate_proxy.protocol.messages import CancelRequest, SSLRequest
@@ -16,15 +16,16 @@ from pgmigrate_proxy.runtime.tls import UpstreamTLS
 #: past that, writes stay in the transport, which pauses reading the other side at its
 #: high-water mark. Without it the kernel takes up to tcp_wmem's maximum (4 MB) whatever the
 #: peer reads, and a stalled client or server lets that much more pile up in the proxy.
-RELAY_NOTSENT_LOWAT = 16 * 1024
+RELAY_NOTSENT_LOWAT: Final = 16 * 1024
 #: SO_RCVBUF of a TCP server connection (the kernel doubles it): a paused relay holds at most
 #: this much of the server's output, where autotuning grows it to tcp_rmem's maximum. Enough
 #: for full speed on loopback and a LAN (window / round trip); the proxy sits next to PostgreSQL.
-SERVER_RCVBUF = 64 * 1024
+SERVER_RCVBUF: Final = 64 * 1024
 #: The same for a client connection, larger: clients may be farther away.
-CLIENT_RCVBUF = 128 * 1024
+CLIENT_RCVBUF: Final = 128 * 1024
+#: (not Final: mypyc miscompiles the test of a Final `int | None` for None)
 _TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-_INET = (socket.AF_INET, socket.AF_INET6)
+_INET: Final = (socket.AF_INET, socket.AF_INET6)
 
 
 class UpstreamError(ConnectionFailure):

@@ -56,18 +56,8 @@ _NONE: Effects = (frozenset(), False)
 _cache: ByteLRU[str, Effects] = ByteLRU(1024 * 1024, 64 * 1024)
 
 
-#: What is_candidate looks for anywhere in a text, as bytes (names_no_state).
-_STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
-
-
-def names_no_state(text: bytes) -> bool:
-    """is_candidate's substring test on a statement's bytes, without decoding: True when the
-    text names none of the functions and words that may leave state (a plain DML statement,
-    runtime/detect.plain_query, that passes it leaves none)."""
-    lowered = text.lower()  # (find, not `in`: bytes.__contains__ tries the word as an int
-    # first, and raises and clears a TypeError with a formatted message each time)
-    return (lowered.find(_STATE_WORDS[0]) < 0 and lowered.find(_STATE_WORDS[1]) < 0 and
-            lowered.find(_STATE_WORDS[2]) < 0)  # fmt: skip
+#: What is_candidate looks for anywhere in a text, as bytes (runtime/detect.names_no_state).
+STATE_WORDS = (b"advisory_lock", b"set_config", b"temp")
 
 
 def session_state(sql: str) -> frozenset[StateKind]:
