@@ -30,6 +30,7 @@ COMPILED = (
     "proxy/pgmigrate_proxy/runtime/hold.py",
     "proxy/pgmigrate_proxy/runtime/pool.py",
     "proxy/pgmigrate_proxy/runtime/pooling.py",
+    "proxy/pgmigrate_proxy/runtime/roundwrites.py",
     "proxy/pgmigrate_proxy/runtime/session.py",
     "proxy/pgmigrate_proxy/runtime/stats.py",
     "proxy/pgmigrate_proxy/runtime/upstream.py",

@@ -26,6 +26,7 @@ from pgmigrate_proxy.runtime.context import SessionSettings
 from pgmigrate_proxy.runtime.coordinate import DrainCoordinator
 from pgmigrate_proxy.runtime.pool import PoolRegistry
 from pgmigrate_proxy.runtime.publish import EventPublisher
+from pgmigrate_proxy.runtime.roundwrites import RoundWrites
 from pgmigrate_proxy.runtime.session import ClientSession
 from pgmigrate_proxy.runtime.tls import client_side_context
 from pgmigrate_proxy.runtime.upstream import UpstreamError, UpstreamTarget, send_cancel
@@ -119,6 +120,7 @@ class ProxyServer:
         self._idle.set()
         self._grace_over = asyncio.Event()  # hurry(): the shutdown stops waiting for sessions
         self.guard = guarding.GuardServices(admin=None)
+        self.writes = RoundWrites()  # relayed bytes go out at the end of the loop's round
         self.guard_settings = guard_settings(config)
         self.migration_patterns = config.migration_application_names
         self.pools = PoolRegistry(lambda db, user: pool_settings(self.config, db, user))

@@ -70,6 +70,7 @@ from pgmigrate_proxy.runtime.options import (
 )
 from pgmigrate_proxy.runtime.pool import welcome_for
 from pgmigrate_proxy.runtime.pooling import OPTIONS_HINT, PoolLink, options_refusal
+from pgmigrate_proxy.runtime.roundwrites import RoundWrites
 from pgmigrate_proxy.runtime.stats import UNPOOLED
 from pgmigrate_proxy.runtime.upstream import (
     CLIENT_RCVBUF,
@@ -118,6 +119,7 @@ class SessionHub(Protocol):
     migration_patterns: tuple[str, ...]
     pools: PoolRegistry
     auth: clientauth.AuthService | None  # None: passthrough (logins relayed)
+    writes: RoundWrites  # relayed bytes go out at the end of the loop's round
 
     def register(self, session: ClientSession) -> bytes: ...
     def admit(self, session: ClientSession) -> bool: ...
@@ -132,11 +134,37 @@ class ClientSession(asyncio.Protocol):
     """The client connection of one session, and the session itself."""
 
     __slots__ = (
-        "__weakref__", "_broken", "_fe", "_inbuf", "_pending_error", "_server_tls", "_task",
-        "_timer", "_tls", "_to_server", "_waiter", "chunks", "client", "client_id", "client_pid",
+        "__weakref__",
+        "_broken",
+        "_deferred",
+        "_fe",
+        "_inbuf",
+        "_pending_error",
+        "_relay_later",
+        "_server_tls",
+        "_task",
+        "_timer",
+        "_tls",
+        "_to_server",
+        "_waiter",
+        "_writes",
+        "chunks",
+        "client",
+        "client_id",
+        "client_pid",
         "gated",
-        "handshake", "holder", "hub", "link", "parameters", "peer", "phase", "secret_key",
-        "server", "settings", "started", "stats",
+        "handshake",
+        "holder",
+        "hub",
+        "link",
+        "parameters",
+        "peer",
+        "phase",
+        "secret_key",
+        "server",
+        "settings",
+        "started",
+        "stats",
     )  # fmt: skip
 
     def __init__(self, hub: SessionHub) -> None:
@@ -161,6 +189,9 @@ class ClientSession(asyncio.Protocol):
         self._server_tls = False
         self._broken = False
         self._fe = FrameScanner(valid=_FRONTEND_VALID, max_size=self.settings.max_message_size)
+        self._writes = hub.writes
+        self._deferred: list[bytes] | None = None  # relayed, to send when the round ends
+        self._relay_later = self.relay_later  # (made once: the relay's writer at each attach)
         self.holder: Holder | None = None  # the DDL guard's side (and the reply tracking)
         self.link: PoolLink | None = None  # its pool, once logged in
         self.chunks = 0  # chunks received while relaying (the idle timeouts read it)
@@ -268,7 +299,7 @@ class ClientSession(asyncio.Protocol):
         if self.phase is Phase.RELAY and self.client is not None:
             holder = self.holder
             server.relay(
-                self.client.write,
+                self._relay_later,
                 tracking=holder is not None,
                 observer=holder.migration if holder is not None else None,
             )
@@ -289,7 +320,7 @@ class ClientSession(asyncio.Protocol):
             transport = server.transport
             self._to_server = transport.write if transport is not None else None
             client = self.client
-            server.redirect(client.write if client is not None else _unasked)
+            server.redirect(self._relay_later if client is not None else _unasked)
 
     def detach(self) -> ServerConnection:
         """Hand the server connection back (refused with ServerBusy unless it owes nothing
@@ -318,7 +349,7 @@ class ClientSession(asyncio.Protocol):
         assert holder is not None and self.client is not None
         holder.server = server  # (Holder.attach: a pooled session runs no migration)
         server.listener = self
-        server.redirect(self.client.write)
+        server.redirect(self._relay_later)
 
     def server_data(self, data: bytes) -> None:
         if self.client is None:
@@ -342,8 +373,8 @@ class ClientSession(asyncio.Protocol):
             return  # open_upstream fails or _connect notices: _startup tells the client why
         if self.client is not None:
             if last_words and self.phase is Phase.RELAY:
-                self.client.write(last_words)  # the FATAL the guard had taken aside
-            self.client.close()
+                self._write(last_words)  # the FATAL the guard had taken aside
+            self._close_client()
         self._close()
 
     @property
@@ -358,8 +389,7 @@ class ClientSession(asyncio.Protocol):
 
     def terminated(self) -> None:
         """The client sent Terminate: close its side (connection_lost checks its server in)."""
-        if self.client is not None:
-            self.client.close()
+        self._close_client()
 
     @property
     def server_key(self) -> BackendKeyData | None:
@@ -381,9 +411,8 @@ class ClientSession(asyncio.Protocol):
         self.deliver_raw(b"".join(f.raw for f in frames))
 
     def deliver_raw(self, data: bytes) -> None:
-        client = self.client
-        if client is not None and data:
-            client.write(data)
+        if data:
+            self._write(data)
 
     def notice(self, severity: str, message: str, detail: str | None = None) -> None:
         client = self.client
@@ -392,7 +421,7 @@ class ClientSession(asyncio.Protocol):
         extra = {"detail": detail} if detail else None
         code = SqlState.WARNING if severity == "WARNING" else SqlState.SUCCESSFUL_COMPLETION
         notice = ErrorResponse.build(severity, code, message, notice=True, extra=extra)
-        client.write(notice.encode())
+        self._write(notice.encode())
 
     @property
     def tls(self) -> bool:
@@ -818,9 +847,9 @@ class ClientSession(asyncio.Protocol):
         assert self.server is not None
         cut = self.server.scanner.consume_to_boundary(data)
         if cut is None:
-            self.client.write(data)
+            self._write(data)
             return
-        self.client.write(data[:cut] + self._pending_error)
+        self._write(data[:cut] + self._pending_error)
         self._finish()
 
     def _finish(self) -> None:
@@ -828,8 +857,7 @@ class ClientSession(asyncio.Protocol):
             if self._fe.at_boundary and not self._broken and self.phase is not Phase.CONNECTING:
                 self.server.write(terminate())
             self.server.close()
-        if self.client is not None:
-            self.client.close()
+        self._close_client()
         self._close()
 
     def _forward_prefix(self, data: bytes, offset: int) -> None:
@@ -844,8 +872,38 @@ class ClientSession(asyncio.Protocol):
         self._close()
 
     def _write(self, data: bytes) -> None:
+        """Write to the client now, after what the relay deferred."""
+        if self._deferred is not None:
+            self.send_deferred()
         if self.client is not None:
             self.client.write(data)
+
+    def _close_client(self) -> None:
+        """Close the client's side, after sending what the relay deferred."""
+        if self._deferred is not None:
+            self.send_deferred()
+        if self.client is not None:
+            self.client.close()
+
+    def relay_later(self, data: bytes) -> None:
+        """The relay's writer to the client (ServerConnection.relay, redirect): the bytes go
+        out when the loop's round of callbacks ends (runtime/roundwrites.py)."""
+        deferred = self._deferred
+        if deferred is None:
+            self._deferred = [data]
+            self._writes.due(self)
+        else:
+            deferred.append(data)
+
+    def send_deferred(self) -> None:
+        """Send what the relay deferred (the round ended, or the session writes itself)."""
+        deferred = self._deferred
+        if deferred is None:
+            return
+        self._deferred = None
+        client = self.client
+        if client is not None and not client.is_closing():
+            client.write(deferred[0] if len(deferred) == 1 else b"".join(deferred))
 
     def _close(self) -> None:
         if self.phase is Phase.CLOSED:
