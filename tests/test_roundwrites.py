@@ -44,6 +44,15 @@ def test_one_flush_per_round_after_the_rounds_callbacks() -> None:
     assert asyncio.run(main()) == ["rest of the round", "first", "second", "first"]
 
 
+async def _session(sock: socket.socket) -> tuple[asyncio.BaseTransport, ClientSession]:
+    """A client session of a proxy (not started: no upstream needed) on one end of a pair."""
+    hub = ProxyServer(Config(upstream="postgresql://localhost/postgres", listen_port=0))
+    loop = asyncio.get_running_loop()
+    transport, session = await loop.connect_accepted_socket(lambda: ClientSession(hub), sock)
+    assert isinstance(session, ClientSession)
+    return transport, session
+
+
 def _read_all(sock: socket.socket, size: int) -> bytes:
     sock.settimeout(5)
     data = b""
@@ -61,10 +70,7 @@ def test_the_sessions_own_writes_come_after_what_it_deferred() -> None:
     ours, theirs = socket.socketpair()
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        hub = ProxyServer(Config(upstream="postgresql://localhost/postgres", listen_port=0))
-        _, session = await loop.connect_accepted_socket(lambda: ClientSession(hub), ours)
-        assert isinstance(session, ClientSession)
+        _, session = await _session(ours)
         session.relay_later(b"row 1;")
         session.relay_later(b"row 2;")
         session.deliver_raw(b"notice;")  # (written now: the deferred rows go first)
@@ -81,10 +87,7 @@ def test_bytes_deferred_for_a_client_that_left_are_dropped() -> None:
     ours, theirs = socket.socketpair()
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        hub = ProxyServer(Config(upstream="postgresql://localhost/postgres", listen_port=0))
-        transport, session = await loop.connect_accepted_socket(lambda: ClientSession(hub), ours)
-        assert isinstance(session, ClientSession)
+        transport, session = await _session(ours)
         session.relay_later(b"before;")
         await asyncio.sleep(0)  # the round ends: sent
         await asyncio.sleep(0)

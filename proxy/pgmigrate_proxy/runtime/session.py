@@ -134,37 +134,11 @@ class ClientSession(asyncio.Protocol):
     """The client connection of one session, and the session itself."""
 
     __slots__ = (
-        "__weakref__",
-        "_broken",
-        "_deferred",
-        "_fe",
-        "_inbuf",
-        "_pending_error",
-        "_relay_later",
-        "_server_tls",
-        "_task",
-        "_timer",
-        "_tls",
-        "_to_server",
-        "_waiter",
-        "_writes",
-        "chunks",
-        "client",
-        "client_id",
-        "client_pid",
-        "gated",
-        "handshake",
-        "holder",
-        "hub",
-        "link",
-        "parameters",
-        "peer",
-        "phase",
-        "secret_key",
-        "server",
-        "settings",
-        "started",
-        "stats",
+        "__weakref__", "_broken", "_deferred", "_fe", "_inbuf", "_pending_error",
+        "_relay_later", "_server_tls", "_task", "_timer", "_tls", "_to_server", "_waiter",
+        "_writes", "chunks", "client", "client_id", "client_pid", "gated", "handshake",
+        "holder", "hub", "link", "parameters", "peer", "phase", "secret_key", "server",
+        "settings", "started", "stats",
     )  # fmt: skip
 
     def __init__(self, hub: SessionHub) -> None:
@@ -190,7 +164,7 @@ class ClientSession(asyncio.Protocol):
         self._broken = False
         self._fe = FrameScanner(valid=_FRONTEND_VALID, max_size=self.settings.max_message_size)
         self._writes = hub.writes
-        self._deferred: list[bytes] | None = None  # relayed, to send when the round ends
+        self._deferred: bytes | None = None  # relayed, to send when the round ends
         self._relay_later = self.relay_later  # (made once: the relay's writer at each attach)
         self.holder: Holder | None = None  # the DDL guard's side (and the reply tracking)
         self.link: PoolLink | None = None  # its pool, once logged in
@@ -873,27 +847,26 @@ class ClientSession(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         """Write to the client now, after what the relay deferred."""
-        if self._deferred is not None:
-            self.send_deferred()
+        self.send_deferred()
         if self.client is not None:
             self.client.write(data)
 
     def _close_client(self) -> None:
         """Close the client's side, after sending what the relay deferred."""
-        if self._deferred is not None:
-            self.send_deferred()
+        self.send_deferred()
         if self.client is not None:
             self.client.close()
 
     def relay_later(self, data: bytes) -> None:
         """The relay's writer to the client (ServerConnection.relay, redirect): the bytes go
-        out when the loop's round of callbacks ends (runtime/roundwrites.py)."""
+        out when the loop's round of callbacks ends (runtime/roundwrites.py). Bytes, not a
+        list: a client's server sends it one chunk a round, nearly always."""
         deferred = self._deferred
         if deferred is None:
-            self._deferred = [data]
+            self._deferred = data
             self._writes.due(self)
         else:
-            deferred.append(data)
+            self._deferred = deferred + data
 
     def send_deferred(self) -> None:
         """Send what the relay deferred (the round ended, or the session writes itself)."""
@@ -903,7 +876,7 @@ class ClientSession(asyncio.Protocol):
         self._deferred = None
         client = self.client
         if client is not None and not client.is_closing():
-            client.write(deferred[0] if len(deferred) == 1 else b"".join(deferred))
+            client.write(deferred)
 
     def _close(self) -> None:
         if self.phase is Phase.CLOSED:
