@@ -12,6 +12,12 @@ stopped on exit, Ctrl-C and SIGTERM included.
     python bench/relay.py                  # full: 1,16,64 clients x 3 modes x 3 reps x 10 s
     python bench/relay.py --clients 16 --modes prepared --reps 5 --duration 20 --json out.json
     python bench/relay.py --pg 15          # Debian's /usr/lib/postgresql/15/bin
+    python bench/relay.py --pool-mode transaction --quick   # = python bench/pooler.py --quick
+
+``--pool-mode transaction`` runs the transaction-pooling benchmark (bench/pooler.py, with the
+flags that follow): pgbench -S at 16 and 256 clients, pool size 16, against pgbouncer in
+transaction mode and direct PostgreSQL. Without it (``session``), this one: pgbouncer in
+session mode, every client with a server connection of its own.
 
 Missing pgbouncer is skipped with a message; a proxy that does not start or cannot relay is
 skipped the same way, so direct and pgbouncer figures still come out.
@@ -55,6 +61,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 PROXY_SOURCE = REPO / "proxy"
 MODES = ("simple", "extended", "prepared")
+POOL_MODES = ("session", "transaction")  # --pool-mode: transaction runs bench/pooler.py
 DIRECT, PGBOUNCER, PROXY, BASELINE = "direct", "pgbouncer", "proxy", "baseline"
 TARGETS = (DIRECT, PGBOUNCER, PROXY, BASELINE)
 SERVICE_USER = "pgmigrate"  # the unprivileged account embedded_postgres.py runs PostgreSQL as
@@ -129,6 +136,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         prog="bench/relay.py", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     add = parser.add_argument
+    add(
+        "--pool-mode",
+        choices=POOL_MODES,
+        default="session",
+        help="transaction: run bench/pooler.py instead, with the other flags (see its --help)",
+    )
     add("--quick", action="store_true", help="smoke test: 1 rep, 3 s, 16 clients, 100 idle clients")
     add("--clients", type=_int_list, help="pgbench client counts (default 1,16,64)")
     add("--modes", type=_mode_list, help="pgbench -M protocols (default simple,extended,prepared)")
@@ -1019,8 +1032,22 @@ def baseline_source(work: Path, revision: str) -> Path:
     return target / "proxy"
 
 
+def pool_mode(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """--pool-mode's value (session unless given) and the other arguments."""
+    parser = argparse.ArgumentParser(prog="bench/relay.py", add_help=False)
+    parser.add_argument("--pool-mode", choices=POOL_MODES, default="session")
+    known, rest = parser.parse_known_args(argv)
+    return str(known.pool_mode), rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    mode, rest = pool_mode(args)
+    if mode == "transaction":
+        import pooler  # bench/pooler.py (this folder is on sys.path); it imports this module
+
+        return pooler.main(rest)
+    opts = parse_args(args)
     ensure_importable()
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
