@@ -83,7 +83,6 @@ _TERMINATE: Final = FrontendType.TERMINATE.value
 #: instead would keep it alive (scanner, reply queue, lease) for as long as the client idles:
 #: with more clients than pooled servers, mostly closed login servers, 1.5 kB a client.
 NO_SERVER: Final = ServerConnection()
-_NO_SERVER: Final = NO_SERVER
 _STATEFUL: Final = frozenset({_QUERY, FrontendType.PARSE.value})
 _PASSING: Final = frozenset({_EXECUTE, FrontendType.DESCRIBE.value, FrontendType.CLOSE.value})
 
@@ -222,7 +221,7 @@ class Holder:
         with acquire_at_once, which attaches a server without a task when one is ready
         (True), or queues the session in its pool (None: server_came or acquire_now
         follows). The link itself, not its bound methods: nothing made per transaction."""
-        self.server = _NO_SERVER
+        self.server = NO_SERVER
         self._backlog = []
         self._backlog_bytes = 0
         self._waits_on = link
